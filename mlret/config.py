@@ -1,0 +1,116 @@
+"""The experiment config: one schema with defaults, and validation before any device work.
+
+Every experiment file in `configs/` starts from `default_config()` and changes fields; the returned
+ConfigDict is locked, so a misspelt field (`c.data.alpah = 1`) fails in the config file itself, and
+`--config.field=value` on the command line fails for a field the schema does not have. `validate()`
+then rejects impossible combinations, naming the field, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that cannot work; the message names the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All fields mlret knows, with their defaults. Sections: model, data, loss, optim, mesh, train,
+    checkpoint, eval, export."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Run directory for checkpoints, metrics.jsonl and TensorBoard events (`--workdir` overrides it).
+    c.workdir = ""
+
+    c.model = ml_collections.ConfigDict()
+    # A Hugging Face hub id or a local folder; MLRET_MODEL fills it when set.
+    c.model.name = os.environ.get("MLRET_MODEL", "")
+    c.model.pooling = "mean"  # cls | mean | pooler
+    c.model.normalize = True  # L2-normalise pooled embeddings
+    c.model.query_prefix = ""  # the paper: "Query: "
+    c.model.passage_prefix = ""  # the paper: "Passage: "
+    c.model.tied = True  # one encoder for queries and passages; False: two towers
+    c.model.compute_dtype = "float32"  # float32 | bfloat16 (params, optimizer state and loss stay float32)
+    c.model.param_dtype = "float32"
+    c.model.remat = False  # rematerialise each transformer layer in the backward pass
+
+    c.data = ml_collections.ConfigDict()
+    # Root of the local data (the ../shared/data layout); MLRET_DATA_DIR fills it when set.
+    c.data.data_dir = os.environ.get("MLRET_DATA_DIR", "")
+    c.data.alpha = 0.5  # probability that a global batch is monolingual (1: X-X-mono, 0: X-Y)
+    c.data.global_batch = 32  # pairs per global batch, over all hosts
+    c.data.group_size = 2  # G: passages per pair, 1 positive + G-1 hard negatives
+    c.data.query_len = 64
+    c.data.passage_len = 192
+    c.data.on_bad_record = "error"  # error | skip (skips are counted and logged)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 0.05
+    c.loss.learnable_temperature = False
+    c.loss.symmetric = False  # add the passage -> query direction
+    c.loss.in_batch_positives = True  # False: the paper's Eq. 1 as written (own positive + hard negatives)
+    c.loss.variance_penalty = 0.0  # weight of the negative-similarity variance penalty (arXiv 2506.09781)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-5
+    c.optim.warmup_steps = 100
+    c.optim.end_learning_rate_factor = 0.0  # linear decay to factor * learning_rate at train.steps
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-6
+    c.optim.max_nonfinite_in_row = 10  # stop the run after this many skipped (non-finite) updates in a row
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: whatever the other axes leave
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # data-parallel replicas across slices (hybrid mesh); 1 on one slice
+    # Weights with more elements than this must be sharded when the rules say so (else an error).
+    c.mesh.replicated_param_threshold = 2**20
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.log_every = 10
+    c.train.grad_cache_chunk = 0  # >0: encode the global batch in chunks of this many pairs (GradCache)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # 0: no evaluation during training
+
+    c.lock()
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Reject impossible values and combinations before any device work, naming the field."""
+    _check(config.model.pooling in ("cls", "mean", "pooler"), "model.pooling",
+                  f"{config.model.pooling!r} is not one of cls, mean, pooler")
+    _check(config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+                  f"{config.model.compute_dtype!r} is not float32 or bfloat16")
+    _check(0.0 <= config.data.alpha <= 1.0, "data.alpha", f"{config.data.alpha} is outside [0, 1]")
+    _check(config.data.global_batch > 0, "data.global_batch", "must be positive")
+    _check(config.data.group_size >= 1, "data.group_size", "must be >= 1 (the positive)")
+    _check(config.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
+                  f"{config.data.on_bad_record!r} is not error or skip")
+    _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
+    _check(config.train.steps > 0, "train.steps", "must be positive")
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {why}")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (for checkpoints and logs)."""
+    return config.to_dict()
