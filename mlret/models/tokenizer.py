@@ -1,0 +1,82 @@
+"""Tokenisation for the dual encoder: text -> static-shape int32 numpy arrays named after the data contract.
+
+A thin layer over `transformers.AutoTokenizer` (fast tokenizers only). Every batch is padded to the
+configured length (`padding="max_length"`) and truncated, so jit sees one shape per tower and never
+recompiles. Prefixes (the paper's "Query: " / "Passage: ") are prepended to the raw text here, once, so that
+training, evaluation and the exported sentence-transformers prompts all agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+
+class TextTokenizer:
+    """Queries and passages -> `{"query_ids", "query_mask"}` / `{"passage_ids", "passage_mask"}` (int32)."""
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike[str],
+        *,
+        query_len: int,
+        passage_len: int,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+    ) -> None:
+        if query_len <= 0 or passage_len <= 0:
+            raise ValueError(f"TextTokenizer: query_len={query_len} and passage_len={passage_len} must be positive "
+                             "(config.data.query_len / config.data.passage_len)")
+        self.name_or_path = str(name_or_path)
+        # use_fast=True: the slow (Python) tokenizers are orders of magnitude slower and differ in edge cases.
+        self.hf = transformers.AutoTokenizer.from_pretrained(self.name_or_path, use_fast=True)
+        if not self.hf.is_fast:
+            raise ValueError(f"TextTokenizer: {self.name_or_path} has no fast tokenizer (tokenizer.json); "
+                             "convert it with transformers and save it with save_pretrained")
+        self.query_len = int(query_len)
+        self.passage_len = int(passage_len)
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids the tokenizer can emit, added tokens included (len(), not .vocab_size)."""
+        return len(self.hf)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    def _encode(self, texts: Sequence[str], prefix: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str):
+            raise TypeError("TextTokenizer: pass a list of strings, not one string")
+        enc = self.hf(
+            [prefix + t for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=length,
+            return_tensors="np",
+            return_token_type_ids=False,
+        )
+        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+    def queries(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        ids, mask = self._encode(texts, self.query_prefix, self.query_len)
+        return {"query_ids": ids, "query_mask": mask}
+
+    def passages(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        ids, mask = self._encode(texts, self.passage_prefix, self.passage_len)
+        return {"passage_ids": ids, "passage_mask": mask}
+
+    def save(self, out_dir: str | os.PathLike[str]) -> None:
+        """Write the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) into out_dir."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(out_dir))
+
+    def __repr__(self) -> str:
+        return (f"TextTokenizer({self.name_or_path!r}, query_len={self.query_len}, passage_len={self.passage_len}, "
+                f"query_prefix={self.query_prefix!r}, passage_prefix={self.passage_prefix!r})")
