@@ -73,6 +73,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 1  # data-parallel replicas across slices (hybrid mesh); 1 on one slice
     # Weights with more elements than this must be sharded when the rules say so (else an error).
     c.mesh.replicated_param_threshold = 2**20
+    # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated); see mlret/parallel.py.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("mlp", "tensor"),
+        ("pos", None),
+        ("type", None),
+        ("norm", None),
+    )
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -83,6 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 500
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # Keep the best checkpoint(s) by this eval metric as well ("" = latest only); mode max | min.
+    c.checkpoint.best_metric = ""
+    c.checkpoint.best_mode = "max"
+    c.checkpoint.keep_best = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # 0: no evaluation during training
