@@ -1,0 +1,103 @@
+"""The dual encoder: towers (tied or untied) + pooling + optional L2 normalisation.
+
+Whether queries and passages share weights is a *type* (`Tied` / `Untied`), not a flag: `DualEncoder` asks its
+towers for `.query` / `.passage` and never branches on tying, and the parameter tree itself shows which it is
+(one `encoder` subtree, or `query` and `passage` subtrees).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlret.models.encoder import Encoder
+
+POOLING_MODES = ("cls", "mean", "pooler")
+
+
+class Tied(nnx.Module):
+    """One encoder for both queries and passages."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+
+    @property
+    def query(self) -> Encoder:
+        return self.encoder
+
+    @property
+    def passage(self) -> Encoder:
+        return self.encoder
+
+
+class Untied(nnx.Module):
+    """Separate query and passage encoders (same architecture, own weights)."""
+
+    def __init__(self, query: Encoder, passage: Encoder) -> None:
+        self.query = query
+        self.passage = passage
+
+
+def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mask-weighted mean over tokens, float32 (sentence-transformers' mean pooling, clamp 1e-9)."""
+    m = mask.astype(jnp.float32)[..., None]
+    return (hidden.astype(jnp.float32) * m).sum(axis=-2) / jnp.maximum(m.sum(axis=-2), 1e-9)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class DualEncoder(nnx.Module):
+    """`encode_query(ids, mask)` / `encode_passage(ids, mask)` -> float32 embeddings [N, D].
+
+    ids and mask may have extra leading axes (e.g. passages [B, G, L]); they are flattened for the encoder
+    and restored on the output ([B, G, D]).
+    """
+
+    def __init__(self, towers: Tied | Untied, *, pooling: str = "mean", normalize: bool = True) -> None:
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)} (config.model.pooling)")
+        if not isinstance(towers, (Tied, Untied)):
+            raise TypeError(f"towers must be Tied(encoder) or Untied(query, passage), got {type(towers).__name__}")
+        if pooling == "pooler":
+            for name, enc in (("query", towers.query), ("passage", towers.passage)):
+                if enc.pooler is None:
+                    raise ValueError(f"config.model.pooling='pooler' but the {name} encoder has no pooler weights "
+                                     "(pooler.dense.*); use 'cls' or 'mean'")
+        self.towers = towers
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+
+    @property
+    def tied(self) -> bool:
+        return isinstance(self.towers, Tied)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.towers.query.cfg.hidden_size
+
+    def _embed(self, encoder: Encoder, ids: jax.Array, mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+        lead = ids.shape[:-1]
+        ids2, mask2 = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+        tt = None if token_type_ids is None else token_type_ids.reshape(ids2.shape)
+        hidden = encoder(ids2, mask2, tt)
+        if self.pooling == "mean":
+            emb = mean_pool(hidden, mask2)
+        elif self.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            emb = encoder.pool_cls(hidden)
+        if self.normalize:
+            emb = l2_normalize(emb)
+        return emb.reshape(*lead, emb.shape[-1])
+
+    def encode_query(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+        return self._embed(self.towers.query, ids, mask, token_type_ids)
+
+    def encode_passage(self, ids: jax.Array, mask: jax.Array,
+                       token_type_ids: jax.Array | None = None) -> jax.Array:
+        return self._embed(self.towers.passage, ids, mask, token_type_ids)
