@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.symmetric = False  # add the passage -> query direction
     c.loss.in_batch_positives = True  # False: the paper's Eq. 1 as written (own positive + hard negatives)
     c.loss.variance_penalty = 0.0  # weight of the negative-similarity variance penalty (arXiv 2506.09781)
+    # How passage embeddings reach every query: "constraint" (jit + a row-sharding constraint on the scores) or
+    # "shard_map" (an explicit all_gather of the passages); both give the single-device loss and gradients.
+    c.loss.gather = "constraint"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-5
