@@ -1,0 +1,224 @@
+"""The train state, the optimizer and the jitted train step (DESIGN.md §4; Tevatron's tiny step, MaxText's shardings).
+
+The model is split once with `nnx.split` into a static graphdef and its parameters; from then on the train state
+is a plain pytree (a dict), so that `jax.jit` shards it with in/out shardings, donates it, and orbax saves it:
+
+    {"params": {"model": <pure dict of nnx.Param arrays>, ["log_temperature": f32[]]},
+     "opt_state": <optax state>, "step": i32[], "rng": u32[2],
+     "nonfinite_in_row": i32[], "nonfinite_total": i32[]}
+
+`log_temperature` exists only with `config.loss.learnable_temperature` (τ = exp(log_temperature), trained by the same
+optimizer, no weight decay). The step encodes the global batch, takes the contrastive loss with the score matrix
+split on its query axis over the batch mesh axes (or under `shard_map`, `config.loss.gather`), and applies AdamW
+unless the loss or the gradients are non-finite: then the update is skipped and counted (the loop stops after
+`config.optim.max_nonfinite_in_row` in a row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mlret import parallel
+from mlret.losses import contrastive_loss, sharded_contrastive_loss
+
+TrainState = dict[str, Any]
+# Fields of the data contract the step reads (docs/architecture.md, "Data").
+BATCH_FIELDS = ("query_ids", "query_mask", "passage_ids", "passage_mask", "unit_id")
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then linear decay to
+    `end_learning_rate_factor * learning_rate` at `total_steps`."""
+    peak = float(optim.learning_rate)
+    warmup = max(int(optim.warmup_steps), 0)
+    end = peak * float(optim.end_learning_rate_factor)
+    decay = optax.linear_schedule(peak, end, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: weight matrices and embedding tables only, never LayerNorm scales/biases,
+    biases or the temperature (the usual BERT fine-tuning recipe, as in HF's `no_decay`)."""
+
+    def one(path, _):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                                optax.Schedule]:
+    """Global-norm clipping, then AdamW with the warm-up/decay schedule and the decay mask."""
+    schedule = learning_rate_schedule(optim, total_steps)
+    parts = []
+    if optim.clip_norm and optim.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
+    parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+                             weight_decay=float(optim.weight_decay), mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
+    """(graphdef, params as nnx.State of Variables, everything else). The Variables keep their logical axes."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything static about a run's step: graphdef, optimizer, mesh, shardings, and the jitted step.
+
+    Build it with `Trainer.create(model, config, mesh)`; `init_state()` places a fresh state on the mesh,
+    `step(state, batch)` runs one update, `abstract_state()` describes the state for orbax restores.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    rules: parallel.Rules
+    graphdef: Any
+    rest: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    batch_shardings: dict[str, NamedSharding]
+    param_logical: Any
+    initial_params: Any  # the loaded weights (pure dict), placed on the mesh
+    trace_count: int = 0
+    _step: Callable[..., Any] | None = None
+    _grad: Callable[..., Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def create(cls, model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+        rules = parallel.parse_rules(config.mesh.rules)
+        graphdef, params_state, rest = split_model(model)
+        model_shardings = nnx.to_pure_dict(parallel.state_shardings(params_state, mesh, rules))
+        param_logical = nnx.to_pure_dict(jax.tree.map(
+            parallel.variable_logical_axes, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        model_params = nnx.to_pure_dict(params_state)
+        replicated = NamedSharding(mesh, P())
+        params: dict[str, Any] = {"model": model_params}
+        param_shardings: dict[str, Any] = {"model": model_shardings}
+        if config.loss.learnable_temperature:
+            params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
+            param_shardings["log_temperature"] = replicated
+        params = jax.device_put(params, param_shardings)
+        parallel.check_param_sharding(params["model"], param_logical, mesh, rules,
+                                      int(config.mesh.replicated_param_threshold))
+        rest = jax.device_put(rest, replicated)
+        tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+        abstract_opt = jax.eval_shape(tx.init, params)
+        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                              transform_non_params=lambda _: replicated)
+        scalar = replicated
+        state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": scalar, "rng": scalar,
+                           "nonfinite_in_row": scalar, "nonfinite_total": scalar}
+        batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
+        return cls(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
+                   state_shardings=state_shardings, batch_shardings={k: batch_sharding for k in BATCH_FIELDS},
+                   param_logical=param_logical, initial_params=params)
+
+    def init_state(self) -> TrainState:
+        """A fresh state on the mesh from the loaded weights (step 0)."""
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.initial_params)
+        rng = jax.random.key_data(jax.random.key(int(self.config.seed)))
+        state = {"params": self.initial_params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng,
+                 "nonfinite_in_row": jnp.int32(0), "nonfinite_total": jnp.int32(0)}
+        # A copy: the step donates its input state, and the loaded weights stay usable for a second init.
+        return jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), self.state_shardings)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target for orbax."""
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    # ----------------------------------------------------------------------------------------------- the math
+
+    def temperature(self, params: Mapping[str, Any]) -> jax.Array | float:
+        if "log_temperature" in params:
+            return jnp.exp(params["log_temperature"])
+        return float(self.config.loss.temperature)
+
+    def loss_fn(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """Contrastive loss of the global batch under `params` (a pure function: jit and grad it)."""
+        model = nnx.merge(self.graphdef, params["model"], self.rest)
+        q = model.encode_query(batch["query_ids"], batch["query_mask"])
+        p = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
+        lc = self.config.loss
+        kwargs = dict(temperature=self.temperature(params), symmetric=bool(lc.symmetric),
+                      in_batch_positives=bool(lc.in_batch_positives), variance_penalty=float(lc.variance_penalty))
+        axes = parallel.batch_axes(self.rules, self.mesh)
+        if lc.gather == "shard_map":
+            return sharded_contrastive_loss(q, p, batch["unit_id"], mesh=self.mesh, batch_axes=axes, **kwargs)
+        # Queries stay where their rows are; XLA gathers the passage embeddings to every device.
+        return contrastive_loss(q, p, batch["unit_id"], score_sharding=NamedSharding(self.mesh, P(axes, None)),
+                                **kwargs)
+
+    def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        self.trace_count += 1  # runs at trace time only: counts compilations
+        (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # Non-finite guard: keep the old params and optimizer state (optax's count too, so the schedule only
+        # advances on applied updates).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        in_row = jnp.where(finite, 0, state["nonfinite_in_row"] + 1).astype(jnp.int32)
+        total = (state["nonfinite_total"] + (~finite).astype(jnp.int32)).astype(jnp.int32)
+        new_state = {
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "nonfinite_in_row": in_row,
+            "nonfinite_total": total,
+        }
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_row=in_row,
+                       learning_rate=self.schedule(state["step"] - state["nonfinite_total"]))
+        return new_state, metrics
+
+    # ----------------------------------------------------------------------------------------------- jitted
+
+    def _jit_batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        sharding = NamedSharding(self.mesh, parallel.batch_spec(self.rules, self.mesh))
+        return {k: sharding for k in batch}
+
+    @property
+    def step(self) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+        """The jitted step: state donated, in/out shardings fixed; metrics replicated."""
+        if self._step is None:
+            replicated = NamedSharding(self.mesh, P())
+            self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+                                 out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        return self._step
+
+    def grad_fn(self) -> Callable[..., Any]:
+        """jit(value_and_grad(loss_fn)) with the step's shardings (for equivalence tests and gradient checks)."""
+        if self._grad is None:
+            replicated = NamedSharding(self.mesh, P())
+            self._grad = jax.jit(jax.value_and_grad(self.loss_fn, has_aux=True),
+                                 in_shardings=(self.state_shardings["params"], self.batch_shardings),
+                                 out_shardings=((replicated, replicated), self.state_shardings["params"]))
+        return self._grad
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's slice of the batch -> global arrays (only the fields the step reads)."""
+        return parallel.make_global_batch({k: local[k] for k in BATCH_FIELDS}, self.mesh, self.rules)
