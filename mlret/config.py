@@ -105,6 +105,57 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # 0: no evaluation during training
+    # Evaluators to run (comma-separated names of the sections below), in training and in `mlret.evaluate`.
+    # The best checkpoint is picked by checkpoint.best_metric, named "<evaluator>/<summary key>".
+    c.eval.evaluators = "xquad_r"
+    c.eval.batch_size = 256  # global encoding batch, rounded up to a multiple of the data-parallel devices
+    c.eval.query_len = 0  # 0: data.query_len
+    c.eval.passage_len = 0  # 0: data.passage_len
+    c.eval.query_prefix = ml_collections.config_dict.placeholder(str)  # None: model.query_prefix
+    c.eval.passage_prefix = ml_collections.config_dict.placeholder(str)  # None: model.passage_prefix
+    c.eval.output_dir = ""  # matrices + heatmaps; "": <workdir>/eval/step_N in training, beside --out in the CLI
+    c.eval.plots = True  # heatmap PNGs next to the JSON matrices
+    c.eval.progress = True  # tqdm bar with ETA while encoding (process 0 only)
+    c.eval.retrieval = ml_collections.ConfigDict()
+    c.eval.retrieval.method = "auto"  # auto | exact | scann
+    c.eval.retrieval.scann_threshold = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
+    c.eval.retrieval.num_leaves = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
+    c.eval.retrieval.leaves_to_search = 0  # 0: num_leaves // 10
+    c.eval.retrieval.reorder = 0  # exactly re-scored candidates; 0: max(100, 4 k)
+    c.eval.retrieval.training_sample_size = 250_000
+    c.eval.retrieval.recall_sample = 1000  # queries on which ScaNN recall@k against exact search is logged
+    for name in ("xquad_r", "mlqa_r"):
+        lq = ml_collections.ConfigDict()
+        lq.data_dir = ""  # "": <data.data_dir>/{xquad-r,mlqa-r}
+        lq.languages = ""  # comma-separated subset; "": all of the set's languages
+        lq.candidate_context = "none"  # none: the sentence alone | paragraph: sentence + separator + paragraph
+        lq.context_separator = " "
+        lq.settings = "mono,cross,multi"
+        lq.map_k = 0  # >0: also mAP@k (trec_eval map_cut_k); AP over the full ranking is always reported
+        lq.max_paragraphs = 0  # >0: only the first paragraphs of each language (a fast subset for smoke runs)
+        c.eval[name] = lq
+    for name in ("miracl", "mrtydi"):
+        tr = ml_collections.ConfigDict()
+        tr.data_dir = ""  # topics + qrels; "": <data.data_dir>/{miracl,mrtydi}
+        tr.corpus = ""  # jsonl(.gz) file or folder of shards per language, with {lang}; not in ../shared/data
+        tr.languages = ""  # "": all languages of the set
+        tr.split = "dev"
+        tr.top_k = 100
+        tr.max_queries = 0  # >0: first queries per language only (fast subset)
+        tr.passage_template = "{title} {text}"
+        c.eval[name] = tr
+    c.eval.tydiqa = ml_collections.ConfigDict()
+    c.eval.tydiqa.path = ""  # TyDi QA primary-task jsonl(.gz) (e.g. tydiqa-v1.0-dev.jsonl.gz)
+    c.eval.tydiqa.languages = ""  # ISO codes (ar, bn, ...); "": all
+    c.eval.tydiqa.candidates = "article"  # article: the question's own passages | language: all of the language's
+    c.eval.tydiqa.mrr_k = 10
+    c.eval.tydiqa.max_examples = 0  # >0: per language (fast subset)
+    c.eval.tydiqa.min_votes = 1  # annotators that must pick a passage for the example to count
+    c.eval.tatoeba = ml_collections.ConfigDict()
+    c.eval.tatoeba.data_dir = ""  # "": <data.data_dir>/tatoeba/v1
+    c.eval.tatoeba.languages = "ara,deu,ell,spa,hin,rus,tha,tur,vie,cmn"  # Tatoeba's three-letter codes
+    c.eval.tatoeba.max_sentences = 0  # >0: first sentences per language (fast subset)
+    c.eval.tatoeba.encode_as = "query"  # query | passage
 
     c.lock()
     return c
@@ -123,6 +174,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f"{config.data.on_bad_record!r} is not error or skip")
     _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
     _check(config.train.steps > 0, "train.steps", "must be positive")
+    from mlret.eval import validate_eval_config  # the eval package owns its fields' rules
+
+    validate_eval_config(config)
 
 
 def _check(ok: bool, field: str, why: str) -> None:

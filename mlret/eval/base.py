@@ -1,0 +1,109 @@
+"""What every evaluator shares: the embedder it is given, the averaging rule, and how results are written.
+
+Evaluators know nothing of training or of the model: they receive an `Embedder` (anything with `.queries(texts)`
+and `.passages(texts)` returning float32 numpy arrays [N, D]: the sharded JAX encoder in `mlret.eval.encode`, or a
+stand-in in tests) and return a JSON-able result block whose `summary` is a flat `{metric: float}` dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into embeddings; prefixes and truncation are the embedder's business."""
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def passages(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """One benchmark: `run(embedder, output_dir)` returns {"summary": {...}, ...} (JSON-able)."""
+
+    name: str
+
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]: ...
+
+
+def embed(fn, texts: Sequence[str], what: str) -> np.ndarray:
+    """Call an embedder method and check that it returned one finite float32 row per text."""
+    out = np.asarray(fn(list(texts)), dtype=np.float32)
+    if out.ndim != 2 or out.shape[0] != len(texts):
+        raise ValueError(f"{what}: the embedder returned shape {out.shape} for {len(texts)} texts "
+                         "(expected [N, D])")
+    return out
+
+
+def macro_mean(values: Mapping[str, float]) -> float:
+    """Unweighted mean over languages (or pairs); NaN when empty."""
+    vals = [v for v in values.values() if not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def parse_list(value: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated config string (or a list) -> a list of non-empty, stripped names."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def write_json(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False, sort_keys=False, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def heatmap(path: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
+            xlabel: str = "", ylabel: str = "", fmt: str = "{:.2f}", vmin: float | None = 0.0,
+            vmax: float | None = 1.0) -> None:
+    """Draw a labelled, annotated heatmap PNG (matplotlib, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(cols), 1.2 + 0.5 * len(rows)))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=list(cols))
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    lo, hi = np.nanmin(m) if np.isfinite(m).any() else 0.0, np.nanmax(m) if np.isfinite(m).any() else 1.0
+    mid = (vmin if vmin is not None else lo) / 2 + (vmax if vmax is not None else hi) / 2
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="black" if m[i, j] > mid else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

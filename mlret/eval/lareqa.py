@@ -1,0 +1,316 @@
+"""The LAReQA protocol (arXiv 2004.05484) on XQuAD-R and MLQA-R: monolingual, cross-lingual and multilingual
+answer-sentence retrieval, with AP over the full ranking, MRR, R@1, R@10, accuracy@1 and language bias.
+
+Data: one SQuAD v1.1 JSON per language whose paragraphs carry `sentences` and `sentence_breaks` (`[start, end)`
+character offsets). Candidates are every sentence of every paragraph, keyed by (language, article, paragraph,
+sentence index) and never by text (a few sentences repeat). A question's relevant sentence in its language is the
+one whose half-open break holds `answer_start`; question ids are shared across languages, so the same id gives
+the relevant sentence in every other language the question exists in.
+
+Settings (DESIGN.md §5):
+* mono: queries in X against X's candidates;
+* cross: queries in X against Y's candidates, X != Y (only the questions that exist in Y);
+* multi: queries in X against the union of every language's candidates, with one relevant sentence per language
+  the question exists in.
+Every metric is a mean over a query language's questions, then an unweighted mean over query languages (for
+cross: over the target languages of a query language first). All metrics come from the exact ranks of the
+relevant candidates in the full ranking (`retrieval.relevant_ranks`), ties broken by candidate index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mlret.eval import metrics as M
+from mlret.eval.base import Embedder, embed, heatmap, macro_mean, write_json
+from mlret.eval.retrieval import relevant_ranks
+
+log = logging.getLogger(__name__)
+
+XQUAD_R_LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
+MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
+SETTINGS = ("mono", "cross", "multi")
+
+
+class LareqaDataError(ValueError):
+    """A LAReQA file does not follow the expected schema; the message names the file and the record."""
+
+
+@dataclasses.dataclass
+class LareqaLanguage:
+    """One language of XQuAD-R / MLQA-R: its candidate sentences and its questions."""
+
+    lang: str
+    path: str
+    sentences: list[str]  # candidate texts, in (article, paragraph, sentence) order
+    paragraphs: list[str]  # the paragraph (context) of each candidate
+    keys: list[tuple[int, int, int]]  # (article, paragraph, sentence index) of each candidate
+    question_ids: list[str]
+    questions: list[str]
+    gold: np.ndarray  # [n_questions] index of the relevant candidate within this language
+
+    def gold_by_id(self) -> dict[str, int]:
+        return dict(zip(self.question_ids, self.gold.tolist()))
+
+
+def answer_sentence(breaks: Sequence[Sequence[int]], answer_start: int) -> int | None:
+    """Index of the sentence whose half-open break [start, end) holds answer_start (None if no break does).
+
+    Half-open, not closed: where breaks abut (zh, some hi and vi), an answer that opens a sentence starts at the
+    previous sentence's end offset, and a closed interval would give the previous sentence.
+    """
+    for j, (start, end) in enumerate(breaks):
+        if start <= answer_start < end:
+            return j
+    return None
+
+
+def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLanguage:
+    """Read one XQuAD-R / MLQA-R language file. `max_paragraphs` > 0 keeps only the first paragraphs (in file
+    order) and their questions: a fast subset for smoke runs, not the benchmark."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; set the evaluator's data_dir (config.eval.<name>.data_dir) "
+                                "to the folder with one <lang>.json per language") from None
+    if "data" not in data:
+        raise LareqaDataError(f"{path}: no top-level 'data' list (expected SQuAD v1.1 JSON with sentence breaks)")
+    out = LareqaLanguage(lang, path, [], [], [], [], [], np.zeros(0, np.int64))
+    gold: list[int] = []
+    n_par = 0
+    for a, article in enumerate(data["data"]):
+        for p, par in enumerate(article["paragraphs"]):
+            if max_paragraphs and n_par >= max_paragraphs:
+                break
+            n_par += 1
+            where = f"{path}: article {a} ({article.get('title', '?')!r}), paragraph {p}"
+            sents, breaks = par.get("sentences"), par.get("sentence_breaks")
+            if sents is None or breaks is None:
+                raise LareqaDataError(f"{where}: no 'sentences' / 'sentence_breaks' (is this XQuAD rather than "
+                                      "XQuAD-R?)")
+            if len(sents) != len(breaks):
+                raise LareqaDataError(f"{where}: {len(sents)} sentences but {len(breaks)} sentence breaks")
+            first = len(out.sentences)
+            for s, sent in enumerate(sents):
+                out.sentences.append(sent)
+                out.paragraphs.append(par["context"])
+                out.keys.append((a, p, s))
+            for qa in par["qas"]:
+                if not qa.get("answers"):
+                    raise LareqaDataError(f"{where}, question {qa.get('id')}: no answers")
+                j = answer_sentence(breaks, int(qa["answers"][0]["answer_start"]))
+                if j is None:
+                    raise LareqaDataError(f"{where}, question {qa['id']}: answer_start "
+                                          f"{qa['answers'][0]['answer_start']} lies in no sentence break")
+                out.question_ids.append(str(qa["id"]))
+                out.questions.append(qa["question"])
+                gold.append(first + j)
+        if max_paragraphs and n_par >= max_paragraphs:
+            break
+    if len(set(out.question_ids)) != len(out.question_ids):
+        raise LareqaDataError(f"{path}: question ids repeat within the language")
+    out.gold = np.asarray(gold, dtype=np.int64)
+    return out
+
+
+def load(data_dir: str, languages: Sequence[str], max_paragraphs: int = 0) -> dict[str, LareqaLanguage]:
+    """Read every language of a LAReQA set, in the given order."""
+    return {lang: load_language(os.path.join(data_dir, f"{lang}.json"), lang, max_paragraphs)
+            for lang in languages}
+
+
+def _per_query(ranks: np.ndarray, n_rel: np.ndarray, map_k: int, multi: bool) -> dict[str, np.ndarray]:
+    out = {
+        "map": M.average_precision(ranks, n_rel),
+        "mrr": M.reciprocal_rank(ranks),
+        "r1": M.recall_at_k(ranks, n_rel, 1),
+        "r10": M.recall_at_k(ranks, n_rel, 10),
+        "acc1": M.hit_at_k(ranks, 1),
+    }
+    if map_k:
+        out[f"map_at_{map_k}"] = M.average_precision(ranks, n_rel, k=map_k)
+    if multi:
+        out["rank_distance"] = M.rank_distance(ranks)
+    return out
+
+
+def _means(per_query: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.mean(v)) if len(v) else float("nan") for k, v in per_query.items()}
+
+
+def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, np.ndarray],
+                        cand_emb: dict[str, np.ndarray], settings: Sequence[str] = SETTINGS,
+                        map_k: int = 0) -> dict[str, Any]:
+    """All LAReQA metrics from per-language query and candidate embeddings (pure: no model, no I/O)."""
+    order = list(langs)
+    offsets = np.cumsum([0] + [len(langs[x].sentences) for x in order])
+    offset = {x: int(offsets[i]) for i, x in enumerate(order)}
+    all_cands = np.concatenate([cand_emb[x] for x in order], axis=0)
+    golds = {x: langs[x].gold_by_id() for x in order}
+    result: dict[str, Any] = {"languages": order, "mono": {}, "cross": {}, "multi": {}, "queries": {}}
+
+    for x in order:
+        qx = query_emb[x]
+        result["queries"][x] = len(langs[x].question_ids)
+        if "mono" in settings or "cross" in settings:
+            for y in order:
+                if (x == y and "mono" not in settings) or (x != y and "cross" not in settings):
+                    continue
+                keep = [i for i, q in enumerate(langs[x].question_ids) if q in golds[y]]
+                if not keep:
+                    continue
+                rel = [[golds[y][langs[x].question_ids[i]]] for i in keep]
+                ranks = relevant_ranks(qx[keep], cand_emb[y], rel)
+                m = _means(_per_query(ranks, np.ones(len(keep)), map_k, multi=False))
+                m["queries"] = len(keep)
+                if x == y:
+                    result["mono"][x] = m
+                else:
+                    result["cross"].setdefault(x, {})[y] = m
+        if "multi" in settings:
+            rel = [[offset[y] + golds[y][q] for y in order if q in golds[y]] for q in langs[x].question_ids]
+            ranks = relevant_ranks(qx, all_cands, rel)
+            n_rel = np.array([len(r) for r in rel], dtype=np.float64)
+            m = _means(_per_query(ranks, n_rel, map_k, multi=True))
+            m["queries"] = len(rel)
+            m["mean_relevant"] = float(n_rel.mean()) if len(n_rel) else float("nan")
+            result["multi"][x] = m
+
+    result["candidates"] = {x: len(langs[x].sentences) for x in order}
+    result["candidates_total"] = int(offsets[-1])
+    result["summary"] = summarize(result, map_k)
+    return result
+
+
+def summarize(result: dict[str, Any], map_k: int = 0) -> dict[str, float]:
+    """Flat summary: per setting, macro averages over query languages (cross: over targets first)."""
+    names = ["map", "mrr", "r1", "r10", "acc1"] + ([f"map_at_{map_k}"] if map_k else [])
+    s: dict[str, float] = {}
+    if result["mono"]:
+        for n in names:
+            s[f"mono_{n}"] = macro_mean({x: m[n] for x, m in result["mono"].items()})
+    if result["cross"]:
+        for n in names:
+            s[f"cross_{n}"] = macro_mean({x: macro_mean({y: m[n] for y, m in row.items()})
+                                          for x, row in result["cross"].items()})
+    if result["multi"]:
+        for n in names + ["rank_distance"]:
+            s[f"multi_{n}"] = macro_mean({x: m[n] for x, m in result["multi"].items()})
+        s["mrr"] = s["multi_mrr"]
+        s["rank_distance"] = s["multi_rank_distance"]
+    return s
+
+
+def pair_matrix(result: dict[str, Any], metric: str) -> np.ndarray:
+    """Query language x candidate language matrix of a metric; the diagonal is the monolingual setting."""
+    order = result["languages"]
+    m = np.full((len(order), len(order)), np.nan)
+    for i, x in enumerate(order):
+        for j, y in enumerate(order):
+            block = result["mono"].get(x) if x == y else result["cross"].get(x, {}).get(y)
+            if block is not None:
+                m[i, j] = block[metric]
+    return m
+
+
+def save_matrices(result: dict[str, Any], name: str, output_dir: str, plots: bool = True) -> list[str]:
+    """Write the per-pair and per-language matrices as JSON and (with `plots`) heatmap PNGs; returns paths."""
+    order = result["languages"]
+    written = []
+    pair_metrics = ["map", "mrr", "r1", "acc1"]
+    multi_metrics = ["map", "mrr", "r10", "acc1"]
+    data = {"languages": order,
+            "pairs": {k: pair_matrix(result, k).tolist() for k in pair_metrics},
+            "multi": {k: [result["multi"][x][k] if x in result["multi"] else None for x in order]
+                      for k in multi_metrics + ["rank_distance"]}}
+    path = os.path.join(output_dir, f"{name}_matrices.json")
+    write_json(path, data)
+    written.append(path)
+    if not plots:
+        return written
+    if result["mono"] or result["cross"]:
+        for k in pair_metrics:
+            path = os.path.join(output_dir, f"{name}_pairs_{k}.png")
+            heatmap(path, pair_matrix(result, k), order, order, f"{name}: {k} (rows: query, cols: candidates)",
+                    xlabel="candidate language", ylabel="query language")
+            written.append(path)
+    if result["multi"]:
+        langs = [x for x in order if x in result["multi"]]
+        m = np.array([[result["multi"][x][k] for x in langs] for k in multi_metrics])
+        path = os.path.join(output_dir, f"{name}_multi.png")
+        heatmap(path, m, multi_metrics, langs, f"{name}: multilingual pool, per query language",
+                xlabel="query language")
+        written.append(path)
+        path = os.path.join(output_dir, f"{name}_multi_rank_distance.png")
+        rd = np.array([[result["multi"][x]["rank_distance"] for x in langs]])
+        heatmap(path, rd, ["rank distance"], langs, f"{name}: language bias (lower is better)",
+                xlabel="query language", fmt="{:.0f}", vmin=None, vmax=None)
+        written.append(path)
+    return written
+
+
+class LareqaEvaluator:
+    """XQuAD-R or MLQA-R under the LAReQA protocol (see the module docstring)."""
+
+    def __init__(self, name: str, data_dir: str, languages: Sequence[str], *, candidate_context: str = "none",
+                 context_separator: str = " ", max_paragraphs: int = 0, map_k: int = 0,
+                 settings: Sequence[str] = SETTINGS, plots: bool = True):
+        if candidate_context not in ("none", "paragraph"):
+            raise ValueError(f"config.eval.{name}.candidate_context: {candidate_context!r} is not none or "
+                             "paragraph")
+        bad = [s for s in settings if s not in SETTINGS]
+        if bad or not settings:
+            raise ValueError(f"config.eval.{name}.settings: {list(settings)} must be a non-empty subset of "
+                             f"{list(SETTINGS)}")
+        self.name = name
+        self.data_dir = data_dir
+        self.languages = list(languages)
+        self.candidate_context = candidate_context
+        self.context_separator = context_separator
+        self.max_paragraphs = max_paragraphs
+        self.map_k = map_k
+        self.settings = tuple(settings)
+        self.plots = plots
+        self._langs: dict[str, LareqaLanguage] | None = None
+
+    @property
+    def langs(self) -> dict[str, LareqaLanguage]:
+        if self._langs is None:  # read once, reused at every periodic evaluation
+            self._langs = load(self.data_dir, self.languages, self.max_paragraphs)
+        return self._langs
+
+    def candidate_texts(self, lang: LareqaLanguage) -> list[str]:
+        if self.candidate_context == "none":
+            return list(lang.sentences)
+        return [s + self.context_separator + c for s, c in zip(lang.sentences, lang.paragraphs)]
+
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+        langs = self.langs
+        order = list(langs)
+        questions = [q for x in order for q in langs[x].questions]
+        candidates = [c for x in order for c in self.candidate_texts(langs[x])]
+        log.info("%s: encoding %d questions and %d candidates (%d languages)", self.name, len(questions),
+                 len(candidates), len(order))
+        q_all = embed(embedder.queries, questions, f"{self.name} questions")
+        c_all = embed(embedder.passages, candidates, f"{self.name} candidates")
+        q_emb, c_emb = {}, {}
+        qo = co = 0
+        for x in order:
+            nq, nc = len(langs[x].questions), len(langs[x].sentences)
+            q_emb[x], c_emb[x] = q_all[qo:qo + nq], c_all[co:co + nc]
+            qo, co = qo + nq, co + nc
+        result = evaluate_embeddings(langs, q_emb, c_emb, self.settings, self.map_k)
+        result["options"] = {"data_dir": self.data_dir, "candidate_context": self.candidate_context,
+                             "max_paragraphs": self.max_paragraphs, "map_k": self.map_k,
+                             "settings": list(self.settings)}
+        if output_dir:
+            result["files"] = save_matrices(result, self.name, output_dir, self.plots)
+        return result

@@ -1,0 +1,264 @@
+"""Nearest-neighbour search behind one interface: exact (chunked matrix products) or ScaNN, by pool size.
+
+Scores are dot products of float32 embeddings (the model decides whether they are normalised). Everything here
+runs on the host in numpy, so results do not depend on the accelerator's matmul precision (TF32 on GPUs, bf16
+passes on TPUs) and are comparable between runs and machines.
+
+* `ExactIndex.search` returns the top k of every query by chunked `queries @ candidates.T`; ties are broken by
+  candidate index (lower first), so the result is deterministic.
+* `ScannIndex.search` builds a ScaNN searcher (k-means tree + anisotropic asymmetric hashing + exact
+  reordering); its output is re-sorted by (score desc, index asc) so that ties at least inside the returned list
+  follow the same rule.
+* `build_index(candidates, RetrievalOptions)` picks exact search up to `scann_threshold` candidates and ScaNN
+  above it; `search_topk` also measures ScaNN's recall@k against exact search on a sample of queries and logs it.
+* `relevant_ranks` gives the exact 1-based rank of every relevant candidate in the *full* ranking (1 + the
+  number of candidates scoring higher + the number tying with a smaller tie key), which AP over the full ranking
+  and the rank distance need; a truncated top-k cannot give them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Score-matrix elements held at once (float32: 128 MiB); the comparison masks in relevant_ranks add as much.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalOptions:
+    """How to search; mirrors `config.eval.retrieval` (see `from_config`)."""
+
+    method: str = "auto"  # auto | exact | scann
+    scann_threshold: int = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
+    num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
+    leaves_to_search: int = 0  # 0: num_leaves // 10 (at least 1)
+    reorder: int = 0  # candidates re-scored exactly; 0: 4 * k (at least 100)
+    training_sample_size: int = 250_000
+    dims_per_block: int = 2
+    anisotropic_quantization_threshold: float = 0.2
+    recall_sample: int = 1000  # queries on which ScaNN recall@k against exact search is measured; 0: skip
+    seed: int = 0
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    @classmethod
+    def from_config(cls, cfg) -> "RetrievalOptions":
+        """From the `config.eval.retrieval` ConfigDict (or any mapping with these field names)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(cfg).items() if k in fields}
+        opts = cls(**values)
+        if opts.method not in ("auto", "exact", "scann"):
+            raise ValueError(f"config.eval.retrieval.method: {opts.method!r} is not one of auto, exact, scann")
+        return opts
+
+
+@dataclasses.dataclass
+class TopK:
+    """Search result: candidate indices and scores, [Q, k], best first. `info` says how it was found."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    info: dict
+
+
+def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be [N, D], got shape {x.shape}")
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ValueError(f"{what}: {bad} of {len(x)} embeddings contain NaN or inf (check the model / checkpoint)")
+    return np.ascontiguousarray(x)
+
+
+def _rows_per_chunk(n_cols: int, factor: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, n_cols * factor))
+
+
+def _sort_desc(indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by score descending, then index ascending."""
+    order = np.lexsort((indices, -scores.astype(np.float64)), axis=-1)
+    return np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def exact_topk_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of each row of a score matrix [b, N], ties broken by column index (lower first)."""
+    b, n = scores.shape
+    k = min(k, n)
+    if k == n:
+        idx = np.broadcast_to(np.arange(n), (b, n)).copy()
+        return _sort_desc(idx, scores.copy())
+    # The k-th largest value of each row; every strictly larger entry is in, and ties at that value are
+    # taken in index order until k are selected (argpartition alone picks among ties arbitrarily).
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    above = scores > kth[:, None]
+    at = scores == kth[:, None]
+    need = k - above.sum(axis=1)
+    take = above | (at & (np.cumsum(at, axis=1) <= need[:, None]))
+    rows, cols = np.nonzero(take)
+    idx = cols.reshape(b, k)
+    return _sort_desc(idx, scores[rows, cols].reshape(b, k))
+
+
+class ExactIndex:
+    """Exact maximum-inner-product search over a candidate matrix, chunked over queries."""
+
+    method = "exact"
+
+    def __init__(self, candidates: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        self.chunk_elements = chunk_elements
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def search(self, queries: np.ndarray, k: int) -> TopK:
+        queries = _check_embeddings(queries, "query embeddings")
+        k = min(k, len(self.candidates))
+        idx = np.empty((len(queries), k), dtype=np.int64)
+        val = np.empty((len(queries), k), dtype=np.float32)
+        rows = _rows_per_chunk(len(self.candidates), 2, self.chunk_elements)
+        for start in range(0, len(queries), rows):
+            stop = min(start + rows, len(queries))
+            s = queries[start:stop] @ self.candidates.T
+            idx[start:stop], val[start:stop] = exact_topk_scores(s, k)
+        return TopK(idx, val, {"method": "exact", "pool": len(self.candidates)})
+
+
+class ScannIndex:
+    """ScaNN searcher: k-means tree, anisotropic asymmetric hashing, exact float32 reordering."""
+
+    method = "scann"
+
+    def __init__(self, candidates: np.ndarray, k: int, opts: RetrievalOptions):
+        import scann  # imported here: only large pools need it
+
+        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        n = len(self.candidates)
+        self.k = min(k, n)
+        self.num_leaves = opts.num_leaves or max(1, int(round(math.sqrt(n))))
+        self.leaves_to_search = opts.leaves_to_search or max(1, self.num_leaves // 10)
+        self.reorder = opts.reorder or max(100, 4 * self.k)
+        sample = min(n, opts.training_sample_size)
+        self.params = {"num_leaves": self.num_leaves, "leaves_to_search": self.leaves_to_search,
+                       "reorder": self.reorder, "training_sample_size": sample,
+                       "dims_per_block": opts.dims_per_block,
+                       "anisotropic_quantization_threshold": opts.anisotropic_quantization_threshold}
+        self.searcher = (
+            scann.scann_ops_pybind.builder(self.candidates, self.k, "dot_product")
+            .tree(num_leaves=self.num_leaves, num_leaves_to_search=self.leaves_to_search,
+                  training_sample_size=sample)
+            .score_ah(opts.dims_per_block,
+                      anisotropic_quantization_threshold=opts.anisotropic_quantization_threshold)
+            .reorder(self.reorder)
+            .build()
+        )
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def search(self, queries: np.ndarray, k: int) -> TopK:
+        queries = _check_embeddings(queries, "query embeddings")
+        k = min(k, len(self.candidates))
+        idx, val = self.searcher.search_batched(queries, final_num_neighbors=k)
+        idx = np.asarray(idx, dtype=np.int64)
+        val = np.asarray(val, dtype=np.float32)
+        if idx.shape[1] < k:
+            raise RuntimeError(f"ScaNN returned {idx.shape[1]} neighbours for k={k}: raise "
+                               f"config.eval.retrieval.leaves_to_search (now {self.leaves_to_search})")
+        idx, val = _sort_desc(idx, val)
+        return TopK(idx, val, {"method": "scann", "pool": len(self.candidates), **self.params})
+
+
+def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions = RetrievalOptions()):
+    """Exact search up to `opts.scann_threshold` candidates (or when method == "exact"), ScaNN above."""
+    use_scann = opts.method == "scann" or (opts.method == "auto" and len(candidates) > opts.scann_threshold)
+    if use_scann:
+        return ScannIndex(candidates, k, opts)
+    return ExactIndex(candidates, opts.chunk_elements)
+
+
+def recall_against_exact(index, queries: np.ndarray, k: int, sample: int, seed: int = 0) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k on a seeded sample of queries."""
+    rng = np.random.default_rng(seed)
+    n = min(sample, len(queries))
+    pick = np.sort(rng.choice(len(queries), size=n, replace=False))
+    approx = index.search(queries[pick], k).indices
+    exact = ExactIndex(index.candidates).search(queries[pick], k).indices
+    hits = [len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / exact.shape[1])
+
+
+def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
+                opts: RetrievalOptions = RetrievalOptions(), name: str = "") -> TopK:
+    """Top k candidates per query with the method the options pick; for ScaNN, recall@k against exact search
+    on `opts.recall_sample` queries is measured, logged and returned in `info["recall_vs_exact"]`."""
+    index = build_index(candidates, k, opts)
+    out = index.search(queries, k)
+    if index.method == "scann" and opts.recall_sample > 0:
+        recall = recall_against_exact(index, _check_embeddings(queries, "query embeddings"), k,
+                                      opts.recall_sample, opts.seed)
+        out.info["recall_vs_exact"] = recall
+        out.info["recall_sample"] = min(opts.recall_sample, len(queries))
+        log.info("%s: ScaNN recall@%d against exact search on %d queries: %.4f (pool %d)",
+                 name or "search", k, out.info["recall_sample"], recall, len(candidates))
+    return out
+
+
+def relevant_ranks(queries: np.ndarray, candidates: np.ndarray, relevant: Sequence[Sequence[int]],
+                   tie_key: np.ndarray | None = None,
+                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+    """Exact 1-based rank of each relevant candidate of each query in the full ranking of `candidates`.
+
+    Ranking is by score descending; ties are broken by `tie_key` ascending (default: the candidate index), so
+    the rank of relevant item r is 1 + #(score > s_r) + #(score == s_r and key < key_r). The relevant item's own
+    score is read from the same score matrix as the others, so it ties with itself exactly.
+
+    Returns float64 [Q, R_max], each row sorted ascending and padded with inf.
+    """
+    queries = _check_embeddings(queries, "query embeddings")
+    candidates = _check_embeddings(candidates, "candidate embeddings")
+    n = len(candidates)
+    if len(relevant) != len(queries):
+        raise ValueError(f"{len(relevant)} relevant lists for {len(queries)} queries")
+    width = max((len(r) for r in relevant), default=1) or 1
+    out = np.full((len(queries), width), np.inf)
+    key = np.arange(n) if tie_key is None else np.asarray(tie_key)
+    if key.shape != (n,):
+        raise ValueError(f"tie_key must have one entry per candidate ({n}), got shape {key.shape}")
+    padded = np.full((len(queries), width), -1, dtype=np.int64)  # -1: no relevant item in this slot
+    for qi, rel in enumerate(relevant):
+        rel = np.asarray(rel, dtype=np.int64)
+        if rel.size and (rel.min() < 0 or rel.max() >= n):
+            raise IndexError(f"query {qi}: relevant candidates {rel.tolist()} reach outside the pool of {n}")
+        padded[qi, : len(rel)] = rel
+    rows = _rows_per_chunk(n, 3, chunk_elements)
+    for start in range(0, len(queries), rows):
+        stop = min(start + rows, len(queries))
+        s = queries[start:stop] @ candidates.T
+        # One relevant slot at a time, so that the comparisons run on the score matrix itself (no row copies).
+        for j in range(width):
+            cand = padded[start:stop, j]
+            has = cand >= 0
+            if not has.any():
+                continue
+            sub = s if has.all() else s[has]
+            c = cand[has]
+            s_rel = sub[np.arange(len(c)), c][:, None]
+            higher = (sub > s_rel).sum(axis=1)
+            equal = (sub == s_rel).sum(axis=1)
+            rank = 1 + higher
+            tied = np.nonzero(equal > 1)[0]  # rows where another candidate ties the relevant one
+            if len(tied):
+                before = (sub[tied] == s_rel[tied]) & (key[None, :] < key[c[tied]][:, None])
+                rank[tied] += before.sum(axis=1)
+            out[np.arange(start, stop)[has], j] = rank
+    return np.sort(out, axis=1)

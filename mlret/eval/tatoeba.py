@@ -1,0 +1,87 @@
+"""Tatoeba bitext retrieval (LASER's test set, as in XTREME): accuracy of xx->en and en->xx nearest neighbours.
+
+For a language xx the folder holds `tatoeba.{xx}-eng.{xx}` and `tatoeba.{xx}-eng.eng`, aligned line by line
+(xx uses the set's three-letter codes: deu, cmn, ...). Each side is encoded (as queries by default, since
+bitext mining is symmetric; `encode_as` picks passages instead), embeddings are L2-normalised (cosine
+similarity, the standard for this task whatever the model's own scoring), and a sentence counts as correct when
+its nearest neighbour on the other side is its own translation (ties broken by line index). The summary is the
+mean accuracy over languages for each direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.eval.retrieval import ExactIndex
+
+log = logging.getLogger(__name__)
+
+# The XQuAD-R languages other than English, in Tatoeba's codes.
+DEFAULT_LANGUAGES = ("ara", "deu", "ell", "spa", "hin", "rus", "tha", "tur", "vie", "cmn")
+
+
+def read_pair(data_dir: str, lang: str, max_sentences: int = 0) -> tuple[list[str], list[str]]:
+    """The aligned (xx, eng) sentence lists of one language."""
+    paths = [os.path.join(data_dir, f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")]
+    sides = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: missing; check config.eval.tatoeba.data_dir and languages "
+                                    "(three-letter codes such as deu, cmn)")
+        with open(p, encoding="utf-8") as f:
+            sides.append([line.rstrip("\n") for line in f])
+    if len(sides[0]) != len(sides[1]):
+        raise ValueError(f"{paths[0]} has {len(sides[0])} lines but {paths[1]} has {len(sides[1])}")
+    if max_sentences:
+        sides = [s[:max_sentences] for s in sides]
+    return sides[0], sides[1]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def bitext_accuracy(src: np.ndarray, tgt: np.ndarray) -> float:
+    """Fraction of rows i whose nearest target (cosine, ties by index) is row i."""
+    top = ExactIndex(_normalize(tgt)).search(_normalize(src), 1).indices[:, 0]
+    return float(np.mean(top == np.arange(len(src))))
+
+
+class TatoebaEvaluator:
+    """xx->en and en->xx accuracy over the configured languages."""
+
+    def __init__(self, name: str, data_dir: str, languages: Sequence[str] = DEFAULT_LANGUAGES, *,
+                 max_sentences: int = 0, encode_as: str = "query"):
+        if encode_as not in ("query", "passage"):
+            raise ValueError(f"config.eval.{name}.encode_as: {encode_as!r} is not query or passage")
+        self.name = name
+        self.data_dir = data_dir
+        self.languages = list(languages)
+        self.max_sentences = max_sentences
+        self.encode_as = encode_as
+
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+        fn = embedder.queries if self.encode_as == "query" else embedder.passages
+        pairs = {lang: read_pair(self.data_dir, lang, self.max_sentences) for lang in self.languages}
+        texts = [t for xx, en in pairs.values() for t in xx + en]
+        log.info("%s: encoding %d sentences (%d languages)", self.name, len(texts), len(pairs))
+        emb = embed(fn, texts, f"{self.name} sentences")
+        per_lang: dict[str, dict[str, float]] = {}
+        o = 0
+        for lang, (xx, en) in pairs.items():
+            e_xx, e_en = emb[o:o + len(xx)], emb[o + len(xx):o + 2 * len(xx)]
+            o += 2 * len(xx)
+            per_lang[lang] = {"xx2en": bitext_accuracy(e_xx, e_en), "en2xx": bitext_accuracy(e_en, e_xx),
+                              "sentences": len(xx)}
+        summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in ("xx2en", "en2xx")}
+        summary["acc"] = (summary["xx2en"] + summary["en2xx"]) / 2
+        return {"summary": summary, "languages": per_lang,
+                "options": {"data_dir": self.data_dir, "max_sentences": self.max_sentences,
+                            "encode_as": self.encode_as}}

@@ -1,0 +1,195 @@
+"""MIRACL and Mr. TyDi: TREC topics and qrels against a passage corpus; nDCG@10, Recall@100 and MRR@100.
+
+Per language: encode the topics (queries) and the corpus (passages, `title` + `text`), retrieve the top k
+(`retrieval.search_topk`: exact search up to the configured pool size, ScaNN above it), and score the run like
+trec_eval (`metrics.trec_metrics`: ties by docid, relevance = grade >= 1, only queries with qrels). The summary is
+the unweighted mean over languages.
+
+File layouts (as published by Pyserini's anserini-tools, the files in ../shared/data):
+* MIRACL:   topics.miracl-v1.0-{lang}-{split}.tsv, qrels.miracl-v1.0-{lang}-{split}.tsv
+* Mr. TyDi: topics.mrtydi-v1.1-{lang}.{split}.txt.gz, qrels.mrtydi-v1.1-{lang}.{split}.txt
+Topics are `qid<TAB>text`; qrels are `qid Q0 docid grade`. The corpora are not in ../shared/data: the config
+names them (`corpus`, a path with `{lang}`: a .jsonl / .jsonl.gz file or a folder of such shards with one
+`{"docid", "title", "text"}` object per line).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from mlret.eval import metrics as M
+from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.eval.retrieval import RetrievalOptions, search_topk
+
+log = logging.getLogger(__name__)
+
+MIRACL_LANGUAGES = ("ar", "bn", "de", "en", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru", "sw", "te",
+                    "th", "yo", "zh")
+MRTYDI_LANGUAGES = ("ar", "bn", "en", "fi", "id", "ja", "ko", "ru", "sw", "te", "th")
+
+LAYOUTS = {
+    "miracl": ("topics.miracl-v1.0-{lang}-{split}.tsv", "qrels.miracl-v1.0-{lang}-{split}.tsv"),
+    "mrtydi": ("topics.mrtydi-v1.1-{lang}.{split}.txt.gz", "qrels.mrtydi-v1.1-{lang}.{split}.txt"),
+}
+
+
+class TrecDataError(ValueError):
+    """A topics, qrels or corpus file is malformed; the message names the file and line."""
+
+
+def _open_text(path: str) -> TextIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_topics(path: str) -> dict[str, str]:
+    """`qid<TAB>query` lines -> {qid: query}, in file order."""
+    topics: dict[str, str] = {}
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t", 1)
+            if len(parts) != 2:
+                raise TrecDataError(f"{path}:{n}: expected 'qid<TAB>query', got {line[:80]!r}")
+            topics[parts[0].strip()] = parts[1].strip()
+    return topics
+
+
+def read_qrels(path: str) -> dict[str, dict[str, int]]:
+    """`qid Q0 docid grade` lines (tabs or spaces) -> {qid: {docid: grade}}."""
+    qrels: dict[str, dict[str, int]] = {}
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 4:
+                raise TrecDataError(f"{path}:{n}: expected 'qid Q0 docid grade', got {line.strip()[:80]!r}")
+            try:
+                grade = int(parts[3])
+            except ValueError:
+                raise TrecDataError(f"{path}:{n}: grade {parts[3]!r} is not an integer") from None
+            qrels.setdefault(parts[0], {})[parts[2]] = grade
+    return qrels
+
+
+def corpus_files(path: str) -> list[str]:
+    """A .jsonl(.gz) file, or every .jsonl(.gz) shard of a folder in name order."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
+        if not files:
+            raise FileNotFoundError(f"{path}: folder holds no .jsonl or .jsonl.gz corpus shards")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: corpus missing; set config.eval.<name>.corpus to a jsonl file or folder "
+                                "(with {lang} for the language)")
+    return [path]
+
+
+def read_corpus(path: str, passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
+    """(docids, passage texts) from jsonl records with docid, title and text."""
+    docids, texts = [], []
+    for file in corpus_files(path):
+        with _open_text(file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrecDataError(f"{file}:{n}: not JSON ({e})") from None
+                if "docid" not in rec or "text" not in rec:
+                    raise TrecDataError(f"{file}:{n}: a corpus record needs 'docid' and 'text' (and optionally "
+                                        f"'title'); got keys {sorted(rec)}")
+                docids.append(str(rec["docid"]))
+                title = rec.get("title") or ""
+                texts.append(passage_template.format(title=title, text=rec["text"]).strip())
+    if len(set(docids)) != len(docids):
+        raise TrecDataError(f"{path}: docids repeat in the corpus")
+    return docids, texts
+
+
+class TrecEvaluator:
+    """MIRACL or Mr. TyDi dev/test: dense retrieval over a corpus, scored like trec_eval."""
+
+    def __init__(self, name: str, layout: str, data_dir: str, corpus: str, languages: Sequence[str], *,
+                 split: str = "dev", top_k: int = 100, max_queries: int = 0,
+                 passage_template: str = "{title} {text}", retrieval: RetrievalOptions = RetrievalOptions()):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown TREC layout {layout!r}: one of {sorted(LAYOUTS)}")
+        if top_k < 100:
+            raise ValueError(f"config.eval.{name}.top_k: {top_k} < 100 cannot give Recall@100 / MRR@100")
+        if not corpus:
+            raise ValueError(f"config.eval.{name}.corpus: empty; name the corpus jsonl (a path with {{lang}}); "
+                             "the corpora are not part of ../shared/data")
+        self.name = name
+        self.layout = layout
+        self.data_dir = data_dir
+        self.corpus = corpus
+        self.languages = list(languages)
+        self.split = split
+        self.top_k = top_k
+        self.max_queries = max_queries
+        self.passage_template = passage_template
+        self.retrieval = retrieval
+        self._queries: dict[str, tuple[dict[str, str], dict[str, dict[str, int]]]] = {}
+
+    def paths(self, lang: str) -> tuple[str, str, str]:
+        topics, qrels = (os.path.join(self.data_dir, p.format(lang=lang, split=self.split))
+                         for p in LAYOUTS[self.layout])
+        return topics, qrels, self.corpus.format(lang=lang, split=self.split)
+
+    def queries(self, lang: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+        """Topics that have qrels (trec_eval scores only those), cut to max_queries, and the qrels."""
+        if lang in self._queries:
+            return self._queries[lang]
+        topics_path, qrels_path, _ = self.paths(lang)
+        for p in (topics_path, qrels_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"{p}: missing; check config.eval.{self.name}.data_dir / split / "
+                                        "languages")
+        topics, qrels = read_topics(topics_path), read_qrels(qrels_path)
+        kept = {q: t for q, t in topics.items() if q in qrels}
+        if self.max_queries:
+            kept = dict(list(kept.items())[: self.max_queries])
+        self._queries[lang] = kept, {q: qrels[q] for q in kept}
+        return self._queries[lang]
+
+    def retrieve(self, embedder: Embedder, lang: str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """The run {qid: {docid: score}} of the top k passages per topic, and how it was searched."""
+        topics, _ = self.queries(lang)
+        _, _, corpus_path = self.paths(lang)
+        docids, texts = read_corpus(corpus_path, self.passage_template)
+        log.info("%s/%s: encoding %d topics and %d passages", self.name, lang, len(topics), len(texts))
+        q = embed(embedder.queries, list(topics.values()), f"{self.name}/{lang} topics")
+        p = embed(embedder.passages, texts, f"{self.name}/{lang} corpus")
+        top = search_topk(q, p, self.top_k, self.retrieval, name=f"{self.name}/{lang}")
+        run = {qid: {docids[j]: float(s) for j, s in zip(top.indices[i], top.scores[i])}
+               for i, qid in enumerate(topics)}
+        return run, top.info
+
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+        per_lang: dict[str, dict[str, float]] = {}
+        search: dict[str, Any] = {}
+        for lang in self.languages:
+            run, info = self.retrieve(embedder, lang)
+            _, qrels = self.queries(lang)
+            per_query = M.trec_metrics(run, qrels, ndcg_k=(10,), recall_k=(100,), rr_k=(100,))
+            means = M.mean_metrics(per_query)
+            per_lang[lang] = {"ndcg10": means["ndcg_cut_10"], "recall100": means["recall_100"],
+                              "mrr100": means["recip_rank_100"], "queries": len(per_query)}
+            search[lang] = info
+        summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in ("ndcg10", "recall100", "mrr100")}
+        summary["mrr"] = summary["mrr100"]
+        return {"summary": summary, "languages": per_lang, "search": search,
+                "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split,
+                            "top_k": self.top_k, "max_queries": self.max_queries}}

@@ -1,0 +1,141 @@
+"""TyDi QA passage retrieval: find the gold passage among the passage candidates (MRR@k and accuracy@1).
+
+Input is the TyDi QA primary-task jsonl(.gz) (`question_text`, `document_plaintext`, `passage_answer_candidates`
+with UTF-8 *byte* offsets into the plaintext, and `annotations` with `passage_answer.candidate_index`). A
+candidate is gold when any annotator selected it; examples where no annotator selected a passage (the question
+has no answer in the article) cannot be scored by retrieval and are skipped and counted, as are examples with
+fewer votes than `min_votes`.
+
+Pool (`candidates`): "article" ranks the passages of the question's own article (the primary task's passage
+selection, seen as retrieval); "language" ranks every passage of every example of that language. Accuracy@1 is
+the exact match of the top passage with a gold one. Metrics are means per language, then over languages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mlret.eval import metrics as M
+from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.eval.retrieval import relevant_ranks
+
+log = logging.getLogger(__name__)
+
+# TyDi QA names languages in full; the rest of mlret uses ISO 639-1 codes.
+TYDI_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
+                  "japanese": "ja", "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "thai": "th"}
+
+
+class TydiDataError(ValueError):
+    """A TyDi QA record is malformed; the message names the file and line."""
+
+
+def read_examples(path: str, languages: Sequence[str] = (), max_examples: int = 0,
+                  min_votes: int = 1) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Examples with at least `min_votes` passage annotations: {lang, question, passages, gold (set)}; and the
+    counts of skipped examples by reason."""
+    opener = gzip.open if path.endswith(".gz") else open
+    out: list[dict[str, Any]] = []
+    skipped = {"no_gold_passage": 0, "other_language": 0}
+    per_lang: dict[str, int] = {}
+    try:
+        f = opener(path, "rt", encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; set config.eval.tydiqa.path to a TyDi QA primary-task "
+                                "jsonl(.gz)") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                lang = TYDI_LANGUAGES.get(rec["language"], rec["language"])
+                doc = rec["document_plaintext"].encode("utf-8")
+                cands = rec["passage_answer_candidates"]
+                votes = [a["passage_answer"]["candidate_index"] for a in rec["annotations"]]
+                question = rec["question_text"]
+            except (KeyError, TypeError, json.JSONDecodeError) as e:
+                raise TydiDataError(f"{path}:{n}: not a TyDi QA primary-task record ({e!r})") from None
+            if languages and lang not in languages:
+                skipped["other_language"] += 1
+                continue
+            gold_votes = [v for v in votes if v >= 0]
+            if len(gold_votes) < min_votes:
+                skipped["no_gold_passage"] += 1
+                continue
+            if max_examples and per_lang.get(lang, 0) >= max_examples:
+                continue
+            passages = []
+            for c in cands:
+                start, end = c["plaintext_start_byte"], c["plaintext_end_byte"]
+                if not 0 <= start <= end <= len(doc):
+                    raise TydiDataError(f"{path}:{n}: candidate bytes [{start}, {end}) outside the "
+                                        f"{len(doc)}-byte document")
+                passages.append(doc[start:end].decode("utf-8", errors="replace").strip())
+            bad = [v for v in gold_votes if v >= len(passages)]
+            if bad:
+                raise TydiDataError(f"{path}:{n}: annotated candidate_index {bad[0]} but only {len(passages)} "
+                                    "candidates")
+            out.append({"id": str(rec.get("example_id", n)), "lang": lang, "question": question,
+                        "passages": passages, "gold": sorted(set(gold_votes))})
+            per_lang[lang] = per_lang.get(lang, 0) + 1
+    return out, skipped
+
+
+class TydiQAEvaluator:
+    """Gold-passage retrieval on TyDi QA primary-task data (see the module docstring)."""
+
+    def __init__(self, name: str, path: str, *, languages: Sequence[str] = (), candidates: str = "article",
+                 mrr_k: int = 10, max_examples: int = 0, min_votes: int = 1):
+        if candidates not in ("article", "language"):
+            raise ValueError(f"config.eval.{name}.candidates: {candidates!r} is not article or language")
+        self.name = name
+        self.path = path
+        self.languages = list(languages)
+        self.candidates = candidates
+        self.mrr_k = mrr_k
+        self.max_examples = max_examples
+        self.min_votes = min_votes
+
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+        examples, skipped = read_examples(self.path, self.languages, self.max_examples, self.min_votes)
+        if not examples:
+            raise ValueError(f"{self.path}: no example with a gold passage (languages {self.languages or 'all'})")
+        passages = [p for ex in examples for p in ex["passages"]]
+        log.info("%s: encoding %d questions and %d passages", self.name, len(examples), len(passages))
+        q = embed(embedder.queries, [ex["question"] for ex in examples], f"{self.name} questions")
+        p = embed(embedder.passages, passages, f"{self.name} passages")
+        starts = np.cumsum([0] + [len(ex["passages"]) for ex in examples])
+        ranks = np.full((len(examples), max(len(ex["gold"]) for ex in examples)), np.inf)
+        if self.candidates == "article":
+            for i, ex in enumerate(examples):
+                r = relevant_ranks(q[i:i + 1], p[starts[i]:starts[i + 1]], [ex["gold"]])
+                ranks[i, : r.shape[1]] = r[0]
+        else:
+            for lang in sorted({ex["lang"] for ex in examples}):
+                idx = [i for i, ex in enumerate(examples) if ex["lang"] == lang]
+                cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+                local = {int(c): j for j, c in enumerate(cols)}
+                rel = [[local[int(starts[i]) + g] for g in examples[i]["gold"]] for i in idx]
+                r = relevant_ranks(q[idx], p[cols], rel)
+                ranks[idx, : r.shape[1]] = r
+        mrr = M.reciprocal_rank(ranks, k=self.mrr_k or None)
+        acc1 = M.hit_at_k(ranks, 1)
+        per_lang: dict[str, dict[str, float]] = {}
+        for lang in sorted({ex["lang"] for ex in examples}):
+            sel = np.array([ex["lang"] == lang for ex in examples])
+            per_lang[lang] = {"mrr": float(mrr[sel].mean()), "acc1": float(acc1[sel].mean()),
+                              "examples": int(sel.sum()),
+                              "mean_candidates": float(np.mean([len(ex["passages"]) for ex, s in
+                                                                zip(examples, sel) if s]))}
+        summary = {"mrr": macro_mean({x: m["mrr"] for x, m in per_lang.items()}),
+                   "acc1": macro_mean({x: m["acc1"] for x, m in per_lang.items()})}
+        return {"summary": summary, "languages": per_lang, "skipped": skipped,
+                "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
+                            "max_examples": self.max_examples, "min_votes": self.min_votes}}
