@@ -60,7 +60,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from `config.mesh`, resolving data = -1; data includes `dcn_data`."""
+    """(data, fsdp, tensor) sizes of the mesh from `config.mesh`.
+
+    `config.mesh.data` is the data-parallel size inside one slice (-1: what fsdp x tensor leave); the mesh's data
+    axis is `dcn_data` times that.
+    """
     fsdp, tensor, dcn = int(mesh_config.fsdp), int(mesh_config.tensor), int(mesh_config.dcn_data)
     for name, v in (("fsdp", fsdp), ("tensor", tensor), ("dcn_data", dcn)):
         if v < 1:
@@ -71,7 +75,7 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
         if num_devices % rest:
             raise ShardingError(f"config.mesh: {num_devices} devices do not divide into fsdp={fsdp} x tensor={tensor}"
                                 f" x dcn_data={dcn}; change config.mesh.fsdp / tensor / dcn_data")
-        data = num_devices // rest
+        data = num_devices // rest * dcn
     elif data < 1:
         raise ShardingError(f"config.mesh.data: {data} must be >= 1 or -1 (fill the remaining devices)")
     else:
@@ -83,12 +87,13 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     return data, fsdp, tensor
 
 
-def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh from `config.mesh`, with Auto axis types (GSPMD-style jit).
+def device_array(mesh_config: Any, devices: Sequence[Any] | None = None) -> np.ndarray:
+    """The devices laid out as the (data, fsdp, tensor) array `make_mesh` wraps.
 
-    `dcn_data > 1` builds a hybrid mesh: `data` spans slices (TPU) or processes (GPU nodes) over the slow network
-    and the fast network carries fsdp and tensor. A mesh smaller than the device list uses its first devices
-    (single process only: every process must hold part of a multi-host mesh).
+    `dcn_data > 1` lays out a hybrid mesh: the data axis spans slices (TPU; processes where devices have no
+    `slice_index`, e.g. GPU nodes) over the slow network, while fsdp and tensor stay inside a slice. A mesh
+    smaller than the device list uses its first devices (single process only: every process must hold part of
+    a multi-host mesh).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
@@ -99,16 +104,30 @@ def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
                                 f"{len(devices)}; a multi-host mesh must use all of them (set config.mesh.data=-1)")
         log.warning("config.mesh uses %d of %d devices", n, len(devices))
         devices = devices[:n]
-    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     dcn = int(mesh_config.dcn_data)
     if dcn > 1:
         if shape[0] % dcn:
             raise ShardingError(f"config.mesh.dcn_data: {dcn} does not divide the data axis {shape[0]}")
         granule_is_process = getattr(devices[0], "slice_index", None) is None
-        arr = mesh_utils.create_hybrid_device_mesh(
-            (shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices, process_is_granule=granule_is_process)
-        return Mesh(arr, MESH_AXES, axis_types=axis_types)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        try:
+            return mesh_utils.create_hybrid_device_mesh(
+                (shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices, process_is_granule=granule_is_process)
+        except ValueError as e:
+            unit = "processes" if granule_is_process else "slices"
+            raise ShardingError(f"config.mesh.dcn_data={dcn}: cannot lay the data axis over {unit} ({e}); set it "
+                                f"to the number of {unit}") from e
+    return _make_mesh(shape, devices).devices
+
+
+def _make_mesh(shape: Sequence[int], devices: Sequence[Any]) -> Mesh:
+    # Auto axis types: GSPMD-style jit with sharding constraints (jax.make_mesh now defaults to Explicit).
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh from `config.mesh` (see `device_array` for the layout)."""
+    arr = device_array(mesh_config, devices)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 # --------------------------------------------------------------------------------------------------------------
