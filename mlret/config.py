@@ -47,6 +47,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.query_len = 64
     c.data.passage_len = 192
     c.data.on_bad_record = "error"  # error | skip (skips are counted and logged)
+    # Training sources, mixed per pair: a tuple of dicts {name, path, weight, split, languages, ...}. name is a
+    # source kind of mlret.data (xquad_r, mlqa_r, mlqa, squad_translate, mmarco, tydiqa_goldp, miracl, mrtydi,
+    # jsonl); path a local folder or file, relative to data_dir ("" downloads the public files).
+    c.data.sources = ()
+    c.data.mixture = "size"  # size: every eligible unit equally likely | weights: by each source's `weight`
+    c.data.mono_lang_weights = ""  # X-X-mono language weights "en=2,de=1" ("": uniform over eligible languages)
+    c.data.paragraph_context = False  # XQuAD-R / MLQA-R passages: the answer sentence followed by its paragraph
+    c.data.max_negatives = 16  # hard negatives kept per unit and language when a source is prepared
+    c.data.tfds_dir = ""  # where sources are prepared as ArrayRecord ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.worker_count = 0  # Grain worker processes assembling batches (0: threads of the training process)
+    c.data.read_threads = 2  # threads per process assembling batches
+    c.data.prefetch = 4  # batches buffered ahead per process
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.05
@@ -172,6 +184,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.group_size >= 1, "data.group_size", "must be >= 1 (the positive)")
     _check(config.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
                   f"{config.data.on_bad_record!r} is not error or skip")
+    from mlret.data.sources import validate_data_config  # the data package owns its fields' rules
+
+    validate_data_config(config)
     _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
     _check(config.train.steps > 0, "train.steps", "must be positive")
     from mlret.eval import validate_eval_config  # the eval package owns its fields' rules
