@@ -128,6 +128,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.output_dir = ""  # matrices + heatmaps; "": <workdir>/eval/step_N in training, beside --out in the CLI
     c.eval.plots = True  # heatmap PNGs next to the JSON matrices
     c.eval.progress = True  # tqdm bar with ETA while encoding (process 0 only)
+    c.eval.length_buckets = True  # sort texts by length and cut batches to power-of-two lengths (less padding)
     c.eval.retrieval = ml_collections.ConfigDict()
     c.eval.retrieval.method = "auto"  # auto | exact | scann
     c.eval.retrieval.scann_threshold = 1_000_000  # auto: exact search up to this many candidates, ScaNN above

@@ -39,12 +39,10 @@ __all__ = ["EVALUATORS", "Embedder", "Evaluator", "build_evaluators", "flat_metr
            "run_evaluators", "validate_eval_config"]
 
 
-class EvalConfigError(ValueError):
-    """An eval config field holds a value that cannot work; the message names the field."""
-
-
 def _fail(field: str, why: str) -> None:
-    raise EvalConfigError(f"config.{field}: {why}")
+    from mlret.config import ConfigError  # lazy: mlret.config imports this package inside validate()
+
+    raise ConfigError(f"config.{field}: {why}")
 
 
 def validate_eval_config(config: Any) -> None:
