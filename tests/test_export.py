@@ -162,3 +162,34 @@ def test_cli_hf_reexport(minilm_path, minilm_export, tmp_path, capsys):
     # Pooling and normalisation were read from the source folder's sentence-transformers files.
     assert json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
     assert "Normalize" in (tmp_path / "cli" / "modules.json").read_text()
+
+
+def test_cli_checkpoint_export(random_bert_path, tmp_path):
+    """--checkpoint: the exported weights are the checkpoint's (changed from the source), not the source's."""
+    from flax import nnx
+
+    from mlret.checkpoint import Checkpointer
+    from mlret.config import default_config
+
+    config = default_config()
+    config.model.name = str(random_bert_path)
+    config.model.query_prefix = "query: "
+    config.data.query_len, config.data.passage_len = 16, 32
+    config.checkpoint.async_save = False
+    model, tok = load_dual_encoder(config)
+    scale = model.towers.query.embeddings.norm.scale
+    scale.set_value(scale.get_value() + 0.25)  # "trained" weights
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    ck = Checkpointer(tmp_path / "run", config)
+    ck.save(7, {"params": {"model": params}, "step": np.int32(7)}, None, config, force=True)
+    ck.close()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--step", "7", "--out", str(tmp_path / "out")]) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    np.testing.assert_array_equal(got["embeddings.LayerNorm.weight"], np.asarray(scale.get_value()))
+    src = load_file(str(random_bert_path / "model.safetensors"))
+    assert not np.array_equal(got["embeddings.LayerNorm.weight"], src["embeddings.LayerNorm.weight"])
+    assert json.loads((tmp_path / "out" / "config_sentence_transformers.json").read_text())["prompts"]["query"] == \
+        "query: "
+    texts = ["checkpoint export", "second text"]
+    st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert np.abs(st.encode(texts, prompt_name="query", convert_to_numpy=True) - ours(model, tok, texts)).max() <= TOL
