@@ -177,14 +177,14 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject impossible values and combinations before any device work, naming the field."""
     _check(config.model.pooling in ("cls", "mean", "pooler"), "model.pooling",
-                  f"{config.model.pooling!r} is not one of cls, mean, pooler")
+           f"{config.model.pooling!r} is not one of cls, mean, pooler")
     _check(config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
-                  f"{config.model.compute_dtype!r} is not float32 or bfloat16")
+           f"{config.model.compute_dtype!r} is not float32 or bfloat16")
     _check(0.0 <= config.data.alpha <= 1.0, "data.alpha", f"{config.data.alpha} is outside [0, 1]")
     _check(config.data.global_batch > 0, "data.global_batch", "must be positive")
     _check(config.data.group_size >= 1, "data.group_size", "must be >= 1 (the positive)")
     _check(config.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
-                  f"{config.data.on_bad_record!r} is not error or skip")
+           f"{config.data.on_bad_record!r} is not error or skip")
     from mlret.data.sources import validate_data_config  # the data package owns its fields' rules
 
     validate_data_config(config)
