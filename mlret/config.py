@@ -86,6 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.dcn_data = 1  # data-parallel replicas across slices (hybrid mesh); 1 on one slice
+    # >0: run on this many simulated CPU devices (XLA_FLAGS, set by mlret.train before jax starts); smoke runs.
+    c.mesh.simulated_cpu_devices = 0
     # Weights with more elements than this must be sharded when the rules say so (else an error).
     c.mesh.replicated_param_threshold = 2**20
     # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated); see mlret/parallel.py.
