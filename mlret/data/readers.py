@@ -85,7 +85,7 @@ def sentence_with_context(sentence: str, context: str) -> str:
 
 # Sentence-final punctuation of the scripts in the translated QA sets (Latin, CJK, Devanagari, Arabic, Thai
 # has none). CJK full stops end a sentence without a following space.
-_SENT_END = re.compile(r"(?<=[.!?;…।؟])\s+|(?<=[。！？；])")
+_SENT_END = re.compile(r"(?<=[.!?;…।؟])\s+|(?<=[。！？；])\s*")
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
