@@ -114,9 +114,9 @@ def test_padding_does_not_leak(random_xlmr_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_leading_axes_and_bfloat16(random_xlmr_path):
-    f32, tok = load_dual_encoder(model_config(random_xlmr_path), query_len=8, passage_len=24)
-    bf16, _ = load_dual_encoder(model_config(random_xlmr_path, compute_dtype="bfloat16"), query_len=8,
+def test_leading_axes_and_bfloat16(random_bert_path):
+    f32, tok = load_dual_encoder(model_config(random_bert_path), query_len=8, passage_len=24)
+    bf16, _ = load_dual_encoder(model_config(random_bert_path, compute_dtype="bfloat16"), query_len=8,
                                 passage_len=24)
     b = tok.passages(["eins", "zwei drei", "vier fünf sechs sieben", "acht", "neun zehn", "elf"])
     ids, mask = b["passage_ids"].reshape(3, 2, -1), b["passage_mask"].reshape(3, 2, -1)  # [B, G, L]
@@ -131,9 +131,9 @@ def test_leading_axes_and_bfloat16(random_xlmr_path):
     assert cos.min() > 0.99 and np.abs(np.asarray(low) - flat).max() > 1e-6  # close, but really bfloat16
 
 
-def test_remat_gives_same_gradients(random_xlmr_path):
-    plain, tok = load_dual_encoder(model_config(random_xlmr_path), query_len=8, passage_len=16)
-    remat, _ = load_dual_encoder(model_config(random_xlmr_path, remat=True), query_len=8, passage_len=16)
+def test_remat_gives_same_gradients(random_bert_path):
+    plain, tok = load_dual_encoder(model_config(random_bert_path), query_len=8, passage_len=16)
+    remat, _ = load_dual_encoder(model_config(random_bert_path, remat=True), query_len=8, passage_len=16)
     b = tok.passages(["one two", "three four five"])
 
     @jax.jit
