@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -522,6 +523,27 @@ def test_gpu_xla_flags_are_known_to_the_installed_jaxlib():
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(base, XLA_FLAGS="--xla_gpu_no_such_flag_mlret=true", JAX_PLATFORMS="cpu"))
     assert bad.returncode != 0 and "Unknown flag" in bad.stderr
+
+
+def test_jax_slurm_detection_needs_the_local_device_ids():
+    """Why launch/env.sh sets JAX_LOCAL_DEVICE_IDS: under Slurm, jax.distributed.initialize restricts a process
+    to the GPU numbered SLURM_LOCALID, even with the coordinator given explicitly, unless told which devices."""
+    code = ("import sys, jax; jax.distributed.initialize(sys.argv[1], 1, 0); "
+            "print(jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()")
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "JAX_PLATFORMS": "cpu", **slurm}
+    seen = {}
+    for ids in (None, "0,1,2,3"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(base, JAX_LOCAL_DEVICE_IDS=ids) if ids else base
+        out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[ids] = out.stdout.split()[-1]
+    assert seen == {None: "0", "0,1,2,3": "0,1,2,3"}
 
 
 def test_shellcheck_is_clean():
