@@ -255,3 +255,10 @@ def test_error_not_a_folder():
         _embed("./no/such/model", TEXTS)
     with pytest.raises(TypeError, match="Tied"):
         DualEncoder(object())
+
+
+def test_error_hub_id_unavailable(monkeypatch):
+    """A hub id goes through huggingface_hub; offline (as in the tests) the failure names the config field."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"config\.model\.name='mlret-test/no-such-model'.*hub"):
+        _embed("mlret-test/no-such-model", TEXTS)

@@ -83,12 +83,15 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         raise FileNotFoundError(f"config.model.name={name!r} is not a model folder (and not a hub id)")
     import huggingface_hub
 
-    local = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
-    if not any(local.glob("*.safetensors")):
-        # Only then fetch the pickle; it is read with torch.load(weights_only=True).
-        huggingface_hub.hf_hub_download(repo_id=name, filename="pytorch_model.bin", local_dir=None)
-        local = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=[*_HUB_PATTERNS,
-                                                                                        "pytorch_model.bin"]))
+    try:
+        local = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):
+            # Only then fetch the pickle; read_hf_tensors opens it with torch.load(weights_only=True).
+            local = Path(huggingface_hub.snapshot_download(repo_id=name,
+                                                           allow_patterns=[*_HUB_PATTERNS, "pytorch_model.bin"]))
+    except Exception as e:  # offline, unknown repo, gated repo, network: one message naming the field
+        raise FileNotFoundError(f"config.model.name={name!r} is not a local folder and could not be fetched from "
+                                f"the Hugging Face hub ({type(e).__name__}: {e})") from e
     return local
 
 
