@@ -88,7 +88,7 @@ def heatmap(path: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[s
     import matplotlib.pyplot as plt
 
     m = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(cols), 1.2 + 0.5 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 + 0.62 * len(cols)), max(2.4, 1.4 + 0.5 * len(rows))))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), labels=list(cols))
     ax.set_yticks(range(len(rows)), labels=list(rows))
@@ -107,3 +107,31 @@ def heatmap(path: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[s
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+class NgramEmbedder:
+    """Character n-grams hashed into `dim` buckets, L2-normalised: a model-free lexical embedder.
+
+    Deterministic (crc32, not Python's salted hash) and quick, it gives real, imperfect rankings of real text:
+    a lexical baseline, and the stand-in for a model where a test is about the protocol rather than the model.
+    """
+
+    def __init__(self, dim: int = 512, n: int = 3):
+        self.dim, self.n = dim, n
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        import zlib
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            t = f" {t.lower()} "
+            grams = [zlib.crc32(t[j:j + self.n].encode("utf-8")) % self.dim for j in range(len(t) - self.n + 1)]
+            np.add.at(out[i], grams, 1.0)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._embed(texts)
+
+    def passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._embed(texts)

@@ -239,7 +239,8 @@ def save_matrices(result: dict[str, Any], name: str, output_dir: str, plots: boo
     if result["mono"] or result["cross"]:
         for k in pair_metrics:
             path = os.path.join(output_dir, f"{name}_pairs_{k}.png")
-            heatmap(path, pair_matrix(result, k), order, order, f"{name}: {k} (rows: query, cols: candidates)",
+            heatmap(path, pair_matrix(result, k), order, order,
+                    f"{name}: {k}\nrows: query language, columns: candidates",
                     xlabel="candidate language", ylabel="query language")
             written.append(path)
     if result["multi"]:

@@ -1,0 +1,125 @@
+"""Evaluate a trained run or a Hugging Face model on the configured benchmarks.
+
+    python -m mlret.evaluate --config configs/eval_xquad_r.py --hf sentence-transformers/all-MiniLM-L6-v2 \\
+        --out results/minilm.json [--config.eval.xquad_r.candidate_context=paragraph ...]
+    python -m mlret.evaluate --config configs/x.py --checkpoint RUN_DIR [--step N] --out F.json
+
+`--hf` loads a model folder or hub id through `mlret.models.load_dual_encoder` with `config.model`'s pooling,
+normalisation and prefixes. `--checkpoint` restores a training run (`mlret.checkpoint.restore_for_export`, the
+latest step unless `--step`); the run's own config supplies the model, and `--config` (optional then) supplies
+the `eval` section. Every evaluator option is a config field (`config.eval.*`), overridable on the command line.
+
+Prints one table and writes F.json: {"summary": {evaluator: {metric: value}}, "results": {evaluator: block},
+"source": ..., "eval_config": ...}; each block has a flat `summary`. Matrices and heatmaps go to
+`config.eval.output_dir` (default: F's name without .json, plus "_files").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (ml_collections, get_config())")
+_HF = flags.DEFINE_string("hf", None, "Hugging Face hub id or local model folder")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training run directory (orbax checkpoints)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_OUT = flags.DEFINE_string("out", None, "where to write the results JSON")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host runs)")
+
+
+def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | None):
+    """(config, model, model_dir_or_tokenizer_path, source) for --hf or --checkpoint."""
+    if checkpoint:
+        from mlret.checkpoint import restore_for_export
+
+        run_config, model, tokenizer = restore_for_export(checkpoint, step)
+        if config is None:
+            config = run_config
+        else:
+            # The run decides what the model is; the given config decides how to evaluate it.
+            eval_section = config.eval
+            config = run_config
+            with config.unlocked():
+                config.eval = eval_section
+        source = {"checkpoint": os.path.abspath(checkpoint), "step": step}
+        return config, model, tokenizer.name_or_path, source
+    from mlret.config import default_config
+    from mlret.models import load_dual_encoder, resolve_model_dir
+
+    config = default_config() if config is None else config
+    config.model.name = hf
+    model_dir = str(resolve_model_dir(hf))
+    model, _ = load_dual_encoder(config)
+    return config, model, model_dir, {"hf": hf}
+
+
+def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = None, step: int | None = None,
+             out: str | None = None) -> dict[str, Any]:
+    """Load, encode on the mesh, run the configured evaluators; write `out` when given. Returns the JSON dict."""
+    from mlret import config as config_lib
+    from mlret import parallel
+    from mlret.eval import build_evaluators, run_evaluators
+    from mlret.eval.base import write_json
+    from mlret.eval.encode import eval_tokenizer, make_embedder, place_model
+
+    if config is not None:
+        config_lib.validate(config)
+    config, model, model_dir, source = load_model(config, hf, checkpoint, step)
+    config_lib.validate(config)
+    evaluators = build_evaluators(config)  # reads nothing yet; fails on a bad field before device work
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.parse_rules(config.mesh.rules)
+    model = place_model(model, mesh, rules)
+    embedder = make_embedder(model, config, mesh, eval_tokenizer(config, model_dir))
+    output_dir = config.eval.output_dir or (os.path.splitext(out)[0] + "_files" if out else None)
+    t0 = time.perf_counter()
+    results = run_evaluators(evaluators, embedder, step=step, output_dir=output_dir)
+    report = {
+        "summary": {name: block["summary"] for name, block in results.items()},
+        "results": results,
+        "source": source,
+        "model": {k: config.model[k] for k in ("name", "pooling", "normalize", "query_prefix", "passage_prefix")},
+        "eval_config": config.eval.to_dict(),
+        "lengths": {"query_len": embedder.tokenizer.query_len, "passage_len": embedder.tokenizer.passage_len},
+        "seconds": time.perf_counter() - t0,
+    }
+    if out:
+        import jax
+
+        if jax.process_index() == 0:
+            write_json(out, report)
+    return report
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(_HF.value) == bool(_CHECKPOINT.value):
+        raise app.UsageError("give exactly one of --hf PATH_OR_ID and --checkpoint RUN_DIR")
+    if _HF.value and _CONFIG.value is None:
+        raise app.UsageError("--hf needs --config (it says how to pool, normalise and which benchmarks to run)")
+    if _STEP.value is not None and not _CHECKPOINT.value:
+        raise app.UsageError("--step goes with --checkpoint")
+    if not _OUT.value:
+        raise app.UsageError("--out F.json is required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if _DISTRIBUTED.value:
+        from mlret import parallel
+
+        parallel.initialize_distributed()
+    from mlret.eval import format_table
+
+    report = evaluate(_CONFIG.value, hf=_HF.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
+                      out=_OUT.value)
+    print(format_table(report["results"]))
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

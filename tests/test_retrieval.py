@@ -1,0 +1,116 @@
+"""Retrieval: exact top-k and exact full-ranking ranks against a full stable sort (ties included), ScaNN with its
+recall against exact search, and the pool-size switch between them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from mlret.eval.retrieval import (
+    ExactIndex,
+    RetrievalOptions,
+    ScannIndex,
+    build_index,
+    exact_topk_scores,
+    relevant_ranks,
+    search_topk,
+)
+
+
+def _tied_data(seed: int, n: int = 3000, q: int = 120, d: int = 8):
+    rng = np.random.default_rng(seed)
+    # Coarse values: many exact score ties, the case where tie-breaking decides the order.
+    cands = np.round(rng.normal(size=(n, d)), 0).astype(np.float32)
+    queries = np.round(rng.normal(size=(q, d)), 0).astype(np.float32)
+    return queries, cands
+
+
+def _full_order(queries: np.ndarray, cands: np.ndarray, key: np.ndarray | None = None) -> np.ndarray:
+    s = queries @ cands.T
+    key = np.arange(len(cands)) if key is None else key
+    return np.lexsort((np.broadcast_to(key, s.shape), -s.astype(np.float64)), axis=-1)
+
+
+@pytest.mark.parametrize("chunk_elements", [997, 2**25])
+def test_exact_topk_is_the_stable_sort(chunk_elements):
+    queries, cands = _tied_data(0)
+    order = _full_order(queries, cands)
+    s = queries @ cands.T
+    assert ((s[np.arange(len(s)), order[:, 49]][:, None] == s).sum(axis=1) > 1).mean() > 0.5  # ties at the cut
+    top = ExactIndex(cands, chunk_elements=chunk_elements).search(queries, 50)
+    np.testing.assert_array_equal(top.indices, order[:, :50])
+    np.testing.assert_array_equal(top.scores, np.take_along_axis(s, order[:, :50], axis=1))
+    assert top.info["method"] == "exact"
+
+
+def test_exact_topk_k_at_least_pool():
+    queries, cands = _tied_data(1, n=7)
+    idx, _ = exact_topk_scores(queries @ cands.T, 20)
+    np.testing.assert_array_equal(idx, _full_order(queries, cands))
+
+
+@pytest.mark.parametrize("use_key", [False, True])
+def test_relevant_ranks_are_full_ranking_positions(use_key):
+    queries, cands = _tied_data(2)
+    rng = np.random.default_rng(3)
+    key = rng.permutation(len(cands)) if use_key else None
+    relevant = [rng.choice(len(cands), size=rng.integers(0, 6), replace=False) for _ in range(len(queries))]
+    ranks = relevant_ranks(queries, cands, relevant, tie_key=key, chunk_elements=5000)
+    position = np.argsort(_full_order(queries, cands, key), axis=1) + 1  # 1-based rank of every candidate
+    for i, rel in enumerate(relevant):
+        want = np.sort(position[i, rel]).astype(np.float64)
+        got = ranks[i][np.isfinite(ranks[i])]
+        np.testing.assert_array_equal(got, want)
+        assert np.isinf(ranks[i][len(rel):]).all()
+
+
+def test_relevant_ranks_errors():
+    queries, cands = _tied_data(4, n=10, q=2)
+    with pytest.raises(IndexError, match="outside the pool"):
+        relevant_ranks(queries, cands, [[0], [10]])
+    with pytest.raises(IndexError, match="outside the pool"):
+        relevant_ranks(queries, cands, [[-1], [1]])
+    bad = cands.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        relevant_ranks(queries, bad, [[0], [1]])
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """20k unit vectors around 200 centres (real embeddings are clustered; uniform random ones are ScaNN's worst
+    case) and 300 queries near those centres."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(200, 32))
+    cands = centres[rng.integers(0, 200, 20000)] + 0.35 * rng.normal(size=(20000, 32))
+    queries = centres[rng.integers(0, 200, 300)] + 0.35 * rng.normal(size=(300, 32))
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return norm(queries), norm(cands)
+
+
+def test_scann_is_close_to_exact_and_logs_its_recall(clustered, caplog):
+    queries, cands = clustered
+    opts = RetrievalOptions(method="auto", scann_threshold=10_000, recall_sample=200, leaves_to_search=40)
+    with caplog.at_level(logging.INFO, logger="mlret.eval.retrieval"):
+        top = search_topk(queries, cands, 10, opts, name="clustered")
+    assert top.info["method"] == "scann" and top.info["recall_sample"] == 200
+    assert any("ScaNN recall@10 against exact search on 200 queries" in r.getMessage() for r in caplog.records)
+    exact = ExactIndex(cands).search(queries, 10)
+    recall = np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(top.indices, exact.indices)])
+    assert recall > 0.9, recall
+    assert abs(top.info["recall_vs_exact"] - recall) < 0.05  # the sample estimates the whole
+    # Reordering is exact: returned scores are the true dot products, best first.
+    true = np.einsum("qd,qkd->qk", queries, cands[top.indices])
+    np.testing.assert_allclose(top.scores, true, atol=1e-5)
+    assert (np.diff(top.scores, axis=1) <= 0).all()
+
+
+def test_pool_size_picks_the_method(clustered):
+    queries, cands = clustered
+    assert isinstance(build_index(cands, 10, RetrievalOptions(scann_threshold=len(cands))), ExactIndex)
+    assert isinstance(build_index(cands, 10, RetrievalOptions(scann_threshold=len(cands) - 1)), ScannIndex)
+    assert isinstance(build_index(cands[:50], 10, RetrievalOptions(method="exact", scann_threshold=1)), ExactIndex)
+    with pytest.raises(ValueError, match="retrieval.method"):
+        RetrievalOptions.from_config({"method": "faiss"})
