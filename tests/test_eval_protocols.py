@@ -1,0 +1,164 @@
+"""MIRACL / Mr. TyDi (real topics and qrels), TyDi QA (the real primary-task sample) and Tatoeba (real bitext).
+
+The MIRACL and Mr. TyDi corpora are not in ../shared/data, so the corpus here is written from real text: each
+judged passage gets the text of a topic (its own topic's text when judged relevant, so that retrieval is
+possible but imperfect), plus distractors. The evaluator's summary must equal pytrec_eval's on the run it made.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from mlret.eval import build_evaluators
+from mlret.eval.base import NgramEmbedder
+from mlret.eval.retrieval import RetrievalOptions
+from mlret.eval.tatoeba import TatoebaEvaluator, read_pair
+from mlret.eval.trec import TrecDataError, TrecEvaluator, read_qrels, read_topics
+from mlret.eval.tydiqa import TydiQAEvaluator, read_examples
+
+
+def write_corpus(path, topics: dict[str, str], qrels: dict[str, dict[str, int]], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    texts = list(topics.values())
+    with open(path, "w", encoding="utf-8") as f:
+        seen = set()
+        for qid, judged in qrels.items():
+            for docid, grade in judged.items():
+                if docid in seen:
+                    continue
+                seen.add(docid)
+                text = topics[qid] if grade > 0 else texts[rng.integers(len(texts))]
+                f.write(json.dumps({"docid": docid, "title": "", "text": text}, ensure_ascii=False) + "\n")
+        for i in range(300):
+            f.write(json.dumps({"docid": f"distractor-{i}", "title": "t", "text": texts[rng.integers(len(texts))]},
+                               ensure_ascii=False) + "\n")
+
+
+@pytest.mark.parametrize("layout,lang,split", [("miracl", "yo", "dev"), ("mrtydi", "sw", "test")])
+def test_trec_evaluator_equals_pytrec_eval(layout, lang, split, shared_data, tmp_path):
+    data_dir = str(shared_data / layout)
+    probe = TrecEvaluator(layout, layout, data_dir, "unused", [lang], split=split, max_queries=80)
+    topics, qrels = probe.queries(lang)
+    assert 0 < len(topics) <= 80 and set(topics) == set(qrels)
+    write_corpus(tmp_path / f"corpus-{lang}.jsonl", topics, qrels, seed=0)
+    ev = TrecEvaluator(layout, layout, data_dir, str(tmp_path / "corpus-{lang}.jsonl"), [lang], split=split,
+                       max_queries=80, retrieval=RetrievalOptions(method="exact"))
+    emb = NgramEmbedder(dim=128)
+    result = ev.run(emb)
+    run, info = ev.retrieve(emb, lang)
+    assert info["method"] == "exact" and all(len(r) == 100 for r in run.values())
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "recip_rank"}).evaluate(run)
+    got = result["languages"][lang]
+    assert got["queries"] == len(ref)
+    assert got["ndcg10"] == pytest.approx(np.mean([r["ndcg_cut_10"] for r in ref.values()]), abs=1e-6)
+    assert got["recall100"] == pytest.approx(np.mean([r["recall_100"] for r in ref.values()]), abs=1e-6)
+    # The run holds the top 100, so trec_eval's recip_rank on it is MRR@100.
+    assert got["mrr100"] == pytest.approx(np.mean([r["recip_rank"] for r in ref.values()]), abs=1e-6)
+    assert 0 < got["ndcg10"] < 1
+    assert result["summary"]["ndcg10"] == got["ndcg10"]
+
+
+def test_trec_readers_name_the_line(tmp_path, shared_data):
+    topics = read_topics(str(shared_data / "mrtydi" / "topics.mrtydi-v1.1-sw.dev.txt.gz"))
+    assert all(q and t for q, t in topics.items())
+    bad = tmp_path / "qrels.txt"
+    bad.write_text("1 Q0 d1 1\n2 Q0 d2\n")
+    with pytest.raises(TrecDataError, match=r"qrels.txt:2"):
+        read_qrels(str(bad))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"docid": "a", "text": "x"}\n{"id": "b", "text": "y"}\n')
+    ev = TrecEvaluator("miracl", "miracl", str(shared_data / "miracl"), str(corpus), ["yo"])
+    with pytest.raises(TrecDataError, match=r"c.jsonl:2: a corpus record needs 'docid'"):
+        ev.retrieve(NgramEmbedder(dim=16), "yo")
+    with pytest.raises(ValueError, match="top_k"):
+        TrecEvaluator("miracl", "miracl", "", "c", ["yo"], top_k=10)
+
+
+def test_tydiqa_sample(shared_data):
+    path = str(shared_data / "tydiqa-primary-sample" / "tiny_dev.jsonl.gz")
+    records = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    with_gold = [r for r in records if any(a["passage_answer"]["candidate_index"] >= 0 for a in r["annotations"])]
+    examples, skipped = read_examples(path)
+    assert len(examples) == len(with_gold) and skipped["no_gold_passage"] == len(records) - len(with_gold)
+    # Candidates are cut from the UTF-8 bytes of the plaintext (byte offsets, not character offsets).
+    ex, rec = examples[0], with_gold[0]
+    c = rec["passage_answer_candidates"][ex["gold"][0]]
+    raw = rec["document_plaintext"].encode("utf-8")[c["plaintext_start_byte"]:c["plaintext_end_byte"]]
+    assert ex["passages"][ex["gold"][0]] == raw.decode("utf-8").strip()
+
+    emb = NgramEmbedder(dim=256)
+    result = TydiQAEvaluator("tydiqa", path, mrr_k=0).run(emb)
+    # Independent check: rank every candidate of the article, ties by index.
+    rr, acc = {}, {}
+    for ex in examples:
+        s = emb.passages(ex["passages"]) @ emb.queries([ex["question"]])[0]
+        order = np.lexsort((np.arange(len(s)), -s.astype(np.float64)))
+        best = min(int(np.nonzero(order == g)[0][0]) for g in ex["gold"]) + 1
+        rr.setdefault(ex["lang"], []).append(1 / best)
+        acc.setdefault(ex["lang"], []).append(float(best == 1))
+    for lang, m in result["languages"].items():
+        assert m["mrr"] == pytest.approx(np.mean(rr[lang])) and m["acc1"] == pytest.approx(np.mean(acc[lang]))
+    assert result["summary"]["mrr"] == pytest.approx(np.mean([np.mean(v) for v in rr.values()]))
+    # The language-wide pool is larger, so no example can rank its gold passage better than in its article.
+    pooled = TydiQAEvaluator("tydiqa", path, mrr_k=0, candidates="language").run(emb)
+    assert all(pooled["languages"][x]["mrr"] <= result["languages"][x]["mrr"] + 1e-12 for x in result["languages"])
+
+
+def test_tatoeba(shared_data):
+    data_dir = str(shared_data / "tatoeba" / "v1")
+    ev = TatoebaEvaluator("tatoeba", data_dir, ["deu", "spa"], max_sentences=300)
+    emb = NgramEmbedder(dim=512)
+    result = ev.run(emb)
+    for lang in ("deu", "spa"):
+        xx, en = read_pair(data_dir, lang, 300)
+        a, b = emb.queries(xx), emb.queries(en)
+        s = a @ b.T  # the embedder normalises, so this is cosine
+        want_xx2en = np.mean(np.argmax(s, axis=1) == np.arange(300))
+        want_en2xx = np.mean(np.argmax(s, axis=0) == np.arange(300))  # argmax: first index among ties
+        assert result["languages"][lang]["xx2en"] == pytest.approx(want_xx2en)
+        assert result["languages"][lang]["en2xx"] == pytest.approx(want_en2xx)
+        assert 0 < want_xx2en < 1
+    assert result["summary"]["xx2en"] == pytest.approx(np.mean([result["languages"][x]["xx2en"]
+                                                                for x in ("deu", "spa")]))
+    with pytest.raises(FileNotFoundError, match="three-letter"):
+        TatoebaEvaluator("tatoeba", data_dir, ["de"]).run(emb)
+
+
+def test_build_evaluators_from_config(shared_data, tmp_path):
+    from mlret.config import ConfigError, default_config, validate
+
+    c = default_config()
+    c.data.data_dir = str(shared_data)
+    c.eval.evaluators = "xquad_r,mlqa_r,tatoeba,tydiqa"
+    c.eval.tydiqa.path = str(shared_data / "tydiqa-primary-sample" / "tiny_dev.jsonl.gz")
+    c.eval.xquad_r.languages = "en,de"
+    c.eval.mlqa_r.candidate_context = "paragraph"
+    c.checkpoint.best_metric = "xquad_r/multi_map"
+    validate(c)
+    evs = build_evaluators(c)
+    assert [e.name for e in evs] == ["xquad_r", "mlqa_r", "tatoeba", "tydiqa"]
+    assert evs[0].languages == ["en", "de"] and evs[0].data_dir == str(shared_data / "xquad-r")
+    assert evs[1].candidate_context == "paragraph" and len(evs[1].languages) == 7
+    for field, value, match in [("eval.evaluators", "xquad_r,beir", "eval.evaluators"),
+                                ("eval.xquad_r.settings", "mono,bilingual", "eval.xquad_r.settings"),
+                                ("eval.xquad_r.languages", "en,xx", "eval.xquad_r.languages"),
+                                ("eval.retrieval.method", "faiss", "eval.retrieval.method"),
+                                ("checkpoint.best_metric", "miracl/ndcg10", "checkpoint.best_metric")]:
+        bad = default_config()
+        bad.data.data_dir = str(shared_data)
+        section, _, key = field.rpartition(".")
+        node = bad
+        for part in section.split("."):
+            node = node[part]
+        node[key] = value
+        with pytest.raises(ConfigError, match=match):
+            validate(bad)
+    bad = default_config()
+    bad.eval.evaluators = "miracl"
+    with pytest.raises(ConfigError, match="eval.miracl.corpus"):
+        validate(bad)
