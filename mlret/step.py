@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mlret import parallel
+from mlret import gradcache, parallel
 from mlret.losses import contrastive_loss, sharded_contrastive_loss
 
 TrainState = dict[str, Any]
@@ -156,11 +156,22 @@ class Trainer:
             return jnp.exp(params["log_temperature"])
         return float(self.config.loss.temperature)
 
-    def loss_fn(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
-        """Contrastive loss of the global batch under `params` (a pure function: jit and grad it)."""
+    def embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(query embeddings [B, D], passage embeddings [B, G, D]) of (a chunk of) the batch."""
         model = nnx.merge(self.graphdef, params["model"], self.rest)
         q = model.encode_query(batch["query_ids"], batch["query_mask"])
         p = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
+        return q, p
+
+    def loss_fn(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """Contrastive loss of the global batch under `params` (a pure function: jit and grad it)."""
+        q, p = self.embed(params, batch)
+        return self.embedding_loss(params, (q, p), batch)
+
+    def embedding_loss(self, params: Mapping[str, Any], emb: tuple[jax.Array, jax.Array],
+                       batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """The contrastive loss of the whole batch's embeddings `emb = (q, p)`."""
+        q, p = emb
         lc = self.config.loss
         kwargs = dict(temperature=self.temperature(params), symmetric=bool(lc.symmetric),
                       in_batch_positives=bool(lc.in_batch_positives), variance_penalty=float(lc.variance_penalty))
@@ -171,9 +182,20 @@ class Trainer:
         return contrastive_loss(q, p, batch["unit_id"], score_sharding=NamedSharding(self.mesh, P(axes, None)),
                                 **kwargs)
 
+    def value_and_grad(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[
+            tuple[jax.Array, dict], Any]:
+        """((loss, metrics), grads), by gradient caching (mlret/gradcache.py) if config.train.grad_cache_chunk > 0."""
+        chunk = int(self.config.train.grad_cache_chunk)
+        if chunk > 0:
+            return gradcache.value_and_grad(
+                self.embed, self.embedding_loss, params, batch, chunk=chunk,
+                embed_fields=("query_ids", "query_mask", "passage_ids", "passage_mask"), mesh=self.mesh,
+                batch_axes=parallel.batch_axes(self.rules, self.mesh), grad_shardings=self.state_shardings["params"])
+        return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
+
     def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         self.trace_count += 1  # runs at trace time only: counts compilations
-        (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
+        (loss, metrics), grads = self.value_and_grad(state["params"], batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -214,7 +236,7 @@ class Trainer:
         """jit(value_and_grad(loss_fn)) with the step's shardings (for equivalence tests and gradient checks)."""
         if self._grad is None:
             replicated = NamedSharding(self.mesh, P())
-            self._grad = jax.jit(jax.value_and_grad(self.loss_fn, has_aux=True),
+            self._grad = jax.jit(self.value_and_grad,
                                  in_shardings=(self.state_shardings["params"], self.batch_shardings),
                                  out_shardings=((replicated, replicated), self.state_shardings["params"]))
         return self._grad
