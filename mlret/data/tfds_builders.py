@@ -321,9 +321,11 @@ def _trec_files(kind: str, lang: str, split: str, local: Path | None,
     return topics, qrels, corpus
 
 
-def prepare_units(cfg: UnitsConfig, tfds_dir: str | os.PathLike[str]) -> MlretUnits:
-    """Prepare (once; later calls reuse the directory) and return the builder of a source."""
-    builder = MlretUnits(config=cfg, data_dir=str(tfds_dir))
+def prepare_units(cfg: UnitsConfig, tfds_dir: str | os.PathLike[str] | None) -> MlretUnits:
+    """Prepare (once; later calls reuse the directory) and return the builder of a source.
+
+    `tfds_dir` None means TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+    builder = MlretUnits(config=cfg, data_dir=None if tfds_dir is None else str(tfds_dir))
     if not builder.is_prepared():
         log.info("preparing %s into %s", cfg.name, builder.data_dir)
         builder.download_and_prepare(file_format="array_record")
