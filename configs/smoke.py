@@ -1,5 +1,6 @@
-"""Smoke config: MLQA-R units, MiniLM, tiny batches: runs in seconds on a CPU.
+"""Smoke config: MLQA-R units, MiniLM, tiny batches: runs in a few minutes on a CPU.
 
+    python -m mlret.train --config configs/smoke.py --workdir /tmp/smoke
     python -m mlret.data --config configs/smoke.py --steps 100 --out /tmp/schedule.json
 
 MLQA-R is an evaluation set (research-only licence): training on it here is the offline stand-in for the paper's
@@ -34,4 +35,12 @@ def get_config():
     c.data.group_size = 2
     c.data.query_len = 32
     c.data.passage_len = 64
+    # Training: 100 steps on 8 simulated CPU devices (python -m mlret.train --config configs/smoke.py --workdir DIR).
+    c.mesh.simulated_cpu_devices = 8
+    c.train.steps = 100
+    c.train.log_every = 5
+    c.optim.learning_rate = 5e-5
+    c.optim.warmup_steps = 10
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 2
     return c

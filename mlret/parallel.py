@@ -20,14 +20,16 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlret.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
-class ShardingError(ValueError):
-    """A mesh, rule or weight placement that cannot work as configured."""
+class ShardingError(ConfigError):
+    """A mesh, rule or weight placement that cannot work as configured (the message names the config field)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Metric writers for training runs: `<workdir>/metrics.jsonl`, TensorBoard events, and the progress line.
+
+(Named `metrics_log` rather than `logging` so that it never shadows the standard library's `logging`.)
+
+Only process 0 writes. On resume from step s, lines of metrics.jsonl with a step after s are dropped (they
+belong to the interrupted part of the run, which is recomputed) and TensorBoard is told to purge its events after
+s, so both logs read like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _plain(v: Any) -> Any:
+    """numpy / jax scalars -> JSON numbers (NaN/inf as strings, which JSON lacks)."""
+    if isinstance(v, (str, bool)) or v is None:
+        return v
+    arr = np.asarray(v)
+    if arr.ndim == 0:
+        if arr.dtype.kind in "iu":
+            return int(arr)
+        if arr.dtype.kind == "b":
+            return bool(arr)
+        f = float(arr)
+        return f if math.isfinite(f) else str(f)
+    return arr.tolist()
+
+
+class MetricWriter:
+    """Append one JSON object per logged step to metrics.jsonl and the numbers to TensorBoard."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, resume_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(workdir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        # purge_step: events after the resume point, from the interrupted run, are discarded by TensorBoard.
+        self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step
+                                 else None, flush_secs=30)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut short by a kill: drop it
+        self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of `<workdir>/metrics.jsonl`."""
+    path = Path(workdir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Progress:
+    """Steps per second (over the steps since the previous report) and the ETA to `total_steps`.
+
+    The clock starts when the object is made, just before the first step, so the first interval includes the
+    step's compilation (the true throughput so far); later intervals are steady-state.
+    """
+
+    def __init__(self, total_steps: int, start_step: int) -> None:
+        self.total = int(total_steps)
+        self._mark_step = int(start_step)
+        self._mark_time = time.perf_counter()
+        self.rate = float("nan")
+
+    def update(self, step: int) -> float:
+        """Call when step `step` has finished; returns steps/s since the previous call."""
+        now = time.perf_counter()
+        if step > self._mark_step:
+            self.rate = (step - self._mark_step) / max(now - self._mark_time, 1e-9)
+        self._mark_step, self._mark_time = step, now
+        return self.rate
+
+    def eta(self, step: int) -> str:
+        if not math.isfinite(self.rate) or self.rate <= 0:
+            return "?"
+        return str(datetime.timedelta(seconds=round((self.total - step) / self.rate)))
+
+    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        loss = metrics.get("loss", float("nan"))
+        rate = f"{self.rate:.2f}" if math.isfinite(self.rate) else "-"
+        return (f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%)  loss {float(loss):.4f}  "
+                f"lr {float(metrics.get('learning_rate', float('nan'))):.3g}  {rate} steps/s  ETA {self.eta(step)}")

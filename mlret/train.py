@@ -1,0 +1,349 @@
+"""Train a dual encoder: `python -m mlret.train --config configs/x.py --workdir DIR [--config.k=v ...]`.
+
+The loop reads like the method (DESIGN.md §4, §6): every host builds its slice of the hybrid global batch (the
+Grain iterator of `mlret.data`), the slices become one global array, one jitted step encodes the batch, takes the
+contrastive loss over all of it and applies AdamW; metrics go to `DIR/metrics.jsonl` and TensorBoard, checkpoints
+(train state + iterator state + config) to `DIR/checkpoints/`, and a run directory that has checkpoints resumes
+from the latest readable one and sees exactly the batches it would have seen.
+
+Multi-host: `--coordinator_address/--num_processes/--process_id` start `jax.distributed` before anything touches
+a device; without them a TPU VM, Slurm or Open MPI cluster is detected, and a lone machine runs one process.
+SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly; on several hosts jax's preemption
+sync point makes them all save the same step.
+
+Fault injection for the resume test: with the environment variable MLRET_TEST_SIGKILL_AFTER_STEP=N the process
+waits for its pending checkpoint writes after step N and then kills itself with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from mlret import config as config_lib
+from mlret.config import ConfigError
+
+log = logging.getLogger("mlret.train")
+
+KILL_ENV = "MLRET_TEST_SIGKILL_AFTER_STEP"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row: training cannot recover by skipping."""
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _model_max_length(model_name: str) -> tuple[int, str] | None:
+    """(max sequence length, where) from the model's config.json, without loading weights; None if the file
+    is not on this machine (a hub id not downloaded yet: load_dual_encoder checks it after the download)."""
+    from mlret.models import EncoderConfig
+
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+    else:
+        try:
+            import huggingface_hub
+
+            cached = huggingface_hub.try_to_load_from_cache(model_name, "config.json")
+        except Exception:  # not a valid repo id, or no hub library: nothing to check against here
+            return None
+        if not isinstance(cached, str):
+            return None
+        cfg_file = Path(cached)
+    if not cfg_file.is_file():
+        return None
+    return EncoderConfig.from_hf(cfg_file).max_length, str(cfg_file)
+
+
+def validate_run(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """All checks that need no compilation: the schema's own (`mlret.config.validate`), then the mesh against
+    the devices, the batch against the data-parallel size and the lengths against the model. Raises ConfigError
+    naming the field."""
+    from mlret import parallel
+
+    config_lib.validate(config)
+    rules = parallel.parse_rules(config.mesh.rules)
+    data, fsdp, tensor = parallel.mesh_shape(config.mesh, num_devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    batch_axes = dict(rules).get("batch")
+    if batch_axes is None:
+        raise ConfigError("config.mesh.rules: no rule for the logical axis 'batch'")
+    dp = 1
+    for a in batch_axes:
+        dp *= sizes[a]
+    gb = int(config.data.global_batch)
+    if gb % dp:
+        raise ConfigError(f"config.data.global_batch: {gb} is not divisible by the data-parallel size {dp} (mesh "
+                          f"axes {' x '.join(batch_axes)} = {' x '.join(str(sizes[a]) for a in batch_axes)}); use a "
+                          f"multiple of {dp}")
+    if gb % process_count:
+        raise ConfigError(f"config.data.global_batch: {gb} is not divisible by the {process_count} processes")
+    if config.loss.gather not in ("constraint", "shard_map"):
+        raise ConfigError(f"config.loss.gather: {config.loss.gather!r} is not constraint or shard_map")
+    if config.train.log_every < 1:
+        raise ConfigError(f"config.train.log_every: {config.train.log_every} must be >= 1")
+    ck = config.checkpoint
+    if ck.every < 0:
+        raise ConfigError(f"config.checkpoint.every: {ck.every} must be >= 0 (0: only at the end and on SIGTERM)")
+    if ck.keep < 1:
+        raise ConfigError(f"config.checkpoint.keep: {ck.keep} must be >= 1")
+    if ck.best_mode not in ("max", "min"):
+        raise ConfigError(f"config.checkpoint.best_mode: {ck.best_mode!r} is not max or min")
+    if ck.best_metric and config.eval.every <= 0:
+        raise ConfigError("config.checkpoint.best_metric: set, but config.eval.every is 0 (no evaluation reports "
+                          "the metric); set eval.every > 0 or clear best_metric")
+    if config.optim.max_nonfinite_in_row < 1:
+        raise ConfigError("config.optim.max_nonfinite_in_row: must be >= 1")
+    if config.optim.warmup_steps > config.train.steps:
+        raise ConfigError(f"config.optim.warmup_steps: {config.optim.warmup_steps} > config.train.steps "
+                          f"{config.train.steps}")
+    if config.model.name:
+        found = _model_max_length(config.model.name)
+        if found is not None:
+            max_len, where = found
+            for field in ("query_len", "passage_len"):
+                length = int(config.data[field])
+                if length > max_len:
+                    raise ConfigError(f"config.data.{field}: {length} exceeds the model's {max_len} positions "
+                                      f"({where}); lower it to <= {max_len}")
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    start_step: int  # the step this process started from (0, or the restored checkpoint's)
+    end_step: int
+    losses: dict[int, float]  # every step this process ran
+    preempted: bool = False
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop saves and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def _kill_after_step() -> int:
+    value = os.environ.get(KILL_ENV, "")
+    return int(value) if value else -1
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> TrainResult:
+    """Run (or resume) training in `workdir` to `config.train.steps`. Call `validate_run` first."""
+    import jax
+
+    from mlret import parallel
+    from mlret.checkpoint import Checkpointer
+    from mlret.data import make_train_iterator
+    from mlret.metrics_log import MetricWriter, Progress
+    from mlret.models import load_dual_encoder
+    from mlret.step import Trainer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    total = int(config.train.steps)
+
+    mesh = parallel.make_mesh(config.mesh)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    model, tokenizer = load_dual_encoder(config)
+    trainer = Trainer.create(model, config, mesh)
+    del model
+    data_iter = make_train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    ckpt = Checkpointer(workdir, config)
+    restored = ckpt.restore(trainer.abstract_state(), data_iter)
+    if restored is not None:
+        start, state, data_iter = restored
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+        start, state = 0, trainer.init_state()
+    writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
+    evaluators = _build_evaluators(config)
+    stop = _StopFlag()
+    if jax.process_count() == 1:
+        stop.install()  # several hosts: jax's preemption notifier owns SIGTERM; see reached_preemption below
+    progress = Progress(total, start)
+    result = TrainResult(start_step=start, end_step=start, losses={})
+    kill_after = _kill_after_step()
+    max_bad = int(config.optim.max_nonfinite_in_row)
+    log_every = int(config.train.log_every)
+
+    def handle(pending: tuple[int, dict, int]) -> None:
+        """Host side of a finished step: non-finite guard, compile-once check, logs."""
+        s, metrics, batch_type = pending
+        m = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for step s
+        result.losses[s] = m["loss"]
+        if trainer.trace_count != 1:
+            raise RuntimeError(f"the train step was traced {trainer.trace_count} times: a batch shape or dtype "
+                               "changed between steps (every batch must have the configured static shapes)")
+        if m["nonfinite_in_row"] >= max_bad:
+            raise NonFiniteError(
+                f"step {s}: the loss or gradients were non-finite for {int(m['nonfinite_in_row'])} steps in a row "
+                f"(config.optim.max_nonfinite_in_row={max_bad}); those updates were skipped. Lower "
+                "config.optim.learning_rate, raise config.loss.temperature or check the data; the last checkpoint "
+                f"in {ckpt.directory} holds the last good state")
+        if s % log_every == 0 or s == total or s == start + 1:
+            rate = progress.update(s)
+            record = {"loss": m["loss"], "batch_type": "mono" if batch_type == 0 else "cross",
+                      "learning_rate": m["learning_rate"], "steps_per_sec": rate}
+            record.update({k: v for k, v in m.items() if k not in record})
+            writer.write(s, record)
+            if is_main:
+                print(progress.line(s, m), flush=True)
+
+    pending = None
+    step = start
+    try:
+        while step < total:
+            local = next(data_iter)
+            batch_type = int(local["batch_type"][0])
+            state, metrics = trainer.step(state, trainer.global_batch(local))
+            step += 1
+            if pending is not None:
+                handle(pending)  # the previous step's metrics, while this step runs on the devices
+            pending = (step, metrics, batch_type)
+            eval_metrics = None
+            if evaluators and (step % int(config.eval.every) == 0 or step == total):
+                handle(pending)
+                pending = None
+                eval_metrics = _evaluate(evaluators, trainer, state, config, workdir, step)
+                writer.write(step, eval_metrics)
+            preempted = stop.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
+            ckpt.save(step, state, data_iter, config, metrics=eval_metrics,
+                      force=step == total or preempted or eval_metrics is not None)
+            if step == kill_after:
+                ckpt.wait()
+                log.warning("%s=%d: killing this process with SIGKILL", KILL_ENV, kill_after)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if preempted:
+                log.warning("SIGTERM / preemption: saved a checkpoint at step %d; exiting", step)
+                result.preempted = True
+                break
+        if pending is not None:
+            handle(pending)
+        result.end_step = step
+    finally:
+        stop.uninstall()
+        ckpt.close()  # waits for the last asynchronous save
+        writer.close()
+    return result
+
+
+def _build_evaluators(config: ml_collections.ConfigDict) -> list[Any]:
+    if config.eval.every <= 0:
+        return []
+    from mlret.eval import build_evaluators
+
+    return build_evaluators(config)
+
+
+def _evaluate(evaluators: list[Any], trainer: Any, state: dict, config: ml_collections.ConfigDict,
+              workdir: Path, step: int) -> dict[str, float]:
+    """Run the evaluators on the current parameters (every host, same order); returns flat metrics."""
+    from flax import nnx
+
+    from mlret.eval import flat_metrics, run_evaluators
+    from mlret.eval.encode import eval_tokenizer, make_embedder
+    from mlret.models import resolve_model_dir
+
+    model = nnx.merge(trainer.graphdef, state["params"]["model"], trainer.rest)
+    tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
+    embedder = make_embedder(model, config, trainer.mesh, tokenizer)
+    out_dir = config.eval.output_dir or str(workdir / "eval" / f"step_{step}")
+    t0 = time.perf_counter()
+    results = run_evaluators(evaluators, embedder, step, out_dir)
+    metrics = flat_metrics(results)
+    log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0,
+             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); overrides config.workdir.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def _simulate_cpu_devices(n: int) -> None:
+    """Ask XLA for n host (CPU) devices; only effective before jax starts its backends."""
+    if n <= 0:
+        return
+    flag = f"--xla_force_host_platform_device_count={n}"
+    current = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        force=True)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required (e.g. --config configs/smoke.py)")
+    if _WORKDIR.value:
+        config.workdir = _WORKDIR.value
+    if not config.workdir:
+        raise app.UsageError("--workdir (or config.workdir) is required")
+    _simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
+
+    import jax
+
+    from mlret import parallel
+
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        validate_run(config, jax.device_count(), jax.process_count())
+    except ConfigError as e:
+        print(f"mlret.train: {e}", file=sys.stderr)
+        sys.exit(2)
+    result = train(config, config.workdir)
+    if jax.process_index() == 0:
+        steps = sorted(result.losses)
+        if steps:
+            first = [result.losses[s] for s in steps[:10]]
+            last = [result.losses[s] for s in steps[-10:]]
+            print(f"mean loss of steps {steps[0]}-{steps[min(9, len(steps) - 1)]}: {sum(first) / len(first):.4f}; "
+                  f"of steps {steps[max(0, len(steps) - 10)]}-{steps[-1]}: {sum(last) / len(last):.4f}", flush=True)
+        print(f"{'preempted at' if result.preempted else 'finished at'} step {result.end_step}; run directory "
+              f"{Path(config.workdir).absolute()}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
