@@ -96,16 +96,18 @@ def exact_topk_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     if k == n:
         idx = np.broadcast_to(np.arange(n), (b, n)).copy()
         return _sort_desc(idx, scores.copy())
-    # The k-th largest value of each row; every strictly larger entry is in, and ties at that value are
-    # taken in index order until k are selected (argpartition alone picks among ties arbitrarily).
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
-    above = scores > kth[:, None]
-    at = scores == kth[:, None]
-    need = k - above.sum(axis=1)
-    take = above | (at & (np.cumsum(at, axis=1) <= need[:, None]))
-    rows, cols = np.nonzero(take)
-    idx = cols.reshape(b, k)
-    return _sort_desc(idx, scores[rows, cols].reshape(b, k))
+    # argpartition finds a top-k set, but picks arbitrarily among candidates tying with the k-th score. Where
+    # more candidates reach the k-th score than fit, take the tied ones in index order instead.
+    idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(scores, idx, axis=1).min(axis=1)
+    ambiguous = np.nonzero((scores >= kth[:, None]).sum(axis=1) > k)[0]
+    if len(ambiguous):
+        sub, t = scores[ambiguous], kth[ambiguous][:, None]
+        above, at = sub > t, sub == t
+        need = k - above.sum(axis=1)
+        take = above | (at & (np.cumsum(at, axis=1) <= need[:, None]))
+        idx[ambiguous] = np.nonzero(take)[1].reshape(len(ambiguous), k)
+    return _sort_desc(idx, np.take_along_axis(scores, idx, axis=1))
 
 
 class ExactIndex:
@@ -165,17 +167,24 @@ class ScannIndex:
     def __len__(self) -> int:
         return len(self.candidates)
 
-    def search(self, queries: np.ndarray, k: int) -> TopK:
+    def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
+               reorder: int | None = None) -> TopK:
+        """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call."""
         queries = _check_embeddings(queries, "query embeddings")
         k = min(k, len(self.candidates))
-        idx, val = self.searcher.search_batched(queries, final_num_neighbors=k)
+        idx, val = self.searcher.search_batched(queries, final_num_neighbors=k,
+                                                pre_reorder_num_neighbors=reorder,
+                                                leaves_to_search=leaves_to_search)
         idx = np.asarray(idx, dtype=np.int64)
         val = np.asarray(val, dtype=np.float32)
         if idx.shape[1] < k:
             raise RuntimeError(f"ScaNN returned {idx.shape[1]} neighbours for k={k}: raise "
                                f"config.eval.retrieval.leaves_to_search (now {self.leaves_to_search})")
         idx, val = _sort_desc(idx, val)
-        return TopK(idx, val, {"method": "scann", "pool": len(self.candidates), **self.params})
+        info = {"method": "scann", "pool": len(self.candidates), **self.params}
+        info["leaves_to_search"] = leaves_to_search or self.leaves_to_search
+        info["reorder"] = reorder or self.reorder
+        return TopK(idx, val, info)
 
 
 def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions = RetrievalOptions()):
