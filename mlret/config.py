@@ -172,6 +172,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.tatoeba.max_sentences = 0  # >0: first sentences per language (fast subset)
     c.eval.tatoeba.encode_as = "query"  # query | passage
 
+    c.export = ml_collections.ConfigDict()
+    # Non-empty: at the end of training mlret.train prints the last evaluation's table and writes a Hugging Face +
+    # sentence-transformers folder here (mlret.export; relative paths are under the workdir), results in its card.
+    c.export.dir = ""
+
     c.lock()
     return c
 

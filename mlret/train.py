@@ -74,8 +74,11 @@ def validate_run(config: ml_collections.ConfigDict, num_devices: int, process_co
     the devices, the batch against the data-parallel size and the lengths against the model. Raises ConfigError
     naming the field."""
     from mlret import parallel
+    from mlret.preflight import check_data
 
     config_lib.validate(config)
+    # Missing local data is reported now, with where it comes from, not after the model has loaded.
+    check_data(config, evaluators=config.eval.every > 0)
     rules = parallel.parse_rules(config.mesh.rules)
     data, fsdp, tensor = parallel.mesh_shape(config.mesh, num_devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
@@ -131,6 +134,8 @@ class TrainResult:
     end_step: int
     losses: dict[int, float]  # every step this process ran
     preempted: bool = False
+    eval_results: dict[str, Any] | None = None  # the last evaluation's results by evaluator (mlret.eval blocks)
+    export_dir: str | None = None  # where config.export.dir wrote the model, if it did
 
 
 class _StopFlag:
@@ -237,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
             if evaluators and (step % int(config.eval.every) == 0 or step == total):
                 handle(pending)
                 pending = None
-                eval_metrics = _evaluate(evaluators, trainer, state, config, workdir, step)
+                eval_metrics, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step)
                 writer.write(step, eval_metrics)
             preempted = stop.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
             ckpt.save(step, state, data_iter, config, metrics=eval_metrics,
@@ -253,6 +258,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         if pending is not None:
             handle(pending)
         result.end_step = step
+        if config.export.dir and not result.preempted:
+            if evaluators and result.eval_results is None:  # resumed a finished run: evaluate what is exported
+                _, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step)
+            result.export_dir = _export(trainer, state, tokenizer, config, workdir, result.eval_results)
     finally:
         stop.uninstall()
         ckpt.close()  # waits for the last asynchronous save
@@ -269,8 +278,8 @@ def _build_evaluators(config: ml_collections.ConfigDict) -> list[Any]:
 
 
 def _evaluate(evaluators: list[Any], trainer: Any, state: dict, config: ml_collections.ConfigDict,
-              workdir: Path, step: int) -> dict[str, float]:
-    """Run the evaluators on the current parameters (every host, same order); returns flat metrics."""
+              workdir: Path, step: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run the evaluators on the current parameters (every host, same order); returns (flat metrics, results)."""
     from flax import nnx
 
     from mlret.eval import flat_metrics, run_evaluators
@@ -286,7 +295,30 @@ def _evaluate(evaluators: list[Any], trainer: Any, state: dict, config: ml_colle
     metrics = flat_metrics(results)
     log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0,
              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return metrics
+    return metrics, results
+
+
+def _export(trainer: Any, state: dict, tokenizer: Any, config: ml_collections.ConfigDict, workdir: Path,
+            results: dict[str, Any] | None) -> str:
+    """config.export.dir: the trained model as a Hugging Face + sentence-transformers folder (process 0 writes)."""
+    import jax
+    from flax import nnx
+
+    from mlret.export import export_model
+
+    out = Path(config.export.dir)
+    out = out if out.is_absolute() else workdir / out
+    params = state["params"]["model"]
+    if jax.process_count() > 1:  # sharded across hosts: every process takes part in the gather
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        model = nnx.merge(trainer.graphdef, jax.device_get(params), trainer.rest)
+        summary = {name: block["summary"] for name, block in results.items()} if results else None
+        export_model(model, tokenizer, config.model, out, results=summary)
+        log.info("exported the model to %s", out)
+    return str(out)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -341,6 +373,13 @@ def main(argv: list[str]) -> None:
             last = [result.losses[s] for s in steps[-10:]]
             print(f"mean loss of steps {steps[0]}-{steps[min(9, len(steps) - 1)]}: {sum(first) / len(first):.4f}; "
                   f"of steps {steps[max(0, len(steps) - 10)]}-{steps[-1]}: {sum(last) / len(last):.4f}", flush=True)
+        if result.eval_results:
+            from mlret.eval import format_table
+
+            print(format_table(result.eval_results), flush=True)
+        if result.export_dir:
+            print(f"exported a Hugging Face / sentence-transformers folder to {Path(result.export_dir).absolute()}",
+                  flush=True)
         print(f"{'preempted at' if result.preempted else 'finished at'} step {result.end_step}; run directory "
               f"{Path(config.workdir).absolute()}", flush=True)
 
