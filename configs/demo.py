@@ -1,0 +1,60 @@
+"""The README's main command: a short version of the offline study on a CPU (under 15 minutes with compilation).
+
+    python -m mlret.train --config configs/demo.py
+
+It fine-tunes multilingual-e5-small with hybrid batches (alpha = 0.5) on MLQA-R units, evaluates zero-shot on
+an XQuAD-R subset (all 11 languages, mono / cross / multilingual, language bias) and a Tatoeba subset every
+EVAL_EVERY steps, prints the results table at the end and exports a Hugging Face + sentence-transformers folder
+to <workdir>/export. Run it again and it resumes (or, finished, just evaluates, prints and exports again).
+
+Two documented fields say where things come from:
+
+  config.data.data_dir  the data root; MLRET_DATA_DIR when set, else ../shared/data beside the checkout. It needs
+                        mlqa-r/{ar,de,en,es,hi,vi,zh}.json (training), xquad-r/{ar,de,el,en,es,hi,ru,th,tr,vi,zh}.json
+                        and tatoeba/v1/tatoeba.{xxx}-eng.{xxx,eng} (evaluation); a missing file is reported with
+                        its public source before anything is loaded or compiled (mlret.preflight).
+  config.model.name     the starting model; MLRET_MODEL when set, else the offline multilingual-e5-small made by
+                        `python ../shared/tools/me5_small_offline.py --out ~/.cache/mlret/multilingual-e5-small`,
+                        else the hub id intfloat/multilingual-e5-small (connected machines).
+
+Everything else comes from configs/study.py (the study's scale: batch 16, lengths 32 / 64, the same subsets);
+override any field on the command line, e.g. `--config.train.steps=200 --config.workdir=/tmp/demo`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+STEPS = 60
+EVAL_EVERY = 20
+
+
+def _study_module():
+    # configs/ is not a package: load the sibling file by path so that the demo and the study share one scale.
+    spec = importlib.util.spec_from_file_location("mlret_study_config", Path(__file__).with_name("study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    study = _study_module()
+    c = study.get_config("me5")
+    # The documented fields: environment first, then the offline defaults.
+    c.model.name = os.environ.get("MLRET_MODEL") or study.me5_path()
+    c.data.data_dir = os.environ.get("MLRET_DATA_DIR") or c.data.data_dir
+    c.workdir = "runs/demo"  # relative to where the command runs; --workdir or --config.workdir move it
+
+    c.data.alpha = 0.5  # hybrid batches: half monolingual, half cross-lingual
+    c.train.steps = STEPS
+    c.train.log_every = 5
+    c.optim.warmup_steps = max(1, STEPS // 10)
+    c.eval.every = EVAL_EVERY
+    c.eval.progress = True
+    c.checkpoint.every = EVAL_EVERY
+    c.checkpoint.keep = 1
+    c.checkpoint.best_metric = "xquad_r/multi_map"
+    c.export.dir = "export"  # relative to the workdir
+    return c

@@ -1,0 +1,125 @@
+"""Every experiment config in configs/ loads and validates, with no device work; the paper's fixed values are
+in the paper configs; the demo's documented fields follow the environment; missing data is reported up front."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mlret.config import ConfigError, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+PAPER_MODELS = ("xlmr", "xlmr_base", "labse")
+PAPER_BATCHING = {"mono": 1.0, "xy": 0.0, "hybrid": 0.5}
+
+
+def load_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def validate_run(config, num_devices: int = 4):
+    from mlret.train import validate_run as run_checks
+
+    run_checks(config, num_devices, 1)
+
+
+@pytest.mark.parametrize("model", PAPER_MODELS)
+@pytest.mark.parametrize("batching", sorted(PAPER_BATCHING))
+def test_paper_configs_validate_and_hold_the_papers_values(model, batching):
+    c = load_module("paper.py").get_config(f"{model},{batching}")
+    validate(c)
+    # 4 devices: the batch of 100 splits evenly (the mesh comment in configs/paper.py).
+    validate_run(c, num_devices=4)
+    assert c.data.alpha == PAPER_BATCHING[batching]
+    assert c.model.name == load_module("paper.py").MODELS[model]
+    assert (c.optim.learning_rate, c.optim.weight_decay, c.data.global_batch) == (3e-5, 0.01, 100)
+    assert (c.model.query_prefix, c.model.passage_prefix) == ("Query: ", "Passage: ")
+    assert c.model.pooling == ("pooler" if model == "labse" else "mean")
+    names = {s["name"] for s in c.data.sources}
+    assert names == {"squad_translate", "mmarco", "mrtydi"}
+    assert "mlqa" not in names and "mlqa_r" not in names and "xquad_r" not in names  # no evaluation set leaks in
+    assert {"xquad_r", "mlqa_r"} <= set(c.eval.evaluators.split(","))
+    assert "{lang}" in c.eval.miracl.corpus
+
+
+def test_paper_batch_of_100_needs_a_matching_mesh():
+    c = load_module("paper.py").get_config("xlmr,hybrid")
+    with pytest.raises(ConfigError, match="config.data.global_batch: 100 is not divisible by the data-parallel size 8"):
+        validate_run(c, num_devices=8)
+    c.mesh.tensor = 2  # what the config's comment tells an 8-device node to use
+    validate_run(c, num_devices=8)
+
+
+@pytest.mark.parametrize("arg", ["xlmr", "t5,hybrid", "xlmr,half", "labse,alpha=x", "xlmr,hybrid,extra"])
+def test_paper_arg_errors_say_what_is_allowed(arg):
+    with pytest.raises(ValueError, match="configs/paper.py"):
+        load_module("paper.py").get_config(arg)
+
+
+def test_paper_alpha_argument():
+    assert load_module("paper.py").get_config("labse,alpha=0.3").data.alpha == 0.3
+
+
+def test_paper_runlocal_reads_only_offline_data(shared_data, minilm_path, monkeypatch):
+    monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
+    monkeypatch.setenv("MLRET_MODEL", str(minilm_path))
+    for model in PAPER_MODELS:
+        c = load_module("paper.py").get_config(f"{model},hybrid,runlocal")
+        validate_run(c, num_devices=8)  # includes the preflight: every file it reads exists
+        assert c.model.name == str(minilm_path) and c.data.data_dir == str(shared_data)
+
+
+@pytest.mark.parametrize("name,arg", [("smoke.py", None), ("eval_xquad_r.py", None), ("demo.py", None),
+                                      ("study.py", "me5"), ("study.py", "minilm")])
+def test_every_other_config_validates(name, arg, shared_data, monkeypatch):
+    monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
+    module = load_module(name)
+    c = module.get_config() if arg is None else module.get_config(arg)
+    validate(c)
+    from mlret.preflight import missing_data
+
+    assert missing_data(c) == []
+
+
+def test_every_config_file_is_covered():
+    covered = {"paper.py", "smoke.py", "eval_xquad_r.py", "demo.py", "study.py"}
+    assert {p.name for p in CONFIGS.glob("*.py")} <= covered, "add the new config to tests/test_configs.py"
+
+
+def test_demo_fields_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLRET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLRET_MODEL", str(tmp_path / "model"))
+    c = load_module("demo.py").get_config()
+    assert c.data.data_dir == str(tmp_path / "data")
+    assert c.model.name == str(tmp_path / "model")
+    assert c.export.dir and c.eval.every > 0 and c.eval.every <= c.train.steps
+    monkeypatch.delenv("MLRET_DATA_DIR")
+    monkeypatch.delenv("MLRET_MODEL")
+    c = load_module("demo.py").get_config()
+    assert c.data.data_dir == str(REPO.parent / "shared" / "data")
+    assert c.model.name in (str(load_module("study.py").ME5_CACHE), "intfloat/multilingual-e5-small")
+
+
+def test_demo_without_data_names_every_file_and_its_source(monkeypatch, tmp_path, shared_data):
+    """Before any model load or compile: the error lists the files (all of them) and where they come from."""
+    monkeypatch.setenv("MLRET_DATA_DIR", str(tmp_path / "nothing-here"))
+    c = load_module("demo.py").get_config()
+    with pytest.raises(ConfigError) as err:
+        validate_run(c, num_devices=1)
+    message = str(err.value)
+    for lang in ("ar", "de", "en", "es", "hi", "vi", "zh"):
+        assert f"{lang}.json" in message.split("mlqa-r/{")[1].split("}")[0].split(",")
+    for lang in ("el", "ru", "th", "tr"):
+        assert f"{lang}.json" in message.split("xquad-r/{")[1].split("}")[0].split(",")
+    assert "tatoeba.cmn-eng.cmn" in message and "github.com/google-research-datasets/lareqa" in message
+    assert "LASER" in message and "MLRET_DATA_DIR" in message
+    # With the data present the same config passes.
+    monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
+    validate_run(load_module("demo.py").get_config(), num_devices=1)
