@@ -25,12 +25,20 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (ml_collections, get_config())")
-_HF = flags.DEFINE_string("hf", None, "Hugging Face hub id or local model folder")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training run directory (orbax checkpoints)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_OUT = flags.DEFINE_string("out", None, "where to write the results JSON")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host runs)")
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program: absl flags are global, and mlret.train defines --config too, so
+    importing this module (for `evaluate()`) must not define any."""
+    _FLAGS.update(
+        config=config_flags.DEFINE_config_file("config", None, "config file (ml_collections, get_config())"),
+        hf=flags.DEFINE_string("hf", None, "Hugging Face hub id or local model folder"),
+        checkpoint=flags.DEFINE_string("checkpoint", None, "training run directory (orbax checkpoints)"),
+        step=flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)"),
+        out=flags.DEFINE_string("out", None, "where to write the results JSON"),
+        distributed=flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host runs)"),
+    )
 
 
 def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | None):
@@ -98,28 +106,29 @@ def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = Non
 
 
 def main(argv: list[str]) -> None:
+    f = {k: v.value for k, v in _FLAGS.items()}
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if bool(_HF.value) == bool(_CHECKPOINT.value):
+    if bool(f["hf"]) == bool(f["checkpoint"]):
         raise app.UsageError("give exactly one of --hf PATH_OR_ID and --checkpoint RUN_DIR")
-    if _HF.value and _CONFIG.value is None:
+    if f["hf"] and f["config"] is None:
         raise app.UsageError("--hf needs --config (it says how to pool, normalise and which benchmarks to run)")
-    if _STEP.value is not None and not _CHECKPOINT.value:
+    if f["step"] is not None and not f["checkpoint"]:
         raise app.UsageError("--step goes with --checkpoint")
-    if not _OUT.value:
+    if not f["out"]:
         raise app.UsageError("--out F.json is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    if _DISTRIBUTED.value:
+    if f["distributed"]:
         from mlret import parallel
 
         parallel.initialize_distributed()
     from mlret.eval import format_table
 
-    report = evaluate(_CONFIG.value, hf=_HF.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
-                      out=_OUT.value)
+    report = evaluate(f["config"], hf=f["hf"], checkpoint=f["checkpoint"], step=f["step"], out=f["out"])
     print(format_table(report["results"]))
-    print(f"wrote {_OUT.value}")
+    print(f"wrote {f['out']}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
