@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -86,3 +90,80 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert r.returncode != 0 and "exactly one of --hf" in r.stderr
     r = subprocess.run(cmd + ["--hf", "x", "--checkpoint", "y"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "exactly one of --hf" in r.stderr
+
+
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+
+    port, pid, out, model_path, data_dir, texts_json = sys.argv[1:7]
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), initialization_timeout=60,
+                               heartbeat_timeout_seconds=30)
+    from mlret import parallel
+    from mlret.config import default_config
+    from mlret.eval import build_evaluators, flat_metrics, run_evaluators
+    from mlret.eval.encode import ShardedEmbedder, place_model
+    from mlret.models import load_dual_encoder
+
+    c = default_config()
+    c.model.name = model_path
+    c.mesh.fsdp, c.mesh.tensor = 2, 2
+    c.data.data_dir = data_dir
+    c.eval.xquad_r.languages = "en,de"
+    c.eval.xquad_r.max_paragraphs = 2
+    c.eval.plots = False
+    model, tok = load_dual_encoder(c.model, query_len=16, passage_len=48)
+    mesh = parallel.make_mesh(c.mesh)  # (2, 2, 2) over the 8 devices of both processes
+    rules = parallel.parse_rules(c.mesh.rules)
+    # One length per tower (no buckets): two compilations per process keep the test short.
+    emb = ShardedEmbedder(place_model(model, mesh, rules), tok, mesh, rules, batch_size=12, progress=pid == "0",
+                          length_buckets=False)
+    texts = json.loads(texts_json)
+    passages = emb.passages(texts)
+    queries = emb.queries(texts[:5])
+    metrics = flat_metrics(run_evaluators(build_evaluators(c), emb, step=0))
+    np.savez(f"{out}.{pid}.npz", passages=passages, queries=queries, steps=emb.steps_run)
+    with open(f"{out}.{pid}.json", "w") as f:
+        json.dump(metrics, f)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_encode_like_one(tiny, random_bert_path, shared_data, xquad_sentences, tmp_path):
+    """2 processes x 4 devices: both get every embedding, equal to one process's, and the same metrics."""
+    model, tok = tiny
+    texts = list(xquad_sentences[:37])
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    out = tmp_path / "emb"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(out), str(random_bert_path),
+                               str(shared_data), json.dumps(texts)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+    finally:
+        for p in procs:  # a dead peer leaves the other waiting: never leave one behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    got = [np.load(f"{out}.{i}.npz") for i in range(2)]
+    metrics = [json.loads(Path(f"{out}.{i}.json").read_text()) for i in range(2)]
+    b = tok.passages(texts)
+    want = np.asarray(jax.jit(lambda m, i, k: m.encode_passage(i, k))(model, b["passage_ids"], b["passage_mask"]))
+    for g in got:
+        np.testing.assert_allclose(g["passages"], want, atol=2e-5)
+        assert int(g["steps"]) == int(got[0]["steps"])  # both stepped alike
+    np.testing.assert_array_equal(got[0]["passages"], got[1]["passages"])
+    np.testing.assert_array_equal(got[0]["queries"], got[1]["queries"])
+    assert metrics[0] == metrics[1] and "xquad_r/multi_map" in metrics[0]
