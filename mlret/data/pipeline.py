@@ -97,12 +97,42 @@ def prepare_source(spec: SourceSpec, config: Any) -> tuple[str, UnitStore]:
 
 
 def load_sources(config: Any) -> Sources:
-    """Every source of config.data.sources, prepared and opened."""
+    """Every source of config.data.sources, prepared and opened.
+
+    Under jax.distributed (several processes), process 0 prepares first and the others wait for it, then
+    prepare too: on a shared file system they find the data ready, on host-local disks each prepares its own
+    copy (preparing is deterministic, so every host holds the same records). Two processes never write one
+    dataset directory at the same time. `python -m mlret.data --config C --prepare_only` prepares ahead."""
     specs = parse_sources(config)
     if not specs:
         raise DataError("config.data.sources is empty: name at least one source, e.g. "
                         "({'name': 'mlqa_r', 'path': 'mlqa-r'},) with config.data.data_dir set")
-    return [prepare_source(spec, config) for spec in specs]
+    multi = _process_count() > 1
+    if multi:
+        from jax.experimental import multihost_utils
+
+        if _process_index() != 0:
+            multihost_utils.sync_global_devices("mlret.data: sources prepared by process 0")
+    sources = [prepare_source(spec, config) for spec in specs]
+    if multi and _process_index() == 0:
+        multihost_utils.sync_global_devices("mlret.data: sources prepared by process 0")
+    return sources
+
+
+def _process_count() -> int:
+    import sys
+
+    if "jax" not in sys.modules:  # jax.distributed cannot be up without jax imported; do not import it here
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def build_index(sources: Sources, *, chunk: int = 1024) -> UnitIndex:
