@@ -124,15 +124,32 @@ class ExactIndex:
 
     def search(self, queries: np.ndarray, k: int) -> TopK:
         queries = _check_embeddings(queries, "query embeddings")
-        k = min(k, len(self.candidates))
+        n = len(self.candidates)
+        k = min(k, n)
         idx = np.empty((len(queries), k), dtype=np.int64)
         val = np.empty((len(queries), k), dtype=np.float32)
-        rows = _rows_per_chunk(len(self.candidates), 2, self.chunk_elements)
+        # Tiles of (query rows x candidate columns) within the element budget. For large pools, many query rows
+        # per tile so that the candidate matrix is streamed from memory once per row block, not once per query.
+        if n * 1024 <= self.chunk_elements:
+            rows, cols = max(1, self.chunk_elements // n), n
+        else:
+            rows, cols = 1024, max(k, self.chunk_elements // 1024)
         for start in range(0, len(queries), rows):
             stop = min(start + rows, len(queries))
-            s = queries[start:stop] @ self.candidates.T
-            idx[start:stop], val[start:stop] = exact_topk_scores(s, k)
-        return TopK(idx, val, {"method": "exact", "pool": len(self.candidates)})
+            best_i = best_v = None
+            for c0 in range(0, n, cols):
+                s = queries[start:stop] @ self.candidates[c0:c0 + cols].T
+                i, v = exact_topk_scores(s, k)
+                i += c0
+                if best_i is None:
+                    best_i, best_v = i, v
+                else:
+                    # The global top k (by score desc, index asc) is the top k of the tiles' top k.
+                    best_i, best_v = _sort_desc(np.concatenate([best_i, i], axis=1),
+                                                np.concatenate([best_v, v], axis=1))
+                    best_i, best_v = best_i[:, :k], best_v[:, :k]
+            idx[start:stop], val[start:stop] = best_i, best_v
+        return TopK(idx, val, {"method": "exact", "pool": n})
 
 
 class ScannIndex:
