@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -341,6 +342,26 @@ def _simulate_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an unknown `--config.<field>` override reported as one line naming the field
+    (ml_collections raises a bare AttributeError/KeyError from deep inside the parser)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e)
+        hint = re.search(r'Did you mean \\?"([^"\\]+)\\?"', text)
+        overrides = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]
+        # The override whose path holds the unknown key (ml_collections names the key, not the path).
+        field = next((o for o in overrides for part in o.split(".")[1:] if f"'{part}'" in text.replace("\\", "")),
+                     text)
+        print(f"mlret.train: --{field}: no such config field" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+              + "; the schema is mlret/config.py", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"mlret.train: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
@@ -385,4 +406,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,186 @@
+"""`python -m mlret.train` end to end on a tiny random BERT and MLQA-R units, in subprocesses on 4 simulated CPU
+devices: exact resume after SIGKILL, a checkpoint on SIGTERM, config errors naming the field; and, in process,
+periodic evaluation feeding the best checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mlret.config import ConfigError
+from mlret.metrics_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_args(random_bert_path, shared_data, tmp_path_factory):
+    """Overrides that turn configs/smoke.py into a tiny run (random 2-layer BERT, batch 8, short texts)."""
+    tfds_dir = tmp_path_factory.mktemp("tfds")  # sources are prepared once and reused by every run
+    return [f"--config.model.name={random_bert_path}", f"--config.data.data_dir={shared_data}",
+            f"--config.data.tfds_dir={tfds_dir}", "--config.data.global_batch=8", "--config.data.query_len=16",
+            "--config.data.passage_len=32", "--config.optim.learning_rate=1e-3", "--config.optim.warmup_steps=5",
+            "--config.train.log_every=1", "--config.mesh.simulated_cpu_devices=4"]
+
+
+def train_cmd(workdir, args, *extra):
+    return [sys.executable, "-m", "mlret.train", "--config", SMOKE, "--workdir", str(workdir), *args, *extra]
+
+
+def env(**extra):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    e.update(extra)
+    return e
+
+
+def run(cmd, timeout=300, **extra_env):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env), cwd=REPO)
+
+
+def final_params(workdir):
+    from flax import nnx
+
+    from mlret.checkpoint import restore_for_export
+
+    _, model, _ = restore_for_export(workdir)
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def losses(workdir):
+    records = read_metrics(workdir)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_exact_resume_after_sigkill(tiny_args, tmp_path):
+    common = [*tiny_args, "--config.train.steps=40", "--config.checkpoint.every=20"]
+    a = run(train_cmd(tmp_path / "a", common))
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "finished at step 40" in a.stdout
+
+    killed = run(train_cmd(tmp_path / "b", common), MLRET_TEST_SIGKILL_AFTER_STEP="25")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["20"]
+    assert max(losses(tmp_path / "b")) >= 21  # it ran past the checkpoint before dying
+    resumed = run(train_cmd(tmp_path / "b", common))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
+
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == list(range(1, 41))  # the interrupted steps 21-25 were dropped, then rerun
+    assert [lb[s] for s in range(21, 41)] == [la[s] for s in range(21, 41)]
+    pa, pb = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
+    assert diff <= 1e-6
+    # The run learned something: the params moved from the loaded weights, the logged fields are all there.
+    record = read_metrics(tmp_path / "a")[-1]
+    assert {"step", "loss", "batch_type", "learning_rate", "steps_per_sec"} <= set(record)
+    assert record["batch_type"] in ("mono", "cross") and record["steps_per_sec"] > 0
+    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "ETA" in a.stdout and "steps/s" in a.stdout and "mean loss of steps 1-10" in a.stdout
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tiny_args, tmp_path):
+    proc = subprocess.Popen(train_cmd(tmp_path, tiny_args, "--config.train.steps=100000",
+                                      "--config.checkpoint.every=0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    last = max(losses(tmp_path))
+    assert f"preempted at step {last}" in out
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [last]
+
+
+def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
+    bad = run(train_cmd(tmp_path, tiny_args, "--config.data.alpah=0.5"), timeout=120)
+    assert bad.returncode == 2
+    assert "--config.data.alpah: no such config field (did you mean 'alpha'?)" in bad.stderr
+
+    from mlret.train import validate_run
+
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+
+    def config(**fields):
+        c = smoke.get_config()
+        c.model.name = str(random_bert_path)
+        for k, v in fields.items():
+            section, name = k.split("__")
+            c[section][name] = v
+        return c
+
+    validate_run(config(), 8, 1)  # the tiny run's config is fine
+    cases = [
+        (dict(data__global_batch=12), "config.data.global_batch: 12 is not divisible by the data-parallel size 8"),
+        (dict(mesh__data=4, mesh__fsdp=4), r"config.mesh: .* 16 devices, but only 8"),
+        (dict(data__alpha=1.5), r"config.data.alpha: 1.5 is outside \[0, 1\]"),
+        (dict(data__passage_len=200), r"config.data.passage_len: 200 exceeds the model's 128 positions"),
+        (dict(mesh__rules=(("batch", "data"), ("vocab", "model"))), "config.mesh.rules"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate_run(config(**fields), 8, 1)
+
+
+def test_periodic_eval_picks_the_best_checkpoint(tiny_args, tmp_path):
+    """In process: eval every 2 steps on a slice of XQuAD-R; metrics reach metrics.jsonl and the checkpoints."""
+    from mlret.checkpoint import Checkpointer
+    from mlret.train import train, validate_run
+
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+    c = smoke.get_config()
+    for arg in tiny_args:
+        key, value = arg[len("--config."):].split("=", 1)
+        section, name = key.split(".")
+        c[section][name] = type(c[section][name])(value)
+    c.mesh.data = 8
+    c.train.steps = 6
+    c.eval.every = 2
+    c.eval.evaluators = "xquad_r"
+    c.eval.xquad_r.languages = "en,de"
+    c.eval.xquad_r.max_paragraphs = 3
+    c.eval.xquad_r.settings = "mono"
+    c.eval.plots = False
+    c.eval.progress = False
+    c.checkpoint.every = 0
+    c.checkpoint.keep = 1
+    c.checkpoint.best_metric = "xquad_r/mono_mrr"
+    c.checkpoint.keep_best = 1
+    validate_run(c, jax.device_count(), 1)
+    result = train(c, tmp_path)
+    assert result.end_step == 6
+    evals = {r["step"]: r["xquad_r/mono_mrr"] for r in read_metrics(tmp_path) if "xquad_r/mono_mrr" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best = max(evals, key=evals.get)
+    ck = Checkpointer(tmp_path, c)
+    assert ck.steps() == sorted({best, 6})
+    assert ck.manager.best_step() == best
+    ck.close()
