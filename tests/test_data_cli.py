@@ -1,10 +1,10 @@
-"""`python -m mlret.data`: the schedule preview writes per-step JSON and prints a summary that agrees with it."""
+"""`python -m mlret.data`: the schedule preview writes per-step JSON and prints a summary that agrees with
+it."""
 
 import collections
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """The Grain pipeline: the batch contract, hard negatives, exact resume (threads, worker processes, orbax),
-and per-host slices that form the one-process global batch (in-process and with two jax.distributed processes).
+and per-host slices that form the one-process global batch (in-process and with two jax.distributed
+processes).
 
 MLQA-R is prepared once per module into a temporary TFDS directory; the tokenizer is the real MiniLM one with
 short static lengths (the pipeline's properties do not depend on the model).
@@ -211,7 +212,8 @@ _WORKER = textwrap.dedent("""
     for step in range(3):
         local = next(it)
         for k, v in local.items():
-            arr = jax.make_array_from_process_local_data(sharding, v)  # the global batch, sharded on 8 devices
+            # The global batch, sharded over the 8 devices of both processes.
+            arr = jax.make_array_from_process_local_data(sharding, v)
             assert arr.shape[0] == c.data.global_batch
             result[f"{step}/{k}"] = np.asarray(multihost_utils.process_allgather(arr, tiled=True))
     if jax.process_index() == 0:

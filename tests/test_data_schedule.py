@@ -154,8 +154,8 @@ def test_errors_name_the_field():
     with pytest.raises(DataError, match="mono_lang_weights: fr has no units"):
         HybridSchedule(UnitIndex.from_units([("m", multi)]),
                        ScheduleSpec(seed=0, alpha=0.5, global_batch=32, mono_lang_weights={"fr": 1.0}))
-    # One own negative each, G - 1 = 3 needed: the other 2 are filled from units outside the batch, which needs
-    # global_batch + 3 units in the language.
+    # One own negative each, G - 1 = 3 needed: the other 2 are filled from units outside the batch, which
+    # needs global_batch + 3 units in the language.
     HybridSchedule(UnitIndex.from_units([("m", multi)]), ScheduleSpec(seed=0, alpha=0.5, global_batch=32,
                                                                       group_size=4))
     with pytest.raises(DataError, match=r"group_size=4: 40 units in de have fewer than 3 hard negatives"):

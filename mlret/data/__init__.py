@@ -1,4 +1,5 @@
-"""mlret's input side: parallel units, readers, TFDS builders, the hybrid batch schedule and the Grain pipeline.
+"""mlret's input side: parallel units, readers, TFDS builders, the hybrid batch schedule and the Grain
+pipeline.
 
 Light names (the unit contract, LANGUAGES, the schedule) import eagerly; the TFDS builders and the Grain
 pipeline load on first use, so that `mlret.config.validate` and the schedule stay cheap to import.

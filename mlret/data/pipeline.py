@@ -1,21 +1,23 @@
-"""The Grain input pipeline: config -> prepared sources -> hybrid schedule -> a host's slice of each global batch.
+"""The Grain input pipeline: config -> prepared sources -> hybrid schedule -> a host's slice of each global
+batch.
 
-`make_train_iterator(config, tokenizer)` returns a checkpointable Grain iterator (`get_state()` / `set_state()`,
-and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax `CheckpointManager`) that yields, for
-step t = 0, 1, ..., the dict of numpy arrays docs/architecture.md describes (`query_ids [b, Lq]`,
-`passage_ids [b, G, Lp]`, `unit_id`, `query_lang`, `passage_lang`, `batch_type`, with b = B / process_count).
+`make_train_iterator(config, tokenizer)` returns a checkpointable Grain iterator (`get_state()` /
+`set_state()`, and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax
+`CheckpointManager`) that yields, for step t = 0, 1, ..., the dict of numpy arrays docs/architecture.md
+describes (`query_ids [b, Lq]`, `passage_ids [b, G, Lp]`, `unit_id`, `query_lang`, `passage_lang`,
+`batch_type`, with b = B / process_count).
 
-Determinism: the global batch of step t is a function of (seed, t, data) only. Every host computes the same plan
-(`HybridSchedule.plan`) and keeps its slice `[process_index * b, (process_index + 1) * b)`; each pair's hard
-negatives come from a PRNG keyed by (seed, t, its position in the global batch), so slices computed on different
-hosts are exactly the rows of the one-process global batch. The iterator's state is the next step.
+Determinism: the global batch of step t is a function of (seed, t, data) only. Every host computes the same
+plan (`HybridSchedule.plan`) and keeps its slice `[process_index * b, (process_index + 1) * b)`; each pair's
+hard negatives come from a PRNG keyed by (seed, t, its position in the global batch), so slices computed on
+different hosts are exactly the rows of the one-process global batch. The iterator's state is the next step.
 
-Hard negatives (G - 1 per pair, in the passage language Y): drawn at random from the unit's own negatives in Y,
-leaving out any text that is the positive of a pair of this global batch in Y (it would be a false negative for
-that pair's query). When the unit has fewer than G - 1 usable negatives, the rest is filled with the positives
-in Y of random other units that are not in the global batch and whose positive text is not one of the batch's,
-so a filled negative is never a passage of the pair's own unit nor of any unit the loss sees as a positive.
-`HybridSchedule` rejects configs where a language is too small to fill from.
+Hard negatives (G - 1 per pair, in the passage language Y): drawn at random from the unit's own negatives in
+Y, leaving out any text that is the positive of a pair of this global batch in Y (it would be a false negative
+for that pair's query). When the unit has fewer than G - 1 usable negatives, the rest is filled with the
+positives in Y of random other units that are not in the global batch and whose positive text is not one of
+the batch's, so a filled negative is never a passage of the pair's own unit nor of any unit the loss sees as a
+positive. `HybridSchedule` rejects configs where a language is too small to fill from.
 """
 
 from __future__ import annotations
@@ -313,7 +315,8 @@ def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = Non
     ds = grain.MapDataset.range(0, _MAX_STEPS).map(assembler).to_iter_dataset(
         grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
     if d.worker_count > 0:
-        # Grain workers read absl flags, which raise UnparsedFlagAccessError in a plain script (google/grain#1362).
+        # Grain workers read absl flags, which raise UnparsedFlagAccessError in a plain script
+        # (google/grain#1362).
         from absl import flags
 
         if not flags.FLAGS.is_parsed():

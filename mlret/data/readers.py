@@ -6,8 +6,8 @@ know the public file layouts and download URLs):
 - `read_squad_sentences`: XQuAD-R / MLQA-R (SQuAD v1.1 JSON + per-paragraph `sentences` / `sentence_breaks`).
   Query -> the sentence holding the answer, found with the half-open rule `start <= answer_start < end` (where
   breaks abut, as in zh, a closed interval would pick the sentence before). Units are keyed by question id
-  across the language files. Negatives: the other sentences of the same paragraph in the same language, nearest
-  first (natural hard negatives: same topic, same style, not the answer).
+  across the language files. Negatives: the other sentences of the same paragraph in the same language,
+  nearest first (natural hard negatives: same topic, same style, not the answer).
 - `read_squad_translated`: SQuAD-format sets whose ids link translations (MLQA, XTREME SQuAD translate-train).
   The passage is the context paragraph (negatives: the article's other paragraphs, nearest first) or the
   sentence holding the answer (negatives: the paragraph's other sentences; no breaks ship with these sets, so
@@ -48,7 +48,8 @@ TYDI_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "
                   "japanese": "ja", "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "thai": "th"}
 
 
-# --------------------------------------------------------------------------------------------------- file access
+# --------------------------------------------------------------------------------------------------- file
+# access
 
 def open_text(path: PathLike) -> IO[str]:
     """Open a text file, gunzipping `*.gz` transparently; the error names the path."""
@@ -238,7 +239,8 @@ def read_squad_translated(files: Mapping[str, PathLike], *, source: str, passage
                 positive, negatives = context, _nearest_first(contexts, j, max_negatives, context)
             else:
                 spans = split_sentences(context)
-                # The last sentence starting at or before the answer (an answer may start in a cut's whitespace).
+                # The last sentence starting at or before the answer (an answer may start in a cut's
+                # whitespace).
                 k = max(i for i, (s0, _) in enumerate(spans) if s0 <= start) if start >= spans[0][0] else 0
                 texts = [context[s0:s1] for s0, s1 in spans]
                 positive, negatives = texts[k], _nearest_first(texts, k, max_negatives, texts[k])
@@ -284,7 +286,8 @@ def read_tydiqa_goldp(path: PathLike, *, source: str = "tydiqa_goldp", languages
     return units
 
 
-# -------------------------------------------------------------------------------------------------- TSV formats
+# -------------------------------------------------------------------------------------------------- TSV
+# formats
 
 def _tsv_rows(path: PathLike, ncols: int, bad: BadRecords, *, sep: str | None = "\t") -> Iterator[
         tuple[int, list[str]]]:
@@ -366,11 +369,11 @@ def read_mmarco(queries: Mapping[str, PathLike], collection: Mapping[str, PathLi
 
 def read_trec_retrieval(lang: str, topics: PathLike, qrels: PathLike, corpus: Sequence[PathLike], *,
                         source: str, max_negatives: int = 16, on_bad: BadRecords | str = "error") -> list[ParallelUnit]:
-    """MIRACL / Mr. TyDi training data in one language: TREC topics (qid \\t query), qrels
-    (qid Q0 docid relevance) and corpus jsonl files ({"docid"|"id", "title"?, "text"|"contents"}).
-    A unit per judged query: positive = its first relevant passage, negatives = its judged non-relevant passages
-    (up to `max_negatives`). Passage text is "title text" when the corpus has titles. Topics without judgments
-    (none relevant) are not units and are counted in the log."""
+    """MIRACL / Mr. TyDi training data in one language: TREC topics (qid \\t query), qrels (qid Q0 docid
+    relevance) and corpus jsonl files ({"docid"|"id", "title"?, "text"|"contents"}). A unit per judged query:
+    positive = its first relevant passage, negatives = its judged non-relevant passages (up to
+    `max_negatives`). Passage text is "title text" when the corpus has titles. Topics without judgments (none
+    relevant) are not units and are counted in the log."""
     bad = as_bad_records(on_bad)
     if lang not in LANG_INDEX:
         raise DataError(f"{topics}: unknown language code {lang!r} (mlret.data.LANGUAGES)")

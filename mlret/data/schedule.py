@@ -8,17 +8,19 @@ computes the same global batch without talking to the others:
 - cross-lingual (X-Y) with probability 1 - α: each pair draws its own ordered (X, Y), X != Y, uniformly among
   the languages of its unit; the pair is (q_X, p_Y). Units with a single language never enter X-Y batches.
 
-Within a global batch each unit appears at most once, and no two pairs share the same positive text in the same
-passage language (a few MLQA-R questions share their answer sentence: the copy would be a false negative that
-no `unit_id` mask can catch). Across steps units are drawn independently (with replacement), so a run of T steps
-sees each unit about T * B / N times.
+Within a global batch each unit appears at most once, and no two pairs share the same positive text in the
+same passage language (a few MLQA-R questions share their answer sentence: the copy would be a false negative
+that no `unit_id` mask can catch). Across steps units are drawn independently (with replacement), so a run of
+T steps sees each unit about T * B / N times.
 
-Sources mix per pair: with `mixture="size"` every eligible unit is equally likely (sources weigh by their size);
-with `mixture="weights"` a pair's source is drawn by the configured weights (renormalised over the sources that
-have units for the batch: a monolingual source never feeds X-Y batches), then a unit uniformly within it.
+Sources mix per pair: with `mixture="size"` every eligible unit is equally likely (sources weigh by their
+size); with `mixture="weights"` a pair's source is drawn by the configured weights (renormalised over the
+sources that have units for the batch: a monolingual source never feeds X-Y batches), then a unit uniformly
+within it.
 
-Eligibility is checked up front, with errors that name the config field: a language enters X-X-mono batches only
-if the mixture has at least B units in it; α > 0 needs one such language, α < 1 needs B multilingual units.
+Eligibility is checked up front, with errors that name the config field: a language enters X-X-mono batches
+only if the mixture has at least B units in it; α > 0 needs one such language, α < 1 needs B multilingual
+units.
 """
 
 from __future__ import annotations
@@ -199,8 +201,9 @@ class HybridSchedule:
             raise DataError(f"config.data.alpha={spec.alpha} asks for cross-lingual batches, but only "
                             f"{self.cross_pool_size} units have two or more languages, fewer than "
                             f"config.data.global_batch={B}; set alpha=1 or add multilingual sources")
-        # Hard-negative fill (see mlret.data.pipeline): a pair whose unit has fewer than G-1 negatives in Y takes
-        # other units' positives in Y, never one of a unit in the batch; Y must have enough units for that.
+        # Hard-negative fill (see mlret.data.pipeline): a pair whose unit has fewer than G-1 negatives in Y
+        # takes other units' positives in Y, never one of a unit in the batch; Y must have enough units for
+        # that.
         need = spec.group_size - 1
         if need > 0:
             for c in range(len(index.langs)):
@@ -216,7 +219,8 @@ class HybridSchedule:
     # ----------------------------------------------------------------------------------------------- sampling
 
     def _allocate(self, rng: np.random.Generator, capacities: np.ndarray) -> np.ndarray:
-        """Pairs per source: i.i.d. draws by the mixture weights, moved to other sources where one runs dry."""
+        """Pairs per source: i.i.d. draws by the mixture weights, moved to other sources where one runs
+        dry."""
         B = self.spec.global_batch
         base = capacities.astype(float) if self._weights is None else self._weights * (capacities > 0)
         counts = np.zeros(len(capacities), np.int64)
@@ -308,8 +312,8 @@ class HybridSchedule:
         return np.flatnonzero(self.index.mask[:, self.index.column(lang)])
 
     def expected_cross_pair_freq(self) -> dict[tuple[str, str], float]:
-        """P((X, Y)) of one X-Y pair under the mixture (before the shared-positive rule, which barely moves it):
-        the unit's probability times 1 / (k (k - 1)) for each ordered pair of its k languages."""
+        """P((X, Y)) of one X-Y pair under the mixture (before the shared-positive rule, which barely moves
+        it): the unit's probability times 1 / (k (k - 1)) for each ordered pair of its k languages."""
         index, S = self.index, len(self.index.source_names)
         sizes = np.array([len(p) for p in self._cross], float)
         src_p = sizes / sizes.sum() if self._weights is None else (

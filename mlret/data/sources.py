@@ -6,10 +6,12 @@ A source is a dict in `config.data.sources`:
 
 `name` is a source kind (see `KINDS`), `path` a local folder or file (relative paths are under
 `config.data.data_dir`; "" downloads the public files), `weight` counts when `config.data.mixture="weights"`,
-`split` is the upstream split to read, `languages` an optional comma list restricting the languages. A few kinds
-take extra keys (`KIND_OPTIONS`): squad_translate `passage` / `id_pattern`, mlqa `passage`, mmarco `max_units`.
+`split` is the upstream split to read, `languages` an optional comma list restricting the languages. A few
+kinds take extra keys (`KIND_OPTIONS`): squad_translate `passage` / `id_pattern`, mlqa `passage`, mmarco
+`max_units`.
 
-This module imports nothing heavy: `mlret.config.validate` calls `validate_data_config` before any device work.
+This module imports nothing heavy: `mlret.config.validate` calls `validate_data_config` before any device
+work.
 """
 
 from __future__ import annotations

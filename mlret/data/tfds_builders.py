@@ -364,7 +364,8 @@ class MlretLareqa(tfds.core.GeneratorBasedBuilder):
         text, i32 = tfds.features.Text(), np.int32
         key = {"lang": text, "article": i32, "paragraph": i32, "sentence": i32}
         if self.builder_config.part == "questions":
-            # (lang, article, paragraph, sentence) is the key of the gold candidate in the question's language.
+            # (lang, article, paragraph, sentence) is the key of the gold candidate in the question's
+            # language.
             features = {"id": text, "question": text, **key}
         else:
             features = {"text": text, "context": text, **key}

@@ -136,8 +136,8 @@ def unit_from_json(obj: Any, *, default_source: str = "jsonl") -> ParallelUnit:
 class BadRecords:
     """What to do with a record that cannot become (part of) a unit: raise or count-and-log.
 
-    `policy="error"` raises DataError("<where>: <why>") at the first bad record; `policy="skip"` logs a warning
-    per record (the first `log_first` in full, then a summary) and keeps counts per file in `.counts`.
+    `policy="error"` raises DataError("<where>: <why>") at the first bad record; `policy="skip"` logs a
+    warning per record (the first `log_first` in full, then a summary) and keeps counts per file in `.counts`.
     """
 
     def __init__(self, policy: str = "error", *, log_first: int = 20) -> None:
