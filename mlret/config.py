@@ -107,6 +107,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.log_every = 10
     c.train.grad_cache_chunk = 0  # >0: encode the global batch in chunks of this many pairs (GradCache)
+    # Fault injection (robustness tests): comma-separated steps whose batch gets an out-of-vocabulary token id,
+    # i.e. NaN embeddings, loss and gradients (mlret/faults.py). "" in real runs.
+    c.train.inject_nan_steps = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -197,6 +200,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_data_config(config)
     _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
     _check(config.train.steps > 0, "train.steps", "must be positive")
+    _check(config.train.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0: no gradient caching)")
+    _check(config.train.grad_cache_chunk == 0 or config.data.global_batch % config.train.grad_cache_chunk == 0,
+           "train.grad_cache_chunk", f"{config.train.grad_cache_chunk} does not divide data.global_batch="
+           f"{config.data.global_batch}")
+    from mlret.faults import parse_steps
+
+    try:
+        parse_steps(config.train.inject_nan_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from mlret.eval import validate_eval_config  # the eval package owns its fields' rules
 
     validate_eval_config(config)

@@ -213,7 +213,7 @@ class Trainer:
             "nonfinite_in_row": in_row,
             "nonfinite_total": total,
         }
-        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_row=in_row,
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite, nonfinite_in_row=in_row, nonfinite_total=total,
                        learning_rate=self.schedule(state["step"] - state["nonfinite_total"]))
         return new_state, metrics
 

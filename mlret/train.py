@@ -33,6 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlret import config as config_lib
+from mlret import faults
 from mlret.config import ConfigError
 
 log = logging.getLogger("mlret.train")
@@ -137,6 +138,7 @@ class TrainResult:
     preempted: bool = False
     eval_results: dict[str, Any] | None = None  # the last evaluation's results by evaluator (mlret.eval blocks)
     export_dir: str | None = None  # where config.export.dir wrote the model, if it did
+    state: Any = dataclasses.field(default=None, repr=False)  # the final train state (for in-process callers)
 
 
 class _StopFlag:
@@ -203,6 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
     result = TrainResult(start_step=start, end_step=start, losses={})
     kill_after = _kill_after_step()
     max_bad = int(config.optim.max_nonfinite_in_row)
+    poison_steps = faults.parse_steps(config.train.inject_nan_steps)
     log_every = int(config.train.log_every)
 
     def handle(pending: tuple[int, dict, int]) -> None:
@@ -210,6 +213,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         s, metrics, batch_type = pending
         m = {k: v.item() for k, v in jax.device_get(metrics).items()}  # waits for step s
         result.losses[s] = m["loss"]
+        if not m["finite"]:
+            log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in total)",
+                        s, int(m["nonfinite_in_row"]), int(m["nonfinite_total"]))
         if trainer.trace_count != 1:
             raise RuntimeError(f"the train step was traced {trainer.trace_count} times: a batch shape or dtype "
                                "changed between steps (every batch must have the configured static shapes)")
@@ -233,6 +239,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
     try:
         while step < total:
             local = next(data_iter)
+            if step + 1 in poison_steps:
+                log.warning("config.train.inject_nan_steps: poisoning the batch of step %d", step + 1)
+                local = faults.poison_batch(local)
             batch_type = int(local["batch_type"][0])
             state, metrics = trainer.step(state, trainer.global_batch(local))
             step += 1
@@ -259,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         if pending is not None:
             handle(pending)
         result.end_step = step
+        result.state = state
         if config.export.dir and not result.preempted:
             if evaluators and result.eval_results is None:  # resumed a finished run: evaluate what is exported
                 _, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step)
