@@ -51,3 +51,20 @@ def test_save_roundtrip(tok, tmp_path):
 def test_rejects_single_string(tok):
     with pytest.raises(TypeError):
         tok.queries("not a list")
+
+
+def test_threads_do_not_share_padding_state(minilm_path):
+    """Queries (Lq) and passages (Lp) tokenised at once from several threads keep their own static lengths:
+    a fast tokenizer's padding settings live on its shared Rust object, so TextTokenizer copies it per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = TextTokenizer(minilm_path, query_len=16, passage_len=24)
+    texts = [f"sentence number {i} with a few words" for i in range(64)]
+
+    def work(i):
+        out = tok.queries(texts) if i % 2 else tok.passages(texts)
+        return i, next(iter(out.values())).shape
+
+    with ThreadPoolExecutor(8) as pool:
+        shapes = list(pool.map(work, range(64)))
+    assert all(shape == (64, 16 if i % 2 else 24) for i, shape in shapes)

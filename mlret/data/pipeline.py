@@ -22,10 +22,8 @@ positive. `HybridSchedule` rejects configs where a language is too small to fill
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -191,25 +189,6 @@ class BatchAssembler:
         self.process_index, self.process_count = process_index, process_count
         self.offsets = schedule.index.offsets()
         self.group_size = schedule.spec.group_size
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:  # Grain worker processes receive a pickled copy
-        state = dict(self.__dict__)
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _tokenizer(self) -> Any:
-        """This thread's copy of the tokenizer: a Hugging Face fast tokenizer keeps its truncation and padding
-        settings on the shared Rust object, so two threads tokenising queries (Lq) and passages (Lp) at once
-        would pad each other's batches to the wrong length."""
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
-        return tok
 
     def _units(self, global_ids: Sequence[int]) -> list[ParallelUnit]:
         """Fetch units by global index, one batched read per source."""
@@ -288,7 +267,7 @@ class BatchAssembler:
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         plan, sl, queries, groups = self.texts(int(step))
         b, G = len(queries), self.group_size
-        tok = self._tokenizer()
+        tok = self.tokenizer  # thread-safe: TextTokenizer keeps a copy per thread
         q = tok.queries(queries)
         p = tok.passages([t for group in groups for t in group])
         return {

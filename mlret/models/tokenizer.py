@@ -8,8 +8,11 @@ training, evaluation and the exported sentence-transformers prompts all agree.
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,27 @@ class TextTokenizer:
         self.passage_len = int(passage_len)
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Grain worker processes
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _thread_hf(self) -> Any:
+        """This thread's copy of the Hugging Face tokenizer. A fast tokenizer keeps its padding and truncation
+        settings on the shared Rust object, so two threads tokenising queries (Lq) and passages (Lp) at once
+        would pad each other's batches to the wrong length."""
+        if threading.current_thread() is threading.main_thread():
+            return self.hf
+        hf = getattr(self._local, "hf", None)
+        if hf is None:
+            hf = self._local.hf = copy.deepcopy(self.hf)
+        return hf
 
     @property
     def vocab_size(self) -> int:
@@ -54,7 +78,7 @@ class TextTokenizer:
     def _encode(self, texts: Sequence[str], prefix: str, length: int) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
             raise TypeError("TextTokenizer: pass a list of strings, not one string")
-        enc = self.hf(
+        enc = self._thread_hf()(
             [prefix + t for t in texts],
             padding="max_length",
             truncation=True,
