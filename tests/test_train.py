@@ -1,10 +1,11 @@
 """`python -m mlret.train` end to end on a tiny random BERT and MLQA-R units, in subprocesses on 4 simulated CPU
-devices: exact resume after SIGKILL, a checkpoint on SIGTERM, config errors naming the field; and, in process,
-periodic evaluation feeding the best checkpoint."""
+devices: exact resume after SIGKILL, two processes equal to one, a checkpoint on SIGTERM, config errors naming
+the field; and, in process, periodic evaluation feeding the best checkpoint."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlret.config import ConfigError
+from mlret.config import ConfigError, default_config
 from mlret.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +63,22 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_exact_resume_after_sigkill(tiny_args, tmp_path):
-    common = [*tiny_args, "--config.train.steps=40", "--config.checkpoint.every=20"]
-    a = run(train_cmd(tmp_path / "a", common))
+RUN_A = ["--config.train.steps=40", "--config.checkpoint.every=20"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_args, tmp_path_factory):
+    """The uninterrupted 40-step run (one process, 4 devices) the other runs are compared with."""
+    workdir = tmp_path_factory.mktemp("run_a")
+    a = run(train_cmd(workdir, [*tiny_args, *RUN_A]))
     assert a.returncode == 0, a.stderr[-3000:]
     assert "finished at step 40" in a.stdout
+    return workdir, a
+
+
+def test_exact_resume_after_sigkill(tiny_args, run_a, tmp_path, random_bert_path):
+    common = [*tiny_args, *RUN_A]
+    workdir_a, a = run_a
 
     killed = run(train_cmd(tmp_path / "b", common), MLRET_TEST_SIGKILL_AFTER_STEP="25")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -76,18 +88,55 @@ def test_exact_resume_after_sigkill(tiny_args, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
 
-    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    la, lb = losses(workdir_a), losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 41))  # the interrupted steps 21-25 were dropped, then rerun
     assert [lb[s] for s in range(21, 41)] == [la[s] for s in range(21, 41)]
-    pa, pb = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    pa, pb = final_params(workdir_a), final_params(tmp_path / "b")
     diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
     assert diff <= 1e-6
-    # The run learned something: the params moved from the loaded weights, the logged fields are all there.
-    record = read_metrics(tmp_path / "a")[-1]
+    # The comparison is of trained weights (they moved away from the loaded ones), and the logs have every field.
+    from flax import nnx
+
+    from mlret.models import load_dual_encoder
+
+    c = default_config()
+    c.model.name = str(random_bert_path)
+    source = nnx.to_pure_dict(nnx.state(load_dual_encoder(c, query_len=16, passage_len=32)[0], nnx.Param))
+    moved = max(float(np.abs(x - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(source),
+                                                                         strict=True))
+    assert moved > 1e-3
+    record = read_metrics(workdir_a)[-1]
     assert {"step", "loss", "batch_type", "learning_rate", "steps_per_sec"} <= set(record)
     assert record["batch_type"] in ("mono", "cross") and record["steps_per_sec"] > 0
-    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((workdir_a / "tensorboard").glob("events.out.tfevents.*"))
     assert "ETA" in a.stdout and "steps/s" in a.stdout and "mean loss of steps 1-10" in a.stdout
+
+
+def test_two_processes_equal_one_process(tiny_args, run_a, tmp_path):
+    """Two processes x 2 devices (jax.distributed over localhost) = one process x 4 devices: each host feeds its
+    half of every global batch. Steps 1-6 of run A used the same learning rates (warm-up is 5 steps)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        train_cmd(tmp_path, tiny_args, "--config.train.steps=6", "--config.checkpoint.every=0",
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=env(XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:  # a dead peer leaves the other waiting on collectives: never leave it running
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "finished at step 6" in outs[0][0] and "finished at step" not in outs[1][0]  # process 0 reports
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
+        os.listdir(tmp_path / "checkpoints" / "6" / "data"))  # each host's iterator state
+    ours, theirs = losses(tmp_path), losses(run_a[0])
+    assert sorted(ours) == list(range(1, 7))
+    np.testing.assert_allclose([ours[s] for s in range(1, 7)], [theirs[s] for s in range(1, 7)], rtol=1e-5)
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tiny_args, tmp_path):
