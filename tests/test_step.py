@@ -143,3 +143,16 @@ def test_weight_decay_mask_and_schedule():
     np.testing.assert_allclose(float(sched(warm)), peak, rtol=1e-6)
     np.testing.assert_allclose(float(sched(c.train.steps)), peak * c.optim.end_learning_rate_factor, atol=1e-12)
     assert float(sched(warm // 2)) < peak and float(sched(warm + 1)) < peak
+
+
+def test_trainer_refuses_a_large_weight_the_rules_cannot_shard():
+    """vocab 95 does not divide over tensor=2 and fsdp=1 leaves embed whole: the word table ends up replicated."""
+    model = tiny_model()
+    word = model.towers.encoder.embeddings.word
+    word.embedding.set_value(word.embedding.get_value()[:95])
+    c = tiny_config((4, 1, 2))
+    with pytest.raises(parallel.ShardingError, match=r"'word'\]\['embedding'\] \(95, 32\) logical \('vocab', "
+                                                      r"'embed'\): rules shard vocab->tensor"):
+        Trainer.create(model, c, parallel.make_mesh(c.mesh))
+    c.mesh.replicated_param_threshold = 95 * 32  # at the threshold it may stay replicated
+    Trainer.create(model, c, parallel.make_mesh(c.mesh))
