@@ -48,19 +48,31 @@ from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
 
-_OUT = flags.DEFINE_string("out", "runs/study", "where the per-run JSON files go (one folder per model)")
-_MODELS = flags.DEFINE_list("models", ["me5", "minilm"], "starting models (configs/study.py arguments)")
-_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "1", "0", "0.25", "0.75"], "alpha values, in run order")
-_MINILM_ALPHAS = flags.DEFINE_list("minilm_alphas", ["0.5", "1", "0"],
-                                   "alpha values for the minilm start (the weaker second start: the three arms)")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the data schedule's PRNG)")
-_SET = flags.DEFINE_multi_string("set", [], "config override field=value applied to every run (e.g. train.steps=20)")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "write the report from finished runs; train nothing")
-_NO_REPORT = flags.DEFINE_bool("no_report", False, "run, but do not write the report")
-_DOCS = flags.DEFINE_string("docs", str(REPO / "docs" / "study"), "report folder (summary.json, PNG files, section)")
-_RESULTS_MD = flags.DEFINE_string("results_md", str(REPO / "docs" / "results.md"),
-                                  "the markdown file whose study section is replaced ('' to skip)")
-_RESAMPLES = flags.DEFINE_integer("resamples", 20000, "bootstrap / permutation resamples")
+
+
+def define_flags() -> dict[str, Any]:
+    """The command line (defined only when run as a script, so that tests can import this module next to other
+    absl programs without duplicate flags)."""
+    return {
+        "out": flags.DEFINE_string("out", "runs/study", "where the per-run JSON files go (one folder per model)"),
+        "models": flags.DEFINE_list("models", ["me5", "minilm"], "starting models (configs/study.py arguments)"),
+        "alphas": flags.DEFINE_list("alphas", ["0.5", "1", "0", "0.25", "0.75"], "alpha values, in run order"),
+        "minilm_alphas": flags.DEFINE_list("minilm_alphas", ["0.5", "1", "0"],
+                                           "alpha values for the minilm start (the weaker start: the three arms)"),
+        "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the data schedule's PRNG)"),
+        "set": flags.DEFINE_multi_string("set", [], "config override field=value for every run (e.g. "
+                                                    "train.steps=20)"),
+        "report_only": flags.DEFINE_bool("report_only", False, "write the report from finished runs; train nothing"),
+        "no_report": flags.DEFINE_bool("no_report", False, "run, but do not write the report"),
+        "docs": flags.DEFINE_string("docs", str(REPO / "docs" / "study"), "report folder (summary.json, PNG files,"
+                                                                             " section.md)"),
+        "results_md": flags.DEFINE_string("results_md", str(REPO / "docs" / "results.md"),
+                                          "the markdown file whose study section is replaced ('' to skip)"),
+        "resamples": flags.DEFINE_integer("resamples", 20000, "bootstrap / permutation resamples"),
+    }
+
+
+FLAGS: dict[str, Any] = {}
 
 log = logging.getLogger("study")
 
@@ -277,11 +289,16 @@ class ModelRunner:
         state = self.trainer.init_state()
         losses, types = [], []
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(int(config.train.steps)):
+        total = int(config.train.steps)
+        for step in range(1, total + 1):
             local = next(data)
             types.append("mono" if int(local["batch_type"][0]) == 0 else "cross")
             state, metrics = self.trainer.step(state, self.trainer.global_batch(local))
             losses.append(float(jax.device_get(metrics["loss"])))
+            if step % int(config.train.log_every) == 0 or step == total:
+                took = time.perf_counter() - t0
+                print(f"  {self.key} alpha={alpha:g} seed={seed}: step {step}/{total} loss {np.mean(losses[-10:]):.4f} "
+                      f"({took / step:.1f} s/step, {fmt_seconds(took / step * (total - step))} left)", flush=True)
         if self.trainer.trace_count != 1:
             raise RuntimeError(f"the train step was compiled {self.trainer.trace_count} times; expected once")
         record = {"losses": losses, "batch_types": types, "train_seconds": time.perf_counter() - t0,
@@ -304,15 +321,15 @@ def strip_results(results: dict[str, Any]) -> dict[str, Any]:
     return {name: {k: v for k, v in block.items() if k in keep} for name, block in results.items()}
 
 
-def plan_runs(models: Sequence[str]) -> list[tuple[str, float | None, int | None]]:
+def plan_runs(models: Sequence[str], alphas: Sequence[str], minilm_alphas: Sequence[str],
+              seeds: Sequence[str]) -> list[tuple[str, float | None, int | None]]:
     """(model, alpha, seed) in run order; alpha None = the zero-shot row. Seed-major, so that a partial study
     already holds all three arms of the first seeds."""
     runs: list[tuple[str, float | None, int | None]] = []
     for m in models:
         runs.append((m, None, None))
-        alphas = _MINILM_ALPHAS.value if m == "minilm" else _ALPHAS.value
-        for s in _SEEDS.value:
-            runs += [(m, float(a), int(s)) for a in alphas]
+        for s in seeds:
+            runs += [(m, float(a), int(s)) for a in (minilm_alphas if m == "minilm" else alphas)]
     return runs
 
 
@@ -321,8 +338,7 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_study(out: Path) -> None:
-    runs = plan_runs(_MODELS.value)
+def run_study(out: Path, runs: list[tuple[str, float | None, int | None]], overrides: Sequence[str]) -> None:
     todo = [r for r in runs if not (out / r[0] / (
         "zero_shot.json" if r[1] is None else f"{run_name(r[1], r[2])}.json")).exists()]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
@@ -332,7 +348,7 @@ def run_study(out: Path) -> None:
     for model_key, alpha, seed in todo:
         if runner is None or runner.key != model_key:
             runner = None  # free the previous model before loading the next
-            runner = ModelRunner(model_key, load_config(model_key, _SET.value))
+            runner = ModelRunner(model_key, load_config(model_key, overrides))
         name = "zero_shot" if alpha is None else run_name(alpha, seed)
         t0 = time.perf_counter()
         if alpha is None:
@@ -678,14 +694,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    out = Path(_OUT.value)
-    if not _REPORT_ONLY.value:
-        run_study(out)
-    if _NO_REPORT.value:
+    f = {k: v.value for k, v in FLAGS.items()}
+    out = Path(f["out"])
+    if not f["report_only"]:
+        run_study(out, plan_runs(f["models"], f["alphas"], f["minilm_alphas"], f["seeds"]), f["set"])
+    if f["no_report"]:
         return
-    docs = Path(_DOCS.value)
-    report = build_report(out, docs, _RESAMPLES.value)
-    results_md = Path(_RESULTS_MD.value) if _RESULTS_MD.value else None
+    docs = Path(f["docs"])
+    report = build_report(out, docs, f["resamples"])
+    results_md = Path(f["results_md"]) if f["results_md"] else None
     section = markdown(report, out, docs, results_md)
     (docs / "section.md").write_text(section + "\n")
     if results_md is not None:
@@ -696,4 +713,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    FLAGS.update(define_flags())
     app.run(main)

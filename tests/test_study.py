@@ -1,0 +1,126 @@
+"""scripts/study.py without a model: its per-query values reproduce the evaluators' summaries, its paired test
+and Holm adjustment behave, and the report (tables, tests, figures, results.md section) is built from run files.
+
+The embedder is mlret.eval.base.NgramEmbedder (real, imperfect rankings of the real XQuAD-R / Tatoeba text)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlret.eval.base import NgramEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
+LANGS = ("ar", "de", "en", "zh")
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_script", REPO / "scripts" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ngram_results(study, shared_data):
+    """(results, per_query) of the NgramEmbedder on an XQuAD-R slice and a Tatoeba slice, through the study's
+    recording embedder and per-query code."""
+    from mlret.eval import run_evaluators
+    from mlret.eval.lareqa import LareqaEvaluator
+    from mlret.eval.tatoeba import TatoebaEvaluator
+
+    evaluators = [LareqaEvaluator("xquad_r", str(shared_data / "xquad-r"), LANGS, max_paragraphs=3, plots=False),
+                  TatoebaEvaluator("tatoeba", str(shared_data / "tatoeba" / "v1"), ("deu", "cmn"), max_sentences=40)]
+    results, per_query = {}, {}
+    for ev in evaluators:
+        rec = study.RecordingEmbedder(NgramEmbedder())
+        results[ev.name] = run_evaluators([ev], rec)[ev.name]
+        per_query.update(study.lareqa_per_query(ev, rec.calls) if ev.name == "xquad_r"
+                         else study.tatoeba_per_query(ev, rec.calls))
+    return results, per_query
+
+
+def macro(per_query: dict[str, float]) -> float:
+    by_lang: dict[str, list[float]] = {}
+    for key, v in per_query.items():
+        by_lang.setdefault(key.split(":")[0], []).append(v)
+    return float(np.mean([np.mean(v) for v in by_lang.values()]))
+
+
+def test_per_query_values_reproduce_the_evaluator_summaries(ngram_results):
+    results, per_query = ngram_results
+    summary = results["xquad_r"]["summary"]
+    for key in ("mono_map", "cross_map", "multi_map", "multi_r10", "rank_distance"):
+        assert macro(per_query[key]) == pytest.approx(summary[key], rel=1e-9, abs=1e-12), key
+    n_questions = sum(results["xquad_r"]["queries"].values())
+    assert all(len(per_query[k]) == n_questions for k in ("mono_map", "multi_map", "rank_distance"))
+    assert macro(per_query["tatoeba_acc"]) == pytest.approx(results["tatoeba"]["summary"]["acc"], rel=1e-9)
+
+
+def test_paired_test_and_holm(study):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=300)
+    same = study.paired_test(a, a, 2000, np.random.default_rng(1))
+    assert same["mean_diff"] == 0 and same["p"] == 1.0 and same["wins"] == same["losses"] == 0
+    shifted = study.paired_test(a + 0.5 + rng.normal(scale=0.5, size=300), a, 2000, np.random.default_rng(1))
+    assert shifted["p"] < 0.01 and shifted["ci_low"] > 0 and shifted["wins"] > shifted["losses"]
+    noise = study.paired_test(a + rng.normal(size=300), a, 2000, np.random.default_rng(1))
+    assert noise["ci_low"] < noise["mean_diff"] < noise["ci_high"]
+    p = [0.01, 0.04, 0.03, 0.2]
+    adjusted = study.holm(p)
+    assert all(x >= y for x, y in zip(adjusted, p))
+    order = np.argsort(p)
+    assert all(adjusted[order[i]] <= adjusted[order[i + 1]] for i in range(len(p) - 1))  # monotone in p
+    assert adjusted[order[0]] == pytest.approx(len(p) * min(p))
+
+
+def test_plan_is_seed_major_and_starts_with_zero_shot(study):
+    runs = study.plan_runs(["me5", "minilm"], ["0.5", "1", "0"], ["0.5", "1"], ["0", "1"])
+    assert runs[0] == ("me5", None, None)
+    assert runs[1:4] == [("me5", 0.5, 0), ("me5", 1.0, 0), ("me5", 0.0, 0)]
+    assert runs[7] == ("minilm", None, None) and len(runs) == 1 + 6 + 1 + 4
+
+
+def test_report_from_run_files(study, ngram_results, tmp_path):
+    """Fake runs (the n-gram results, perturbed per arm and seed) go through the whole report."""
+    results, per_query = ngram_results
+    rng = np.random.default_rng(3)
+    out = tmp_path / "runs"
+    for alpha, shift in ((None, 0.0), (1.0, 0.0), (0.0, 0.02), (0.5, 0.05)):
+        for seed in ((None,) if alpha is None else (0, 1)):
+            pq = {m: {k: (v + shift + rng.normal(scale=0.01) if m != "rank_distance" else v * (1 - shift))
+                      for k, v in vals.items()} for m, vals in per_query.items()}
+            res = copy.deepcopy(results)
+            res["xquad_r"]["summary"]["multi_map"] += shift
+            run = {"model": "ngram", "model_name": "ngram-512", "alpha": alpha, "seed": seed, "losses": [2.0, 1.0],
+                   "train_seconds": 1.0, "eval_seconds": 1.0, "results": study.strip_results(res), "per_query": pq,
+                   "config": {}}
+            name = "zero_shot" if alpha is None else study.run_name(alpha, seed)
+            study.write_json(out / "ngram" / f"{name}.json", run)
+    docs = tmp_path / "docs"
+    report = study.build_report(out, docs, 500)
+    rows = {r["setting"]: r for r in report["models"]["ngram"]["rows"]}
+    assert set(rows) == {"zero-shot", "X-X-mono (α=1)", "X-Y (α=0)", "hybrid (α=0.5)"}
+    assert rows["hybrid (α=0.5)"]["seeds"] == 2
+    assert rows["hybrid (α=0.5)"]["metrics"]["multi_map"][0] == pytest.approx(
+        results["xquad_r"]["summary"]["multi_map"] + 0.05)
+    tests = report["models"]["ngram"]["tests"]
+    assert {t["baseline"] for t in tests} == {"X-X-mono (α=1)", "X-Y (α=0)"}
+    mono_map = next(t for t in tests if t["metric"] == "multi_map" and t["baseline"] == "X-X-mono (α=1)")
+    assert mono_map["mean_diff"] == pytest.approx(0.05, abs=0.01) and mono_map["n"] == len(
+        {k.split(":")[1] for k in per_query["multi_map"]})  # paired over questions, not (language, question)
+    figures = report["models"]["ngram"]["figures"]
+    assert all((docs / f).is_file() for f in figures) and any("minus" in f for f in figures)
+    results_md = tmp_path / "results.md"
+    results_md.write_text("# Results\n\n## Zero-shot baseline\n\nkept text\n")
+    for _ in range(2):  # idempotent: the second write replaces the first section
+        study.update_results_md(results_md, study.markdown(report, out, docs, results_md))
+    text = results_md.read_text()
+    assert "kept text" in text and text.count(study.MARK_BEGIN) == 1 and "| hybrid (α=0.5) | 2 |" in text
+    assert json.loads((docs / "summary.json").read_text())["models"]["ngram"]["model_name"] == "ngram-512"
