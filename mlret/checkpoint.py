@@ -14,6 +14,7 @@ previous one restored.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -64,6 +65,25 @@ def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint that this run's process layout cannot resume exactly; the message says why."""
+
+
+def _iterator_states(data_dir: Path) -> dict[int, str]:
+    """{process index: JSON state} of the Grain iterator states in a step's `data` item, and check they were written
+    by one process count ({} when there are none)."""
+    states, counts = {}, set()
+    for f in data_dir.glob("process_*-of-*.json"):
+        index, count = f.stem[len("process_"):].split("-of-")
+        states[int(index)] = f.read_text()
+        counts.add(int(count))
+    if len(counts) > 1:
+        raise CheckpointLayoutError(f"{data_dir}: iterator states from several process counts {sorted(counts)}")
+    if states and len(states) != next(iter(counts)):
+        raise CheckpointLayoutError(f"{data_dir}: {len(states)} iterator states for {next(iter(counts))} processes")
+    return states
 
 
 class Checkpointer:
@@ -138,10 +158,21 @@ class Checkpointer:
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
         for s in candidates:
+            # A step written by another number of processes (e.g. 2 hosts, resumed on 1): Grain looks for this
+            # process's file (`process_i-of-n.json`) only. mlret's iterator state is a position in the sequence of
+            # global steps, the same on every host, so identical states carry over to any process count; states
+            # that differ between hosts cannot, and that is an error rather than a silent restart from scratch.
+            states = _iterator_states(self.directory / str(s) / "data") if data_iterator is not None else {}
+            remap = bool(states) and (len(states) != jax.process_count())
+            if remap and len({json.dumps(json.loads(v), sort_keys=True) for v in states.values()}) != 1:
+                raise CheckpointLayoutError(
+                    f"checkpoint step {s} in {self.directory} was written by {len(states)} processes whose data "
+                    f"iterator states differ, and this run has {jax.process_count()}: the data position cannot be "
+                    f"carried over exactly. Resume with {len(states)} processes, or start a new run directory")
             try:
                 args = {"state": ocp.args.PyTreeRestore(
                     item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-                if data_iterator is not None:
+                if data_iterator is not None and not remap:
                     args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
                 restored = self.manager.restore(s, args=ocp.args.Composite(**args))
             except Exception as e:  # orbax/tensorstore raise many types for a damaged step
@@ -150,6 +181,13 @@ class Checkpointer:
                 log.warning("checkpoint: step %d in %s cannot be restored (%s: %s); trying the previous step",
                             s, self.directory, type(e).__name__, e)
                 continue
+            if remap:
+                log.info("checkpoint: step %d was written by %d processes, restored by %d; every writer's iterator "
+                         "state is the same position, which carries over", s, len(states), jax.process_count())
+                data_iterator.set_state(json.loads(next(iter(states.values()))))
+                if hasattr(data_iterator, "start_prefetch"):  # as grain's own CheckpointHandler.restore does
+                    data_iterator.start_prefetch()
+                return s, restored["state"], data_iterator
             return s, restored["state"], restored.get("data") if data_iterator is not None else None
         if candidates:
             log.warning("checkpoint: no readable step in %s (tried %s); starting from scratch", self.directory,
