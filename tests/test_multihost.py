@@ -1,0 +1,105 @@
+"""Two processes = one process: 2 jax.distributed processes x 4 simulated devices (127.0.0.1, gloo) train 20 steps
+of the real loop to the same parameters as 1 process x 8 devices on the same data; every replica of every
+replicated array is bitwise identical on all 8 devices; the 2-process checkpoint restores in one process (for
+export, and to resume training exactly), and a checkpoint whose hosts' data positions differ fails to resume
+with a message saying why."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mlret.checkpoint import Checkpointer, CheckpointLayoutError, config_from_dict
+from scale_helpers import max_abs_diff
+from scale_runs import (STEPS, checkpoint_params, free_port, logged_losses, read_report, run_together, scale_env,
+                        train_cmd, worker_cmd)
+
+# Float32 noise: the gradient all-reduce sums in another order over gloo (2 processes) than inside one process.
+LOSS_RTOL = 2e-6
+PARAM_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def two_process_run(scale_run_args, compile_cache, tmp_path_factory):
+    base = tmp_path_factory.mktemp("two_process")
+    workdir = base / "run"
+    port = free_port()
+    cmds = [worker_cmd(workdir, base / f"report{i}.json", scale_run_args, f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}") for i in range(2)]
+    procs = run_together(cmds, [scale_env(4, compile_cache)] * 2, 600, base / "logs")
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{p.stderr[-4000:]}"
+    return workdir, [read_report(base / f"report{i}.json") for i in range(2)]
+
+
+def _replicas_identical(reports: list[dict], tree: str) -> int:
+    """Check every array of `tree` ('params' or 'opt_state') across the processes' reports: shards holding the
+    same index of the global array are bitwise equal. Returns the number of arrays with replicas."""
+    with_replicas = 0
+    for leaf in reports[0][tree]:
+        by_index: dict[str, set[str]] = {}
+        devices: dict[str, set[int]] = {}
+        for r in reports:
+            for index, device, digest in r[tree][leaf]:
+                by_index.setdefault(index, set()).add(digest)
+                devices.setdefault(index, set()).add(device)
+        assert all(len(d) == 1 for d in by_index.values()), f"{tree}{leaf}: replicas differ"
+        assert sum(len(d) for d in devices.values()) == 8, f"{tree}{leaf}: not on 8 devices"
+        with_replicas += any(len(d) > 1 for d in devices.values())
+    return with_replicas
+
+
+def _assert_losses_match(losses: dict[int, float], ref: dict[int, float], steps) -> None:
+    np.testing.assert_allclose([losses[s] for s in steps], [ref[s] for s in steps], rtol=LOSS_RTOL, atol=0)
+
+
+def test_two_processes_train_like_one(reference_run, two_process_run):
+    workdir, reports = two_process_run
+    assert [(r["process_count"], r["device_count"], r["end_step"]) for r in reports] == [(2, 8, STEPS)] * 2
+    ref = reference_run["report"]
+    losses = {int(k): v for k, v in reports[0]["losses"].items()}
+    ref_losses = {int(k): v for k, v in ref["losses"].items()}
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+    _assert_losses_match(losses, ref_losses, range(1, STEPS + 1))
+
+    # The checkpoint the two processes wrote together restores here, in one process on one device, and holds the
+    # parameters of the one-process run.
+    params = checkpoint_params(workdir)
+    assert max_abs_diff(params, reference_run["params"]) <= PARAM_TOL
+    assert max_abs_diff(params, checkpoint_params(workdir, 5)) > 1e-4  # training moved the weights meanwhile
+
+    # Every replicated array (all of them on this (8, 1, 1) mesh) is identical on all 8 devices of both processes.
+    assert _replicas_identical(reports, "params") == len(reports[0]["params"])
+    assert _replicas_identical(reports, "opt_state") > 0
+    assert _replicas_identical([ref], "params") == len(ref["params"])
+
+
+def test_two_process_checkpoint_resumes_exactly_in_one_process(reference_run, two_process_run, scale_run_args,
+                                                               compile_cache, tmp_path):
+    workdir, _ = two_process_run
+    for step in (5, 10):  # the 2-process run as it stood at step 10
+        shutil.copytree(workdir / "checkpoints" / str(step), tmp_path / "checkpoints" / str(step))
+    p = run_together([train_cmd(tmp_path, scale_run_args)], [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "step 10 was written by 2 processes, restored by 1" in p.stderr and "at step 10" in p.stderr
+    losses = logged_losses(tmp_path)
+    assert sorted(losses) == list(range(11, STEPS + 1))
+    ref_losses = {int(k): v for k, v in reference_run["report"]["losses"].items()}
+    _assert_losses_match(losses, ref_losses, range(11, STEPS + 1))
+    assert max_abs_diff(checkpoint_params(tmp_path), reference_run["params"]) <= PARAM_TOL
+
+
+def test_differing_host_data_positions_fail_with_a_reason(two_process_run, tmp_path):
+    workdir, _ = two_process_run
+    shutil.copytree(workdir / "checkpoints" / "10", tmp_path / "checkpoints" / "10")
+    other = tmp_path / "checkpoints" / "10" / "data" / "process_1-of-2.json"
+    other.write_text(json.dumps({"next_index": 11}))  # hosts that disagree on where the data stands
+    saved = json.loads((tmp_path / "checkpoints" / "10" / "config" / "metadata").read_text())
+    ck = Checkpointer(tmp_path, config_from_dict(saved))
+    try:
+        with pytest.raises(CheckpointLayoutError, match="written by 2 processes whose data iterator states differ"
+                                                        ".*Resume with 2 processes"):
+            ck.restore(None, data_iterator=object())
+    finally:
+        ck.close()
