@@ -1,0 +1,246 @@
+"""Robustness drivers for long runs: kill -9 / restart soaks of `python -m mlret.train`, and a resource monitor
+(resident memory, XLA compilations) for in-process soak runs.
+
+`kill_soak` starts the train command in one run directory again and again and kills it with SIGKILL at random
+moments: half of the kills aim at a checkpoint write (the moment orbax's temporary step directory appears, plus a
+random few milliseconds), the others at a random time after the run has started stepping. After every kill it
+records which complete steps are on disk; the next start must resume from the newest of them (orbax discards the
+half-written one), and the last start runs to the end. Whether the final parameters and every step's loss equal
+an uninterrupted run's is left to the caller (scripts/soak.py, tests/test_faults.py), which has that run.
+
+`ResourceMonitor` samples the process's resident set size in a thread, each sample tagged with the training step
+(read from the run's metrics.jsonl), and counts backend compilations through `jax.monitoring`, so a soak can show
+that memory stays flat and nothing recompiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = "checkpoints"
+_RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
+# The event jax records for every XLA backend compilation (jax/_src/dispatch.py, BACKEND_COMPILE_EVENT).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def complete_steps(workdir: str | os.PathLike[str]) -> list[int]:
+    """Checkpoint steps on disk that orbax finished (a directory named by its number; temporaries are not)."""
+    d = Path(workdir) / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def partial_steps(workdir: str | os.PathLike[str]) -> list[str]:
+    """Names of orbax's temporary (being written) step directories."""
+    d = Path(workdir) / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if "orbax-checkpoint-tmp" in p.name)
+
+
+def last_logged_step(workdir: str | os.PathLike[str]) -> int:
+    """The step of the last complete line of the run's metrics.jsonl (0 without one); reads only the file's end."""
+    f = Path(workdir) / "metrics.jsonl"
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            lines = fh.read().split(b"\n")
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines[:-1] if lines and lines[-1] else lines):  # a last line without "\n" may be partial
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
+def resumed_step(stderr: str) -> int | None:
+    """The step a train run says it resumed from (None: it started from scratch)."""
+    m = _RESUMED.search(stderr)
+    return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One start of the train command in the soak."""
+
+    index: int
+    mode: str  # "save": kill during a checkpoint write; "random": at a random moment; "final": run to the end
+    expected_resume: int | None  # newest complete step on disk when it started (None: none)
+    resumed_from: int | None = None  # what the run said it resumed from
+    killed: bool = False
+    during_save: bool = False  # a temporary step directory existed at the moment of the kill
+    last_step: int = 0  # last step logged before it died / finished
+    steps_on_disk_after: list[int] = dataclasses.field(default_factory=list)
+    returncode: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def resumed_correctly(self) -> bool:
+        return self.resumed_from == self.expected_resume
+
+
+def kill_soak(cmd: Sequence[str], workdir: str | os.PathLike[str], *, kills: int, seed: int,
+              env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+              random_window_s: tuple[float, float] = (0.0, 3.0), save_delay_s: tuple[float, float] = (0.0, 0.05),
+              attempt_timeout_s: float = 600.0, log_dir: str | os.PathLike[str] | None = None,
+              max_attempts: int | None = None, random_after_new_checkpoint: bool = False) -> list[Attempt]:
+    """Start `cmd` (a train command writing to `workdir`) `kills` times, SIGKILL each start at a random moment
+    (alternating: during a checkpoint write, at a random time after stepping began), then once more to the end.
+
+    Returns one `Attempt` per start, the last one the uninterrupted finish. A start that finishes before its kill
+    comes (the run was nearly done) ends the soak early: the caller sees fewer kills than asked.
+    `random_after_new_checkpoint`: a "random" kill's window opens only once this start has completed a checkpoint
+    of its own (so that the next start must resume mid-run, not from where this one began).
+    """
+    rng = random.Random(seed)
+    workdir = Path(workdir)
+    log_dir = Path(log_dir) if log_dir is not None else workdir.parent / f"{workdir.name}_soak_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    attempts: list[Attempt] = []
+    max_attempts = max_attempts or 3 * kills + 3
+    while len(attempts) < max_attempts:
+        done_kills = sum(a.killed for a in attempts)
+        mode = "final" if done_kills >= kills else ("save" if done_kills % 2 == 0 else "random")
+        steps = complete_steps(workdir)
+        a = Attempt(index=len(attempts), mode=mode, expected_resume=steps[-1] if steps else None)
+        attempts.append(a)
+        out_path, err_path = log_dir / f"attempt{a.index}.out", log_dir / f"attempt{a.index}.err"
+        t0 = time.time()
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+            try:
+                # "Stepping began" = a step logged past everything metrics.jsonl held before this start (the file
+                # keeps a killed run's steps after its last checkpoint until the restart truncates them).
+                a.killed, a.during_save = _wait_and_kill(
+                    proc, workdir, mode, rng, random_window_s, save_delay_s, last_logged_step(workdir),
+                    attempt_timeout_s, (a.expected_resume or 0) if random_after_new_checkpoint else None)
+            finally:
+                if proc.poll() is None:  # timeout or an error in this driver: never leave the child running
+                    proc.kill()
+                proc.wait()
+        a.seconds = time.time() - t0
+        a.returncode = proc.returncode
+        a.resumed_from = resumed_step(err_path.read_text(errors="replace"))
+        a.last_step = last_logged_step(workdir)
+        a.steps_on_disk_after = complete_steps(workdir)
+        if not a.killed:
+            break  # finished (or failed: the caller checks returncode)
+    return attempts
+
+
+def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random,
+                   random_window_s: tuple[float, float], save_delay_s: tuple[float, float], start_step: int,
+                   timeout_s: float, newer_than: int | None) -> tuple[bool, bool]:
+    """Wait for the moment `mode` asks for and SIGKILL the process: (killed, a step was being written)."""
+    deadline = time.time() + timeout_s
+    seen = set(partial_steps(workdir))  # leftovers of an earlier kill, cleaned up by the run at start
+    kill_at = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False, False
+        if mode == "save":
+            fresh = set(partial_steps(workdir)) - seen
+            if fresh:
+                time.sleep(rng.uniform(*save_delay_s))
+                break
+            seen &= set(partial_steps(workdir))  # a leftover removed by orbax's cleanup may come back as new
+            time.sleep(0.002)
+        elif mode == "random":
+            armed = newer_than is None or any(s > newer_than for s in complete_steps(workdir))
+            if kill_at is None and armed and last_logged_step(workdir) > start_step:
+                kill_at = time.time() + rng.uniform(*random_window_s)
+            if kill_at is not None and time.time() >= kill_at:
+                break
+            time.sleep(0.005)
+        else:  # final
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise TimeoutError(f"kill_soak: the train process did not reach its {mode!r} moment in {timeout_s:.0f} s")
+    during_save = bool(partial_steps(workdir))
+    if proc.poll() is not None:
+        return False, False
+    os.kill(proc.pid, signal.SIGKILL)  # the child this driver started, by pid
+    proc.wait()
+    return True, during_save
+
+
+class ResourceMonitor:
+    """Resident memory samples and XLA compilations of this process during a training run in `workdir`.
+
+    Use as a context manager around `mlret.train.train(...)`. `samples` holds (seconds, step, rss bytes) every
+    `interval_s`; `compiles` holds (seconds, step) of every backend compilation.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], interval_s: float = 0.5) -> None:
+        self.workdir = Path(workdir)
+        self.interval_s = float(interval_s)
+        self.samples: list[tuple[float, int, int]] = []
+        self.compiles: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.compiles.append((time.time() - self._t0, last_logged_step(self.workdir)))
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.samples.append((time.time() - self._t0, last_logged_step(self.workdir), proc.memory_info().rss))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> ResourceMonitor:
+        import jax
+
+        self._t0 = time.time()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="mlret-resource-monitor")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+    def compiles_after(self, step: int) -> list[tuple[float, int]]:
+        return [c for c in self.compiles if c[1] > step]
+
+    def rss_growth(self, warmup_step: int, window: float = 0.1) -> dict[str, float]:
+        """Growth of resident memory after warm-up: the largest sample of the last `window` of the steps against
+        the median of the first `window` after `warmup_step`."""
+        after = [(s, r) for _, s, r in self.samples if s > warmup_step]
+        if len(after) < 4:
+            raise ValueError(f"ResourceMonitor: only {len(after)} samples after step {warmup_step}; run longer or "
+                             "sample more often")
+        last_step = after[-1][0]
+        span = max(last_step - warmup_step, 1)
+        first = sorted(r for s, r in after if s <= warmup_step + window * span) or [after[0][1]]
+        last = [r for s, r in after if s >= last_step - window * span]
+        baseline = float(first[len(first) // 2])
+        final = float(max(last))
+        return {"baseline_bytes": baseline, "final_bytes": final, "growth": final / baseline - 1.0,
+                "max_bytes": float(max(r for _, r in after)), "samples": float(len(after))}
