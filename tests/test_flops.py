@@ -1,10 +1,10 @@
 """The MFU FLOP formula (mlret/flops.py) against XLA's own count of the compiled train step.
 
-XLA's `cost_analysis()["flops"]` counts every operation (elementwise ones too); the formula counts matmuls only.
-So the properties are: the formula never exceeds XLA's count and explains nearly all of it on a config whose
-matmuls dominate (hidden 128, as in real encoders where h >> elementwise work per element), and the *change*
-in XLA's count when a passage length or the layer count changes matches the formula's change (a term missed or
-counted twice would show there). One CPU device, so the count is the whole step's, not one shard's.
+XLA's `cost_analysis()["flops"]` counts every operation (elementwise ones too); the formula counts matmuls
+only. So the properties are: the formula never exceeds XLA's count and explains nearly all of it on a config
+whose matmuls dominate (hidden 128: as in real encoders, h is large next to the elementwise work per
+element), and the *change* in XLA's count when a passage length or the layer count changes matches the
+formula's change (a term missed or counted twice would show there). One CPU device, so the count is the whole step's, not one shard's.
 """
 
 import jax
@@ -36,7 +36,8 @@ def xla_step_flops(layers: int, query_len: int, passage_len: int) -> float:
     trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
     shapes = {"query_ids": (B, query_len), "query_mask": (B, query_len), "passage_ids": (B, G, passage_len),
               "passage_mask": (B, G, passage_len), "unit_id": (B,)}
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=trainer.batch_shardings[k]) for k, s in shapes.items()}
+    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=trainer.batch_shardings[k])
+             for k, s in shapes.items()}
     state = trainer.abstract_state()
     cost = trainer.step.lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax returned one dict per device

