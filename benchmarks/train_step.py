@@ -57,7 +57,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-START, END = "<!-- train-step-benchmark:start -->", "<!-- train-step-benchmark:end -->"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by jax device_kind substring.
 SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -309,7 +308,7 @@ def main() -> None:
 
     cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        "## Train step: throughput and MFU against sentence-transformers\n",
+        f"## Train step ({args.device}, {args.models}): throughput and MFU against sentence-transformers\n",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine()}, {jax.device_count()} x {kind} (jax {jax.__version__}); "
         "load average (1/5/15 min) "
@@ -322,7 +321,9 @@ def main() -> None:
         + ("random token ids." if args.synthetic
            else "mlret fed by the Grain pipeline (MLQA-R hybrid batches).")
         + f" MFU denominator: measured {args.dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s per device "
-        f"({n}^3 jnp.dot). Step FLOPs: mlret/flops.py (matmuls, fwd + bwd). Torch: {os.cpu_count()} threads, "
+        f"({n}^3 jnp.dot). Step FLOPs (mlret/flops.py, matmuls only, fwd + bwd = 3 x fwd): "
+        "B (6 N s_q + 12 L h s_q^2) + B G (6 N s_p + 12 L h s_p^2) + 6 B^2 G h, N = L (4 h^2 + 2 h i) "
+        f"(matmul weights of the blocks). Torch: {os.cpu_count()} threads, "
         "same weights, first batch of the pipeline, dropout on (sentence-transformers training mode).\n",
         "| model | framework | batch | compile s | step s | examples/s | tokens/s | TFLOP/step | MFU "
         "| data wait |",
@@ -333,6 +334,9 @@ def main() -> None:
     ])
     print(text)
     if args.write:
+        # One section per (device, models) run, so that runs of different models do not overwrite each other.
+        tag = f"{args.device}:{args.models}"
+        START, END = f"<!-- train-step-benchmark:{tag}:start -->", f"<!-- train-step-benchmark:{tag}:end -->"
         path = REPO / "docs" / "benchmarks.md"
         old = path.read_text()
         section = f"{START}\n{text}\n{END}"
