@@ -7,8 +7,8 @@
     python benchmarks/profile_loop.py /tmp/train.raw
 
 py-spy samples every thread's Python stack (`--idle`: blocked threads too); this script keeps the main
-thread's samples inside `mlret.train.train` and sorts each into what the loop was doing: waiting for the devices (the
-`device_get` of the previous step's metrics, or the host copy a checkpoint save makes of the state, both of
+thread's samples inside `mlret.train.train` and sorts each into what the loop was doing: waiting for the
+devices (the `device_get` of the previous step's metrics, or the host copy a checkpoint save makes of the state, both of
 which return when the step is done), waiting for the next batch (`next` on the Grain iterator), building the
 global batch and dispatching the step, tracing + compiling the step, checkpoint / logging work, and setup
 (model loading, state init, imports). A loop with no host overhead spends all its steady-state time waiting
@@ -31,7 +31,8 @@ CATEGORIES = [  # (name, test on the frames below train()), first match wins
     ("setup (imports, model, state, iterator, evaluators)",
      lambda fs: any(re.search(r"load_dual_encoder|Trainer\.(create|init_state|abstract_state)|"
                               r"make_train_iterator|_find_and_load|_handle_fromlist|"
-                              r"Checkpointer\.(__init__|restore)|MetricWriter\.__init__|_build_evaluators|make_mesh",
+                              r"Checkpointer\.(__init__|restore)|MetricWriter\.__init__|_build_evaluators|"
+                              r"make_mesh",
                               f) for f in fs)),
     ("global batch (host -> device) + step dispatch",
      lambda fs: any("global_batch" in f or "pjit" in f for f in fs)),
