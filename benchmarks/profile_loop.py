@@ -8,11 +8,11 @@
 
 py-spy samples every thread's Python stack (`--idle`: blocked threads too); this script keeps the main
 thread's samples inside `mlret.train.train` and sorts each into what the loop was doing: waiting for the
-devices (the `device_get` of the previous step's metrics, or the host copy a checkpoint save makes of the state, both of
-which return when the step is done), waiting for the next batch (`next` on the Grain iterator), building the
-global batch and dispatching the step, tracing + compiling the step, checkpoint / logging work, and setup
-(model loading, state init, imports). A loop with no host overhead spends all its steady-state time waiting
-for the devices.
+devices (the `device_get` of the previous step's metrics, or the host copy a checkpoint save makes of the
+state, both of which return when the step is done), waiting for the next batch (`next` on the Grain iterator),
+building the global batch and dispatching the step, tracing + compiling the step, checkpoint / logging work,
+and setup (model loading, state init, imports). A loop with no host overhead spends all its steady-state time
+waiting for the devices.
 """
 
 from __future__ import annotations
