@@ -137,6 +137,7 @@ def make_config(args: argparse.Namespace, folder: str, batch: int, tmp: Path):
     c = default_config()
     c.model.name = folder
     c.model.compute_dtype = args.dtype
+    c.model.remat = args.remat
     c.data.data_dir = args.data_dir
     c.data.tfds_dir = str(tmp / "tfds")
     c.data.sources = ({"name": "mlqa_r", "path": "mlqa-r"},)
@@ -254,12 +255,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--no-torch", action="store_true", help="skip the sentence-transformers baseline")
+    p.add_argument("--remat", type=int, default=-1,
+                   help="config.model.remat (1/0); default: on for gpu, where XLM-R base at batch 512 and lengths "
+                        "64/256 keeps ~100 GB of activations without it (recomputation is not counted in MFU)")
     p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
     args.dtype = "bfloat16" if args.device == "gpu" else "float32"
+    args.remat = bool(args.remat) if args.remat >= 0 else args.device == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
     import jax
 
@@ -317,7 +322,7 @@ def main() -> None:
         f"Global batch as listed, G = {args.group_size} (1 positive + {args.group_size - 1} hard negative), "
         "lengths "
         f"{args.query_len}/{args.passage_len} (query/passage, padded), compute {args.dtype}; median of "
-        f"{args.steps} timed steps after {args.warmup} warm-up; "
+        f"{args.steps} timed steps after {args.warmup} warm-up; remat {'on' if args.remat else 'off'}; "
         + ("random token ids." if args.synthetic
            else "mlret fed by the Grain pipeline (MLQA-R hybrid batches).")
         + f" MFU denominator: measured {args.dtype} matmul peak, {peak / 1e9:.1f} GFLOP/s per device "
