@@ -205,7 +205,7 @@ def run_mlret(args: argparse.Namespace, c) -> tuple[dict[str, Any], dict[str, np
 
 
 def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The same batch through sentence-transformers + MultipleNegativesRankingLoss, AdamW, a step per batch."""
+    """The same batch through sentence-transformers + MultipleNegativesRankingLoss, AdamW, one step each."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -256,8 +256,9 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--no-torch", action="store_true", help="skip the sentence-transformers baseline")
     p.add_argument("--remat", type=int, default=-1,
-                   help="config.model.remat (1/0); default: on for gpu, where XLM-R base at batch 512 and lengths "
-                        "64/256 keeps ~100 GB of activations without it (recomputation is not counted in MFU)")
+                   help="config.model.remat (1/0); default: on for gpu (XLM-R base at batch 512, lengths 64/256: "
+                        "by a rough count, more activations than 80 GB without it; the recomputation is not "
+                        "counted in the MFU)")
     p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
