@@ -257,8 +257,8 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the sentence-transformers baseline")
     p.add_argument("--remat", type=int, default=-1,
                    help="config.model.remat (1/0); default: on for gpu (XLM-R base at batch 512, lengths "
-                        "64/256: by a rough count, more activations than 80 GB without it; the recomputation is not "
-                        "counted in the MFU)")
+                        "64/256: by a rough count, more activations than 80 GB without it; the recomputation "
+                        "is not counted in the MFU)")
     p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
