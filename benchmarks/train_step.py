@@ -173,6 +173,8 @@ def run_mlret(args: argparse.Namespace, c) -> tuple[dict[str, Any], dict[str, np
     trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh))
     del model
     state = trainer.init_state()
+    trainer.initial_params = None  # a second copy of the weights (for a re-init); XLM-R base is 1.1 GB of them
+    gc.collect()
     if args.synthetic:
         it = synthetic_batches(c, cfg.vocab_size)
     else:
