@@ -313,6 +313,9 @@ def main() -> None:
                          f"{t['step_s'] / m['step_s']:.2f}x "
                          f"(first-step loss {m['losses'][0]:.4f} vs {t['losses'][0]:.4f})")
         print(f"  done, load {load()}", flush=True)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # the prepared MLQA-R source and the 1.1 GB random XLM-R folder
 
     cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = "\n".join([
