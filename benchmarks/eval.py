@@ -156,7 +156,7 @@ def main() -> None:
     command = "python benchmarks/eval.py " + " ".join(sys.argv[1:])
     info = machine()
     date = datetime.date.today().isoformat()
-    parts = [f"## Evaluation: encoding throughput and exact vs ScaNN search\n",
+    parts = ["## Evaluation: encoding throughput and exact vs ScaNN search\n",
              f"Command: `{command}`  \nMachine: {info}  \nDate: {date}\n"]
     if not args.skip_encoding:
         rows = bench_encoding(args.texts, args.batch_size, Path(args.shared_data))

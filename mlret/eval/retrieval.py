@@ -204,8 +204,9 @@ class ScannIndex:
         return TopK(idx, val, info)
 
 
-def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions = RetrievalOptions()):
+def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions | None = None):
     """Exact search up to `opts.scann_threshold` candidates (or when method == "exact"), ScaNN above."""
+    opts = opts or RetrievalOptions()
     use_scann = opts.method == "scann" or (opts.method == "auto" and len(candidates) > opts.scann_threshold)
     if use_scann:
         return ScannIndex(candidates, k, opts)
@@ -224,9 +225,10 @@ def recall_against_exact(index, queries: np.ndarray, k: int, sample: int, seed: 
 
 
 def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
-                opts: RetrievalOptions = RetrievalOptions(), name: str = "") -> TopK:
+                opts: RetrievalOptions | None = None, name: str = "") -> TopK:
     """Top k candidates per query with the method the options pick; for ScaNN, recall@k against exact search
     on `opts.recall_sample` queries is measured, logged and returned in `info["recall_vs_exact"]`."""
+    opts = opts or RetrievalOptions()
     index = build_index(candidates, k, opts)
     out = index.search(queries, k)
     if index.method == "scann" and opts.recall_sample > 0:

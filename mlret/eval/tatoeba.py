@@ -75,7 +75,7 @@ class TatoebaEvaluator:
         emb = embed(fn, texts, f"{self.name} sentences")
         per_lang: dict[str, dict[str, float]] = {}
         o = 0
-        for lang, (xx, en) in pairs.items():
+        for lang, (xx, _) in pairs.items():
             e_xx, e_en = emb[o:o + len(xx)], emb[o + len(xx):o + 2 * len(xx)]
             o += 2 * len(xx)
             per_lang[lang] = {"xx2en": bitext_accuracy(e_xx, e_en), "en2xx": bitext_accuracy(e_en, e_xx),

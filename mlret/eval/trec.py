@@ -123,7 +123,7 @@ class TrecEvaluator:
 
     def __init__(self, name: str, layout: str, data_dir: str, corpus: str, languages: Sequence[str], *,
                  split: str = "dev", top_k: int = 100, max_queries: int = 0,
-                 passage_template: str = "{title} {text}", retrieval: RetrievalOptions = RetrievalOptions()):
+                 passage_template: str = "{title} {text}", retrieval: RetrievalOptions | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown TREC layout {layout!r}: one of {sorted(LAYOUTS)}")
         if top_k < 100:
@@ -140,7 +140,7 @@ class TrecEvaluator:
         self.top_k = top_k
         self.max_queries = max_queries
         self.passage_template = passage_template
-        self.retrieval = retrieval
+        self.retrieval = retrieval or RetrievalOptions()
         self._queries: dict[str, tuple[dict[str, str], dict[str, dict[str, int]]]] = {}
 
     def paths(self, lang: str) -> tuple[str, str, str]:
