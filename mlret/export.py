@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--checkpoint", help="a training run directory (orbax checkpoints)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--results", help="JSON file of evaluation results to put in the model card")
+    parser.add_argument("--results", help="JSON file of evaluation results to put in the model card (the --out "
+                        "file of `python -m mlret.evaluate`: its per-evaluator `summary` block is used)")
     g = parser.add_argument_group("--hf only (defaults: the source folder's sentence-transformers settings, "
                                   "else mlret's config defaults)")
     g.add_argument("--pooling", choices=("cls", "mean", "pooler"))
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--query_len", type=int)
     g.add_argument("--passage_len", type=int)
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text()) if args.results else None
+    results = None
+    if args.results:
+        results = json.loads(Path(args.results).read_text())
+        # mlret.evaluate nests {"summary": {evaluator: {metric: value}}, "results": {...full detail...}}.
+        results = results.get("summary", results)
 
     if args.checkpoint:
         if args.step is not None and args.step < 0:

@@ -156,8 +156,13 @@ def test_untied_export_writes_passage_tower(random_xlmr_path, tmp_path):
 
 def test_cli_hf_reexport(minilm_path, minilm_export, tmp_path, capsys):
     _, _, out = minilm_export
-    assert main(["--hf", str(minilm_path), "--out", str(tmp_path / "cli"), "--passage_len", "256"]) == 0
+    report = tmp_path / "eval.json"  # the shape `python -m mlret.evaluate --out` writes
+    report.write_text(json.dumps({"summary": {"xquad_r": {"multi_map": 0.1234}},
+                                  "results": {"xquad_r": {"mono": {"en": {"map": 0.5}}}}}))
+    assert main(["--hf", str(minilm_path), "--out", str(tmp_path / "cli"), "--passage_len", "256",
+                 "--results", str(report)]) == 0
     assert "exported to" in capsys.readouterr().out
+    assert "| xquad_r | multi_map | 0.1234 |" in (tmp_path / "cli" / "README.md").read_text()
     same_tensors(out, tmp_path / "cli")
     # Pooling and normalisation were read from the source folder's sentence-transformers files.
     assert json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
