@@ -27,7 +27,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-STEPS = 60
+STEPS = 40
 EVAL_EVERY = 20
 
 

@@ -622,9 +622,8 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         f"python scripts/study.py --out {out} --report_only",
         "```",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
-        f"jobs, jax {_version('jax')}, flax {_version('flax')}; report written "
-        f"{datetime.date.today().isoformat()}.",
+        f"Machine: {_cpu_name()}, {os.cpu_count()} CPU cores shared with other jobs, one jax CPU device, jax "
+        f"{_version('jax')}, flax {_version('flax')}. " + _time_span(out),
         "",
     ]
     for model, m in report["models"].items():
@@ -644,7 +643,8 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             lines.append(f"| {row['setting']} | {row['seeds'] or '–'} | " + " | ".join(cells) + " |")
         trained = [r for r in m["rows"] if r["seeds"]]
         if trained:
-            lines += ["", "Mean loss of the first / last 10 steps, and seconds per run (train / eval): " + "; ".join(
+            lines += ["", "Mean loss of the first / last 10 steps, and wall seconds per run (train / eval; the "
+                          "machine was shared, so these vary with its load): " + "; ".join(
                 f"{r['setting']}: {r['first_loss']:.3f} → {r['final_loss']:.3f}, {r['train_seconds']:.0f} s / "
                 f"{r['eval_seconds']:.0f} s" for r in trained) + "."]
         if m["tests"]:
@@ -666,6 +666,30 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         lines.append("")
     lines += [MARK_END]
     return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time_span(out: Path) -> str:
+    """When the runs finished and how much time they took (train + eval, summed over runs)."""
+    runs = [r for m in load_runs(out).values() for r in ([m["zero_shot"]] if m["zero_shot"] else []) +
+            [r for rs in m["runs"].values() for r in rs]]
+    if not runs:
+        return ""
+    done = sorted(r["finished"] for r in runs if r.get("finished"))
+    busy = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in runs)
+    cpu = sum(r.get("train_cpu_seconds", 0.0) for r in runs)
+    return (f"{len(runs)} runs finished between {done[0]} and {done[-1]}; together {busy / 60:.0f} min of wall "
+            f"time in training + evaluation ({cpu / 60:.0f} CPU-min in the train steps alone), two study processes "
+            "running side by side.")
 
 
 def _version(package: str) -> str:
