@@ -230,8 +230,10 @@ class ResourceMonitor:
         return [c for c in self.compiles if c[1] > step]
 
     def rss_growth(self, warmup_step: int, window: float = 0.1) -> dict[str, float]:
-        """Growth of resident memory after warm-up: the largest sample of the last `window` of the steps against
-        the median of the first `window` after `warmup_step`."""
+        """Resident memory after warm-up: the median of the samples in the last `window` of the steps against the
+        median of the first `window` after `warmup_step` ("growth": the steady level, what a leak raises), the
+        same for the largest samples ("peak_growth": evaluations and checkpoint writes come and go, and a 0.5 s
+        sampler catches their peaks only by chance), and a least-squares slope in bytes per 1000 steps."""
         after = [(s, r) for _, s, r in self.samples if s > warmup_step]
         if len(after) < 4:
             raise ValueError(f"ResourceMonitor: only {len(after)} samples after step {warmup_step}; run longer or "
@@ -239,8 +241,15 @@ class ResourceMonitor:
         last_step = after[-1][0]
         span = max(last_step - warmup_step, 1)
         first = sorted(r for s, r in after if s <= warmup_step + window * span) or [after[0][1]]
-        last = [r for s, r in after if s >= last_step - window * span]
-        baseline = float(first[len(first) // 2])
-        final = float(max(last))
-        return {"baseline_bytes": baseline, "final_bytes": final, "growth": final / baseline - 1.0,
-                "max_bytes": float(max(r for _, r in after)), "samples": float(len(after))}
+        last = sorted(r for s, r in after if s >= last_step - window * span)
+        median = lambda xs: float(xs[len(xs) // 2])
+        steps = [float(s) for s, _ in after]
+        rss = [float(r) for _, r in after]
+        ms, mr = sum(steps) / len(steps), sum(rss) / len(rss)
+        var = sum((x - ms) ** 2 for x in steps)
+        slope = sum((x - ms) * (y - mr) for x, y in zip(steps, rss)) / var if var else 0.0
+        return {"baseline_bytes": median(first), "final_bytes": median(last),
+                "growth": median(last) / median(first) - 1.0,
+                "baseline_peak_bytes": float(first[-1]), "final_peak_bytes": float(last[-1]),
+                "peak_growth": last[-1] / first[-1] - 1.0, "slope_bytes_per_1000_steps": 1000.0 * slope,
+                "max_bytes": float(max(rss)), "samples": float(len(after))}
