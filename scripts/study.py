@@ -461,7 +461,7 @@ def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
             m_rep["model_name"] = zs["model_name"]
             m_rep["rows"].append({"setting": "zero-shot", "alpha": None, "seeds": 0,
                                   "metrics": {k: [summary_value(zs, e, k), 0.0] for e, k, _, _ in METRICS}})
-        for alpha in sorted(entry["runs"], key=lambda a: (a not in (MONO, XY, HYBRID), -a)):
+        for alpha in sorted(entry["runs"], key=lambda a: -a):  # X-X-mono (α=1) first, X-Y (α=0) last
             runs = entry["runs"][alpha]
             m_rep["model_name"] = m_rep["model_name"] or runs[0]["model_name"]
             row = {"setting": alpha_label(alpha), "alpha": alpha, "seeds": len(runs), "metrics": {},
@@ -656,8 +656,8 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             for t in m["tests"]:
                 better, worse = (t["wins"], t["losses"]) if t["higher_is_better"] else (t["losses"], t["wins"])
                 lines.append(f"| {t['baseline']} | {t['label']} | {t['unit']} ({t['n']}) | {t['mean_diff']:+.4f} "
-                             f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {better} / {worse} | {t['p']:.4f} | "
-                             f"{t['p_holm']:.4f} |")
+                             f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {better} / {worse} | {fmt_p(t['p'])} | "
+                             f"{fmt_p(t['p_holm'])} |")
         if m["figures"]:
             lines += ["", "Figures: " + ", ".join(f"[{f}]({rel}/{f})" for f in m["figures"]) + ".", ""]
             for f in m["figures"]:
@@ -666,6 +666,10 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         lines.append("")
     lines += [MARK_END]
     return "\n".join(lines)
+
+
+def fmt_p(p: float) -> str:
+    return f"{p:.4f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _cpu_name() -> str:
