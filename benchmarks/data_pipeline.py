@@ -22,8 +22,6 @@ import argparse
 import datetime
 import gzip
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -32,18 +30,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._docs import cpu_model, write_section  # noqa: E402
+
 START, END = "<!-- data-benchmark:start -->", "<!-- data-benchmark:end -->"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f} at start"
 
 
@@ -153,15 +146,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        path = REPO / "docs" / "benchmarks.md"
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        section = f"{START}\n{text}\n{END}"
-        if START in old and END in old:
-            new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, old, flags=re.S)
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(new)
-        print(f"wrote {path}")
+        print(f"wrote {write_section(START, END, text)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,18 +29,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._docs import cpu_model, write_section  # noqa: E402
+
 START, END = "<!-- eval-benchmark:start -->", "<!-- eval-benchmark:end -->"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import jax
 
     dev = jax.devices()
@@ -175,15 +168,7 @@ def main() -> None:
     text = "\n".join(parts)
     print(text)
     if args.write:
-        path = REPO / "docs" / "benchmarks.md"
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        section = f"{START}\n{text}\n{END}"
-        if START in old and END in old:
-            new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, old, flags=re.S)
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(new)
-        print(f"wrote {path}")
+        print(f"wrote {write_section(START, END, text)}")
 
 
 if __name__ == "__main__":

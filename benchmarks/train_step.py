@@ -45,7 +45,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._docs import cpu_model, write_section  # noqa: E402
+
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by jax device_kind substring.
 SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -65,16 +66,7 @@ XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_a
 
 
 def machine() -> str:
-    import platform
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores visible"
 
 
@@ -348,15 +340,7 @@ def main() -> None:
         # One section per (device, models) run, so that runs of different models do not overwrite each other.
         tag = f"{args.device}:{args.models}"
         START, END = f"<!-- train-step-benchmark:{tag}:start -->", f"<!-- train-step-benchmark:{tag}:end -->"
-        path = REPO / "docs" / "benchmarks.md"
-        old = path.read_text()
-        section = f"{START}\n{text}\n{END}"
-        if START in old and END in old:
-            new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, old, flags=re.S)
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(new)
-        print(f"wrote {path}")
+        print(f"wrote {write_section(START, END, text)}")
 
 
 if __name__ == "__main__":
