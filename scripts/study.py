@@ -691,9 +691,9 @@ def _time_span(out: Path) -> str:
     done = sorted(r["finished"] for r in runs if r.get("finished"))
     busy = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in runs)
     cpu = sum(r.get("train_cpu_seconds", 0.0) for r in runs)
-    return (f"{len(runs)} runs finished between {done[0]} and {done[-1]}; together {busy / 60:.0f} min of wall "
-            f"time in training + evaluation ({cpu / 60:.0f} CPU-min in the train steps alone), two study processes "
-            "running side by side.")
+    when = f" finished between {done[0]} and {done[-1]}" if done else ""  # older run files carry no time stamp
+    return (f"{len(runs)} runs{when}; together {busy / 60:.0f} min of wall time in training + evaluation "
+            f"({cpu / 60:.0f} CPU-min in the train steps alone).")
 
 
 def _version(package: str) -> str:
