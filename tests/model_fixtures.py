@@ -12,12 +12,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
 
 XLMR_TOKENIZER_CONFIG = {
     "tokenizer_class": "XLMRobertaTokenizerFast",
     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>", "cls_token": "<s>",
     "pad_token": "<pad>", "mask_token": "<mask>", "model_max_length": 512,
 }
+
+
+def model_config(path, **kw) -> ConfigDict:
+    """A `config.model` section for loading `path` (mean pooling, normalised, float32) with overrides."""
+    c = dict(name=str(path), pooling="mean", normalize=True, query_prefix="", passage_prefix="", tied=True,
+             compute_dtype="float32", param_dtype="float32", remat=False)
+    c.update(kw)
+    return ConfigDict(c)
 
 
 def _perturb_(model, seed: int) -> None:

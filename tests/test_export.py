@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from ml_collections import ConfigDict
 from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 from mlret.export import PASSAGE_TOWER_DIR, export_model, main
 from mlret.models import load_dual_encoder
+from model_fixtures import model_config
 
 TOL = 1e-4
-
-
-def model_config(path, **kw) -> ConfigDict:
-    c = dict(name=str(path), pooling="mean", normalize=True, query_prefix="", passage_prefix="", tied=True,
-             compute_dtype="float32", param_dtype="float32", remat=False)
-    c.update(kw)
-    return ConfigDict(c)
 
 
 @jax.jit
