@@ -107,6 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.log_every = 10
     c.train.grad_cache_chunk = 0  # >0: encode the global batch in chunks of this many pairs (GradCache)
+    # jax's persistent compilation cache: programs that took over a second to compile are kept here and loaded,
+    # not recompiled, by a restarted / resumed run or any later run with the same shapes and mesh ("": off;
+    # JAX_COMPILATION_CACHE_DIR, when set, wins). Local path or a gs:// bucket shared by a pod's workers.
+    c.train.compilation_cache_dir = "~/.cache/mlret/jax-compilation"
     # Fault injection (robustness tests): comma-separated steps whose batch gets an out-of-vocabulary token id,
     # i.e. NaN embeddings, loss and gradients (mlret/faults.py). "" in real runs.
     c.train.inject_nan_steps = ""

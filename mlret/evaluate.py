@@ -118,12 +118,15 @@ def main(argv: list[str]) -> None:
     if not f["out"]:
         raise app.UsageError("--out F.json is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    if f["distributed"]:
-        from mlret import parallel
+    from mlret import parallel
+    from mlret.config import default_config
 
+    if f["distributed"]:
         parallel.initialize_distributed()
     from mlret.eval import format_table
 
+    # The evaluation config's field (a --checkpoint run without --config: the default cache).
+    parallel.enable_compilation_cache((f["config"] or default_config()).train.compilation_cache_dir)
     report = evaluate(f["config"], hf=f["hf"], checkpoint=f["checkpoint"], step=f["step"], out=f["out"])
     print(format_table(report["results"]))
     print(f"wrote {f['out']}")

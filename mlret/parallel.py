@@ -61,6 +61,23 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 # Mesh.
 
 
+def enable_compilation_cache(path: str) -> str | None:
+    """Turn on jax's persistent compilation cache in `path` (a restarted run then loads its train step and
+    encoders instead of compiling them again). JAX_COMPILATION_CACHE_DIR, when set, wins; "" leaves it off.
+    Call before the first compilation: jax reads the setting once per process. Returns the directory used."""
+    import os
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]  # jax read it at import
+    if not path:
+        return None
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+        os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes of the mesh from `config.mesh`.
 

@@ -17,6 +17,7 @@ waits for its pending checkpoint writes after step N and then kills itself with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,27 @@ def _kill_after_step() -> int:
     return int(value) if value else -1
 
 
+@contextlib.contextmanager
+def _compile_report(what: str) -> Iterator[None]:
+    """Log how long the block took and whether jax's persistent compilation cache supplied its program."""
+    import jax
+
+    hits: list[str] = []
+
+    def listen(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listen)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    log.info("%s traced and compiled in %.1f s%s", what, time.perf_counter() - t0,
+             " (loaded from the persistent compilation cache)" if hits else "")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> TrainResult:
     """Run (or resume) training in `workdir` to `config.train.steps`. Call `validate_run` first."""
     import jax
@@ -243,7 +266,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
                 log.warning("config.train.inject_nan_steps: poisoning the batch of step %d", step + 1)
                 local = faults.poison_batch(local)
             batch_type = int(local["batch_type"][0])
-            state, metrics = trainer.step(state, trainer.global_batch(local))
+            batch = trainer.global_batch(local)
+            if step == start:  # the first call traces and compiles the step, or loads it from the cache
+                with _compile_report("train step"):
+                    state, metrics = trainer.step(state, batch)
+            else:
+                state, metrics = trainer.step(state, batch)
             step += 1
             if pending is not None:
                 handle(pending)  # the previous step's metrics, while this step runs on the devices
@@ -391,6 +419,8 @@ def main(argv: list[str]) -> None:
     from mlret import parallel
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
+    log.info("persistent compilation cache: %s", cache or "off (config.train.compilation_cache_dir)")
     try:
         validate_run(config, jax.device_count(), jax.process_count())
     except ConfigError as e:

@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -47,7 +46,9 @@ import numpy as np
 from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from benchmarks._docs import cpu_model  # noqa: E402
 
 
 def define_flags() -> dict[str, Any]:
@@ -595,9 +596,9 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             "Setup, scaled down to the 2-core CPU of this machine (every reduction is listed; `configs/paper.py` "
             "holds the full-size experiment):",
             "",
-            f"- Training data: MLQA-R units (7 languages: ar de en es hi vi zh), the offline stand-in for the paper's "
-            f"translated QA data. Evaluation is zero-shot on XQuAD-R (11 languages; el, ru, th, tr unseen in "
-            f"training) and Tatoeba.",
+            "- Training data: MLQA-R units (7 languages: ar de en es hi vi zh), the offline stand-in for the paper's "
+            "translated QA data. Evaluation is zero-shot on XQuAD-R (11 languages; el, ru, th, tr unseen in "
+            "training) and Tatoeba.",
             f"- Batch {d['global_batch']} pairs (paper: 100), 1 hard negative each (the paragraph's nearest other "
             f"sentence); query length {d['query_len']}, passage length {d['passage_len']} in training.",
             f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW lr {o['learning_rate']:g} (paper: "
@@ -622,7 +623,7 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         f"python scripts/study.py --out {out} --report_only",
         "```",
         "",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} CPU cores shared with other jobs, one jax CPU device, jax "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores shared with other jobs, one jax CPU device, jax "
         f"{_version('jax')}, flax {_version('flax')}. " + _time_span(out),
         "",
     ]
@@ -670,16 +671,6 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
 
 def fmt_p(p: float) -> str:
     return f"{p:.4f}" if p >= 0.001 else f"{p:.1e}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _time_span(out: Path) -> str:

@@ -8,8 +8,6 @@ short static lengths (the pipeline's properties do not depend on the model).
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -22,6 +20,7 @@ from mlret.config import ConfigError, default_config
 from mlret.data import pipeline
 from mlret.data.units import LANGUAGES, MONOLINGUAL, DataError, LangText, ParallelUnit, dumps_unit
 from mlret.models import TextTokenizer
+from scale_runs import free_port, run_together
 
 Lq, Lp = 16, 24
 
@@ -222,12 +221,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_form_the_one_process_global_batch(shared_data, tfds_dir, tok, sources, minilm_path,
                                                          tmp_path):
     data = {"data_dir": str(shared_data), "tfds_dir": str(tfds_dir), "sources": [{"name": "mlqa_r", "path": "mlqa-r"}],
@@ -236,20 +229,10 @@ def test_two_processes_form_the_one_process_global_batch(shared_data, tfds_dir, 
     script.write_text(_WORKER)
     out = tmp_path / "global.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(out), json.dumps(data),
-                               str(minilm_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
-    finally:
-        for p in procs:  # a dead peer leaves the other waiting: never leave one behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    port = free_port()
+    procs = run_together([[sys.executable, str(script), str(port), str(i), str(out), json.dumps(data),
+                           str(minilm_path)] for i in range(2)], [env, env], 240, tmp_path / "logs")
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     got = np.load(out)
     config = _config(shared_data, tfds_dir, alpha=0.5)
     one = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1, sources=sources)

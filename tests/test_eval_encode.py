@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from mlret import parallel
 from mlret.config import default_config
 from mlret.eval.encode import ShardedEmbedder, bucket_length, place_model
 from mlret.models import load_dual_encoder
+from scale_runs import free_port, run_together
 
 REQUIRED = {"mono_map", "cross_map", "multi_map", "mono_r1", "cross_r1", "multi_r10", "mrr", "rank_distance"}
 
@@ -129,12 +129,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_encode_like_one(tiny, random_bert_path, shared_data, xquad_sentences, tmp_path):
     """2 processes x 4 devices: both get every embedding, equal to one process's, and the same metrics."""
     model, tok = tiny
@@ -143,20 +137,11 @@ def test_two_processes_encode_like_one(tiny, random_bert_path, shared_data, xqua
     script.write_text(_WORKER)
     out = tmp_path / "emb"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(out), str(random_bert_path),
-                               str(shared_data), json.dumps(texts)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
-    finally:
-        for p in procs:  # a dead peer leaves the other waiting: never leave one behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    port = free_port()
+    procs = run_together([[sys.executable, str(script), str(port), str(i), str(out), str(random_bert_path),
+                           str(shared_data), json.dumps(texts)] for i in range(2)], [env, env], 300,
+                         tmp_path / "logs")
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     got = [np.load(f"{out}.{i}.npz") for i in range(2)]
     metrics = [json.loads(Path(f"{out}.{i}.json").read_text()) for i in range(2)]
     b = tok.passages(texts)

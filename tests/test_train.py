@@ -1,11 +1,9 @@
 """`python -m mlret.train` end to end on a tiny random BERT and MLQA-R units, in subprocesses on 4 simulated CPU
-devices: exact resume after SIGKILL, two processes equal to one, a checkpoint on SIGTERM, config errors naming
+devices: exact resume after SIGKILL (its runs load the step from the persistent compilation cache), two processes equal to one, a checkpoint on SIGTERM, config errors naming
 the field; and, in process, periodic evaluation feeding the best checkpoint."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import pytest
 
 from mlret.config import ConfigError, default_config
 from mlret.metrics_log import read_metrics
+from scale_runs import free_port, run_together, train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.py")
@@ -29,16 +28,15 @@ def tiny_args(random_bert_path, shared_data, tmp_path_factory):
     return [f"--config.model.name={random_bert_path}", f"--config.data.data_dir={shared_data}",
             f"--config.data.tfds_dir={tfds_dir}", "--config.data.global_batch=8", "--config.data.query_len=16",
             "--config.data.passage_len=32", "--config.optim.learning_rate=1e-3", "--config.optim.warmup_steps=5",
-            "--config.train.log_every=1", "--config.mesh.simulated_cpu_devices=4"]
-
-
-def train_cmd(workdir, args, *extra):
-    return [sys.executable, "-m", "mlret.train", "--config", SMOKE, "--workdir", str(workdir), *args, *extra]
+            "--config.train.log_every=1", "--config.mesh.simulated_cpu_devices=4",
+            f"--config.train.compilation_cache_dir={tmp_path_factory.mktemp('jax-cache')}"]
 
 
 def env(**extra):
     e = dict(os.environ)
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even the tiny model's quick compilations
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)  # the config field decides
     e.update(extra)
     return e
 
@@ -87,6 +85,11 @@ def test_exact_resume_after_sigkill(tiny_args, run_a, tmp_path, random_bert_path
     resumed = run(train_cmd(tmp_path / "b", common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
+    # run_a compiled the step into config.train.compilation_cache_dir; the same step is loaded, not recompiled.
+    assert "train step traced and compiled in" in a.stderr
+    for later in (killed, resumed):
+        assert "train step traced and compiled in" in later.stderr
+        assert "(loaded from the persistent compilation cache)" in later.stderr, later.stderr[-3000:]
 
     la, lb = losses(workdir_a), losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 41))  # the interrupted steps 21-25 were dropped, then rerun
@@ -115,22 +118,15 @@ def test_exact_resume_after_sigkill(tiny_args, run_a, tmp_path, random_bert_path
 def test_two_processes_equal_one_process(tiny_args, run_a, tmp_path):
     """Two processes x 2 devices (jax.distributed over localhost) = one process x 4 devices: each host feeds its
     half of every global batch. Steps 1-6 of run A used the same learning rates (warm-up is 5 steps)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(
-        train_cmd(tmp_path, tiny_args, "--config.train.steps=6", "--config.checkpoint.every=0",
-                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env=env(XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:  # a dead peer leaves the other waiting on collectives: never leave it running
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    port = free_port()
+    procs = run_together(
+        [train_cmd(tmp_path, tiny_args, "--config.train.steps=6", "--config.checkpoint.every=0",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+         for i in range(2)],
+        [env(XLA_FLAGS="--xla_force_host_platform_device_count=2")] * 2, 400, tmp_path / "logs")
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    outs = [(p.stdout, p.stderr) for p in procs]
     assert "finished at step 6" in outs[0][0] and "finished at step" not in outs[1][0]  # process 0 reports
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
         os.listdir(tmp_path / "checkpoints" / "6" / "data"))  # each host's iterator state
