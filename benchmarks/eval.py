@@ -114,7 +114,7 @@ def _truncated_metrics(ranks: np.ndarray, n_rel: np.ndarray, k: int) -> list[str
 
 def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, batch_size: int,
                      shared_data: Path, cache: str | None):
-    """(langs, question embeddings [Q, D], candidate embeddings [N, D], encoding row or None if cached)."""
+    """(langs, question embeddings [Q, D], candidate embeddings [N, D], [encoding seconds, texts/s, load])."""
     from mlret.eval.lareqa import XQUAD_R_LANGUAGES, load
 
     langs = load(str(shared_data / "xquad-r"), XQUAD_R_LANGUAGES)
@@ -123,7 +123,7 @@ def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, ba
         with np.load(cache) as z:
             if str(z["key"]) == str(key):
                 print(f"embeddings from {cache}", flush=True)
-                return langs, z["questions"], z["candidates"], None
+                return langs, z["questions"], z["candidates"], [str(v) for v in z["encoding"]]
             print(f"{cache} holds embeddings of {z['key']}: encoding again", flush=True)
     from mlret import parallel
     from mlret.config import default_config
@@ -143,12 +143,11 @@ def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, ba
     q = emb.queries(questions)
     cands = emb.passages(sentences)
     t = time.perf_counter() - t0
-    row = [f"{len(questions)} questions + {len(sentences)} sentences (all of XQuAD-R), max 64 / 256 tokens",
-           "on", f"{t:.1f}", f"{(len(questions) + len(sentences)) / t:.0f}", "-"]
-    print(row, "(compilation included)", flush=True)
+    row = [f"{t:.1f}", f"{(len(questions) + len(sentences)) / t:.0f}", f"{os.getloadavg()[0]:.1f}"]
+    print(f"encoded in {row[0]} s with compilation, {row[1]} texts/s, load average {row[2]}", flush=True)
     if cache:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        np.savez(cache, key=key, questions=q, candidates=cands)
+        np.savez(cache, key=key, questions=q, candidates=cands, encoding=np.array(row))
     return langs, q, cands, row
 
 
@@ -277,12 +276,14 @@ def main() -> None:
         langs, q, c, enc_row = xquad_embeddings(model_path, args.query_prefix, args.passage_prefix,
                                                 args.batch_size, Path(args.shared_data), args.embeddings)
         rows = bench_xquad(langs, q, c, args.k)
-        name = os.path.basename(model_path.rstrip("/"))
+        name = ("all-MiniLM-L6-v2" if args.xquad_model is None
+                else os.path.basename(os.path.normpath(model_path)))
         prefixes = (f", prefixes {args.query_prefix!r} / {args.passage_prefix!r}"
                     if args.query_prefix or args.passage_prefix else "")
         xquad.append(f"XQuAD-R, multilingual pool: {len(q):,} questions (11 languages) against all {len(c):,} "
                      f"candidate sentences, top {args.k}, embeddings of {name}{prefixes}"
-                     + (f" (encoded in {enc_row[2]} s with compilation, {enc_row[3]} texts/s)" if enc_row else "")
+                     + f" (encoded in {enc_row[0]} s with compilation, {enc_row[1]} texts/s, load average "
+                     f"{enc_row[2]}, global batch {args.batch_size}, length buckets on, max 64 / 256 tokens)"
                      + f". Recall@{args.k} is against exact search on every question; mAP@{args.k}, R@10 and "
                      "MRR@10 are the truncated-ranking metrics over each question's relevant sentences (one per "
                      "language that has the answer). The exact top-k agrees with the evaluator's full-ranking "

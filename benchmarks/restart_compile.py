@@ -44,6 +44,7 @@ def run(config: str, workdir: Path, steps: int, cache: str, extra: list[str],
     """(compile seconds from the log, process wall seconds, loaded from the cache?) of one training process."""
     cmd = [sys.executable, "-m", "mlret.train", "--config", config, "--workdir", str(workdir),
            f"--config.train.steps={2 * steps}", f"--config.checkpoint.every={steps}",
+           f"--config.optim.warmup_steps={steps}",
            f"--config.train.compilation_cache_dir={cache}", *extra]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the config field decides
     if kill_after:
