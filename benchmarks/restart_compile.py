@@ -89,7 +89,8 @@ def main() -> None:
         f"Date: {datetime.date.today().isoformat()}\n",
         f"`{args.config}`, each row a fresh `python -m mlret.train` process. \"compile s\" is the first step's "
         "dispatch as the loop logs it (trace + compile, or trace + load from the cache); \"process s\" is the "
-        "whole process (imports, model, data, checkpoints, the steps, exit). The cache held "
+        f"whole process (imports, model, data, checkpoints, the steps, exit; the rows train {2 * args.steps}, "
+        f"{args.steps} and {args.steps} steps). The cache held "
         f"{size:.1f} MiB afterwards.\n",
         "| run | compile s | loaded from cache | process s |",
         "|---|---|---|---|",
