@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 from benchmarks._docs import cpu_model, write_section  # noqa: E402
 
 START, END = "<!-- eval-benchmark:start -->", "<!-- eval-benchmark:end -->"
-XQ_START, XQ_END = "<!-- eval-xquad-benchmark:start -->", "<!-- eval-xquad-benchmark:end -->"
 
 
 def machine() -> str:
@@ -261,7 +260,8 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     stamp = f"Command: `{command}`  \nMachine: {info}  \nDate: {date}\n"
     parts = ["## Evaluation: encoding throughput and exact vs ScaNN search\n", stamp]
-    xquad = ["## Evaluation: exact vs ScaNN on XQuAD-R embeddings\n", stamp]
+    xquad = [stamp]
+    xquad_tag = ""
     if not args.skip_encoding:
         rows = bench_encoding(args.texts, args.batch_size, Path(args.shared_data))
         parts.append("Encoding (all-MiniLM-L6-v2, `ShardedEmbedder`, global batch "
@@ -278,6 +278,8 @@ def main() -> None:
         rows = bench_xquad(langs, q, c, args.k)
         name = ("all-MiniLM-L6-v2" if args.xquad_model is None
                 else os.path.basename(os.path.normpath(model_path)))
+        xquad_tag = name
+        xquad.insert(0, f"## Evaluation: exact vs ScaNN on XQuAD-R embeddings of {name}\n")
         prefixes = (f", prefixes {args.query_prefix!r} / {args.passage_prefix!r}"
                     if args.query_prefix or args.passage_prefix else "")
         xquad.append(f"XQuAD-R, multilingual pool: {len(q):,} questions (11 languages) against all {len(c):,} "
@@ -300,8 +302,10 @@ def main() -> None:
         parts.append(table(["data", "method", "build s", "search s", "queries/s", f"recall@{args.k}"], rows)
                      + "\n")
     # Each part has its own section of docs/benchmarks.md, so that running one part keeps the other's numbers.
+    # The XQuAD-R section is per model, so that runs with different models are kept side by side.
+    xq_start, xq_end = f"<!-- eval-xquad:{xquad_tag}:start -->", f"<!-- eval-xquad:{xquad_tag}:end -->"
     for ran, (start, end, lines) in ((not (args.skip_encoding and args.skip_search), (START, END, parts)),
-                                     (not args.skip_xquad, (XQ_START, XQ_END, xquad))):
+                                     (not args.skip_xquad, (xq_start, xq_end, xquad))):
         if not ran:
             continue
         text = "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,8 +66,6 @@ def enable_compilation_cache(path: str) -> str | None:
     """Turn on jax's persistent compilation cache in `path` (a restarted run then loads its train step and
     encoders instead of compiling them again). JAX_COMPILATION_CACHE_DIR, when set, wins; "" leaves it off.
     Call before the first compilation: jax reads the setting once per process. Returns the directory used."""
-    import os
-
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]  # jax read it at import
     if not path:

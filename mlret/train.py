@@ -267,10 +267,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
                 local = faults.poison_batch(local)
             batch_type = int(local["batch_type"][0])
             batch = trainer.global_batch(local)
-            if step == start:  # the first call traces and compiles the step, or loads it from the cache
-                with _compile_report("train step"):
-                    state, metrics = trainer.step(state, batch)
-            else:
+            # The first call traces and compiles the step, or loads it from the persistent cache.
+            with _compile_report("train step") if step == start else contextlib.nullcontext():
                 state, metrics = trainer.step(state, batch)
             step += 1
             if pending is not None:

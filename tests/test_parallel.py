@@ -97,3 +97,28 @@ def test_global_batch_from_host_slice():
     assert batch["passage_ids"].shape == (8, 3, 5)  # one process: the slice is the whole batch
     assert batch["unit_id"].sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(batch["unit_id"]), local["unit_id"])
+
+
+def test_enable_compilation_cache_follows_the_config_field_and_the_environment(tmp_path):
+    """In a subprocess (jax reads the cache setting once per process): "" leaves the cache off, a path with ~ is
+    expanded, created and handed to jax, and JAX_COMPILATION_CACHE_DIR overrides the field."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, jax\n"
+              "from mlret import parallel\n"
+              "print(parallel.enable_compilation_cache(sys.argv[1]), jax.config.jax_compilation_cache_dir)\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+
+    def run(field, **extra):
+        p = subprocess.run([sys.executable, "-c", script, field], capture_output=True, text=True,
+                           env={**env, **extra}, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.split()
+
+    assert run("") == ["None", "None"]
+    want = str(tmp_path / "cache" / "jax")
+    assert run("~/cache/jax") == [want, want] and os.path.isdir(want)
+    assert run("~/cache/jax", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "env")) == [str(tmp_path / "env")] * 2
