@@ -8,7 +8,8 @@ passes on TPUs) and are comparable between runs and machines.
   candidate index (lower first), so the result is deterministic.
 * `ScannIndex.search` builds a ScaNN searcher (k-means tree + anisotropic asymmetric hashing + exact
   reordering); its output is re-sorted by (score desc, index asc) so that ties at least inside the returned list
-  follow the same rule.
+  follow the same rule. The scann builder takes no seed, and the same embeddings and options give slightly
+  different neighbours in different processes (identical within one).
 * `build_index(candidates, RetrievalOptions)` picks exact search up to `scann_threshold` candidates and ScaNN
   above it; `search_topk` also measures ScaNN's recall@k against exact search on a sample of queries and logs it.
 * `relevant_ranks` gives the exact 1-based rank of every relevant candidate in the *full* ranking (1 + the
