@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -255,7 +256,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = p.parse_args()
 
-    command = "python benchmarks/eval.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/eval.py " + shlex.join(sys.argv[1:])
     info = machine()
     date = datetime.date.today().isoformat()
     stamp = f"Command: `{command}`  \nMachine: {info}  \nDate: {date}\n"
