@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--models minilm,xlmr-base] [--batch 16,8] [--query-len 64]
         [--passage-len 256] [--group-size 2] [--steps 3] [--warmup 1] [--device cpu|gpu] [--no-torch]
-        [--synthetic] [--write]
+        [--dtype float32|bfloat16] [--synthetic] [--write]
 
 For each model: the mlret step (mlret.step.Trainer: encoder, in-batch + hard-negative InfoNCE, AdamW with
 clipping, the non-finite guard) is compiled ahead of time (`.lower().compile()`, timed on its own), then fed
@@ -253,12 +253,15 @@ def main() -> None:
                    help="config.model.remat (1/0); default: on for gpu (XLM-R base at batch 512, lengths "
                         "64/256: by a rough count, more activations than 80 GB without it; the recomputation "
                         "is not counted in the MFU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of both frameworks (default: bfloat16 on gpu, float32 on cpu; bfloat16 on "
+                        "cpu rehearses the gpu settings on a small batch)")
     p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
-    args.dtype = "bfloat16" if args.device == "gpu" else "float32"
+    args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     args.remat = bool(args.remat) if args.remat >= 0 else args.device == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
     import jax
