@@ -27,6 +27,12 @@ def cpu_summary() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores visible"
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, the separator and one line per row (cells as str())."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
+
+
 def write_section(start: str, end: str, text: str, path: Path = BENCHMARKS_MD) -> Path:
     """Replace the text between the markers `start` and `end` in `path`, or append it with its markers."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"

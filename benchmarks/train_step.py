@@ -56,7 +56,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._docs import cpu_model, write_section  # noqa: E402
+from benchmarks._docs import cpu_model, markdown_table, write_section  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by jax device_kind substring.
 SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -331,10 +331,8 @@ def main() -> None:
         "B (6 N s_q + 12 L h s_q^2) + B G (6 N s_p + 12 L h s_p^2) + 6 B^2 G h, N = L (4 h^2 + 2 h i) "
         f"(matmul weights of the blocks). Torch: {os.cpu_count()} threads, "
         "same weights, first batch of the pipeline, dropout on (sentence-transformers training mode).\n",
-        "| model | framework | batch | compile s | step s | examples/s | tokens/s | TFLOP/step | MFU "
-        "| data wait |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *("| " + " | ".join(str(x) for x in r) + " |" for r in rows),
+        markdown_table(["model", "framework", "batch", "compile s", "step s", "examples/s", "tokens/s",
+                        "TFLOP/step", "MFU", "data wait"], rows),
         "",
         *(f"- {x}" for x in notes),
     ])

@@ -1,6 +1,7 @@
 """`python -m mlret.train` end to end on a tiny random BERT and MLQA-R units, in subprocesses on 4 simulated CPU
-devices: exact resume after SIGKILL (its runs load the step from the persistent compilation cache), two processes equal to one, a checkpoint on SIGTERM, config errors naming
-the field; and, in process, periodic evaluation feeding the best checkpoint."""
+devices: exact resume after SIGKILL (its runs load the step from the persistent compilation cache), two processes
+equal to one, a checkpoint on SIGTERM, config errors naming the field; and, in process, periodic evaluation
+feeding the best checkpoint."""
 
 import os
 import signal
@@ -18,7 +19,6 @@ from mlret.metrics_log import read_metrics
 from scale_runs import free_port, run_together, train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = str(REPO / "configs" / "smoke.py")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,7 @@ def test_two_processes_equal_one_process(tiny_args, run_a, tmp_path):
         [env(XLA_FLAGS="--xla_force_host_platform_device_count=2")] * 2, 400, tmp_path / "logs")
     for p in procs:
         assert p.returncode == 0, p.stderr[-3000:]
-    outs = [(p.stdout, p.stderr) for p in procs]
-    assert "finished at step 6" in outs[0][0] and "finished at step" not in outs[1][0]  # process 0 reports
+    assert "finished at step 6" in procs[0].stdout and "finished at step" not in procs[1].stdout  # process 0 reports
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
         os.listdir(tmp_path / "checkpoints" / "6" / "data"))  # each host's iterator state
     ours, theirs = losses(tmp_path), losses(run_a[0])

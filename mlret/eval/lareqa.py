@@ -146,15 +146,24 @@ def _means(per_query: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: float(np.mean(v)) if len(v) else float("nan") for k, v in per_query.items()}
 
 
+def multi_relevant(langs: dict[str, LareqaLanguage]) -> dict[str, list[list[int]]]:
+    """The multilingual setting's gold: per query language, for each of its questions, the indices of the answer
+    sentences of every language in the pool of all candidates (the languages' sentences concatenated in order)."""
+    order = list(langs)
+    offsets = np.cumsum([0] + [len(langs[x].sentences) for x in order])
+    golds = {x: langs[x].gold_by_id() for x in order}
+    return {x: [[int(offsets[j]) + golds[y][q] for j, y in enumerate(order) if q in golds[y]]
+                for q in langs[x].question_ids] for x in order}
+
+
 def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, np.ndarray],
                         cand_emb: dict[str, np.ndarray], settings: Sequence[str] = SETTINGS,
                         map_k: int = 0) -> dict[str, Any]:
     """All LAReQA metrics from per-language query and candidate embeddings (pure: no model, no I/O)."""
     order = list(langs)
-    offsets = np.cumsum([0] + [len(langs[x].sentences) for x in order])
-    offset = {x: int(offsets[i]) for i, x in enumerate(order)}
     all_cands = np.concatenate([cand_emb[x] for x in order], axis=0)
     golds = {x: langs[x].gold_by_id() for x in order}
+    multi = multi_relevant(langs) if "multi" in settings else {}
     result: dict[str, Any] = {"languages": order, "mono": {}, "cross": {}, "multi": {}, "queries": {}}
 
     for x in order:
@@ -176,7 +185,7 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
                 else:
                     result["cross"].setdefault(x, {})[y] = m
         if "multi" in settings:
-            rel = [[offset[y] + golds[y][q] for y in order if q in golds[y]] for q in langs[x].question_ids]
+            rel = multi[x]
             ranks = relevant_ranks(qx, all_cands, rel)
             n_rel = np.array([len(r) for r in rel], dtype=np.float64)
             m = _means(_per_query(ranks, n_rel, map_k, multi=True))
@@ -185,7 +194,7 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
             result["multi"][x] = m
 
     result["candidates"] = {x: len(langs[x].sentences) for x in order}
-    result["candidates_total"] = int(offsets[-1])
+    result["candidates_total"] = len(all_cands)
     result["summary"] = summarize(result, map_k)
     return result
 

@@ -214,15 +214,19 @@ def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions | None = 
     return ExactIndex(candidates, opts.chunk_elements)
 
 
+def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k, from two [Q, k] index arrays."""
+    hits = [len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / exact.shape[1])
+
+
 def recall_against_exact(index, queries: np.ndarray, k: int, sample: int, seed: int = 0) -> float:
-    """Mean |approx top-k ∩ exact top-k| / k on a seeded sample of queries."""
+    """`topk_recall` of the index against exact search on a seeded sample of queries."""
     rng = np.random.default_rng(seed)
     n = min(sample, len(queries))
     pick = np.sort(rng.choice(len(queries), size=n, replace=False))
     approx = index.search(queries[pick], k).indices
-    exact = ExactIndex(index.candidates).search(queries[pick], k).indices
-    hits = [len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx, exact)]
-    return float(np.mean(hits) / exact.shape[1])
+    return topk_recall(approx, ExactIndex(index.candidates).search(queries[pick], k).indices)
 
 
 def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
