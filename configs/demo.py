@@ -23,9 +23,10 @@ override any field on the command line, e.g. `--config.train.steps=200 --config.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+
+from mlret.config import load_config_module
 
 STEPS = 40
 EVAL_EVERY = 20
@@ -33,10 +34,7 @@ EVAL_EVERY = 20
 
 def _study_module():
     # configs/ is not a package: load the sibling file by path so that the demo and the study share one scale.
-    spec = importlib.util.spec_from_file_location("mlret_study_config", Path(__file__).with_name("study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_config_module(Path(__file__).with_name("study.py"))
 
 
 def get_config():

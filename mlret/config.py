@@ -8,7 +8,11 @@ then rejects impossible combinations, naming the field, before anything compiles
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -222,6 +226,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _check(ok: bool, field: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}: {why}")
+
+
+def load_config_module(path: str | os.PathLike[str]) -> ModuleType:
+    """A config file as a module (configs/ is not a package): what `--config path` reads, by its path."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"mlret_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str | os.PathLike[str], arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config()` (or `get_config(arg)`) of a config file, as `--config path[:arg]` gives it."""
+    module = load_config_module(path)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Set fields from `field=value` text (`train.steps=100`, `eval.xquad_r.languages=en,de`; a leading
+    `--config.` is dropped), each value parsed as the field's current type: bool from 1/true/yes (anything else
+    is False), int (also from "1e3"), float, else the string."""
+    for item in overrides:
+        field, sep, value = item.removeprefix("--config.").partition("=")
+        if not sep:
+            raise ConfigError(f"{item!r}: expected field=value")
+        *parents, leaf = field.split(".")
+        try:
+            node = config
+            for p in parents:
+                node = node[p]
+            current = node[leaf]
+        except KeyError:
+            raise ConfigError(f"config.{field}: no such config field; the schema is mlret/config.py") from None
+        if isinstance(current, bool):
+            node[leaf] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, int):
+            node[leaf] = int(float(value))
+        elif isinstance(current, float):
+            node[leaf] = float(value)
+        else:
+            node[leaf] = value
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

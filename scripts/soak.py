@@ -157,16 +157,10 @@ def kill(args: argparse.Namespace) -> tuple[bool, str]:
 
 def memory_config(model: Path, data_dir: Path, tfds_dir: Path, steps: int, eval_every: int, checkpoint_every: int):
     """configs/smoke.py with the tiny-run overrides and periodic evaluation on a slice of XQuAD-R."""
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
-    c = smoke.get_config()
-    for arg in run_overrides(model, data_dir, tfds_dir, steps, checkpoint_every):
-        key, value = arg[len("--config."):].split("=", 1)
-        section, name = key.split(".")
-        c[section][name] = type(c[section][name])(value)
+    from mlret.config import apply_overrides, load_config_file
+
+    c = load_config_file(REPO / "configs" / "smoke.py")
+    apply_overrides(c, run_overrides(model, data_dir, tfds_dir, steps, checkpoint_every))
     c.mesh.data = DEVICES
     c.checkpoint.keep = 2
     c.train.log_every = 10

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import importlib.util
 import json
 import logging
 import math
@@ -107,26 +106,13 @@ TESTED = [
 
 def load_config(model_key: str, overrides: Sequence[str]) -> Any:
     """configs/study.py:<model_key> with `field=value` overrides (the value parsed as the field's type)."""
-    spec = importlib.util.spec_from_file_location("mlret_study_config", REPO / "configs" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(model_key)
-    for item in overrides:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--set {item!r}: expected field=value")
-        *parents, leaf = field.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        current = node[leaf]
-        if isinstance(current, bool):
-            parsed: Any = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, (int, float)):
-            parsed = type(current)(float(value)) if isinstance(current, int) else float(value)
-        else:
-            parsed = value
-        node[leaf] = parsed
+    from mlret.config import ConfigError, apply_overrides, load_config_file
+
+    config = load_config_file(REPO / "configs" / "study.py", model_key)
+    try:
+        apply_overrides(config, overrides)
+    except ConfigError as e:
+        raise app.UsageError(f"--set {e}") from None
     return config
 
 

@@ -3,12 +3,11 @@ in the paper configs; the demo's documented fields follow the environment; missi
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from mlret.config import ConfigError, validate
+from mlret.config import ConfigError, load_config_file, load_config_module, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -18,10 +17,7 @@ PAPER_BATCHING = {"mono": 1.0, "xy": 0.0, "hybrid": 0.5}
 
 
 def load_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_config_module(CONFIGS / name)
 
 
 def validate_run(config, num_devices: int = 4):
@@ -80,8 +76,7 @@ def test_paper_runlocal_reads_only_offline_data(shared_data, minilm_path, monkey
                                       ("study.py", "me5"), ("study.py", "minilm")])
 def test_every_other_config_validates(name, arg, shared_data, monkeypatch):
     monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
-    module = load_module(name)
-    c = module.get_config() if arg is None else module.get_config(arg)
+    c = load_config_file(CONFIGS / name, arg)
     validate(c)
     from mlret.preflight import missing_data
 
@@ -123,3 +118,19 @@ def test_demo_without_data_names_every_file_and_its_source(monkeypatch, tmp_path
     # With the data present the same config passes.
     monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
     validate_run(load_module("demo.py").get_config(), num_devices=1)
+
+
+def test_apply_overrides_parses_each_value_as_its_fields_type():
+    from mlret.config import apply_overrides, default_config
+
+    c = default_config()
+    apply_overrides(c, ["--config.train.steps=1e3", "data.alpha=0.25", "model.remat=true",
+                        "eval.xquad_r.languages=en,de", "--config.model.normalize=no"])
+    assert c.train.steps == 1000 and isinstance(c.train.steps, int)
+    assert c.data.alpha == 0.25
+    assert c.model.remat is True and c.model.normalize is False
+    assert c.eval.xquad_r.languages == "en,de"
+    with pytest.raises(ConfigError, match="'train.steps': expected field=value"):
+        apply_overrides(c, ["train.steps"])
+    with pytest.raises(ConfigError, match="config.train.stepz: no such config field"):
+        apply_overrides(c, ["train.stepz=3"])

@@ -4,24 +4,19 @@ numbers the periodic evaluation logged inside training at that step."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
 import pytest
 
+from mlret.config import load_config_file
 from mlret.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def smoke_config():
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
-    return smoke.get_config()
+    return load_config_file(REPO / "configs" / "smoke.py")
 
 
 def eval_section(c, shared_data):

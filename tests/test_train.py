@@ -6,7 +6,6 @@ feeding the best checkpoint."""
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from mlret.config import ConfigError, default_config
+from mlret.config import ConfigError, apply_overrides, default_config, load_config_file
 from mlret.metrics_log import read_metrics
 from scale_runs import free_port, run_together, train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.py"
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +163,8 @@ def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
 
     from mlret.train import validate_run
 
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
-
     def config(**fields):
-        c = smoke.get_config()
+        c = load_config_file(SMOKE)
         c.model.name = str(random_bert_path)
         for k, v in fields.items():
             section, name = k.split("__")
@@ -195,16 +189,8 @@ def test_periodic_eval_picks_the_best_checkpoint(tiny_args, tmp_path):
     from mlret.checkpoint import Checkpointer
     from mlret.train import train, validate_run
 
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import smoke
-    finally:
-        sys.path.pop(0)
-    c = smoke.get_config()
-    for arg in tiny_args:
-        key, value = arg[len("--config."):].split("=", 1)
-        section, name = key.split(".")
-        c[section][name] = type(c[section][name])(value)
+    c = load_config_file(SMOKE)
+    apply_overrides(c, tiny_args)
     c.mesh.data = 8
     c.train.steps = 6
     c.eval.every = 2

@@ -4,21 +4,19 @@ finished run started again evaluates once and exports the same weights."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import numpy as np
 from safetensors.numpy import load_file
 
+from mlret.config import load_config_file
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(random_bert_path, shared_data, tfds_dir):
-    spec = importlib.util.spec_from_file_location("smoke_cfg", REPO / "configs" / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config_file(REPO / "configs" / "smoke.py")
     c.model.name = str(random_bert_path)
     c.data.data_dir = str(shared_data)
     c.data.tfds_dir = str(tfds_dir)
