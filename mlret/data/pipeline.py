@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -34,7 +34,7 @@ from mlret.data import tfds_builders
 from mlret.data.schedule import (STREAM_NEGATIVES, BatchPlan, HybridSchedule, ScheduleSpec, UnitIndex,
                                  parse_lang_weights, text_hash)
 from mlret.data.sources import SourceSpec, parse_sources
-from mlret.data.units import LANG_INDEX, LANGUAGES, DataError, ParallelUnit
+from mlret.data.units import LANGUAGES, DataError, ParallelUnit
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +137,12 @@ def _process_index() -> int:
 
 def build_index(sources: Sources, *, chunk: int = 1024) -> UnitIndex:
     """Scan every unit once (languages, positive hashes, negative counts) into the schedule's index."""
-    rows: list[tuple[int, dict[int, tuple[int, int]]]] = []
-    for s, (_, store) in enumerate(sources):
+
+    def read(store) -> Iterator[ParallelUnit]:
         for start in range(0, len(store), chunk):
-            for u in store.get(range(start, min(start + chunk, len(store)))):
-                rows.append((s, {LANG_INDEX[lang]: (text_hash(t.positive), len(t.negatives))
-                                 for lang, t in u.texts.items()}))
-    present = sorted({lang for _, d in rows for lang in d})
-    col = {lang: c for c, lang in enumerate(present)}
-    n, c = len(rows), len(present)
-    mask = np.zeros((n, c), bool)
-    pos_hash = np.zeros((n, c), np.int64)
-    n_neg = np.zeros((n, c), np.int32)
-    for i, (_, d) in enumerate(rows):
-        for lang, (h, k) in d.items():
-            mask[i, col[lang]], pos_hash[i, col[lang]], n_neg[i, col[lang]] = True, h, k
-    source = np.array([s for s, _ in rows], np.int32)
-    return UnitIndex(tuple(present), mask, pos_hash, n_neg, source, tuple(name for name, _ in sources))
+            yield from store.get(range(start, min(start + chunk, len(store))))
+
+    return UnitIndex.from_units([(name, read(store)) for name, store in sources])
 
 
 def schedule_spec(config: Any) -> ScheduleSpec:

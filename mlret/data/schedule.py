@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -73,22 +73,22 @@ class UnitIndex:
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     @staticmethod
-    def from_units(sources: Sequence[tuple[str, Sequence[ParallelUnit]]]) -> UnitIndex:
-        """Index of the units of several sources, `[(name, units), ...]`, in that order."""
-        units = [(s, u) for s, (_, us) in enumerate(sources) for u in us]
-        present = sorted({LANG_INDEX[lang] for _, u in units for lang in u.texts})
+    def from_units(sources: Sequence[tuple[str, Iterable[ParallelUnit]]]) -> UnitIndex:
+        """Index of the units of several sources, `[(name, units), ...]`, in that order. Each source's units are
+        read once, in order, and only their languages, positive hashes and negative counts are kept, so an
+        iterator over a large store is fine."""
+        rows = [(s, {LANG_INDEX[lang]: (text_hash(t.positive), len(t.negatives)) for lang, t in u.texts.items()})
+                for s, (_, units) in enumerate(sources) for u in units]
+        present = sorted({lang for _, d in rows for lang in d})
         col = {lang: c for c, lang in enumerate(present)}
-        n, c = len(units), len(present)
+        n, c = len(rows), len(present)
         mask = np.zeros((n, c), bool)
         pos_hash = np.zeros((n, c), np.int64)
         n_neg = np.zeros((n, c), np.int32)
-        for i, (_, u) in enumerate(units):
-            for lang, t in u.texts.items():
-                j = col[LANG_INDEX[lang]]
-                mask[i, j] = True
-                pos_hash[i, j] = text_hash(t.positive)
-                n_neg[i, j] = len(t.negatives)
-        source = np.array([s for s, _ in units], np.int32)
+        for i, (_, d) in enumerate(rows):
+            for lang, (h, k) in d.items():
+                mask[i, col[lang]], pos_hash[i, col[lang]], n_neg[i, col[lang]] = True, h, k
+        source = np.array([s for s, _ in rows], np.int32)
         return UnitIndex(tuple(present), mask, pos_hash, n_neg, source, tuple(name for name, _ in sources))
 
 
