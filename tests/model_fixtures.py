@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 from ml_collections import ConfigDict
 
@@ -27,6 +28,18 @@ def model_config(path, **kw) -> ConfigDict:
              compute_dtype="float32", param_dtype="float32", remat=False)
     c.update(kw)
     return ConfigDict(c)
+
+
+@jax.jit
+def encode_q(model, ids, mask):
+    """The query tower's pooled embeddings (jitted: one compilation per model structure and shape)."""
+    return model.encode_query(ids, mask)
+
+
+@jax.jit
+def encode_p(model, ids, mask):
+    """The passage tower's pooled embeddings (jitted)."""
+    return model.encode_passage(ids, mask)
 
 
 def _perturb_(model, seed: int) -> None:

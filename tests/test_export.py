@@ -3,7 +3,6 @@ code and reproduces mlret's embeddings (<= 1e-4); export -> import -> export is 
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -13,19 +12,9 @@ from sentence_transformers import SentenceTransformer
 
 from mlret.export import PASSAGE_TOWER_DIR, export_model, main
 from mlret.models import load_dual_encoder
-from model_fixtures import model_config
+from model_fixtures import encode_p, encode_q, model_config
 
 TOL = 1e-4
-
-
-@jax.jit
-def encode_q(model, ids, mask):
-    return model.encode_query(ids, mask)
-
-
-@jax.jit
-def encode_p(model, ids, mask):
-    return model.encode_passage(ids, mask)
 
 
 def ours(model, tok, texts, side="query"):

@@ -11,14 +11,9 @@ import torch
 import transformers
 
 from mlret.models import load_dual_encoder
-from model_fixtures import model_config
+from model_fixtures import encode_p, model_config
 
 TOL = 1e-4
-
-
-@jax.jit
-def _encode(model, ids, mask):
-    return model.encode_passage(ids, mask)
 
 
 def test_minilm_matches_sentence_transformers(minilm_path, xquad_sentences):
@@ -31,7 +26,7 @@ def test_minilm_matches_sentence_transformers(minilm_path, xquad_sentences):
     assert len(xquad_sentences) >= 64
     lengths = batch["passage_mask"].sum(1)
     assert lengths.min() < 20 and lengths.max() > 60  # the batch really mixes short and long sentences
-    ours = np.asarray(_encode(model, batch["passage_ids"], batch["passage_mask"]))
+    ours = np.asarray(encode_p(model, batch["passage_ids"], batch["passage_mask"]))
     ref = st.encode(xquad_sentences, batch_size=16, convert_to_numpy=True)
     diff = np.abs(ours - ref).max()
     print(f"MiniLM vs SentenceTransformer, {len(xquad_sentences)} sentences: max-abs diff {diff:.2e}")
@@ -62,7 +57,7 @@ def test_random_xlmr_matches_transformers(random_xlmr_path):
     hdiff = np.abs(hidden - hidden_ref)[m].max()
     m3 = mask[..., None].astype(np.float32)
     pooled_ref = (hidden_ref * m3).sum(1) / m3.sum(1)
-    pdiff = np.abs(np.asarray(_encode(model, ids, mask)) - pooled_ref).max()
+    pdiff = np.abs(np.asarray(encode_p(model, ids, mask)) - pooled_ref).max()
     print(f"random XLM-R vs XLMRobertaModel: hidden (real tokens) {hdiff:.2e}, mean-pooled {pdiff:.2e}")
     assert hdiff <= TOL and pdiff <= TOL
 
@@ -86,7 +81,7 @@ def test_random_bert_pooler_matches_transformers(random_bert_path):
     # Without token types both sides use type 0.
     with torch.no_grad():
         ref0 = ref_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
-    diff0 = np.abs(np.asarray(_encode(model, ids, mask)) - ref0.pooler_output.numpy()).max()
+    diff0 = np.abs(np.asarray(encode_p(model, ids, mask)) - ref0.pooler_output.numpy()).max()
     print(f"random BERT pooler vs BertModel.pooler_output: {diff:.2e} (token types), {diff0:.2e} (none)")
     assert diff <= TOL and diff0 <= TOL
     # Token types matter in this model, so the test would see them being dropped.

@@ -14,36 +14,19 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
 from mlret.config import default_config
 from mlret.models import LOGICAL_AXIS_NAMES, DualEncoder, EncoderConfig, Tied, Untied, load_dual_encoder
+from model_fixtures import encode_p, encode_q, model_config
 
 RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("pos", None),
          ("type", None), ("norm", None))
 
 
-def model_config(path, **kw) -> ConfigDict:
-    c = dict(name=str(path), pooling="mean", normalize=True, query_prefix="", passage_prefix="", tied=True,
-             compute_dtype="float32", param_dtype="float32", remat=False)
-    c.update(kw)
-    return ConfigDict(c)
-
-
 @pytest.fixture(scope="module")
 def bert(random_bert_path):
     return load_dual_encoder(model_config(random_bert_path), query_len=16, passage_len=32)
-
-
-@jax.jit
-def encode_p(model, ids, mask):
-    return model.encode_passage(ids, mask)
-
-
-@jax.jit
-def encode_q(model, ids, mask):
-    return model.encode_query(ids, mask)
 
 
 def test_every_param_has_logical_axes(bert):

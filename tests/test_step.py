@@ -8,46 +8,11 @@ import pytest
 from flax import nnx
 
 from mlret import parallel
-from mlret.config import default_config
-from mlret.models import DualEncoder, Encoder, EncoderConfig, Tied
 from mlret.step import Trainer, decay_mask, learning_rate_schedule
+from scale_helpers import tiny_batch, tiny_config, tiny_model
 
-B, G, L = 24, 3, 8  # B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape
-VOCAB = 96
-
-
-def tiny_model(seed: int = 0) -> DualEncoder:
-    cfg = EncoderConfig(model_type="bert", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                        intermediate_size=64, max_position_embeddings=32, type_vocab_size=2, layer_norm_eps=1e-12,
-                        pad_token_id=0)
-    with nnx.use_eager_sharding(False):
-        # Wider init than HF's 0.02 so that embeddings differ and the loss is far from log(B*G).
-        enc = Encoder(cfg, rngs=nnx.Rngs(seed))
-        graphdef, state = nnx.split(enc)
-        state = jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, state)
-        return DualEncoder(Tied(nnx.merge(graphdef, state)))
-
-
-def tiny_config(mesh_shape=(1, 1, 1), **loss):
-    c = default_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
-    c.mesh.replicated_param_threshold = 1000  # small, so that the tiny model's matrices must be sharded
-    c.train.steps = 10
-    c.optim.warmup_steps = 2
-    c.loss.update(loss)
-    return c
-
-
-def tiny_batch(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mask = lambda *s: (np.arange(L) < rng.integers(3, L + 1, size=(*s, 1))).astype(np.int32)
-    qm, pm = mask(B), mask(B, G)
-    return {
-        "query_ids": (rng.integers(1, VOCAB, (B, L)) * qm).astype(np.int32), "query_mask": qm,
-        "passage_ids": (rng.integers(1, VOCAB, (B, G, L)) * pm).astype(np.int32), "passage_mask": pm,
-        "unit_id": rng.integers(0, B // 2, B).astype(np.int32),  # repeated units
-    }
-
+# tiny_batch's defaults: B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape.
+B, G = 24, 3
 
 LOSS = dict(learnable_temperature=True, symmetric=True, variance_penalty=0.1)
 
