@@ -5,7 +5,8 @@
 Runs `python -m mlret.train --config configs/smoke.py` (the real all-MiniLM-L6-v2 weights, MLQA-R units, hybrid
 alpha = 0.5, 8 simulated CPU devices) twice from the same weights on the same batches, once with
 `config.model.compute_dtype=float32` and once with `bfloat16` (parameters, AdamW state and the loss stay float32),
-logging every step, and compares the curves (a finished run left in --workdir by an earlier call is reused). Stated tolerance (the same as tests/test_bf16.py's): every step's loss
+logging every step, and compares the curves (a finished run left in --workdir by an earlier call is reused). Stated
+tolerance (the same as tests/test_bf16.py's): every step's loss
 within 2% (relative) of float32's.
 """
 
@@ -76,7 +77,8 @@ def main() -> None:
                 "bfloat16 (parameters, AdamW moments and the loss in float32 either way), the same weights and "
                 f"batches. Tolerance: every step's loss within {100 * REL_TOL:.0f}% of float32's.\n\n"
                 f"Result: **{'PASS' if ok else 'FAIL'}**: {summary}. Median speed {rates['float32']:.2f} (float32) "
-                f"and {rates['bfloat16']:.2f} (bf16) steps/s (CPU; not a speed comparison on a shared machine).\n\n| step | float32 loss | bf16 loss | relative difference |\n|---|---|---|---|\n"
+                f"and {rates['bfloat16']:.2f} (bf16) steps/s (CPU; not a speed comparison on a shared machine).\n\n"
+                "| step | float32 loss | bf16 loss | relative difference |\n|---|---|---|---|\n"
                 f"{rows}\n\nCommand: `python benchmarks/bf16_smoke.py {' '.join(sys.argv[1:])}`; machine: "
                 f"{platform.machine()}, {os.cpu_count()} cores (shared), {platform.system()}; date "
                 f"{datetime.date.today().isoformat()}.\n")

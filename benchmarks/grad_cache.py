@@ -232,7 +232,8 @@ def main() -> None:
                 f"budget {args.budget_gib:g} GiB of XLA-assigned memory (`compiled.memory_analysis()`: arguments + "
                 "temporaries + outputs - donated aliases; compile-only, see the script's docstring for why).\n\n"
                 "| step | grad_cache_chunk | largest global batch | its memory (GiB) |\n|---|---|---|---|\n"
-                f"{rows}\n\nWith gradient caching: **{ratio:.1f}x** the global batch. The cached step's memory stays at "
+                f"{rows}\n\nWith gradient caching: **{ratio:.1f}x** the global batch. "
+                "The cached step's memory stays at "
                 "one chunk's encoder activations until the loss's [B, B*G] score matrix and its gradient (quadratic "
                 "in B; on one device every row is local) take over, past a few thousand pairs; on D data-parallel "
                 f"devices each holds B/D rows of it. Trials (batch=GiB): {trials}.\n")

@@ -8,7 +8,8 @@ is a plain pytree (a dict), so that `jax.jit` shards it with in/out shardings, d
      "nonfinite_in_row": i32[], "nonfinite_total": i32[]}
 
 `rng` is the run's PRNG key (from `config.seed`), saved and restored with the rest; the encoder has no dropout, so
-nothing draws from it yet. `log_temperature` exists only with `config.loss.learnable_temperature` (τ = exp(log_temperature), trained by the same
+nothing draws from it yet. `log_temperature` exists only with `config.loss.learnable_temperature` (τ =
+exp(log_temperature), trained by the same
 optimizer, no weight decay). The step encodes the global batch, takes the contrastive loss with the score matrix
 split on its query axis over the batch mesh axes (or under `shard_map`, `config.loss.gather`), and applies AdamW
 unless the loss or the gradients are non-finite: then the update is skipped and counted (the loop stops after

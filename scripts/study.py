@@ -192,8 +192,8 @@ def lareqa_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dic
 
 def tatoeba_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, float]]:
     """Per sentence pair ('<lang>:<line>'): mean of the xx->en and en->xx hits (1: nearest is the translation)."""
-    from mlret.eval.tatoeba import read_pair
     from mlret.eval.retrieval import ExactIndex
+    from mlret.eval.tatoeba import read_pair
 
     (_, emb), = calls
     acc: dict[str, float] = {}

@@ -38,5 +38,6 @@ def minilm_path() -> Path:
 
 # Tiny random HF checkpoints and real sentences shared by the model and export tests (one instance per session).
 from model_fixtures import random_bert_path, random_xlmr_path, xquad_sentences  # noqa: E402,F401
+
 # Subprocess training runs shared by the scale tests (multi-host, kill -9, faults, soak).
 from scale_runs import compile_cache, reference_run, scale_run_args  # noqa: E402,F401

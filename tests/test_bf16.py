@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
 from mlret.step import Trainer
-from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 STEPS = 8
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation); through 2 layers, pooling and a

@@ -15,12 +15,12 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from scale_runs import free_port, run_together
 
 from mlret.config import ConfigError, default_config
 from mlret.data import pipeline
 from mlret.data.units import LANGUAGES, MONOLINGUAL, DataError, LangText, ParallelUnit, dumps_unit
 from mlret.models import TextTokenizer
-from scale_runs import free_port, run_together
 
 Lq, Lp = 16, 24
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scale_runs import free_port, run_together
 
 from mlret import parallel
 from mlret.config import default_config
 from mlret.eval.encode import ShardedEmbedder, bucket_length, place_model
 from mlret.models import load_dual_encoder
-from scale_runs import free_port, run_together
 
 REQUIRED = {"mono_map", "cross_map", "multi_map", "mono_r1", "cross_r1", "multi_r10", "mrr", "rank_distance"}
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from model_fixtures import encode_p, encode_q, model_config
 from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 from mlret.export import PASSAGE_TOWER_DIR, export_model, main
 from mlret.models import load_dual_encoder
-from model_fixtures import encode_p, encode_q, model_config
 
 TOL = 1e-4
 

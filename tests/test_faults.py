@@ -7,11 +7,11 @@ import math
 
 import jax
 import numpy as np
+from scale_helpers import max_abs_diff
+from scale_runs import STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
 
 from mlret.metrics_log import read_metrics
 from mlret.soak import complete_steps, kill_soak
-from scale_helpers import max_abs_diff
-from scale_runs import STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
 
 
 def test_kill9_restarts_end_like_an_uninterrupted_run(reference_run, scale_run_args, compile_cache, tmp_path):

@@ -4,7 +4,8 @@ XLA's `cost_analysis()["flops"]` counts every operation (elementwise ones too); 
 only. So the properties are: the formula never exceeds XLA's count and explains nearly all of it on a config
 whose matmuls dominate (hidden 128: as in real encoders, h is large next to the elementwise work per
 element), and the *change* in XLA's count when a passage length or the layer count changes matches the
-formula's change (a term missed or counted twice would show there). One CPU device, so the count is the whole step's, not one shard's.
+formula's change (a term missed or counted twice would show there). One CPU device, so the count is the whole step's,
+not one shard's.
 """
 
 import jax

@@ -9,10 +9,10 @@ import math
 import jax
 import numpy as np
 import pytest
+from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
 from mlret.step import Trainer
-from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 HIDDEN, VOCAB, STEPS = 64, 128, 3
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]

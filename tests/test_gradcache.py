@@ -4,11 +4,11 @@ sharded meshes, for several chunk sizes; the cached step trains and compiles onc
 import jax
 import numpy as np
 import pytest
+from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
 from mlret.gradcache import GradCacheError, from_chunks, to_chunks
 from mlret.step import Trainer
-from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 # Every loss term that has parameters or couples pairs: learnable τ, both directions, the variance penalty.
 LOSS = dict(learnable_temperature=True, symmetric=True, variance_penalty=0.1)

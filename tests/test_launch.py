@@ -277,7 +277,7 @@ def test_gpu_one_process_per_gpu(fakes):
     assert dry.returncode == 0, dry.stderr
     lines = dry_lines(dry.stdout)
     assert len(lines) == 3
-    for i, (label, words) in enumerate(lines):
+    for i, (_label, words) in enumerate(lines):
         assigned, unset, cmd = split_env(words)
         assert cmd[:3 + len(train_args)] == [fakes["python"], "-m", "mlret.train", *train_args]
         assert flag(cmd, "process_id") == str(i)
@@ -372,7 +372,7 @@ def test_slurm_one_process_per_node(fakes):
     assert dry.returncode == 0, dry.stderr
     _, *tasks = dry_lines(dry.stdout)
     assert len(tasks) == 2
-    for i, (label, words) in enumerate(tasks):
+    for i, (_label, words) in enumerate(tasks):
         assigned, _, cmd = split_env(words)
         assert flag(cmd, "coordinator_address") == "gpu-node-a:29400"
         assert (flag(cmd, "num_processes"), flag(cmd, "process_id")) == ("2", str(i))

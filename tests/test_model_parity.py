@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import torch
 import transformers
+from model_fixtures import encode_p, model_config
 
 from mlret.models import load_dual_encoder
-from model_fixtures import encode_p, model_config
 
 TOL = 1e-4
 

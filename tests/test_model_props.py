@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from model_fixtures import encode_p, encode_q, model_config
 from safetensors.numpy import load_file, save_file
 
 from mlret.config import default_config
 from mlret.models import LOGICAL_AXIS_NAMES, DualEncoder, EncoderConfig, Tied, Untied, load_dual_encoder
-from model_fixtures import encode_p, encode_q, model_config
 
 RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("pos", None),
          ("type", None), ("norm", None))

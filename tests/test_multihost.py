@@ -9,11 +9,20 @@ import shutil
 
 import numpy as np
 import pytest
+from scale_helpers import max_abs_diff
+from scale_runs import (
+    STEPS,
+    checkpoint_params,
+    free_port,
+    logged_losses,
+    read_report,
+    run_together,
+    scale_env,
+    train_cmd,
+    worker_cmd,
+)
 
 from mlret.checkpoint import Checkpointer, CheckpointLayoutError, config_from_dict
-from scale_helpers import max_abs_diff
-from scale_runs import (STEPS, checkpoint_params, free_port, logged_losses, read_report, run_together, scale_env,
-                        train_cmd, worker_cmd)
 
 # Float32 noise: the gradient all-reduce sums in another order over gloo (2 processes) than inside one process.
 LOSS_RTOL = 2e-6

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
 from mlret.step import Trainer, decay_mask, learning_rate_schedule
-from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 # tiny_batch's defaults: B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape.
 B, G = 24, 3

@@ -12,10 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scale_runs import free_port, run_together, train_cmd
 
 from mlret.config import ConfigError, apply_overrides, default_config, load_config_file
 from mlret.metrics_log import read_metrics
-from scale_runs import free_port, run_together, train_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.py"

@@ -11,8 +11,17 @@ import importlib
 from typing import Any
 
 from mlret.data.schedule import BatchPlan, HybridSchedule, ScheduleSpec, UnitIndex
-from mlret.data.units import (CROSS_LINGUAL, LANG_INDEX, LANGUAGES, MONOLINGUAL, BadRecords, DataError, LangText,
-                              ParallelUnit, lang_index)
+from mlret.data.units import (
+    CROSS_LINGUAL,
+    LANG_INDEX,
+    LANGUAGES,
+    MONOLINGUAL,
+    BadRecords,
+    DataError,
+    LangText,
+    ParallelUnit,
+    lang_index,
+)
 
 _LAZY = {
     "make_train_iterator": "mlret.data.pipeline",

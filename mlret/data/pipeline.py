@@ -31,8 +31,15 @@ import grain
 import numpy as np
 
 from mlret.data import tfds_builders
-from mlret.data.schedule import (STREAM_NEGATIVES, BatchPlan, HybridSchedule, ScheduleSpec, UnitIndex,
-                                 parse_lang_weights, text_hash)
+from mlret.data.schedule import (
+    STREAM_NEGATIVES,
+    BatchPlan,
+    HybridSchedule,
+    ScheduleSpec,
+    UnitIndex,
+    parse_lang_weights,
+    text_hash,
+)
 from mlret.data.sources import SourceSpec, parse_sources
 from mlret.data.units import LANGUAGES, DataError, ParallelUnit
 

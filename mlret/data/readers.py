@@ -36,8 +36,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from mlret.data.units import (LANG_INDEX, BadRecords, DataError, LangText, ParallelUnit, as_bad_records, check_unit,
-                              dedupe_keep_order, unit_from_json)
+from mlret.data.units import (
+    LANG_INDEX,
+    BadRecords,
+    DataError,
+    LangText,
+    ParallelUnit,
+    as_bad_records,
+    check_unit,
+    dedupe_keep_order,
+    unit_from_json,
+)
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ class RetrievalOptions:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     @classmethod
-    def from_config(cls, cfg) -> "RetrievalOptions":
+    def from_config(cls, cfg) -> RetrievalOptions:
         """From the `config.eval.retrieval` ConfigDict (or any mapping with these field names)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dict(cfg).items() if k in fields}

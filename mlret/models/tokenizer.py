@@ -12,8 +12,8 @@ import copy
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import transformers
