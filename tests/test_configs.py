@@ -43,6 +43,9 @@ def test_paper_configs_validate_and_hold_the_papers_values(model, batching):
     assert "mlqa" not in names and "mlqa_r" not in names and "xquad_r" not in names  # no evaluation set leaks in
     assert {"xquad_r", "mlqa_r"} <= set(c.eval.evaluators.split(","))
     assert "{lang}" in c.eval.miracl.corpus
+    # The paper's MIRACL languages: the 16 known ones without English (no surprise language de / yo).
+    assert c.eval.miracl.languages.split(",") == ["ar", "bn", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru",
+                                                   "sw", "te", "th", "zh"]
 
 
 def test_paper_batch_of_100_needs_a_matching_mesh():

@@ -22,9 +22,18 @@ from mlret.eval.trec import TrecDataError, TrecEvaluator, read_qrels, read_topic
 from mlret.eval.tydiqa import TydiQAEvaluator, read_examples
 
 
-def write_corpus(path, topics: dict[str, str], qrels: dict[str, dict[str, int]], seed: int) -> None:
+def write_corpus(path, topics: dict[str, str], qrels: dict[str, dict[str, int]], seed: int,
+                 layout: str = "miracl") -> None:
+    """A corpus in the layout's published record format: MIRACL {"docid", "title", "text"}, Mr. TyDi's
+    docs.jsonl {"id", "contents"}."""
     rng = np.random.default_rng(seed)
     texts = list(topics.values())
+
+    def record(docid: str, title: str, text: str) -> dict:
+        if layout == "mrtydi":
+            return {"id": docid, "contents": f"{title} {text}".strip()}
+        return {"docid": docid, "title": title, "text": text}
+
     with open(path, "w", encoding="utf-8") as f:
         seen = set()
         for qid, judged in qrels.items():
@@ -33,9 +42,9 @@ def write_corpus(path, topics: dict[str, str], qrels: dict[str, dict[str, int]],
                     continue
                 seen.add(docid)
                 text = topics[qid] if grade > 0 else texts[rng.integers(len(texts))]
-                f.write(json.dumps({"docid": docid, "title": "", "text": text}, ensure_ascii=False) + "\n")
+                f.write(json.dumps(record(docid, "", text), ensure_ascii=False) + "\n")
         for i in range(300):
-            f.write(json.dumps({"docid": f"distractor-{i}", "title": "t", "text": texts[rng.integers(len(texts))]},
+            f.write(json.dumps(record(f"distractor-{i}", "t", texts[rng.integers(len(texts))]),
                                ensure_ascii=False) + "\n")
 
 
@@ -45,7 +54,7 @@ def test_trec_evaluator_equals_pytrec_eval(layout, lang, split, shared_data, tmp
     probe = TrecEvaluator(layout, layout, data_dir, "unused", [lang], split=split, max_queries=80)
     topics, qrels = probe.queries(lang)
     assert 0 < len(topics) <= 80 and set(topics) == set(qrels)
-    write_corpus(tmp_path / f"corpus-{lang}.jsonl", topics, qrels, seed=0)
+    write_corpus(tmp_path / f"corpus-{lang}.jsonl", topics, qrels, seed=0, layout=layout)
     ev = TrecEvaluator(layout, layout, data_dir, str(tmp_path / "corpus-{lang}.jsonl"), [lang], split=split,
                        max_queries=80, retrieval=RetrievalOptions(method="exact"))
     emb = NgramEmbedder(dim=128)
@@ -71,9 +80,9 @@ def test_trec_readers_name_the_line(tmp_path, shared_data):
     with pytest.raises(TrecDataError, match=r"qrels.txt:2"):
         read_qrels(str(bad))
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text('{"docid": "a", "text": "x"}\n{"id": "b", "text": "y"}\n')
+    corpus.write_text('{"docid": "a", "text": "x"}\n{"id": "b", "contents": "y"}\n{"doc": "c", "text": "z"}\n')
     ev = TrecEvaluator("miracl", "miracl", str(shared_data / "miracl"), str(corpus), ["yo"])
-    with pytest.raises(TrecDataError, match=r"c.jsonl:2: a corpus record needs 'docid'"):
+    with pytest.raises(TrecDataError, match=r"c.jsonl:3: a corpus record needs 'docid' and 'text'"):
         ev.retrieve(NgramEmbedder(dim=16), "yo")
     with pytest.raises(ValueError, match="top_k"):
         TrecEvaluator("miracl", "miracl", "", "c", ["yo"], top_k=10)
@@ -107,6 +116,31 @@ def test_tydiqa_sample(shared_data):
     # The language-wide pool is larger, so no example can rank its gold passage better than in its article.
     pooled = TydiQAEvaluator("tydiqa", path, mrr_k=0, candidates="language").run(emb)
     assert all(pooled["languages"][x]["mrr"] <= result["languages"][x]["mrr"] + 1e-12 for x in result["languages"])
+
+
+def test_tydiqa_pool_deduplicates_shared_articles(shared_data, tmp_path):
+    """An article shared by several examples (here: each gold record written twice, as TyDi QA does for two
+    questions on one article) must not put copies of the gold beside it: the language pool ranks distinct texts,
+    so every example scores as it does alone, and the pool holds each distinct passage once."""
+    src = shared_data / "tydiqa-primary-sample" / "tiny_dev.jsonl.gz"
+    records = [json.loads(line) for line in gzip.open(src, "rt", encoding="utf-8")]
+    twice = tmp_path / "shared_articles.jsonl"
+    with open(twice, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**r, "example_id": f"{r['example_id']}-copy"}, ensure_ascii=False) + "\n")
+    emb = NgramEmbedder(dim=256)
+    alone = TydiQAEvaluator("tydiqa", str(src), mrr_k=0, candidates="language").run(emb)
+    shared = TydiQAEvaluator("tydiqa", str(twice), mrr_k=0, candidates="language").run(emb)
+    examples, _ = read_examples(str(src))
+    for lang, m in alone["languages"].items():
+        distinct = {p for ex in examples if ex["lang"] == lang for p in ex["passages"]}
+        assert m["mean_candidates"] == shared["languages"][lang]["mean_candidates"] == len(distinct)
+        assert shared["languages"][lang]["mrr"] == pytest.approx(m["mrr"])
+        assert shared["languages"][lang]["examples"] == 2 * m["examples"]
+    # The real sample repeats a passage within its Russian article: the pool is smaller than the candidate list.
+    ru = [ex for ex in examples if ex["lang"] == "ru"]
+    assert alone["languages"]["ru"]["mean_candidates"] < sum(len(ex["passages"]) for ex in ru)
 
 
 def test_tatoeba(shared_data):

@@ -9,8 +9,9 @@ File layouts (as published by Pyserini's anserini-tools, the files in ../shared/
 * MIRACL:   topics.miracl-v1.0-{lang}-{split}.tsv, qrels.miracl-v1.0-{lang}-{split}.tsv
 * Mr. TyDi: topics.mrtydi-v1.1-{lang}.{split}.txt.gz, qrels.mrtydi-v1.1-{lang}.{split}.txt
 Topics are `qid<TAB>text`; qrels are `qid Q0 docid grade`. The corpora are not in ../shared/data: the config
-names them (`corpus`, a path with `{lang}`: a .jsonl / .jsonl.gz file or a folder of such shards with one
-`{"docid", "title", "text"}` object per line).
+names them (`corpus`, a path with `{lang}`: a .jsonl / .jsonl.gz file or a folder of such shards with one record
+per line, MIRACL's `{"docid", "title", "text"}` or Mr. TyDi's `{"id", "contents"}` (its docs.jsonl), as the
+training readers take them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MIRACL_LANGUAGES = ("ar", "bn", "de", "en", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru", "sw", "te",
                     "th", "yo", "zh")
+# MIRACL's two surprise languages, released after the 16 "known" ones (Zhang et al. 2023, table 1).
+MIRACL_SURPRISE_LANGUAGES = ("de", "yo")
 MRTYDI_LANGUAGES = ("ar", "bn", "en", "fi", "id", "ja", "ko", "ru", "sw", "te", "th")
 
 LAYOUTS = {
@@ -95,8 +98,20 @@ def corpus_files(path: str) -> list[str]:
     return [path]
 
 
+def corpus_record(rec: Any, where: str, passage_template: str = "{title} {text}") -> tuple[str, str]:
+    """(docid, passage text) of one corpus record: MIRACL's {"docid", "title"?, "text"} or Mr. TyDi's
+    {"id", "contents"}; `where` ("file:line") names the record in the error."""
+    docid = rec.get("docid", rec.get("id")) if isinstance(rec, dict) else None
+    text = rec.get("text", rec.get("contents")) if isinstance(rec, dict) else None
+    if docid is None or not isinstance(text, str):
+        keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise TrecDataError(f"{where}: a corpus record needs 'docid' and 'text' (MIRACL, optionally 'title') or "
+                            f"'id' and 'contents' (Mr. TyDi); got keys {keys}")
+    return str(docid), passage_template.format(title=rec.get("title") or "", text=text).strip()
+
+
 def read_corpus(path: str, passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
-    """(docids, passage texts) from jsonl records with docid, title and text."""
+    """(docids, passage texts) from jsonl corpus records (see `corpus_record`)."""
     docids, texts = [], []
     for file in corpus_files(path):
         with _open_text(file) as f:
@@ -107,12 +122,9 @@ def read_corpus(path: str, passage_template: str = "{title} {text}") -> tuple[li
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise TrecDataError(f"{file}:{n}: not JSON ({e})") from None
-                if "docid" not in rec or "text" not in rec:
-                    raise TrecDataError(f"{file}:{n}: a corpus record needs 'docid' and 'text' (and optionally "
-                                        f"'title'); got keys {sorted(rec)}")
-                docids.append(str(rec["docid"]))
-                title = rec.get("title") or ""
-                texts.append(passage_template.format(title=title, text=rec["text"]).strip())
+                docid, text = corpus_record(rec, f"{file}:{n}", passage_template)
+                docids.append(docid)
+                texts.append(text)
     if len(set(docids)) != len(docids):
         raise TrecDataError(f"{path}: docids repeat in the corpus")
     return docids, texts

@@ -9,6 +9,10 @@ fewer votes than `min_votes`.
 Pool (`candidates`): "article" ranks the passages of the question's own article (the primary task's passage
 selection, seen as retrieval); "language" ranks every passage of every example of that language. Accuracy@1 is
 the exact match of the top passage with a gold one. Metrics are means per language, then over languages.
+
+Candidates are deduplicated by text within the pool: an article shared by several examples (or a passage repeated
+within an article) would otherwise put identical passages beside the gold, tying with it and pushing it down by
+the tie rule. A gold passage counts as its text's one kept copy.
 """
 
 from __future__ import annotations
@@ -88,6 +92,16 @@ def read_examples(path: str, languages: Sequence[str] = (), max_examples: int = 
     return out, skipped
 
 
+def unique_texts(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, copy): the index of the first occurrence of each distinct text, in order, and for every text the
+    position in `kept` of its copy, so that `texts[kept[copy[i]]] == texts[i]`."""
+    first: dict[str, int] = {}
+    copy = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+    kept = np.full(len(first), -1, dtype=np.int64)
+    kept[copy[::-1]] = np.arange(len(texts))[::-1]  # the smallest index of each group wins
+    return kept, copy
+
+
 class TydiQAEvaluator:
     """Gold-passage retrieval on TyDi QA primary-task data (see the module docstring)."""
 
@@ -114,17 +128,19 @@ class TydiQAEvaluator:
         starts = np.cumsum([0] + [len(ex["passages"]) for ex in examples])
         ranks = np.full((len(examples), max(len(ex["gold"]) for ex in examples)), np.inf)
         if self.candidates == "article":
-            for i, ex in enumerate(examples):
-                r = relevant_ranks(q[i:i + 1], p[starts[i]:starts[i + 1]], [ex["gold"]])
-                ranks[i, : r.shape[1]] = r[0]
+            groups = [[i] for i in range(len(examples))]
         else:
-            for lang in sorted({ex["lang"] for ex in examples}):
-                idx = [i for i, ex in enumerate(examples) if ex["lang"] == lang]
-                cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
-                local = {int(c): j for j, c in enumerate(cols)}
-                rel = [[local[int(starts[i]) + g] for g in examples[i]["gold"]] for i in idx]
-                r = relevant_ranks(q[idx], p[cols], rel)
-                ranks[idx, : r.shape[1]] = r
+            groups = [[i for i, ex in enumerate(examples) if ex["lang"] == lang]
+                      for lang in sorted({ex["lang"] for ex in examples})]
+        pool = np.zeros(len(examples), dtype=np.int64)  # distinct candidates each example is ranked among
+        for idx in groups:
+            cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+            kept, copy = unique_texts([passages[c] for c in cols])
+            local = np.cumsum([0] + [len(examples[i]["passages"]) for i in idx])
+            rel = [sorted({int(copy[local[j] + g]) for g in examples[i]["gold"]}) for j, i in enumerate(idx)]
+            r = relevant_ranks(q[idx], p[cols[kept]], rel)
+            ranks[idx, : r.shape[1]] = r
+            pool[idx] = len(kept)
         mrr = M.reciprocal_rank(ranks, k=self.mrr_k or None)
         acc1 = M.hit_at_k(ranks, 1)
         per_lang: dict[str, dict[str, float]] = {}
@@ -132,8 +148,7 @@ class TydiQAEvaluator:
             sel = np.array([ex["lang"] == lang for ex in examples])
             per_lang[lang] = {"mrr": float(mrr[sel].mean()), "acc1": float(acc1[sel].mean()),
                               "examples": int(sel.sum()),
-                              "mean_candidates": float(np.mean([len(ex["passages"]) for ex, s in
-                                                                zip(examples, sel) if s]))}
+                              "mean_candidates": float(pool[sel].mean())}
         summary = {"mrr": macro_mean({x: m["mrr"] for x, m in per_lang.items()}),
                    "acc1": macro_mean({x: m["acc1"] for x, m in per_lang.items()})}
         return {"summary": summary, "languages": per_lang, "skipped": skipped,
