@@ -148,6 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.retrieval.num_leaves = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
     c.eval.retrieval.leaves_to_search = 0  # 0: num_leaves // 10
     c.eval.retrieval.reorder = 0  # exactly re-scored candidates; 0: max(100, 4 k)
+    c.eval.retrieval.reorder_dtype = "float32"  # ScaNN's re-scoring copy: float32 | bfloat16 | int8 (less memory)
+    # One index per candidate language, each searched and merged: a tree over a multilingual pool has leaves that
+    # follow the language, so searching a few leaves drops the other languages (docs/benchmarks.md).
+    c.eval.retrieval.per_language_index = False
     c.eval.retrieval.training_sample_size = 250_000
     c.eval.retrieval.recall_sample = 1000  # queries on which ScaNN recall@k against exact search is logged
     for name in ("xquad_r", "mlqa_r"):

@@ -23,7 +23,7 @@ from typing import Any
 
 from mlret.eval.base import Embedder, Evaluator, parse_list
 from mlret.eval.lareqa import MLQA_R_LANGUAGES, SETTINGS, XQUAD_R_LANGUAGES, LareqaEvaluator
-from mlret.eval.retrieval import RetrievalOptions
+from mlret.eval.retrieval import REORDER_DTYPES, RetrievalOptions
 from mlret.eval.tatoeba import TatoebaEvaluator
 from mlret.eval.trec import MIRACL_LANGUAGES, MRTYDI_LANGUAGES, TrecEvaluator
 from mlret.eval.tydiqa import TYDI_LANGUAGES, TydiQAEvaluator
@@ -60,6 +60,9 @@ def validate_eval_config(config: Any) -> None:
         _fail("eval.evaluators", "empty although eval.every > 0; name at least one evaluator")
     if ev.retrieval.method not in ("auto", "exact", "scann"):
         _fail("eval.retrieval.method", f"{ev.retrieval.method!r} is not one of auto, exact, scann")
+    if ev.retrieval.reorder_dtype not in REORDER_DTYPES:
+        _fail("eval.retrieval.reorder_dtype",
+              f"{ev.retrieval.reorder_dtype!r} is not one of {', '.join(REORDER_DTYPES)}")
     if ev.retrieval.scann_threshold < 1:
         _fail("eval.retrieval.scann_threshold", "must be positive")
     for name in ("xquad_r", "mlqa_r"):

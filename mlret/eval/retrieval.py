@@ -10,8 +10,15 @@ passes on TPUs) and are comparable between runs and machines.
   reordering); its output is re-sorted by (score desc, index asc) so that ties at least inside the returned list
   follow the same rule. The scann builder takes no seed, and the same embeddings and options give slightly
   different neighbours in different processes (identical within one).
+* `PerLanguageIndex` (option `per_language_index`) builds one index per candidate language, searches each for the
+  top k and merges them. A single tree over a multilingual pool has leaves that follow the language of the text
+  (docs/benchmarks.md), so searching a tenth of the leaves drops most relevant candidates in the other
+  languages; one index per language cannot drop a language.
 * `build_index(candidates, RetrievalOptions)` picks exact search up to `scann_threshold` candidates and ScaNN
-  above it; `search_topk` also measures ScaNN's recall@k against exact search on a sample of queries and logs it.
+  above it (per language when asked and the languages are given); `search_topk` also measures the approximate
+  index's recall@k against exact search on a sample of queries (overall and per candidate language) and logs it.
+* `merge_topk` merges top-k lists of disjoint candidate sets (languages, or the shards of `mlret.eval.sharded`)
+  into the top k of their union, with the same tie rule.
 * `relevant_ranks` gives the exact 1-based rank of every relevant candidate in the *full* ranking (1 + the
   number of candidates scoring higher + the number tying with a smaller tie key), which AP over the full ranking
   and the rank distance need; a truncated top-k cannot give them.
@@ -28,6 +35,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+REORDER_DTYPES = ("float32", "bfloat16", "int8")
+
 # Score-matrix elements held at once (float32: 128 MiB); the comparison masks in relevant_ranks add as much.
 DEFAULT_CHUNK_ELEMENTS = 2**25
 
@@ -41,6 +50,8 @@ class RetrievalOptions:
     num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
     leaves_to_search: int = 0  # 0: num_leaves // 10 (at least 1)
     reorder: int = 0  # candidates re-scored exactly; 0: 4 * k (at least 100)
+    reorder_dtype: str = "float32"  # ScaNN's copy for re-scoring: float32 | bfloat16 | int8 (final k: float32)
+    per_language_index: bool = False  # one index per candidate language, searched each and merged
     training_sample_size: int = 250_000
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
@@ -56,6 +67,9 @@ class RetrievalOptions:
         opts = cls(**values)
         if opts.method not in ("auto", "exact", "scann"):
             raise ValueError(f"config.eval.retrieval.method: {opts.method!r} is not one of auto, exact, scann")
+        if opts.reorder_dtype not in REORDER_DTYPES:
+            raise ValueError(f"config.eval.retrieval.reorder_dtype: {opts.reorder_dtype!r} is not one of "
+                             f"{', '.join(REORDER_DTYPES)}")
         return opts
 
 
@@ -111,6 +125,15 @@ def exact_topk_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return _sort_desc(idx, np.take_along_axis(scores, idx, axis=1))
 
 
+def merge_topk(indices: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of the union of several [Q, k_i] top-k lists over disjoint candidate sets (global indices), by
+    score descending, then index ascending: since each list holds its set's best, the union's best k are among
+    them. Exact for ties too when each list broke its ties by global index (a set whose rows are in ascending
+    global order, as languages and shards are)."""
+    idx, val = _sort_desc(np.concatenate(indices, axis=1), np.concatenate(scores, axis=1))
+    return idx[:, :k], val[:, :k]
+
+
 class ExactIndex:
     """Exact maximum-inner-product search over a candidate matrix, chunked over queries."""
 
@@ -142,13 +165,8 @@ class ExactIndex:
                 s = queries[start:stop] @ self.candidates[c0:c0 + cols].T
                 i, v = exact_topk_scores(s, k)
                 i += c0
-                if best_i is None:
-                    best_i, best_v = i, v
-                else:
-                    # The global top k (by score desc, index asc) is the top k of the tiles' top k.
-                    best_i, best_v = _sort_desc(np.concatenate([best_i, i], axis=1),
-                                                np.concatenate([best_v, v], axis=1))
-                    best_i, best_v = best_i[:, :k], best_v[:, :k]
+                # The global top k (by score desc, index asc) is the top k of the tiles' top k.
+                best_i, best_v = (i, v) if best_i is None else merge_topk([best_i, i], [best_v, v], k)
             idx[start:stop], val[start:stop] = best_i, best_v
         return TopK(idx, val, {"method": "exact", "pool": n})
 
@@ -168,8 +186,9 @@ class ScannIndex:
         self.leaves_to_search = opts.leaves_to_search or max(1, self.num_leaves // 10)
         self.reorder = opts.reorder or max(100, 4 * self.k)
         sample = min(n, opts.training_sample_size)
+        self.reorder_dtype = opts.reorder_dtype
         self.params = {"num_leaves": self.num_leaves, "leaves_to_search": self.leaves_to_search,
-                       "reorder": self.reorder, "training_sample_size": sample,
+                       "reorder": self.reorder, "reorder_dtype": self.reorder_dtype, "training_sample_size": sample,
                        "dims_per_block": opts.dims_per_block,
                        "anisotropic_quantization_threshold": opts.anisotropic_quantization_threshold}
         self.searcher = (
@@ -178,7 +197,7 @@ class ScannIndex:
                   training_sample_size=sample)
             .score_ah(opts.dims_per_block,
                       anisotropic_quantization_threshold=opts.anisotropic_quantization_threshold)
-            .reorder(self.reorder)
+            .reorder(self.reorder, quantize=_reorder_type(self.reorder_dtype))
             .build()
         )
 
@@ -187,17 +206,21 @@ class ScannIndex:
 
     def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
                reorder: int | None = None) -> TopK:
-        """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call."""
+        """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call. With a
+        quantised reordering copy, the final k are re-scored in float32 from the candidates."""
         queries = _check_embeddings(queries, "query embeddings")
         k = min(k, len(self.candidates))
-        idx, val = self.searcher.search_batched(queries, final_num_neighbors=k,
-                                                pre_reorder_num_neighbors=reorder,
-                                                leaves_to_search=leaves_to_search)
+        idx, val = self.searcher.search_batched_parallel(queries, final_num_neighbors=k,
+                                                         pre_reorder_num_neighbors=reorder,
+                                                         leaves_to_search=leaves_to_search)
         idx = np.asarray(idx, dtype=np.int64)
-        val = np.asarray(val, dtype=np.float32)
         if idx.shape[1] < k:
             raise RuntimeError(f"ScaNN returned {idx.shape[1]} neighbours for k={k}: raise "
                                f"config.eval.retrieval.leaves_to_search (now {self.leaves_to_search})")
+        if self.reorder_dtype == "float32":
+            val = np.asarray(val, dtype=np.float32)
+        else:
+            val = np.einsum("qd,qkd->qk", queries, self.candidates[idx])
         idx, val = _sort_desc(idx, val)
         info = {"method": "scann", "pool": len(self.candidates), **self.params}
         info["leaves_to_search"] = leaves_to_search or self.leaves_to_search
@@ -205,44 +228,128 @@ class ScannIndex:
         return TopK(idx, val, info)
 
 
-def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions | None = None):
-    """Exact search up to `opts.scann_threshold` candidates (or when method == "exact"), ScaNN above."""
+def _reorder_type(dtype: str):
+    from scann.scann_ops.py.scann_builder import ReorderType
+
+    return {"float32": ReorderType.FLOAT32, "bfloat16": ReorderType.BFLOAT16, "int8": ReorderType.INT8}[dtype]
+
+
+class PerLanguageIndex:
+    """One index per candidate language (`build_index` on that language's rows: exact or ScaNN by its own size,
+    ScaNN's leaves about sqrt of the language's pool), each searched for the top k and merged (`merge_topk`)."""
+
+    method = "per_language"
+
+    def __init__(self, candidates: np.ndarray, languages: Sequence[str], k: int, opts: RetrievalOptions):
+        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        languages = np.asarray(languages)
+        if languages.shape != (len(self.candidates),):
+            raise ValueError(f"one language per candidate: {languages.shape} for {len(self.candidates)} candidates")
+        self.languages = languages
+        sub_opts = dataclasses.replace(opts, per_language_index=False)
+        self.parts: list[tuple[str, np.ndarray, ExactIndex | ScannIndex]] = []
+        for lang in dict.fromkeys(languages.tolist()):  # in order of first appearance
+            rows = np.flatnonzero(languages == lang)
+            contiguous = rows[-1] - rows[0] + 1 == len(rows)
+            sub = self.candidates[rows[0]:rows[-1] + 1] if contiguous else self.candidates[rows]  # a view if it can
+            self.parts.append((lang, rows, build_index(sub, k, sub_opts)))
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def search(self, queries: np.ndarray, k: int, **overrides) -> TopK:
+        """Top k per query over all languages; `overrides` (leaves_to_search, reorder) go to every ScaNN part."""
+        queries = _check_embeddings(queries, "query embeddings")
+        k = min(k, len(self.candidates))
+        indices, scores, info = [], [], {}
+        for lang, rows, index in self.parts:
+            top = index.search(queries, k, **overrides) if index.method == "scann" else index.search(queries, k)
+            indices.append(rows[top.indices])
+            scores.append(top.scores)
+            info[lang] = top.info
+        idx, val = merge_topk(indices, scores, k)
+        return TopK(idx, val, {"method": "per_language", "pool": len(self.candidates), "languages": info})
+
+
+def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions | None = None,
+                languages: Sequence[str] | None = None):
+    """Exact search up to `opts.scann_threshold` candidates (or when method == "exact"), ScaNN above; with
+    `opts.per_language_index` and the candidates' `languages`, one such index per language (`PerLanguageIndex`)."""
     opts = opts or RetrievalOptions()
+    if opts.per_language_index and languages is not None:
+        return PerLanguageIndex(candidates, languages, k, opts)
     use_scann = opts.method == "scann" or (opts.method == "auto" and len(candidates) > opts.scann_threshold)
     if use_scann:
         return ScannIndex(candidates, k, opts)
     return ExactIndex(candidates, opts.chunk_elements)
 
 
+def found_in(approx: np.ndarray, exact: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
+    """[Q, k] bool: whether each entry of the exact top-k lists is in the approximate list of the same query."""
+    out = np.empty(exact.shape, dtype=bool)
+    for s in range(0, len(exact), rows_per_chunk):
+        e, a = exact[s:s + rows_per_chunk], approx[s:s + rows_per_chunk]
+        out[s:s + rows_per_chunk] = (e[:, :, None] == a[:, None, :]).any(axis=2)
+    return out
+
+
 def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / k, from two [Q, k] index arrays."""
-    hits = [len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx, exact)]
-    return float(np.mean(hits) / exact.shape[1])
+    return float(found_in(approx, exact).mean())
 
 
-def recall_against_exact(index, queries: np.ndarray, k: int, sample: int, seed: int = 0) -> float:
-    """`topk_recall` of the index against exact search on a seeded sample of queries."""
+def recall_by_language(approx: np.ndarray, exact: np.ndarray, languages: Sequence[str]) -> dict[str, float]:
+    """Per candidate language: of the exact top-k entries in that language (over all queries), the share the
+    approximate lists also hold. A language absent from every exact list is left out."""
+    found = found_in(approx, exact)
+    lang = np.asarray(languages)[exact]
+    return {str(x): float(found[lang == x].mean()) for x in dict.fromkeys(np.asarray(languages).tolist())
+            if (lang == x).any()}
+
+
+def recall_against_exact(index, queries: np.ndarray, k: int, sample: int, seed: int = 0,
+                         languages: Sequence[str] | None = None) -> dict[str, object]:
+    """Recall@k of the index against exact search on a seeded sample of queries: {"recall", "queries"} and, with
+    the candidates' `languages`, "by_language" (`recall_by_language`) and its minimum "min_language"."""
     rng = np.random.default_rng(seed)
     n = min(sample, len(queries))
     pick = np.sort(rng.choice(len(queries), size=n, replace=False))
     approx = index.search(queries[pick], k).indices
-    return topk_recall(approx, ExactIndex(index.candidates).search(queries[pick], k).indices)
+    exact = ExactIndex(index.candidates).search(queries[pick], k).indices
+    out: dict[str, object] = {"recall": topk_recall(approx, exact), "queries": n}
+    if languages is not None:
+        out["by_language"] = recall_by_language(approx, exact, languages)
+        out["min_language"] = min(out["by_language"].values())
+    return out
+
+
+def is_approximate(index) -> bool:
+    """Whether an index (exact, ScaNN or per language) may miss a candidate of the exact top k."""
+    if isinstance(index, PerLanguageIndex):
+        return any(is_approximate(part) for _, _, part in index.parts)
+    return index.method == "scann"
 
 
 def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
-                opts: RetrievalOptions | None = None, name: str = "") -> TopK:
-    """Top k candidates per query with the method the options pick; for ScaNN, recall@k against exact search
-    on `opts.recall_sample` queries is measured, logged and returned in `info["recall_vs_exact"]`."""
+                opts: RetrievalOptions | None = None, name: str = "",
+                languages: Sequence[str] | None = None) -> TopK:
+    """Top k candidates per query with the index the options pick (`build_index`; `languages`: the candidates'
+    language, for the per-language index and the per-language recall). For an approximate index, recall@k
+    against exact search on `opts.recall_sample` queries is measured, logged and returned in
+    `info["recall_vs_exact"]` (and `info["recall_by_language"]` when the languages are given)."""
     opts = opts or RetrievalOptions()
-    index = build_index(candidates, k, opts)
+    queries = _check_embeddings(queries, "query embeddings")
+    index = build_index(candidates, k, opts, languages)
     out = index.search(queries, k)
-    if index.method == "scann" and opts.recall_sample > 0:
-        recall = recall_against_exact(index, _check_embeddings(queries, "query embeddings"), k,
-                                      opts.recall_sample, opts.seed)
-        out.info["recall_vs_exact"] = recall
-        out.info["recall_sample"] = min(opts.recall_sample, len(queries))
-        log.info("%s: ScaNN recall@%d against exact search on %d queries: %.4f (pool %d)",
-                 name or "search", k, out.info["recall_sample"], recall, len(candidates))
+    if is_approximate(index) and opts.recall_sample > 0:
+        rec = recall_against_exact(index, queries, k, opts.recall_sample, opts.seed, languages)
+        out.info["recall_vs_exact"] = rec["recall"]
+        out.info["recall_sample"] = rec["queries"]
+        if "by_language" in rec:
+            out.info["recall_by_language"] = rec["by_language"]
+        log.info("%s: %s recall@%d against exact search on %d queries: %.4f (pool %d)", name or "search",
+                 "ScaNN" if index.method == "scann" else "per-language index", k, rec["queries"], rec["recall"],
+                 len(candidates))
     return out
 
 
