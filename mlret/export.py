@@ -1,7 +1,16 @@
 """Export a dual encoder to a folder that `transformers.AutoModel` and `sentence_transformers.SentenceTransformer`
 load with no extra code: config.json, model.safetensors (HF names), the tokenizer files, the
 sentence-transformers modules (`modules.json`, `1_Pooling/`, `2_Dense/` for pooler pooling, `Normalize`),
-`config_sentence_transformers.json` with the query / passage prompts, and a README.md model card.
+`config_sentence_transformers.json` with the prompts (`query`; `document` and `passage`, the same prefix), and a
+README.md model card (`mlret.card`).
+
+Lengths. sentence-transformers has one `max_seq_length` for every text; mlret writes the start model's own (its
+sentence-transformers folder's, else the limit of its tokenizer and position table), never a training length:
+an unchanged model then re-exports to the identity on texts of any length, and a trained one still reads long
+passages as far as its positions go instead of silently losing their ends. Where mlret truncated differently,
+the Transformer module's per-task `query_length` / `document_length` (sentence-transformers >= 5.2, used by
+`encode_query` / `encode_document`) say so: for a trained model, the lengths its run evaluated with, so those
+calls reproduce the numbers in the card; the lengths it was trained with are stated in the card.
 
     python -m mlret.export --hf PATH_OR_ID --out DIR            # re-export a HF model through mlret
     python -m mlret.export --checkpoint RUN_DIR [--step N] --out DIR
@@ -18,41 +27,75 @@ LaBSE. The pooler also stays in model.safetensors, so AutoModel's `pooler_output
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.numpy import save_file
 
 import mlret
+from mlret.card import PASSAGE_TOWER_DIR, model_card
 from mlret.models import DualEncoder, Encoder, TextTokenizer, encoder_to_tensors
 
-PASSAGE_TOWER_DIR = "passage_tower"
 # sentence-transformers' Tanh, by the import path its Dense module accepts without trust_remote_code.
 _TANH = "torch.nn.modules.activation.Tanh"
 
 
 def export_model(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any, out_dir: str | os.PathLike[str],
-                 *, results: Mapping[str, Any] | None = None) -> Path:
+                 *, results: Mapping[str, Any] | None = None, run_config: Any = None,
+                 baseline: Mapping[str, Any] | None = None, lengths: tuple[int, int] | None = None) -> Path:
     """Write `model` (parameters in memory) as a HF + sentence-transformers folder; returns out_dir.
 
-    model_config is `config.model` (its name and prefixes are recorded); results, when given, is a mapping
-    {benchmark or metric: value or {metric: value}} shown in the model card.
+    model_config is `config.model` (its name and prefixes are recorded). results, when given, maps
+    {benchmark: {metric: value}} (or {metric: value}) for the model card; baseline, the same for the start model
+    (the run's step-0 evaluation), shown beside it. run_config is the whole config of the training run that
+    produced the weights (None: a re-export of an unchanged model); the card records it.
+
+    Lengths: sentence-transformers' `max_seq_length` is always the start model's own (its sentence-transformers
+    folder's, else its tokenizer's / position table's limit), so an unchanged model re-exports to the identity
+    and a trained one reads long texts as far as its positions go. `lengths` = (query, document) become the
+    Transformer module's `query_length` / `document_length`, the truncation `encode_query` / `encode_document`
+    apply; by default, for a trained model, the lengths its run evaluated with (config.eval, else config.data),
+    so those calls encode as mlret encoded the card's results; for an unchanged one, none.
     """
+    if lengths is None and run_config is not None:
+        lengths = eval_lengths(run_config)
     out = Path(out_dir)
     towers = [("query", model.towers.query, out)]
     if not model.tied:
         towers.append(("passage", model.towers.passage, out / PASSAGE_TOWER_DIR))
     for role, encoder, folder in towers:
-        _write_folder(encoder, tokenizer, model, model_config, folder, role=role, results=results)
+        _write_folder(encoder, tokenizer, model, model_config, folder, role=role, lengths=lengths,
+                      card=functools.partial(model_card, model, tokenizer, model_config, role=role, results=results,
+                                             baseline=baseline, run_config=run_config))
+    return out
+
+
+def eval_lengths(config: Any) -> tuple[int, int]:
+    """(query, passage) lengths mlret's evaluation encodes with: config.eval's where set, else config.data's."""
+    return (int(config.eval.query_len or config.data.query_len), int(config.eval.passage_len or
+                                                                     config.data.passage_len))
+
+
+def st_transformer_config(tokenizer: TextTokenizer, cfg: Any, lengths: tuple[int, int] | None) -> dict[str, Any]:
+    """sentence_bert_config.json: the source folder's (max_seq_length, do_lower_case) or, when it has none, the
+    limit its tokenizer and position table allow; plus `query_length` / `document_length` when given."""
+    src = Path(tokenizer.name_or_path) / "sentence_bert_config.json"
+    st = json.loads(src.read_text()) if src.is_file() else {}
+    limit = min(cfg.max_length, int(getattr(tokenizer.hf, "model_max_length", cfg.max_length) or cfg.max_length))
+    out = {"max_seq_length": int(st.get("max_seq_length") or limit),
+           "do_lower_case": bool(st.get("do_lower_case", False))}
+    if lengths is not None:
+        out["query_length"], out["document_length"] = (min(int(n), out["max_seq_length"]) for n in lengths)
     return out
 
 
 def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: Path, *,
-                  role: str, results: Mapping[str, Any] | None) -> None:
+                  role: str, lengths: tuple[int, int] | None, card: Callable[..., str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = encoder.cfg
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
@@ -62,8 +105,8 @@ def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder
     # sentence-transformers: Transformer -> Pooling -> (Dense tanh for pooler pooling) -> (Normalize).
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    _write_json(out / "sentence_bert_config.json",
-                {"max_seq_length": max(tokenizer.query_len, tokenizer.passage_len), "do_lower_case": False})
+    st_config = st_transformer_config(tokenizer, cfg, lengths)
+    _write_json(out / "sentence_bert_config.json", st_config)
     _write_json(out / "1_Pooling" / "config.json", {
         "word_embedding_dimension": cfg.hidden_size,
         "pooling_mode_cls_token": model.pooling in ("cls", "pooler"),
@@ -87,91 +130,18 @@ def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder
     _write_json(out / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer",
         "__version__": {"mlret": mlret.__version__},
-        "prompts": {"query": tokenizer.query_prefix, "passage": tokenizer.passage_prefix},
+        # "document" is the prompt encode_document uses; "passage" is mlret's name for the same prefix.
+        "prompts": {"query": tokenizer.query_prefix, "document": tokenizer.passage_prefix,
+                    "passage": tokenizer.passage_prefix},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if model.normalize else "dot",
     })
-    (out / "README.md").write_text(model_card(model, tokenizer, model_config, role=role, results=results))
+    (out / "README.md").write_text(card(st_config=st_config))
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def model_card(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any, *, role: str = "query",
-               results: Mapping[str, Any] | None = None) -> str:
-    """A README.md for the exported folder: what it is, how to use it, and its evaluation results."""
-    cfg = model.towers.query.cfg
-    base = str(getattr(model_config, "name", "") or "unknown")
-    qp, pp = tokenizer.query_prefix, tokenizer.passage_prefix
-    lines = [
-        "---",
-        "library_name: sentence-transformers",
-        "pipeline_tag: sentence-similarity",
-        "tags: [sentence-transformers, feature-extraction, dense-retrieval, multilingual, mlret]",
-        "---",
-        "",
-        f"# Dense retriever ({cfg.architecture}) exported by mlret {mlret.__version__}",
-        "",
-        f"Dual encoder fine-tuned or re-exported by [mlret](https://arxiv.org/abs/2408.10536) from `{base}`.",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| architecture | {cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_heads} heads |",
-        f"| pooling | {model.pooling} |",
-        f"| L2-normalised | {model.normalize} (similarity: {'cosine' if model.normalize else 'dot product'}) |",
-        f"| towers | {'tied (one encoder)' if model.tied else 'untied (separate query and passage encoders)'} |",
-        f"| query prefix / prompt `query` | {json.dumps(qp)} |",
-        f"| passage prefix / prompt `passage` | {json.dumps(pp)} |",
-        f"| max length (query / passage) | {tokenizer.query_len} / {tokenizer.passage_len} tokens |",
-        "",
-    ]
-    if not model.tied:
-        lines += [
-            f"**Untied towers.** This folder holds the **{role}** encoder. "
-            + (f"The passage encoder is the complete model in `{PASSAGE_TOWER_DIR}/`: encode queries with this "
-               f"folder and passages with `{PASSAGE_TOWER_DIR}/`." if role == "query" else
-               "The query encoder is the folder above this one."),
-            "",
-        ]
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        'model = SentenceTransformer("PATH")',
-        'q = model.encode(["how many people live in Berlin?"], prompt_name="query")',
-        'p = model.encode(["Berlin has about 3.7 million inhabitants."], prompt_name="passage")',
-        "scores = model.similarity(q, p)",
-        "```",
-        "",
-        f"With `transformers.AutoModel`, prepend the prefixes yourself and apply {model.pooling} pooling"
-        + (" and L2 normalisation" if model.normalize else "") + " to `last_hidden_state`"
-        + (" (`pooler_output` is the pooled vector)." if model.pooling == "pooler" else "."),
-        "",
-    ]
-    lines += ["## Evaluation", ""]
-    if results:
-        lines += _results_table(results)
-    else:
-        lines += ["No evaluation results were given to the export."]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _results_table(results: Mapping[str, Any]) -> list[str]:
-    """{name: value} or {benchmark: {metric: value}} as a markdown table."""
-    rows = []
-    for name, value in results.items():
-        if isinstance(value, Mapping):
-            rows += [(name, metric, v) for metric, v in value.items()]
-        else:
-            rows.append(("", name, value))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    return ["| benchmark | metric | value |", "|---|---|---|", *(f"| {b} | {m} | {fmt(v)} |" for b, m, v in rows)]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -199,8 +169,9 @@ def _st_defaults(model_dir: Path) -> dict[str, Any]:
         prompts = json.loads(st.read_text()).get("prompts") or {}
         if "query" in prompts:
             out["query_prefix"] = prompts["query"]
-        if "passage" in prompts:
-            out["passage_prefix"] = prompts["passage"]
+        for name in ("document", "passage"):  # sentence-transformers' name, then mlret's
+            if name in prompts:
+                out["passage_prefix"] = prompts[name]
     return out
 
 
@@ -219,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--query_prefix")
     g.add_argument("--passage_prefix")
-    g.add_argument("--query_len", type=int)
-    g.add_argument("--passage_len", type=int)
+    g.add_argument("--query_len", type=int, help="encode_query's truncation in the export (default: none, the "
+                   "source's max_seq_length)")
+    g.add_argument("--passage_len", type=int, help="encode_document's truncation (default: none)")
     args = parser.parse_args(argv)
     results = None
     if args.results:
@@ -237,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mlret.export: --checkpoint needs mlret.checkpoint.restore_for_export ({e})", file=sys.stderr)
             return 2
         config, model, tokenizer = restore_for_export(args.checkpoint, args.step)
-        out = export_model(model, tokenizer, config.model, args.out, results=results)
+        out = export_model(model, tokenizer, config.model, args.out, results=results, run_config=config)
     else:
         from mlret.config import default_config
         from mlret.models import load_dual_encoder, resolve_model_dir
@@ -255,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 config.data[key] = getattr(args, key)
         model, tokenizer = load_dual_encoder(config)
         config.model.name = args.hf  # the card names what the user asked for, not the cache path
-        out = export_model(model, tokenizer, config.model, args.out, results=results)
+        # Truncation for encode_query / encode_document only when asked for: an unchanged model stays the same.
+        lengths = ((tokenizer.query_len, tokenizer.passage_len) if args.query_len or args.passage_len else None)
+        out = export_model(model, tokenizer, config.model, args.out, results=results, lengths=lengths)
     print(f"exported to {out}")
     return 0
 

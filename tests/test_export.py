@@ -90,7 +90,7 @@ def test_xlmr_export_with_prompts(random_xlmr_path, tmp_path):
     model, tok = load_dual_encoder(cfg, query_len=32, passage_len=64)
     out = export_model(model, tok, cfg, tmp_path / "xlmr")
     prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
-    assert prompts == {"query": "query: ", "passage": "passage: "}
+    assert prompts == {"query": "query: ", "document": "passage: ", "passage": "passage: "}
     queries = ["Wer hat den Bahnhof gebaut?", "東京の人口は?", "hi"]
     passages = ["Der Bahnhof wurde 1882 eröffnet und mehrfach umgebaut. " * 3, "x"]
     st = SentenceTransformer(str(out), device="cpu")
@@ -98,8 +98,11 @@ def test_xlmr_export_with_prompts(random_xlmr_path, tmp_path):
     dp = np.abs(st.encode(passages, prompt_name="passage", convert_to_numpy=True)
                 - ours(model, tok, passages, "passage")).max()
     da = np.abs(automodel_mean(out, tok, queries, "query: ", max_length=32) - ours(model, tok, queries)).max()
+    # encode_query / encode_document pick the prompts themselves.
+    dq2 = np.abs(st.encode_query(queries, convert_to_numpy=True) - ours(model, tok, queries)).max()
+    dp2 = np.abs(st.encode_document(passages, convert_to_numpy=True) - ours(model, tok, passages, "passage")).max()
     print(f"XLM-R export: SentenceTransformer query {dq:.2e} passage {dp:.2e}, AutoModel {da:.2e}")
-    assert max(dq, dp, da) <= TOL
+    assert max(dq, dp, da, dq2, dp2) <= TOL
     # Without the prompt the embeddings differ: the prompt really is applied.
     assert np.abs(st.encode(queries, convert_to_numpy=True) - ours(model, tok, queries)).max() > 1e-3
     # Round trip on the XLM-R layout too.
@@ -180,3 +183,72 @@ def test_cli_checkpoint_export(random_bert_path, tmp_path):
     texts = ["checkpoint export", "second text"]
     st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
     assert np.abs(st.encode(texts, prompt_name="query", convert_to_numpy=True) - ours(model, tok, texts)).max() <= TOL
+
+
+@pytest.fixture(scope="module")
+def long_sentences(shared_data, minilm_path):
+    """12 real XQuAD-R sentences (el, ru) of 200 to 600 MiniLM tokens: longer than a training length, some
+    longer than MiniLM's max_seq_length of 256."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+    out = []
+    for lang in ("el", "ru"):
+        data = json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text())
+        sents = [s for art in data["data"] for p in art["paragraphs"] for s in p["sentences"]]
+        out += [s for s in sents if 200 < len(tok(s)["input_ids"]) <= 600][:6]
+    lengths = [len(tok(s)["input_ids"]) for s in out]
+    assert len(out) == 12 and min(lengths) > 200 and max(lengths) > 256, lengths
+    return out
+
+
+def _automodel_pooled(path, texts):
+    """AutoTokenizer (truncation at its model_max_length) + AutoModel, mean pooled: the transformers user's view."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    model = transformers.AutoModel.from_pretrained(str(path)).eval()
+    enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    return ((h * m).sum(1) / m.sum(1)).numpy()
+
+
+def test_unchanged_reexport_is_the_identity_on_long_texts(minilm_path, long_sentences, tmp_path):
+    """python -m mlret.export --hf (import, then export) of the real all-MiniLM-L6-v2: sentence-transformers and
+    transformers give the source's embeddings on texts of 200-600 tokens, so max_seq_length stays 256."""
+    out = tmp_path / "minilm"
+    assert main(["--hf", str(minilm_path), "--out", str(out)]) == 0
+    st_config = json.loads((out / "sentence_bert_config.json").read_text())
+    assert st_config["max_seq_length"] == 256 and "query_length" not in st_config
+    src, exp = SentenceTransformer(str(minilm_path), device="cpu"), SentenceTransformer(str(out), device="cpu")
+    assert exp.max_seq_length == src.max_seq_length == 256
+    for encode in ("encode", "encode_query", "encode_document"):
+        a = getattr(src, encode)(long_sentences, convert_to_numpy=True)
+        b = getattr(exp, encode)(long_sentences, convert_to_numpy=True)
+        assert np.abs(a - b).max() <= 1e-6, encode
+    a, b = _automodel_pooled(minilm_path, long_sentences), _automodel_pooled(out, long_sentences)
+    assert np.abs(a - b).max() <= 1e-6
+
+
+def test_trained_export_truncates_like_mlret(minilm_path, long_sentences, tmp_path):
+    """A run's export: max_seq_length stays the model's 256, and encode_query / encode_document truncate at the
+    lengths the run evaluated with, giving mlret's own embeddings on long texts; the card states both lengths."""
+    from mlret.config import default_config
+
+    run = default_config()
+    run.model.update(dict(model_config(minilm_path)))
+    run.data.query_len, run.data.passage_len = 24, 48  # training
+    run.eval.query_len, run.eval.passage_len = 32, 128  # evaluation: what the folder reproduces
+    model, tok = load_dual_encoder(run.model, query_len=32, passage_len=128)
+    out = export_model(model, tok, run.model, tmp_path / "trained", run_config=run)
+    st_config = json.loads((out / "sentence_bert_config.json").read_text())
+    assert st_config == {"max_seq_length": 256, "do_lower_case": False, "query_length": 32, "document_length": 128}
+    st = SentenceTransformer(str(out), device="cpu")
+    dq = np.abs(st.encode_query(long_sentences, convert_to_numpy=True) - ours(model, tok, long_sentences)).max()
+    dd = np.abs(st.encode_document(long_sentences, convert_to_numpy=True)
+                - ours(model, tok, long_sentences, "passage")).max()
+    assert max(dq, dd) <= TOL, (dq, dd)
+    # encode() has one maximum for every text: 256, so it differs from both truncations on these texts.
+    assert np.abs(st.encode(long_sentences, convert_to_numpy=True) - ours(model, tok, long_sentences)).max() > 1e-3
+    card = (out / "README.md").read_text()
+    assert "| trained with query / passage length | 24 / 48 tokens |" in card
+    assert "| encode_query / encode_document truncate at | 32 / 128 tokens |" in card
+    assert "| max_seq_length (sentence-transformers, every text) | 256 tokens |" in card

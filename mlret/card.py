@@ -1,0 +1,317 @@
+"""The model card (README.md) of an exported folder: what the model is, how it was trained and on which data
+under which licence, how it was evaluated with the numbers beside the start model's, and how to load it.
+
+`model_card(...)` is called by `mlret.export.export_model` once per tower folder; it only formats what it is
+given (the model, its tokenizer, the run's config and results) and reads no files.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+import mlret
+from mlret.eval.report import comparison
+
+PASSAGE_TOWER_DIR = "passage_tower"
+
+# Licence of each training-source kind's public data (config.data.sources[i].name). A model trained on a
+# non-commercial set inherits that restriction in practice: the card says so.
+SOURCE_LICENCES = {
+    "xquad_r": "CC BY-SA 4.0",
+    "mlqa_r": "CC BY-NC 4.0 (non-commercial research only; MLQA dev, withdrawn upstream)",
+    "mlqa": "CC BY-SA 3.0",
+    "squad_translate": "CC BY-SA 4.0 (SQuAD); check the translation's own terms",
+    "mmarco": "MS MARCO terms (non-commercial research only)",
+    "tydiqa_goldp": "Apache-2.0",
+    "miracl": "Apache-2.0",
+    "mrtydi": "Apache-2.0",
+    "jsonl": "your own data: not known to mlret, state it here",
+}
+NON_COMMERCIAL = ("mlqa_r", "mmarco")
+
+# How each evaluator scores (the protocol line of the card's evaluation section).
+PROTOCOLS = {
+    "lareqa": ("LAReQA answer-sentence retrieval: every question ranks candidate sentences; **mono** = the "
+               "question's own language, **cross** = one other language (macro-averaged over targets), **multi** = "
+               "the pool of all languages, where the answer sentence in every language is relevant. Exact search; "
+               "mAP over the full ranking; rank distance = in the multilingual pool, the gap between the best- and "
+               "worst-ranked relevant answers of a question (language bias, lower is better)."),
+    "tatoeba": ("Tatoeba bitext retrieval: accuracy of finding the translation, xx->en and en->xx, macro-averaged "
+                "over languages."),
+    "trec": "Passage retrieval against the topics' qrels: nDCG@10, recall@100, MRR@100 (trec_eval conventions).",
+    "tydiqa": "TyDi QA passage selection: MRR and accuracy@1 of the annotated passage.",
+}
+_PROTOCOL_OF = {"xquad_r": "lareqa", "mlqa_r": "lareqa", "tatoeba": "tatoeba", "miracl": "trec", "mrtydi": "trec",
+                "tydiqa": "tydiqa"}
+
+
+def _summary(block: Any) -> Mapping[str, Any]:
+    """A results entry is either an evaluator's block (with `summary`) or its summary already."""
+    return block["summary"] if isinstance(block, Mapping) and "summary" in block else block
+
+
+def model_card(model: Any, tokenizer: Any, model_config: Any, *, role: str = "query",
+               results: Mapping[str, Any] | None = None, baseline: Mapping[str, Any] | None = None,
+               run_config: Any = None, st_config: Mapping[str, Any] | None = None) -> str:
+    """README.md text. results / baseline: {benchmark: block or summary} of the exported and of the start model;
+    run_config: the training run's whole config (None: an unchanged re-export); st_config: the folder's
+    sentence_bert_config.json (its lengths are documented)."""
+    lines = _header(model, tokenizer, model_config, role, run_config, st_config or {})
+    lines += _usage(model, tokenizer, st_config or {})
+    if run_config is not None:
+        lines += _training(run_config)
+    lines += _evaluation(results, baseline, run_config, (tokenizer.query_prefix, tokenizer.passage_prefix))
+    return "\n".join(lines) + "\n"
+
+
+def _header(model: Any, tokenizer: Any, model_config: Any, role: str, run_config: Any,
+            st: Mapping[str, Any]) -> list[str]:
+    cfg = model.towers.query.cfg
+    base = str(getattr(model_config, "name", "") or "unknown")
+    what = "fine-tuned" if run_config is not None else "re-exported unchanged"
+    nc = run_config is not None and any(_kind(s) in NON_COMMERCIAL for s in run_config.data.sources)
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, feature-extraction, dense-retrieval, multilingual, mlret]",
+        *(["license: other  # trained on non-commercial research data: see Training data"] if nc else []),
+        "---",
+        "",
+        f"# Dense retriever ({cfg.architecture}) exported by mlret {mlret.__version__}",
+        "",
+        f"Dual encoder {what} by [mlret](https://arxiv.org/abs/2408.10536) from `{base}`.",
+        "",
+    ]
+    if nc:
+        lines += ["**Licence of the training data: non-commercial research only** (see Training data below); use "
+                  "this model accordingly.", ""]
+    lines += [
+        "| setting | value |",
+        "|---|---|",
+        f"| architecture | {cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_heads} heads |",
+        f"| pooling | {model.pooling} |",
+        f"| L2-normalised | {model.normalize} (similarity: {'cosine' if model.normalize else 'dot product'}) |",
+        f"| towers | {'tied (one encoder)' if model.tied else 'untied (separate query and passage encoders)'} |",
+        f"| query prefix / prompt `query` | {json.dumps(tokenizer.query_prefix)} |",
+        f"| passage prefix / prompts `document`, `passage` | {json.dumps(tokenizer.passage_prefix)} |",
+        f"| max_seq_length (sentence-transformers, every text) | {st.get('max_seq_length', '?')} tokens |",
+    ]
+    if "query_length" in st:
+        lines.append(f"| encode_query / encode_document truncate at | {st['query_length']} / "
+                     f"{st['document_length']} tokens |")
+    if run_config is not None:
+        d = run_config.data
+        lines.append(f"| trained with query / passage length | {d.query_len} / {d.passage_len} tokens |")
+    lines.append("")
+    if not model.tied:
+        lines += [
+            f"**Untied towers.** This folder holds the **{role}** encoder. "
+            + (f"The passage encoder is the complete model in `{PASSAGE_TOWER_DIR}/`: encode queries with this "
+               f"folder and passages with `{PASSAGE_TOWER_DIR}/`." if role == "query" else
+               "The query encoder is the folder above this one."),
+            "",
+        ]
+    return lines
+
+
+def _usage(model: Any, tokenizer: Any, st: Mapping[str, Any]) -> list[str]:
+    qp, pp = json.dumps(tokenizer.query_prefix), json.dumps(tokenizer.passage_prefix)
+    pool = {"mean": "mean pooling over the attention mask", "cls": "the [CLS] vector",
+            "pooler": "`pooler_output`"}[model.pooling]
+    lines = [
+        "## Usage",
+        "",
+        "sentence-transformers (the prompts add the prefixes; `encode_query` / `encode_document` also truncate as "
+        "mlret encoded the results below):",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        'model = SentenceTransformer("PATH")',
+        'q = model.encode_query(["how many people live in Berlin?"])',
+        'p = model.encode_document(["Berlin has about 3.7 million inhabitants."])',
+        "scores = model.similarity(q, p)",
+        "```",
+        "",
+        f"`model.encode(texts, prompt_name=\"query\")` works too but truncates every text at max_seq_length "
+        f"({st.get('max_seq_length', '?')}).",
+        "",
+        "transformers (prefixes by hand):",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoModel, AutoTokenizer",
+        "",
+        'tok, enc = AutoTokenizer.from_pretrained("PATH"), AutoModel.from_pretrained("PATH").eval()',
+        f"batch = tok([{qp} + \"how many people live in Berlin?\"], padding=True, truncation=True, "
+        f"max_length={st.get('query_length', st.get('max_seq_length', 512))}, return_tensors=\"pt\")",
+        "with torch.no_grad():",
+        "    out = enc(**batch)",
+    ]
+    if model.pooling == "mean":
+        lines += ["m = batch[\"attention_mask\"][..., None].float()",
+                  "emb = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)"]
+    elif model.pooling == "cls":
+        lines.append("emb = out.last_hidden_state[:, 0]")
+    else:
+        lines.append("emb = out.pooler_output")
+    if model.normalize:
+        lines.append("emb = torch.nn.functional.normalize(emb, dim=-1)")
+    lines += ["```", "", f"Passages: the same with the prefix {pp}"
+              + (f" and max_length={st['document_length']}" if "document_length" in st else "")
+              + f"; the embedding is {pool}" + (", L2-normalised." if model.normalize else "."), ""]
+    return lines
+
+
+def _kind(source: Any) -> str:
+    return str(source["name"] if isinstance(source, Mapping) else source.name)
+
+
+def _trained_languages(run_config: Any) -> tuple[list[str], bool]:
+    """(languages of the training sources, whether every source's set is known to mlret)."""
+    from mlret.data.sources import parse_sources
+    from mlret.data.tfds_builders import KIND_LANGS
+
+    langs, known = set(), True
+    for spec in parse_sources(run_config):
+        own = spec.languages or KIND_LANGS.get(spec.name, ())
+        known &= bool(own)
+        langs |= set(own)
+    return sorted(langs), known
+
+
+def _training(c: Any) -> list[str]:
+    from mlret.data.sources import parse_sources
+
+    langs, known = _trained_languages(c)
+    alpha = float(c.data.alpha)
+    batching = ("X-X-mono (every batch monolingual)" if alpha == 1 else "X-Y (every batch cross-lingual)"
+                if alpha == 0 else f"hybrid: a batch is monolingual with probability {alpha:g}, cross-lingual "
+                "otherwise")
+    loss = c.loss
+    lines = [
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| start model | `{c.model.name}` |",
+        f"| batching (α = {alpha:g}) | {batching} |",
+        f"| loss | contrastive (InfoNCE), temperature {loss.temperature:g}"
+        + (" (learnable)" if loss.learnable_temperature else "")
+        + (", symmetric" if loss.symmetric else "")
+        + (", in-batch negatives" if loss.in_batch_positives else ", own hard negatives only")
+        + (f", variance penalty {loss.variance_penalty:g}" if loss.variance_penalty else "") + " |",
+        f"| steps | {c.train.steps} |",
+        f"| global batch | {c.data.global_batch} pairs, {int(c.data.group_size) - 1} hard negative(s) each |",
+        f"| optimiser | AdamW, learning rate {c.optim.learning_rate:g}, {c.optim.warmup_steps} warm-up steps, "
+        f"weight decay {c.optim.weight_decay:g} |",
+        f"| lengths (training) | query {c.data.query_len}, passage {c.data.passage_len} tokens |",
+        f"| seed | {c.seed} |",
+        f"| languages seen in training | {', '.join(langs) + ('' if known else ' (plus those of the jsonl files)')} |",
+        "",
+        "Training data:",
+        "",
+        "| source | path | languages | licence |",
+        "|---|---|---|---|",
+    ]
+    for spec in parse_sources(c):
+        lines.append(f"| {spec.name} | {_short_path(spec.path)} | {', '.join(spec.languages) or 'all'} | "
+                     f"{SOURCE_LICENCES[spec.name]} |")
+    lines.append("")
+    if command := c.export.get("command", ""):
+        lines += ["Trained with:", "", "```bash", command, "```", ""]
+    return lines
+
+
+def _short_path(path: str) -> str:
+    """The last two path components (enough to name the data set without this machine's layout)."""
+    parts = [p for p in str(path).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else "(downloaded)"
+
+
+def _evaluated_languages(results: Mapping[str, Any]) -> dict[str, list[str]]:
+    out = {}
+    for name, block in results.items():
+        langs = block.get("languages") if isinstance(block, Mapping) else None
+        if langs:
+            out[name] = list(langs)
+    return out
+
+
+def _evaluation(results: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, run_config: Any,
+                prefixes: tuple[str, str]) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not results:
+        return lines + ["No evaluation results were given to the export.", ""]
+    base = {k: _summary(v) for k, v in (baseline or {}).items()}
+    evaluated = _evaluated_languages(results)
+    trained = set(_trained_languages(run_config)[0]) if run_config is not None else None
+    for name, block in results.items():
+        summary = _summary(block)
+        if not isinstance(summary, Mapping):
+            continue  # a plain value: only in the table of all metrics
+        step = block.get("step") if isinstance(block, Mapping) and "summary" in block else None
+        table = comparison(name, summary, base.get(name), step=step)
+        lines += [f"### {name}", ""]
+        if name in _PROTOCOL_OF:
+            lines += [PROTOCOLS[_PROTOCOL_OF[name]], ""]
+        if run_config is not None and name in run_config.eval:
+            lines += [_subset(run_config, name), ""]
+        if name in evaluated:
+            langs = evaluated[name]
+            lines.append(f"Languages: {', '.join(langs)}.")
+            if trained is not None and all(len(x) == 2 for x in langs):
+                unseen = [x for x in langs if x not in trained]
+                lines.append(f"Only evaluated (not in the training data): {', '.join(unseen) or 'none'}.")
+            lines.append("")
+        if base.get(name):
+            lines += ["Cells: start model (zero-shot, step 0) -> this model (change).", ""]
+        lines += [*table.markdown(), ""]
+    lines += ["All metrics:", "", *_results_table({k: _summary(v) for k, v in results.items()}), ""]
+    lines += _commands(run_config, prefixes)
+    return lines
+
+
+def _subset(c: Any, name: str) -> str:
+    """What part of the benchmark was scored (the subsets of the config)."""
+    sec = c.eval[name]
+    parts = []
+    if sec.get("max_paragraphs"):
+        parts.append(f"the first {sec.max_paragraphs} paragraphs of each language")
+    if sec.get("max_sentences"):
+        parts.append(f"the first {sec.max_sentences} sentence pairs of each language")
+    if sec.get("max_queries"):
+        parts.append(f"the first {sec.max_queries} queries of each language")
+    if sec.get("candidate_context"):
+        parts.append(f"candidate context: {sec.candidate_context}")
+    q, p = c.eval.query_len or c.data.query_len, c.eval.passage_len or c.data.passage_len
+    parts.append(f"queries truncated at {q}, candidates at {p} tokens")
+    return "Subset and settings: " + "; ".join(parts) + "."
+
+
+def _commands(run_config: Any, prefixes: tuple[str, str]) -> list[str]:
+    lines = ["Reproduce the evaluation:", "", "```bash"]
+    if run_config is not None:
+        lines.append("python -m mlret.evaluate --checkpoint RUN_DIR --out results.json   # the run's own eval config")
+    lines += ["python -m mlret.evaluate --config configs/eval_xquad_r.py --hf PATH --out results.json \\",
+              f"    --config.model.query_prefix={shlex.quote(prefixes[0])} "
+              f"--config.model.passage_prefix={shlex.quote(prefixes[1])}", "```", ""]
+    return lines
+
+
+def _results_table(results: Mapping[str, Any]) -> list[str]:
+    """{name: value} or {benchmark: {metric: value}} as a markdown table."""
+    rows: list[tuple[str, str, Any]] = []
+    for name, value in results.items():
+        if isinstance(value, Mapping):
+            rows += [(name, metric, v) for metric, v in value.items()]
+        else:
+            rows.append(("", name, value))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    return ["| benchmark | metric | value |", "|---|---|---|", *(f"| {b} | {m} | {fmt(v)} |" for b, m, v in rows)]
+
