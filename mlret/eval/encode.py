@@ -29,8 +29,11 @@ from mlret import parallel
 _ENCODE_FNS: dict[tuple[Any, str, Any, Any], Any] = {}
 
 
-def _encode_fn(graphdef: Any, tower: str, mesh: Mesh, batch_spec: P):
-    key = (graphdef, tower, mesh, batch_spec)
+def _encode_fn(graphdef: Any, tower: str, mesh: Mesh, batch_spec: P, out_spec: P | None = None):
+    """The jitted encoder of one tower: batch split over `batch_spec`, embeddings out as `out_spec` (default
+    replicated: every host reads every row)."""
+    out_spec = P() if out_spec is None else out_spec
+    key = (graphdef, tower, mesh, batch_spec, out_spec)
     if key not in _ENCODE_FNS:
         def encode(state, ids, mask):
             model = nnx.merge(graphdef, state)
@@ -39,7 +42,7 @@ def _encode_fn(graphdef: Any, tower: str, mesh: Mesh, batch_spec: P):
 
         in_batch = NamedSharding(mesh, batch_spec)
         _ENCODE_FNS[key] = jax.jit(encode, in_shardings=(None, in_batch, in_batch),
-                                   out_shardings=NamedSharding(mesh, P()))
+                                   out_shardings=NamedSharding(mesh, out_spec))
     return _ENCODE_FNS[key]
 
 
@@ -89,6 +92,66 @@ class ShardedEmbedder:
     def passages(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, "passage")
 
+    def local_passages(self, texts: Sequence[str], dtype: Any = np.float32) -> np.ndarray:
+        """This process's `texts` only -> their embeddings [len(texts), D] in `dtype`, the rows of no other
+        process (a corpus shard: see `mlret.eval.sharded`). Every process must call it, with its own texts.
+
+        Each global batch is `batch_size / processes` rows of every process (padded where a process has run
+        out), batch-sharded in and out, so a process reads back only its rows; one small all-gather per batch
+        agrees on the padded length and on when every process is done."""
+        from jax.experimental import multihost_utils
+
+        from mlret.eval.sharded import _gathered
+
+        texts = list(texts)
+        n, procs = len(texts), jax.process_count()
+        local_b = self.batch_size // procs
+        if local_b * procs != self.batch_size:
+            raise ValueError(f"config.eval.batch_size: {self.batch_size} does not split over {procs} processes")
+        fn = _encode_fn(self.graphdef, "passage", self.mesh, self.batch_spec, self.batch_spec)
+        full = self.tokenizer.passage_len
+        pad_ids, pad_mask = self._tokenize([""], "passage")
+        out = None
+        total = int(_gathered(np.array([n]))[:, 0].sum())
+        bar = tqdm(total=total, desc="encode corpus shards", unit="text", dynamic_ncols=True,
+                   disable=not self.progress or jax.process_index() != 0 or total == 0)
+        batches = self._batches(texts, local_b, "passage")
+        with jax.set_mesh(self.mesh):
+            while True:
+                rows, ids, mask = next(batches, (np.zeros(0, np.int64), None, None))
+                longest = int(mask.sum(axis=1).max()) if len(rows) else 0
+                agreed = _gathered(np.array([len(rows), longest]))
+                if agreed[:, 0].max() == 0:
+                    break
+                length = bucket_length(int(agreed[:, 1].max()), full) if self.length_buckets else full
+                bi = np.repeat(pad_ids[:, :length], local_b, axis=0)
+                bm = np.repeat(pad_mask[:, :length], local_b, axis=0)
+                if len(rows):
+                    bi[: len(rows)], bm[: len(rows)] = ids[:, :length], mask[:, :length]
+                gi, gm = multihost_utils.host_local_array_to_global_array((bi, bm), self.mesh, self.batch_spec)
+                emb = fn(self.state, gi, gm)
+                host = np.asarray(multihost_utils.global_array_to_host_local_array(emb, self.mesh, self.batch_spec))
+                if out is None:
+                    out = np.empty((n, host.shape[-1]), dtype=dtype)
+                out[rows] = host[: len(rows)].astype(dtype)
+                self.steps_run += 1
+                self.lengths_used.add(("passage", length))
+                bar.update(int(agreed[:, 0].sum()))
+        bar.close()
+        return out if out is not None else np.zeros((0, 0), dtype=dtype)
+
+    def _batches(self, texts: list[str], b: int, tower: str):
+        """(row indices, ids, mask) of batches of at most `b` texts, sorted by length within windows of
+        `sort_window` batches when length buckets are on (so that a batch pads to few tokens)."""
+        window = b * self.sort_window
+        for w0 in range(0, len(texts), window):
+            ids, mask = self._tokenize(texts[w0:w0 + window], tower)
+            lengths = mask.sum(axis=1)
+            order = np.argsort(-lengths, kind="stable") if self.length_buckets else np.arange(len(ids))
+            for s0 in range(0, len(order), b):
+                rows = order[s0:s0 + b]
+                yield w0 + rows, ids[rows], mask[rows]
+
     def _tokenize(self, texts: list[str], tower: str) -> tuple[np.ndarray, np.ndarray]:
         if tower == "query":
             b = self.tokenizer.queries(texts)
@@ -123,24 +186,18 @@ class ShardedEmbedder:
             out[rows] = host[: len(rows)]
             bar.update(len(rows))
 
-        window = b * self.sort_window
         with jax.set_mesh(self.mesh):
-            for w0 in range(0, n, window):
-                ids, mask = self._tokenize(texts[w0:w0 + window], tower)
-                lengths = mask.sum(axis=1)
-                order = np.argsort(-lengths, kind="stable") if self.length_buckets else np.arange(len(ids))
-                for s0 in range(0, len(order), b):
-                    rows = order[s0:s0 + b]
-                    length = bucket_length(int(lengths[rows].max()), full) if self.length_buckets else full
-                    bi = np.repeat(pad_ids[:, :length], b, axis=0)
-                    bm = np.repeat(pad_mask[:, :length], b, axis=0)
-                    bi[: len(rows)], bm[: len(rows)] = ids[rows, :length], mask[rows, :length]
-                    self.lengths_used.add((tower, length))
-                    pending.append((w0 + rows, fn(self.state, *self._device_batch(bi, bm))))
-                    self.steps_run += 1
-                    # One batch in flight: preparing the next batch overlaps with the device work.
-                    if len(pending) > 1:
-                        collect(*pending.pop(0))
+            for rows, ids, mask in self._batches(texts, b, tower):
+                length = bucket_length(int(mask.sum(axis=1).max()), full) if self.length_buckets else full
+                bi = np.repeat(pad_ids[:, :length], b, axis=0)
+                bm = np.repeat(pad_mask[:, :length], b, axis=0)
+                bi[: len(rows)], bm[: len(rows)] = ids[:, :length], mask[:, :length]
+                self.lengths_used.add((tower, length))
+                pending.append((rows, fn(self.state, *self._device_batch(bi, bm))))
+                self.steps_run += 1
+                # One batch in flight: preparing the next batch overlaps with the device work.
+                if len(pending) > 1:
+                    collect(*pending.pop(0))
             while pending:
                 collect(*pending.pop(0))
         bar.close()

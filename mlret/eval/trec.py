@@ -21,7 +21,7 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from mlret.eval import metrics as M
@@ -98,13 +98,15 @@ def corpus_files(path: str) -> list[str]:
     return [path]
 
 
-def corpus_record(rec: Any, where: str, passage_template: str = "{title} {text}") -> tuple[str, str]:
+def corpus_record(rec: Any, where: str | Callable[[], str],
+                  passage_template: str = "{title} {text}") -> tuple[str, str]:
     """(docid, passage text) of one corpus record: MIRACL's {"docid", "title"?, "text"} or Mr. TyDi's
-    {"id", "contents"}; `where` ("file:line") names the record in the error."""
+    {"id", "contents"}; `where` ("file:line", or a function giving it, called only on error) names the record."""
     docid = rec.get("docid", rec.get("id")) if isinstance(rec, dict) else None
     text = rec.get("text", rec.get("contents")) if isinstance(rec, dict) else None
     if docid is None or not isinstance(text, str):
         keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        where = where() if callable(where) else where
         raise TrecDataError(f"{where}: a corpus record needs 'docid' and 'text' (MIRACL, optionally 'title') or "
                             f"'id' and 'contents' (Mr. TyDi); got keys {keys}")
     return str(docid), passage_template.format(title=rec.get("title") or "", text=text).strip()

@@ -1,0 +1,198 @@
+"""A corpus spread over the hosts: each process reads, encodes, keeps and searches only its shard.
+
+* `read_corpus_shard(path, index, count)`: the corpus (a .jsonl / .jsonl.gz file or a folder of them, see
+  `trec.corpus_files`) is seen as the byte stream of its files in name order, cut into `count` equal ranges.
+  Process `index` streams only its range: in a plain .jsonl file a record belongs to the range holding its first
+  byte (the reader seeks to the range and skips the partial line, as Hadoop's line splits do); a .jsonl.gz file
+  cannot be split and belongs whole to the range holding its first byte (corpora published as many gz shards,
+  like MIRACL's, spread evenly). Shards are contiguous in corpus order, so `shard_offset` (an all-gather of the
+  shard sizes) turns a local row into the record's global position.
+* `encode_corpus_shard`: the shard's passages through `ShardedEmbedder.local_passages` (every process encodes only
+  its rows, all stepping together), kept as float32, bfloat16 or float16; with `cache_dir`, written there once
+  (`<cache_dir>/shard-<index>-of-<count>.npz` with the docids and what made them) and read back on reuse.
+* `sharded_topk`: each process searches its shard (exact or ScaNN, per language or not, as `build_index`
+  picks), the [Q, k] lists are all-gathered and merged (`retrieval.merge_topk`) into the global top k, the same
+  on every host. Queries are few and replicated: every host holds them all.
+
+Host memory is the shard's texts while it is encoded and its embeddings: O(corpus / processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mlret.eval.retrieval import RetrievalOptions, TopK, build_index, merge_topk
+from mlret.eval.trec import TrecDataError, corpus_files, corpus_record
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _gathered(x: np.ndarray) -> np.ndarray:
+    """[processes, *x.shape]: every process's `x` (the same shape everywhere), on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def shard_offset(n_local: int) -> tuple[int, int]:
+    """(global position of this process's first record, corpus size) from every process's shard size."""
+    import jax
+
+    sizes = _gathered(np.array([n_local], dtype=np.int64))[:, 0]
+    return int(sizes[: jax.process_index()].sum()), int(sizes.sum())
+
+
+def _file_lines(file: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of the lines of a plain file whose first byte lies in [start, stop)."""
+    with open(file, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # mid-line: that line belongs to the range before
+                f.readline()
+        while (at := f.tell()) < stop:
+            line = f.readline()
+            if not line:
+                break
+            yield at, line
+
+
+def _line_number(file: str, offset: int) -> int:
+    """1-based number of the line starting at byte `offset` (read only to name a bad record)."""
+    with open(file, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _gz_lines(file: str) -> Iterator[tuple[int, bytes]]:
+    import gzip
+
+    with gzip.open(file, "rb") as f:
+        yield from enumerate(f, 1)
+
+
+def read_corpus_shard(path: str, index: int = 0, count: int = 1,
+                      passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
+    """(docids, passage texts) of shard `index` of `count` (see the module docstring), streamed."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}")
+    files = corpus_files(path)
+    sizes = [os.path.getsize(f) for f in files]
+    total = sum(sizes)
+    lo, hi = total * index // count, total * (index + 1) // count
+    docids, texts = [], []
+    pos = 0
+    for file, size in zip(files, sizes):
+        gz = file.endswith(".gz")
+        if gz:
+            lines = _gz_lines(file) if lo <= pos < hi else iter(())
+        else:
+            start, stop = max(lo - pos, 0), min(hi - pos, size)
+            lines = _file_lines(file, start, stop) if start < stop else iter(())
+        for at, line in lines:  # at: the line number (gz) or the line's byte offset (plain)
+            if not line.strip():
+                continue
+            where = lambda at=at, gz=gz, file=file: f"{file}:{at if gz else _line_number(file, at)}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrecDataError(f"{where()}: not JSON ({e})") from None
+            docid, text = corpus_record(rec, where, passage_template)
+            docids.append(docid)
+            texts.append(text)
+        pos += size
+    return docids, texts
+
+
+@dataclasses.dataclass
+class CorpusShard:
+    """This process's rows of a corpus: docids, embeddings [n_local, D] and the global row of the first."""
+
+    docids: list[str]
+    embeddings: np.ndarray
+    offset: int
+    total: int
+
+
+def _numpy_dtype(name: str):
+    if name not in EMBEDDING_DTYPES:
+        raise ValueError(f"config.eval.corpus_dtype: {name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{title} {text}",
+                        dtype: str = "float32", cache_dir: str | None = None, key: str = "") -> CorpusShard:
+    """Read and encode this process's shard of the corpus at `path` (see the module docstring).
+
+    embedder: a `ShardedEmbedder` (its `local_passages` runs every process together); in one process any
+    embedder with `.passages` does. `key` says what made the embeddings (model, step, template): a cached shard
+    with another key, corpus or shard layout is encoded again, never reused."""
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    np_dtype = _numpy_dtype(dtype)
+    cache = os.path.join(cache_dir, f"shard-{index:05d}-of-{count:05d}.npz") if cache_dir else None
+    meta = json.dumps({"corpus": path, "template": passage_template, "dtype": dtype, "key": key})
+    if cache and os.path.exists(cache):
+        with np.load(cache) as z:
+            if str(z["meta"]) == meta:
+                docids = json.loads(str(z["docids"]))
+                emb = z["embeddings"].view(np_dtype) if dtype == "bfloat16" else z["embeddings"]
+                offset, total = shard_offset(len(docids))
+                log.info("corpus shard %d/%d from %s (%d passages)", index, count, cache, len(docids))
+                return CorpusShard(docids, emb, offset, total)
+        log.info("%s was made by other settings: encoding again", cache)
+    docids, texts = read_corpus_shard(path, index, count, passage_template)
+    offset, total = shard_offset(len(docids))
+    log.info("corpus shard %d/%d of %s: passages %d to %d of %d", index, count, path, offset,
+             offset + len(docids), total)
+    if count > 1 or hasattr(embedder, "local_passages"):
+        emb = embedder.local_passages(texts, dtype=np_dtype)
+    else:
+        emb = np.asarray(embedder.passages(texts), dtype=np.float32).astype(np_dtype)
+    if len(docids) and emb.shape[0] != len(docids):
+        raise ValueError(f"{path}: the embedder returned {emb.shape[0]} rows for {len(docids)} passages")
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.tmp.npz"
+        stored = emb.view(np.uint16) if dtype == "bfloat16" else emb
+        np.savez(tmp, meta=np.array(meta), docids=np.array(json.dumps(docids)), embeddings=stored)
+        os.replace(tmp, cache)
+    return CorpusShard(docids, emb, offset, total)
+
+
+def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
+                 opts: RetrievalOptions | None = None, languages: Sequence[str] | None = None) -> TopK:
+    """The global top k of `queries` (the same on every process) over all processes' shards: each searches its
+    `shard` (rows `offset`...), the lists are all-gathered and merged. `languages`: this shard's candidates'."""
+    opts = opts or RetrievalOptions()
+    queries = np.asarray(queries, dtype=np.float32)
+    idx = np.full((len(queries), k), -1, dtype=np.int64)
+    val = np.full((len(queries), k), -np.inf, dtype=np.float32)  # padding (a shard smaller than k) sorts last
+    info: dict[str, Any] = {"method": "none", "pool": 0}
+    if len(shard):
+        top = build_index(shard, k, opts, languages).search(queries, k)
+        idx[:, : top.indices.shape[1]] = top.indices + offset
+        val[:, : top.scores.shape[1]] = top.scores
+        info = top.info
+    all_idx, all_val = _gathered(idx), _gathered(val)
+    merged_idx, merged_val = merge_topk(list(all_idx), list(all_val), k)
+    keep = np.isfinite(merged_val).all(axis=0)  # columns that every query fills (k <= pool)
+    sizes = _gathered(np.array([len(shard)], dtype=np.int64))[:, 0]
+    info = {**info, "pool": int(sizes.sum()), "shards": len(sizes)}
+    return TopK(merged_idx[:, keep], merged_val[:, keep], info)
