@@ -51,6 +51,7 @@ def get_config():
     c.train.log_every = 5
     c.optim.warmup_steps = max(1, STEPS // 10)
     c.eval.every = EVAL_EVERY
+    c.eval.at_start = True  # the start model's zero-shot numbers, beside the trained ones in the final tables
     c.eval.progress = True
     c.checkpoint.every = EVAL_EVERY
     c.checkpoint.keep = 1

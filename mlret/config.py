@@ -110,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.log_every = 10
+    # Terminal verbosity of mlret.train (mlret.console): "warning" shows progress, evaluations, the final tables
+    # and mlret's warnings; "info" (or --verbose) also every library's INFO lines; <workdir>/train.log gets those
+    # always.
+    c.train.log_level = "warning"
     c.train.grad_cache_chunk = 0  # >0: encode the global batch in chunks of this many pairs (GradCache)
     # jax's persistent compilation cache: programs that took over a second to compile are kept here and loaded,
     # not recompiled, by a restarted / resumed run or any later run with the same shapes and mesh ("": off;
@@ -130,6 +134,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # 0: no evaluation during training
+    # Also evaluate the start model before step 1 (zero-shot): the final tables and the model card show the
+    # trained numbers beside it. A resumed run reads it back from metrics.jsonl.
+    c.eval.at_start = False
     # Evaluators to run (comma-separated names of the sections below), in training and in `mlret.evaluate`.
     # The best checkpoint is picked by checkpoint.best_metric, named "<evaluator>/<summary key>".
     c.eval.evaluators = "xquad_r"
@@ -191,6 +198,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Non-empty: at the end of training mlret.train prints the last evaluation's table and writes a Hugging Face +
     # sentence-transformers folder here (mlret.export; relative paths are under the workdir), results in its card.
     c.export.dir = ""
+    # The command line that trained the run (mlret.train sets it; the model card quotes it).
+    c.export.command = ""
 
     c.lock()
     return c
@@ -212,6 +221,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_data_config(config)
     _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
     _check(config.train.steps > 0, "train.steps", "must be positive")
+    _check(config.train.log_level in ("warning", "info", "debug"), "train.log_level",
+           f"{config.train.log_level!r} is not warning, info or debug")
+    _check(not config.eval.at_start or config.eval.every > 0, "eval.at_start",
+           "set, but config.eval.every is 0 (no evaluators run in training)")
     _check(config.train.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0: no gradient caching)")
     _check(config.train.grad_cache_chunk == 0 or config.data.global_batch % config.train.grad_cache_chunk == 0,
            "train.grad_cache_chunk", f"{config.train.grad_cache_chunk} does not divide data.global_batch="

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ from ml_collections import config_flags
 from mlret import config as config_lib
 from mlret import faults
 from mlret.config import ConfigError
+from mlret.console import Console, setup_logging, write_heatmap, zero_shot_from_log
 
 log = logging.getLogger("mlret.train")
 
@@ -139,6 +141,7 @@ class TrainResult:
     losses: dict[int, float]  # every step this process ran
     preempted: bool = False
     eval_results: dict[str, Any] | None = None  # the last evaluation's results by evaluator (mlret.eval blocks)
+    zero_shot: dict[str, dict[str, float]] | None = None  # the step-0 evaluation's summaries (config.eval.at_start)
     export_dir: str | None = None  # where config.export.dir wrote the model, if it did
     state: Any = dataclasses.field(default=None, repr=False)  # the final train state (for in-process callers)
 
@@ -189,20 +192,24 @@ def _compile_report(what: str) -> Iterator[None]:
              " (loaded from the persistent compilation cache)" if hits else "")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> TrainResult:
-    """Run (or resume) training in `workdir` to `config.train.steps`. Call `validate_run` first."""
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
+          console: Console | None = None) -> TrainResult:
+    """Run (or resume) training in `workdir` to `config.train.steps`. Call `validate_run` first.
+
+    `console` prints progress and evaluation lines (default: a Console on process 0)."""
     import jax
 
     from mlret import parallel
     from mlret.checkpoint import Checkpointer
     from mlret.data import make_train_iterator
-    from mlret.metrics_log import MetricWriter, Progress
+    from mlret.metrics_log import MetricWriter, Progress, read_metrics
     from mlret.models import load_dual_encoder
     from mlret.step import Trainer
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    console = console or Console(enabled=is_main)
     total = int(config.train.steps)
 
     mesh = parallel.make_mesh(config.mesh)
@@ -224,8 +231,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
     stop = _StopFlag()
     if jax.process_count() == 1:
         stop.install()  # several hosts: jax's preemption notifier owns SIGTERM; see reached_preemption below
-    progress = Progress(total, start)
     result = TrainResult(start_step=start, end_step=start, losses={})
+    if evaluators and config.eval.at_start and start == 0:
+        metrics0, zero = _evaluate(evaluators, trainer, state, config, workdir, 0, console)
+        writer.write(0, metrics0)
+        result.zero_shot = {name: block["summary"] for name, block in zero.items()}
+    progress = Progress(total, start)
     kill_after = _kill_after_step()
     max_bad = int(config.optim.max_nonfinite_in_row)
     poison_steps = faults.parse_steps(config.train.inject_nan_steps)
@@ -254,8 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
                       "learning_rate": m["learning_rate"], "steps_per_sec": rate}
             record.update({k: v for k, v in m.items() if k not in record})
             writer.write(s, record)
-            if is_main:
-                print(progress.line(s, m), flush=True)
+            console.print(progress.line(s, m))
 
     pending = None
     step = start
@@ -278,7 +288,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
             if evaluators and (step % int(config.eval.every) == 0 or step == total):
                 handle(pending)
                 pending = None
-                eval_metrics, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step)
+                eval_metrics, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step,
+                                                              console)
                 writer.write(step, eval_metrics)
             preempted = stop.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
             ckpt.save(step, state, data_iter, config, metrics=eval_metrics,
@@ -295,10 +306,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
             handle(pending)
         result.end_step = step
         result.state = state
+        if result.zero_shot is None and config.eval.at_start and is_main and writer.path.is_file():
+            result.zero_shot = zero_shot_from_log(read_metrics(workdir), [e.name for e in evaluators])
         if config.export.dir and not result.preempted:
             if evaluators and result.eval_results is None:  # resumed a finished run: evaluate what is exported
-                _, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step)
-            result.export_dir = _export(trainer, state, tokenizer, config, workdir, result.eval_results)
+                _, result.eval_results = _evaluate(evaluators, trainer, state, config, workdir, step, console)
+            result.export_dir = _export(trainer, state, tokenizer, config, workdir, result.eval_results,
+                                        result.zero_shot)
     finally:
         stop.uninstall()
         ckpt.close()  # waits for the last asynchronous save
@@ -315,7 +329,7 @@ def _build_evaluators(config: ml_collections.ConfigDict) -> list[Any]:
 
 
 def _evaluate(evaluators: list[Any], trainer: Any, state: dict, config: ml_collections.ConfigDict,
-              workdir: Path, step: int) -> tuple[dict[str, float], dict[str, Any]]:
+              workdir: Path, step: int, console: Console) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the evaluators on the current parameters (every host, same order); returns (flat metrics, results)."""
     from flax import nnx
 
@@ -330,13 +344,14 @@ def _evaluate(evaluators: list[Any], trainer: Any, state: dict, config: ml_colle
     t0 = time.perf_counter()
     results = run_evaluators(evaluators, embedder, step, out_dir)
     metrics = flat_metrics(results)
-    log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0,
-             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    seconds = time.perf_counter() - t0
+    log.info("eval at step %d (%.1f s): %s", step, seconds, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    console.evaluation(step, results, seconds)
     return metrics, results
 
 
 def _export(trainer: Any, state: dict, tokenizer: Any, config: ml_collections.ConfigDict, workdir: Path,
-            results: dict[str, Any] | None) -> str:
+            results: dict[str, Any] | None, zero_shot: dict[str, dict[str, float]] | None) -> str:
     """config.export.dir: the trained model as a Hugging Face + sentence-transformers folder (process 0 writes)."""
     import jax
     from flax import nnx
@@ -352,8 +367,7 @@ def _export(trainer: Any, state: dict, tokenizer: Any, config: ml_collections.Co
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
         model = nnx.merge(trainer.graphdef, jax.device_get(params), trainer.rest)
-        summary = {name: block["summary"] for name, block in results.items()} if results else None
-        export_model(model, tokenizer, config.model, out, results=summary)
+        export_model(model, tokenizer, config.model, out, results=results, baseline=zero_shot, run_config=config)
         log.info("exported the model to %s", out)
     return str(out)
 
@@ -366,6 +380,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Library INFO messages on the terminal too (config.train.log_level"
+                             "=info); they always go to <workdir>/train.log.")
 
 
 def _simulate_cpu_devices(n: int) -> None:
@@ -401,8 +417,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        force=True)
+    console = Console()  # its clock starts here: the wall time it prints at the end is the whole command's
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required (e.g. --config configs/smoke.py)")
@@ -410,6 +425,11 @@ def main(argv: list[str]) -> None:
         config.workdir = _WORKDIR.value
     if not config.workdir:
         raise app.UsageError("--workdir (or config.workdir) is required")
+    if _VERBOSE.value:
+        config.train.log_level = "info"
+    config.export.command = shlex.join(["python", "-m", "mlret.train", *sys.argv[1:]])
+    log_file = setup_logging(config.workdir, config.train.log_level)
+    log.info("mlret.train: %s", config.export.command)
     _simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
 
     import jax
@@ -427,23 +447,25 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
-    result = train(config, config.workdir)
-    if jax.process_index() == 0:
-        steps = sorted(result.losses)
-        if steps:
-            first = [result.losses[s] for s in steps[:10]]
-            last = [result.losses[s] for s in steps[-10:]]
-            print(f"mean loss of steps {steps[0]}-{steps[min(9, len(steps) - 1)]}: {sum(first) / len(first):.4f}; "
-                  f"of steps {steps[max(0, len(steps) - 10)]}-{steps[-1]}: {sum(last) / len(last):.4f}", flush=True)
-        if result.eval_results:
-            from mlret.eval import format_table
-
-            print(format_table(result.eval_results), flush=True)
-        if result.export_dir:
-            print(f"exported a Hugging Face / sentence-transformers folder to {Path(result.export_dir).absolute()}",
-                  flush=True)
-        print(f"{'preempted at' if result.preempted else 'finished at'} step {result.end_step}; run directory "
-              f"{Path(config.workdir).absolute()}", flush=True)
+    result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0))
+    if jax.process_index() != 0:
+        return
+    steps = sorted(result.losses)
+    if steps:
+        first = [result.losses[s] for s in steps[:10]]
+        last = [result.losses[s] for s in steps[-10:]]
+        console.print(f"mean loss of steps {steps[0]}-{steps[min(9, len(steps) - 1)]}: {sum(first) / len(first):.4f}; "
+                      f"of steps {steps[max(0, len(steps) - 10)]}-{steps[-1]}: {sum(last) / len(last):.4f}")
+    if result.eval_results:
+        console.print("")
+        console.final(result.eval_results, result.zero_shot, config.workdir,
+                      heatmap=write_heatmap(result.eval_results, config.workdir))
+    if result.export_dir:
+        console.print(f"exported a Hugging Face / sentence-transformers folder (with its model card) to "
+                      f"{Path(result.export_dir).absolute()}")
+    console.print(f"{'preempted at' if result.preempted else 'finished at'} step {result.end_step}; run directory "
+                  f"{Path(config.workdir).absolute()}; log {log_file}")
+    console.resources()
 
 
 if __name__ == "__main__":

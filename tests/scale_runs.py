@@ -70,7 +70,9 @@ def worker_cmd(workdir: Path, report: Path, args: list[str], *extra: str) -> lis
 
 
 def train_cmd(workdir: Path, args: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mlret.train", "--config", SMOKE, "--workdir", str(workdir), *args, *extra]
+    # --verbose: these tests read mlret's INFO lines (resume, compilation cache) from the terminal's stderr.
+    return [sys.executable, "-m", "mlret.train", "--config", SMOKE, "--workdir", str(workdir), "--verbose", *args,
+            *extra]
 
 
 def free_port() -> int:

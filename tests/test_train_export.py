@@ -4,6 +4,7 @@ finished run started again evaluates once and exports the same weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -27,6 +28,7 @@ def tiny_config(random_bert_path, shared_data, tfds_dir):
     c.mesh.simulated_cpu_devices = 0
     c.train.steps = 3
     c.eval.every = 3
+    c.eval.at_start = True  # the zero-shot numbers the card and the console put beside the trained ones
     c.eval.evaluators = "xquad_r"
     c.eval.xquad_r.languages = "en,de"
     c.eval.xquad_r.max_paragraphs = 2
@@ -55,6 +57,7 @@ def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, 
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert f"{result.eval_results['xquad_r']['summary']['multi_map']:.4f}" in card
+    assert_card_is_complete(card, c, result)
 
     # The exported tensors are the trained ones (the run's final checkpoint), not the starting weights.
     exported = load_file(str(out / "model.safetensors"))
@@ -71,3 +74,31 @@ def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, 
     assert again.start_step == again.end_step == 3 and not again.losses
     assert again.eval_results["xquad_r"]["summary"] == result.eval_results["xquad_r"]["summary"]
     np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))[key], exported[key])
+
+
+def assert_card_is_complete(card: str, c, result) -> None:
+    """The model card of a trained run carries what a user of the exported folder needs (issue 19, item 3)."""
+    from mlret.card import SOURCE_LICENCES
+    from mlret.data.sources import parse_sources
+    from mlret.eval.report import comparison
+
+    # Evaluation: the protocol, the table with the zero-shot numbers beside the trained ones, the commands.
+    zero, trained = result.zero_shot["xquad_r"], result.eval_results["xquad_r"]["summary"]
+    assert "LAReQA" in card and "rank distance" in card
+    for line in comparison("xquad_r", trained, zero, step=3).markdown():
+        assert line in card, line
+    assert f"{zero['multi_map']:.3f} -> {trained['multi_map']:.3f}" in card
+    assert "python -m mlret.evaluate --checkpoint" in card and "--hf PATH" in card
+    # Training configuration: start model, every source with its licence, alpha, loss, steps, batch, lengths.
+    assert f"`{c.model.name}`" in card
+    for spec in parse_sources(c):
+        assert f"| {spec.name} |" in card and SOURCE_LICENCES[spec.name] in card
+    assert f"α = {c.data.alpha:g}" in card and f"temperature {c.loss.temperature:g}" in card
+    assert f"| steps | {c.train.steps} |" in card and f"| global batch | {c.data.global_batch} pairs" in card
+    assert f"query {c.data.query_len}, passage {c.data.passage_len} tokens" in card
+    # Languages seen in training and those only evaluated (en, de evaluated here).
+    assert "| languages seen in training |" in card and "Only evaluated (not in the training data):" in card
+    assert "Languages: en, de." in card
+    # Loading in sentence-transformers and transformers, with the prefixes.
+    assert "SentenceTransformer(" in card and "encode_query" in card and "AutoModel.from_pretrained" in card
+    assert f"| query prefix / prompt `query` | {json.dumps(c.model.query_prefix)} |" in card
