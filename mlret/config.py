@@ -68,8 +68,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.temperature = 0.05
     c.loss.learnable_temperature = False
     c.loss.symmetric = False  # add the passage -> query direction
-    c.loss.in_batch_positives = True  # False: the paper's Eq. 1 as written (own positive + hard negatives)
-    c.loss.variance_penalty = 0.0  # weight of the negative-similarity variance penalty (arXiv 2506.09781)
+    # True: InfoNCE with in-batch negatives (every passage of the batch). False: Eq. 1 of arXiv 2408.10536 as
+    # written (own positive + the hard negatives of every pair; other pairs' positives left out).
+    c.loss.in_batch_positives = True
+    c.loss.within_view = False  # arXiv 2506.09781's query-query (and, symmetric, passage-passage) negatives
+    # VRN (arXiv 2506.09781): vrn_weight * mean over negative pairs of |cos - delta|^vrn_power (0: off), with
+    # delta = -1/(k-1) for k = vrn_instances training instances, or vrn_delta when vrn_instances = 0.
+    c.loss.vrn_weight = 0.0
+    c.loss.vrn_power = 2.0
+    c.loss.vrn_instances = 0
+    c.loss.vrn_delta = 0.0
     # How passage embeddings reach every query: "constraint" (jit + a row-sharding constraint on the scores) or
     # "shard_map" (an explicit all_gather of the passages); both give the single-device loss and gradients.
     c.loss.gather = "constraint"
@@ -220,6 +228,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     validate_data_config(config)
     _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
+    _check(config.loss.vrn_weight >= 0, "loss.vrn_weight", "must be >= 0 (0: no VRN term)")
+    _check(config.loss.vrn_power > 0, "loss.vrn_power", "must be positive")
+    _check(config.loss.vrn_instances == 0 or config.loss.vrn_instances >= 2, "loss.vrn_instances",
+           f"{config.loss.vrn_instances} must be 0 (use loss.vrn_delta) or >= 2 (delta = -1/(k-1))")
     _check(config.train.steps > 0, "train.steps", "must be positive")
     _check(config.train.log_level in ("warning", "info", "debug"), "train.log_level",
            f"{config.train.log_level!r} is not warning, info or debug")

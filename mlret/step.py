@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mlret import gradcache, parallel
-from mlret.losses import contrastive_loss, sharded_contrastive_loss
+from mlret.losses import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
 
 TrainState = dict[str, Any]
 # Fields of the data contract the step reads (docs/architecture.md, "Data").
@@ -73,6 +73,14 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
     parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
                              weight_decay=float(optim.weight_decay), mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def loss_options(loss: ml_collections.ConfigDict) -> LossOptions:
+    """config.loss -> the loss variant (δ = −1/(k−1) when loss.vrn_instances = k, else loss.vrn_delta)."""
+    delta = vrn_delta(int(loss.vrn_instances)) if loss.vrn_instances else float(loss.vrn_delta)
+    return LossOptions(symmetric=bool(loss.symmetric), in_batch_positives=bool(loss.in_batch_positives),
+                       within_view=bool(loss.within_view), vrn_weight=float(loss.vrn_weight), vrn_delta=delta,
+                       vrn_power=float(loss.vrn_power))
 
 
 def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
@@ -175,8 +183,7 @@ class Trainer:
         """The contrastive loss of the whole batch's embeddings `emb = (q, p)`."""
         q, p = emb
         lc = self.config.loss
-        kwargs = dict(temperature=self.temperature(params), symmetric=bool(lc.symmetric),
-                      in_batch_positives=bool(lc.in_batch_positives), variance_penalty=float(lc.variance_penalty))
+        kwargs = dict(temperature=self.temperature(params), options=loss_options(lc))
         axes = parallel.batch_axes(self.rules, self.mesh)
         if lc.gather == "shard_map":
             return sharded_contrastive_loss(q, p, batch["unit_id"], mesh=self.mesh, batch_axes=axes, **kwargs)

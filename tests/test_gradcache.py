@@ -11,7 +11,7 @@ from mlret.gradcache import GradCacheError, from_chunks, to_chunks
 from mlret.step import Trainer
 
 # Every loss term that has parameters or couples pairs: learnable τ, both directions, the variance penalty.
-LOSS = dict(learnable_temperature=True, symmetric=True, variance_penalty=0.1)
+LOSS = dict(learnable_temperature=True, symmetric=True, within_view=True, vrn_weight=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,14 @@
-"""The contrastive loss against a float64 numpy reference written from the definition, loop by loop.
+"""Every loss variant against a float64 numpy reference written from its paper's definition, loop by loop, and
+under the sharded (8 simulated devices, gathered negatives) and gradient-cached computations.
+
+The references follow the papers, not mlret/losses.py:
+- Eq. 1 of arXiv 2408.10536: -log e^{s(q_i,p_i+)/τ} / (e^{s(q_i,p_i+)/τ} + Σ_j Σ_k e^{s(q_i,p_j,k^-)/τ}), the
+  inner sums over the hard negatives of *every* triplet j of the batch.
+- InfoNCE with in-batch negatives: every passage of the batch in the denominator.
+- The symmetric form: the mean of the query -> passage and the positive -> query losses; arXiv 2506.09781's
+  within-view negatives add the other queries to a query's denominator and the passages to a positive's.
+- VRN (arXiv 2506.09781, `solo/losses/vrn.py`): λ · mean over the negative pairs of |cos − δ|^p.
+In every variant a column of another pair with the same unit is not a negative (a translation of the answer).
 
 G >= 3 and repeated unit ids, so the layout of hard negatives ([B, G] flattened, label at column i*G) and the
 same-unit mask are both exercised (sentence-transformers once got the gathered layout wrong: PR #3453).
@@ -10,80 +20,157 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mlret.losses import contrastive_loss
+from mlret import gradcache, parallel
+from mlret.config import default_config
+from mlret.losses import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
+
+VARIANTS = {
+    "eq1": LossOptions(in_batch_positives=False),
+    "infonce": LossOptions(),
+    "symmetric": LossOptions(symmetric=True),
+    "symmetric_within_view": LossOptions(symmetric=True, within_view=True),
+    "within_view": LossOptions(within_view=True),
+    "vrn": LossOptions(vrn_weight=0.3, vrn_delta=vrn_delta(1000)),
+    "eq1_vrn_p3": LossOptions(in_batch_positives=False, vrn_weight=0.5, vrn_delta=-0.2, vrn_power=3.0),
+    "eq1_all": LossOptions(in_batch_positives=False, symmetric=True, within_view=True, vrn_weight=0.2,
+                           vrn_delta=0.1),
+    "all": LossOptions(symmetric=True, within_view=True, vrn_weight=0.2, vrn_delta=vrn_delta(5)),
+}
 
 
-def reference_loss(q, p, unit, *, tau, symmetric, in_batch_positives, variance_penalty):
-    """Plain float64 loops: for each query, the list of (logit, is_label) candidates."""
+def _neg_log_softmax(label: float, others: list[float]) -> float:
+    logits = np.array([label, *others])
+    m = logits.max()
+    return float(m + np.log(np.exp(logits - m).sum()) - label)
+
+
+def reference_loss(q, p, unit, *, tau, opts: LossOptions) -> float:
+    """The loss of one batch from the definitions above, in float64 loops."""
     q = np.asarray(q, np.float64)
     p = np.asarray(p, np.float64)
     B, G, _ = p.shape
-    q2p, variances = [], []
+
+    def negatives(i):
+        """Query i's negative passages (j, k): its own hard negatives; other units' hard negatives; with
+        in-batch positives, other units' positives too."""
+        return [(j, k) for j, k in itertools.product(range(B), range(G))
+                if (j, k) != (i, 0) and (j == i or (unit[j] != unit[i] and (k > 0 or opts.in_batch_positives)))]
+
+    other_queries = [[j for j in range(B) if unit[j] != unit[i]] for i in range(B)]
+    q2p = []
     for i in range(B):
-        cand, negs = [], []
-        for j, k in itertools.product(range(B), range(G)):
-            if j != i and (not in_batch_positives or unit[j] == unit[i]):
-                continue  # not a candidate: another pair's passage (off) or a same-unit passage
-            s = float(q[i] @ p[j, k])
-            cand.append(s / tau)
-            if not (j == i and k == 0):
-                negs.append(s)
-        label = float(q[i] @ p[i, 0]) / tau
-        m = max(cand)
-        q2p.append(m + np.log(sum(np.exp(c - m) for c in cand)) - label)
-        variances.append(np.var(negs) if negs else 0.0)
+        others = [q[i] @ p[j, k] / tau for j, k in negatives(i)]
+        if opts.within_view:
+            others += [q[i] @ q[j] / tau for j in other_queries[i]]
+        q2p.append(_neg_log_softmax(q[i] @ p[i, 0] / tau, others))
     loss = np.mean(q2p)
-    if symmetric:
+    if opts.symmetric:
         p2q = []
         for i in range(B):
-            cand = [float(p[i, 0] @ q[j]) / tau for j in range(B) if j == i or unit[j] != unit[i]]
-            m = max(cand)
-            p2q.append(m + np.log(sum(np.exp(c - m) for c in cand)) - float(p[i, 0] @ q[i]) / tau)
+            others = [p[i, 0] @ q[j] / tau for j in other_queries[i]]
+            if opts.within_view:
+                others += [p[i, 0] @ p[j, k] / tau for j, k in negatives(i)]
+            p2q.append(_neg_log_softmax(p[i, 0] @ q[i] / tau, others))
         loss = 0.5 * (loss + np.mean(p2q))
-    return loss + variance_penalty * np.mean(variances)
+    if opts.vrn_weight:
+        cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+        terms = [abs(cos(q[i], p[j, k]) - opts.vrn_delta) ** opts.vrn_power for i in range(B) for j, k in negatives(i)]
+        loss += opts.vrn_weight * np.mean(terms)
+    return float(loss)
 
 
-@pytest.fixture(scope="module")
-def batch():
-    rng = np.random.default_rng(0)
-    B, G, D = 6, 3, 16
+def _batch(B, G=3, D=16, seed=0, unit=None):
+    rng = np.random.default_rng(seed)
     q = rng.normal(size=(B, D))
     p = rng.normal(size=(B, G, D))
     q /= np.linalg.norm(q, axis=-1, keepdims=True)
     p /= np.linalg.norm(p, axis=-1, keepdims=True)
-    unit = np.array([4, 7, 4, 9, 7, 4], np.int32)  # units 4 (three pairs) and 7 (two pairs) repeat
-    return q.astype(np.float32), p.astype(np.float32), unit
+    if unit is None:
+        unit = rng.integers(0, B // 2, B)
+    return q.astype(np.float32), (0.9 * p).astype(np.float32), np.asarray(unit, np.int32)  # |p| != 1: VRN's cos
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("in_batch_positives", [True, False])
-@pytest.mark.parametrize("variance_penalty", [0.0, 0.3])
-def test_matches_float64_reference(batch, symmetric, in_batch_positives, variance_penalty):
+@pytest.fixture(scope="module")
+def batch():
+    return _batch(6, unit=[4, 7, 4, 9, 7, 4])  # units 4 (three pairs) and 7 (two pairs) repeat
+
+
+def test_vrn_delta_default():
+    assert vrn_delta(2) == -1.0 and vrn_delta(101) == pytest.approx(-0.01)
+    with pytest.raises(ValueError, match="at least 2 training instances"):
+        vrn_delta(1)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_matches_float64_reference(batch, name):
+    """The value, and the gradient along a random direction (a float64 central difference of the reference)."""
     q, p, unit = batch
-    tau = 0.07
-    loss, metrics = contrastive_loss(jnp.asarray(q), jnp.asarray(p), jnp.asarray(unit), temperature=tau,
-                                     symmetric=symmetric, in_batch_positives=in_batch_positives,
-                                     variance_penalty=variance_penalty)
-    want = reference_loss(q, p, unit, tau=tau, symmetric=symmetric, in_batch_positives=in_batch_positives,
-                          variance_penalty=variance_penalty)
+    opts, tau = VARIANTS[name], 0.07
+    f = lambda q, p: contrastive_loss(q, p, unit, temperature=tau, options=opts)
+    (loss, metrics), (gq, gp) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(q), jnp.asarray(p))
     assert loss.dtype == jnp.float32
-    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss), reference_loss(q, p, unit, tau=tau, opts=opts), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss))
+    rng = np.random.default_rng(1)
+    vq, vp = rng.normal(size=q.shape), rng.normal(size=p.shape)
+    h = 1e-5
+    ref = lambda t: reference_loss(q + t * vq, p + t * vp, unit, tau=tau, opts=opts)
+    fd = (ref(h) - ref(-h)) / (2 * h)
+    np.testing.assert_allclose(float(np.sum(gq * vq) + np.sum(gp * vp)), fd, rtol=1e-3, atol=1e-5)
 
 
-def test_same_unit_passages_are_masked(batch):
-    """Query 0's gradient ignores the passages of pair 2 (same unit 4) but not those of pair 1 (unit 7)."""
+def test_variants_differ(batch):
+    """Each option changes the value on this batch (the parametrized comparison above is not vacuous)."""
     q, p, unit = batch
-    grad_q0 = jax.jit(jax.grad(lambda q, p: contrastive_loss(q, p, unit, temperature=0.05)[0]))
+    values = {name: float(contrastive_loss(q, p, unit, temperature=0.07, options=o)[0]) for name, o in VARIANTS.items()}
+    assert len({round(v, 6) for v in values.values()}) == len(values), values
 
-    base = grad_q0(q, p)[0]
-    p_same = p.copy()
-    p_same[2, 1:] = q[0]  # pair 2's hard negatives become copies of query 0: masked for query 0
-    np.testing.assert_allclose(grad_q0(q, p_same)[0], base, rtol=1e-5, atol=1e-7)
+
+def _grad_q0(options):
+    return jax.jit(jax.grad(lambda q, p, unit: contrastive_loss(q, p, unit, temperature=0.05, options=options)[0]))
+
+
+@pytest.mark.parametrize("name", ["eq1", "infonce", "symmetric_within_view", "vrn"])
+def test_same_unit_columns_are_masked(batch, name):
+    """Query 0's gradient ignores pair 2 (same unit 4), positive, hard negatives and query, in every variant; a
+    pair of another unit (pair 1, unit 7) does move it."""
+    q, p, unit = batch
+    grad = _grad_q0(VARIANTS[name])
+    base = grad(q, p, unit)[0]
+    q_same, p_same = q.copy(), p.copy()
+    p_same[2] = q[0]
+    q_same[2] = q[0]
+    changed = grad(q_same, p_same, unit)[0]
+    if not VARIANTS[name].symmetric:  # p_2+ . q_0 is in pair 2's own p2q term only when symmetric: masked too
+        np.testing.assert_allclose(changed, base, rtol=1e-5, atol=1e-7)
     p_other = p.copy()
-    p_other[1, 1:] = q[0]  # pair 1 is another unit: its passages are query 0's negatives
-    assert np.abs(grad_q0(q, p_other)[0] - base).max() > 1e-3
+    p_other[1, 1:] = q[0]
+    assert np.abs(grad(q, p_other, unit)[0] - base).max() > 1e-3
+
+
+def test_eq1_denominator_holds_every_pairs_hard_negatives_but_not_their_positives(batch):
+    q, p, unit = batch
+    grad = _grad_q0(VARIANTS["eq1"])
+    base = grad(q, p, unit)[0]
+    p_pos = p.copy()
+    p_pos[3, 0] = q[0]  # pair 3 (another unit): its positive is not in query 0's Eq. 1 denominator
+    np.testing.assert_allclose(grad(q, p_pos, unit)[0], base, rtol=1e-5, atol=1e-7)
+    p_neg = p.copy()
+    p_neg[3, 1] = q[0]  # ... its hard negative is
+    assert np.abs(grad(q, p_neg, unit)[0] - base).max() > 1e-3
+
+
+def test_symmetric_masks_same_unit_queries_for_the_positive(batch):
+    q, p, unit = batch
+    f = jax.jit(jax.grad(lambda q, p: contrastive_loss(q, p, unit, temperature=0.05,
+                                                       options=VARIANTS["symmetric"])[0], argnums=1))
+    base = f(q, p)[0, 0]
+    q_same = q.copy()
+    q_same[2] = p[0, 0]  # pair 2 has unit 4 like pair 0: not a negative of p_0+
+    np.testing.assert_allclose(f(q_same, p)[0, 0], base, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_inputs_are_computed_in_float32(batch):
@@ -91,7 +178,7 @@ def test_bfloat16_inputs_are_computed_in_float32(batch):
     qb, pb = jnp.asarray(q, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
     loss, _ = contrastive_loss(qb, pb, unit, temperature=0.05)
     want = reference_loss(np.asarray(qb.astype(jnp.float32)), np.asarray(pb.astype(jnp.float32)), unit, tau=0.05,
-                          symmetric=False, in_batch_positives=True, variance_penalty=0.0)
+                          opts=LossOptions())
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
@@ -100,13 +187,86 @@ def test_learnable_temperature_gradient(batch):
     """d loss / d log_tau through exp(log_tau) matches a float64 central difference of the reference."""
     q, p, unit = batch
     log_tau = np.log(0.1)
-
-    def f(lt):
-        return contrastive_loss(q, p, unit, temperature=jnp.exp(lt), symmetric=True)[0]
-
-    grad = float(jax.grad(f)(jnp.float32(log_tau)))
+    opts = VARIANTS["all"]
+    grad = float(jax.grad(lambda lt: contrastive_loss(q, p, unit, temperature=jnp.exp(lt), options=opts)[0])(
+        jnp.float32(log_tau)))
     h = 1e-5
-    ref = lambda lt: reference_loss(q, p, unit, tau=np.exp(lt), symmetric=True, in_batch_positives=True,
-                                    variance_penalty=0.0)
-    fd = (ref(log_tau + h) - ref(log_tau - h)) / (2 * h)
-    np.testing.assert_allclose(grad, fd, rtol=1e-3)
+    ref = lambda lt: reference_loss(q, p, unit, tau=np.exp(lt), opts=opts)
+    np.testing.assert_allclose(grad, (ref(log_tau + h) - ref(log_tau - h)) / (2 * h), rtol=1e-3)
+
+
+# ------------------------------------------------------------------------ sharded and gradient-cached: equal
+
+DIST_B = 16  # two rows per simulated device
+
+
+@pytest.fixture(scope="module")
+def dist():
+    """A 16-pair batch of random token features, a linear 'encoder' W, and the 8-device mesh."""
+    rng = np.random.default_rng(3)
+    feats = {"q": rng.normal(size=(DIST_B, 12)).astype(np.float32),
+             "p": rng.normal(size=(DIST_B, 3, 12)).astype(np.float32),
+             "unit_id": rng.integers(0, 6, DIST_B).astype(np.int32)}
+    params = {"w": rng.normal(size=(12, 8)).astype(np.float32) * 0.5, "log_tau": np.float32(np.log(0.1))}
+    mesh = parallel.make_mesh(_mesh_config(), jax.devices()[:8])
+    return feats, params, mesh
+
+
+def _mesh_config():
+    c = default_config().mesh
+    c.data, c.fsdp, c.tensor = 8, 1, 1
+    return c
+
+
+def _embed(params, batch):
+    return batch["q"] @ params["w"], batch["p"] @ params["w"]
+
+
+def _loss(opts, gather=None, mesh=None):
+    def loss_fn(params, emb, batch):
+        q, p = emb
+        kw = dict(temperature=jnp.exp(params["log_tau"]), options=opts)
+        if gather == "shard_map":
+            return sharded_contrastive_loss(q, p, batch["unit_id"], mesh=mesh, batch_axes=("data",), **kw)
+        sharding = NamedSharding(mesh, P("data", None)) if gather == "constraint" else None
+        return contrastive_loss(q, p, batch["unit_id"], score_sharding=sharding, **kw)
+    return loss_fn
+
+
+def _single_device(params, feats, opts):
+    loss_fn = _loss(opts)
+    return jax.jit(jax.value_and_grad(lambda pr, b: loss_fn(pr, _embed(pr, b), b), has_aux=True))(params, feats)
+
+
+def _close(a, b, tol=2e-5):
+    (la, ma), ga = a
+    (lb, mb), gb = b
+    assert abs(float(la) - float(lb)) <= tol * max(1.0, abs(float(lb)))
+    assert abs(float(ma["accuracy"]) - float(mb["accuracy"])) <= 1e-6
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["eq1", "infonce", "symmetric_within_view", "vrn"])
+@pytest.mark.parametrize("gather", ["constraint", "shard_map"])
+def test_sharded_equals_single_device(dist, name, gather):
+    feats, params, mesh = dist
+    opts = VARIANTS[name]
+    want = _single_device(params, feats, opts)
+    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
+    loss_fn = _loss(opts, gather, mesh)
+    got = jax.jit(jax.value_and_grad(lambda pr, b: loss_fn(pr, _embed(pr, b), b), has_aux=True))(params, placed)
+    _close(got, want)
+    assert abs(float(want[1]["log_tau"])) > 1e-3 and float(np.abs(want[1]["w"]).max()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["eq1", "infonce", "symmetric_within_view", "vrn"])
+def test_gradient_cached_equals_single_device(dist, name):
+    """Two chunks of 8 pairs over the 8-device mesh, gathered by shard_map inside the loss."""
+    feats, params, mesh = dist
+    opts = VARIANTS[name]
+    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
+    got = jax.jit(lambda pr, b: gradcache.value_and_grad(
+        _embed, _loss(opts, "shard_map", mesh), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
+        batch_axes=("data",)))(params, placed)
+    _close(got, _single_device(params, feats, opts))

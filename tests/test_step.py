@@ -14,7 +14,7 @@ from mlret.step import Trainer, decay_mask, learning_rate_schedule
 # tiny_batch's defaults: B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape.
 B, G = 24, 3
 
-LOSS = dict(learnable_temperature=True, symmetric=True, variance_penalty=0.1)
+LOSS = dict(learnable_temperature=True, symmetric=True, within_view=True, vrn_weight=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ hard negatives come from a PRNG keyed by (seed, t, its position in the global ba
 different hosts are exactly the rows of the one-process global batch. The iterator's state is the next step.
 
 Hard negatives (G - 1 per pair, in the passage language Y): drawn at random from the unit's own negatives in
-Y, leaving out any text that is the positive of a pair of this global batch in Y (it would be a false negative
-for that pair's query). When the unit has fewer than G - 1 usable negatives, the rest is filled with the
-positives in Y of random other units that are not in the global batch and whose positive text is not one of
-the batch's, so a filled negative is never a passage of the pair's own unit nor of any unit the loss sees as a
-positive. `HybridSchedule` rejects configs where a language is too small to fill from.
+Y, leaving out any text that is an answer, in any language, of a pair of this global batch
+(`UnitIndex.answer_texts`: every positive of every unit in the batch's answer groups; it would be a false
+negative for that pair's query). When the unit has fewer than G - 1 usable negatives, the rest is filled with
+the positives in Y of random other units outside the batch's answer groups, and when Y runs out, with those of
+other languages: a pair never repeats its positive as a negative, nor gets a passage of any answer of the batch.
+A mixture too small for that raises DataError naming config.data.group_size.
 """
 
 from __future__ import annotations
@@ -203,10 +204,9 @@ class BatchAssembler:
         plan = sched.plan(step)
         sl = plan.host_slice(self.process_index, self.process_count)
         need = self.group_size - 1
-        # The positives of the whole global batch, per passage language: never used as anyone's negative.
-        cols = np.array([index.column(int(y)) for y in plan.passage_lang])
-        batch_keys = set(zip(plan.passage_lang.tolist(), index.pos_hash[plan.unit, cols].tolist()))
-        in_batch = set(plan.unit.tolist())
+        # Every answer of the global batch, in every language: never used as anyone's negative.
+        answers = index.answer_texts(plan.unit)
+        groups_in_batch = set(index.answer[plan.unit].tolist())
         units = self._units(plan.unit[sl])
         queries, groups, fills = [], [], []
         for i, unit in enumerate(units):
@@ -216,33 +216,48 @@ class BatchAssembler:
             positive = unit.texts[y].positive
             queries.append(unit.texts[x].query)
             rng = np.random.default_rng([sched.spec.seed, step, STREAM_NEGATIVES, g])
-            own = [n for n in unit.texts[y].negatives if n != positive and (yi, text_hash(n)) not in batch_keys]
+            own = list(dict.fromkeys(n for n in unit.texts[y].negatives if text_hash(n) not in answers))
             chosen = [own[k] for k in rng.permutation(len(own))[:need]] if need else []
-            fill: list[int] = []
+            fill: list[tuple[int, str]] = []
             if len(chosen) < need:
-                fill = self._fill_units(rng, yi, need - len(chosen), in_batch, batch_keys,
-                                        {text_hash(n) for n in chosen})
+                fill = self._fill(rng, yi, need - len(chosen), groups_in_batch, answers,
+                                  {text_hash(n) for n in chosen})
+                if len(chosen) + len(fill) < need:
+                    raise DataError(f"step {step}: pair {g} needs {need} hard negatives "
+                                    f"(config.data.group_size={self.group_size}) but only {len(chosen) + len(fill)} "
+                                    "distinct passages in any language lie outside the batch's answers; lower "
+                                    "config.data.group_size or add data")
             groups.append([positive] + chosen)
-            fills.append((y, fill))
-        # Filled negatives: the positives in Y of the chosen other units (one batched read per source).
-        flat = [u for _, f in fills for u in f]
+            fills.append(fill)
+        # Filled negatives: the positives of the chosen other units (one batched read per source).
+        flat = [u for f in fills for u, _ in f]
         fetched = iter(self._units(flat)) if flat else iter(())
-        for group, (y, f) in zip(groups, fills):
-            group += [next(fetched).texts[y].positive for _ in f]
-            if len(group) < self.group_size:  # the language ran out of distinct passages: repeat, and say so
-                log.warning("step %d: only %d distinct passages for a group of %d in %s; repeating", step,
-                            len(group), self.group_size, y)
-                group += [group[1 + k % (len(group) - 1)] if len(group) > 1 else group[0]
-                          for k in range(self.group_size - len(group))]
+        for group, f in zip(groups, fills):
+            group += [next(fetched).texts[lang].positive for _, lang in f]
         return plan, sl, queries, groups
 
-    def _fill_units(self, rng: np.random.Generator, lang: int, k: int, in_batch: set[int], batch_keys: set,
-                    taken: set[int]) -> list[int]:
+    def _fill(self, rng: np.random.Generator, lang: int, k: int, groups_in_batch: set[int], answers: set[int],
+              taken: set[int]) -> list[tuple[int, str]]:
+        """Up to k (unit, language) whose positives are distinct fill negatives: in `lang` first, then in the
+        other languages of the mixture in random order."""
+        index = self.schedule.index
+        others = [x for x in index.langs if x != lang]
+        out: list[tuple[int, str]] = []
+        keys = set(taken)
+        for x in [lang] + [others[i] for i in rng.permutation(len(others))]:
+            out += [(u, LANGUAGES[x]) for u in self._fill_units(rng, x, k - len(out), groups_in_batch, answers, keys)]
+            if len(out) == k:
+                break
+        return out
+
+    def _fill_units(self, rng: np.random.Generator, lang: int, k: int, groups_in_batch: set[int],
+                    answers: set[int], keys: set[int]) -> list[int]:
+        """Up to k units of `lang` outside the batch's answer groups whose positives in `lang` are not in
+        `answers` nor `keys` (which collects the accepted ones)."""
         index = self.schedule.index
         c = index.column(lang)
         pool = self.schedule.fill_candidates(lang)
         out: list[int] = []
-        keys = set(taken)
         first = rng.choice(len(pool), size=min(len(pool), 4 * k + 16), replace=False)
         order = [first]
         if len(first) < len(pool):  # small language: fall back to walking all of it
@@ -252,7 +267,7 @@ class BatchAssembler:
             for pos in part:
                 u = int(pool[pos])
                 h = int(index.pos_hash[u, c])
-                if u in in_batch or (lang, h) in batch_keys or h in keys:
+                if int(index.answer[u]) in groups_in_batch or h in answers or h in keys:
                     continue
                 keys.add(h)
                 out.append(u)

@@ -8,10 +8,12 @@ computes the same global batch without talking to the others:
 - cross-lingual (X-Y) with probability 1 - α: each pair draws its own ordered (X, Y), X != Y, uniformly among
   the languages of its unit; the pair is (q_X, p_Y). Units with a single language never enter X-Y batches.
 
-Within a global batch each unit appears at most once, and no two pairs share the same positive text in the
-same passage language (a few MLQA-R questions share their answer sentence: the copy would be a false negative
-that no `unit_id` mask can catch). Across steps units are drawn independently (with replacement), so a run of
-T steps sees each unit about T * B / N times.
+Within a global batch each unit appears at most once, and no two pairs share an *answer group*: units are in
+one group when they share a positive text in any language (a few MLQA-R questions share their answer sentence),
+closed transitively (`answer_groups`). So no pair's passage, in any language, is another pair's answer, which no
+`unit_id` mask could catch; `mlret.data.pipeline` keeps the groups' texts out of the hard negatives too.
+Across steps units are drawn independently (with replacement), so a run of T steps sees each unit about
+T * B / N times.
 
 Sources mix per pair: with `mixture="size"` every eligible unit is equally likely (sources weigh by their
 size); with `mixture="weights"` a pair's source is drawn by the configured weights (renormalised over the
@@ -31,6 +33,8 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from mlret.data.units import CROSS_LINGUAL, LANG_INDEX, LANGUAGES, MONOLINGUAL, DataError, ParallelUnit
 
@@ -59,6 +63,7 @@ class UnitIndex:
     n_neg: np.ndarray  # int32 [N, C]: number of hard negatives in that language
     source: np.ndarray  # int32 [N]: index into source_names
     source_names: tuple[str, ...]
+    answer: np.ndarray  # int64 [N]: answer group (`answer_groups`)
 
     @property
     def num_units(self) -> int:
@@ -66,6 +71,12 @@ class UnitIndex:
 
     def column(self, lang: int) -> int:
         return self.langs.index(lang)
+
+    def answer_texts(self, units: np.ndarray) -> set[int]:
+        """text_hash of every positive, in every language, of every unit in the answer groups of `units`: the
+        passages relevant to some pair of a batch of `units`, so never a negative in it."""
+        members = np.isin(self.answer, self.answer[np.asarray(units)])
+        return set(self.pos_hash[members][self.mask[members]].tolist())
 
     def offsets(self) -> np.ndarray:
         """Global index of the first unit of each source."""
@@ -89,7 +100,19 @@ class UnitIndex:
             for lang, (h, k) in d.items():
                 mask[i, col[lang]], pos_hash[i, col[lang]], n_neg[i, col[lang]] = True, h, k
         source = np.array([s for s, _ in rows], np.int32)
-        return UnitIndex(tuple(present), mask, pos_hash, n_neg, source, tuple(name for name, _ in sources))
+        return UnitIndex(tuple(present), mask, pos_hash, n_neg, source, tuple(name for name, _ in sources),
+                         answer_groups(mask, pos_hash))
+
+
+def answer_groups(mask: np.ndarray, pos_hash: np.ndarray) -> np.ndarray:
+    """int64 [N]: the connected components of the units under "share a positive text" (same text hash, in any
+    language column), so the translations of a shared answer sentence tie their units into one group."""
+    n = mask.shape[0]
+    units, cols = np.nonzero(mask)
+    _, text = np.unique(pos_hash[units, cols], return_inverse=True)  # unit -> text node edges
+    nodes = n + int(text.max(initial=-1)) + 1
+    graph = sparse.coo_matrix((np.ones(len(units), np.int8), (units, n + text.ravel())), shape=(nodes, nodes))
+    return csgraph.connected_components(graph, directed=False)[1][:n].astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +225,8 @@ class HybridSchedule:
                             f"{self.cross_pool_size} units have two or more languages, fewer than "
                             f"config.data.global_batch={B}; set alpha=1 or add multilingual sources")
         # Hard-negative fill (see mlret.data.pipeline): a pair whose unit has fewer than G-1 negatives in Y
-        # takes other units' positives in Y, never one of a unit in the batch; Y must have enough units for
-        # that.
+        # takes other units' positives in Y (then in other languages), never one of the batch's answer groups;
+        # Y should have enough units for that.
         need = spec.group_size - 1
         if need > 0:
             for c in range(len(index.langs)):
@@ -262,7 +285,11 @@ class HybridSchedule:
             out.append(item)
             if len(out) == k:
                 return out
-        # Only duplicates of used positives are left: take them rather than fail (units stay distinct).
+        # Only units of answer groups already in the batch are left: take them rather than fail (units stay
+        # distinct), and say so: their answers are false negatives for each other.
+        if skipped:
+            log.warning("the pool ran out of answer groups: %d pairs of this batch share an answer group",
+                        min(len(skipped), k - len(out)))
         for item in skipped:
             if item[0] not in seen_units:
                 seen_units.add(item[0])
@@ -283,7 +310,7 @@ class HybridSchedule:
             pools = self._mono[c]
             counts = self._allocate(rng, np.array([len(p) for p in pools]))
             for pool, k in zip(pools, counts):
-                items = self._draw(rng, pool, int(k), lambda u: (u, (c, int(index.pos_hash[u, c]))), used)
+                items = self._draw(rng, pool, int(k), lambda u: (u, int(index.answer[u])), used)
                 pairs += [(u, c, c) for u, _ in items]
         else:
             pools = self._cross
@@ -295,7 +322,7 @@ class HybridSchedule:
                 r = int(rng.integers(k * (k - 1)))  # an ordered pair of distinct languages, uniformly
                 x, y = divmod(r, k - 1)
                 y = y + 1 if y >= x else y
-                return u, int(cols[x]), int(cols[y]), (int(cols[y]), int(index.pos_hash[u, cols[y]]))
+                return u, int(cols[x]), int(cols[y]), int(index.answer[u])
 
             for pool, k in zip(pools, counts):
                 pairs += [(u, x, y) for u, x, y, _ in self._draw(rng, pool, int(k), key_fn, used)]
