@@ -204,8 +204,9 @@ def _training(c: Any) -> list[str]:
         f"| loss | contrastive (InfoNCE), temperature {loss.temperature:g}"
         + (" (learnable)" if loss.learnable_temperature else "")
         + (", symmetric" if loss.symmetric else "")
-        + (", in-batch negatives" if loss.in_batch_positives else ", own hard negatives only")
-        + (f", variance penalty {loss.variance_penalty:g}" if loss.variance_penalty else "") + " |",
+        + (", in-batch negatives" if loss.in_batch_positives else ", Eq. 1 of 2408.10536 (every pair's hard negatives)")
+        + (", within-view negatives" if loss.within_view else "")
+        + (f", VRN λ={loss.vrn_weight:g} p={loss.vrn_power:g}" if loss.vrn_weight else "") + " |",
         f"| steps | {c.train.steps} |",
         f"| global batch | {c.data.global_batch} pairs, {int(c.data.group_size) - 1} hard negative(s) each |",
         f"| optimiser | AdamW, learning rate {c.optim.learning_rate:g}, {c.optim.warmup_steps} warm-up steps, "
