@@ -168,6 +168,8 @@ def default_config() -> ml_collections.ConfigDict:
     # follow the language, so searching a few leaves drops the other languages (docs/benchmarks.md).
     c.eval.retrieval.per_language_index = False
     c.eval.retrieval.training_sample_size = 250_000
+    c.eval.retrieval.recall_floor = 0.95  # a lower measured recall (overall or in a language) logs a warning
+    c.eval.retrieval.corpus_dtype = "float32"  # corpus embeddings kept per host: float32 | bfloat16 | float16
     c.eval.retrieval.recall_sample = 1000  # queries on which ScaNN recall@k against exact search is logged
     for name in ("xquad_r", "mlqa_r"):
         lq = ml_collections.ConfigDict()

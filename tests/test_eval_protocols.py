@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -70,6 +71,30 @@ def test_trec_evaluator_equals_pytrec_eval(layout, lang, split, shared_data, tmp
     assert got["mrr100"] == pytest.approx(np.mean([r["recip_rank"] for r in ref.values()]), abs=1e-6)
     assert 0 < got["ndcg10"] < 1
     assert result["summary"]["ndcg10"] == got["ndcg10"]
+
+
+def test_trec_approximate_search_reports_its_recall(shared_data, tmp_path, caplog):
+    """Ranked through ScaNN, the evaluator measures recall@100 against exact search (here on every topic, so it
+    must equal the overlap with the exact evaluator's run), puts its worst language in the summary (what
+    metrics.jsonl and TensorBoard log at each evaluation) and warns below the floor."""
+    data_dir = str(shared_data / "mrtydi")
+    probe = TrecEvaluator("mrtydi", "mrtydi", data_dir, "unused", ["sw"], split="test", max_queries=60)
+    topics, qrels = probe.queries("sw")
+    write_corpus(tmp_path / "corpus-sw.jsonl", topics, qrels, seed=1, layout="mrtydi")
+    corpus = str(tmp_path / "corpus-{lang}.jsonl")
+    emb = NgramEmbedder(dim=64)
+    exact_run, _ = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60,
+                                 retrieval=RetrievalOptions(method="exact")).retrieve(emb, "sw")
+    opts = RetrievalOptions(method="scann", num_leaves=20, leaves_to_search=8, recall_sample=1000, recall_floor=0.999)
+    ev = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60, retrieval=opts)
+    with caplog.at_level(logging.WARNING, logger="mlret.eval.retrieval"):
+        result = ev.run(emb)
+    run, info = ev.retrieve(emb, "sw")  # a new ScaNN build (scann takes no seed): the same call's run and recall
+    overlap = np.mean([len(set(docs) & set(exact_run[q])) / 100 for q, docs in run.items()])
+    assert info["recall_vs_exact"] == pytest.approx(overlap) and overlap < 0.999
+    assert 0 < result["summary"]["search_recall_min"] < 0.999
+    assert result["search"]["sw"]["recall_sample"] == len(topics)
+    assert any("below config.eval.retrieval.recall_floor" in r.getMessage() for r in caplog.records)
 
 
 def test_trec_readers_name_the_line(tmp_path, shared_data):

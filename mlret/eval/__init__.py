@@ -63,6 +63,10 @@ def validate_eval_config(config: Any) -> None:
     if ev.retrieval.reorder_dtype not in REORDER_DTYPES:
         _fail("eval.retrieval.reorder_dtype",
               f"{ev.retrieval.reorder_dtype!r} is not one of {', '.join(REORDER_DTYPES)}")
+    if ev.retrieval.corpus_dtype not in ("float32", "bfloat16", "float16"):
+        _fail("eval.retrieval.corpus_dtype", f"{ev.retrieval.corpus_dtype!r} is not one of float32, bfloat16, float16")
+    if not 0.0 <= ev.retrieval.recall_floor <= 1.0:
+        _fail("eval.retrieval.recall_floor", f"{ev.retrieval.recall_floor} is not in [0, 1]")
     if ev.retrieval.scann_threshold < 1:
         _fail("eval.retrieval.scann_threshold", "must be positive")
     for name in ("xquad_r", "mlqa_r"):

@@ -56,6 +56,8 @@ class RetrievalOptions:
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
     recall_sample: int = 1000  # queries on which ScaNN recall@k against exact search is measured; 0: skip
+    recall_floor: float = 0.95  # a measured recall below it is logged as a warning
+    corpus_dtype: str = "float32"  # corpus embeddings kept per host (mlret.eval.sharded): float32|bfloat16|float16
     seed: int = 0
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
@@ -82,11 +84,13 @@ class TopK:
     info: dict
 
 
-def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
+def check_embeddings(x: np.ndarray, what: str, low_precision: bool = False) -> np.ndarray:
+    """x as a C-contiguous [N, D] float32 array of finite values (`low_precision`: float16 / bfloat16 kept as
+    they are, for a pool that is cast tile by tile)."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{what} must be [N, D], got shape {x.shape}")
-    if x.dtype != np.float32:
+    if x.dtype != np.float32 and not (low_precision and x.dtype.name in ("float16", "bfloat16")):
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).sum())
@@ -140,14 +144,14 @@ class ExactIndex:
     method = "exact"
 
     def __init__(self, candidates: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        self.candidates = check_embeddings(candidates, "candidate embeddings", low_precision=True)
         self.chunk_elements = chunk_elements
 
     def __len__(self) -> int:
         return len(self.candidates)
 
     def search(self, queries: np.ndarray, k: int) -> TopK:
-        queries = _check_embeddings(queries, "query embeddings")
+        queries = check_embeddings(queries, "query embeddings")
         n = len(self.candidates)
         k = min(k, n)
         idx = np.empty((len(queries), k), dtype=np.int64)
@@ -162,7 +166,7 @@ class ExactIndex:
             stop = min(start + rows, len(queries))
             best_i = best_v = None
             for c0 in range(0, n, cols):
-                s = queries[start:stop] @ self.candidates[c0:c0 + cols].T
+                s = queries[start:stop] @ self.candidates[c0:c0 + cols].astype(np.float32, copy=False).T
                 i, v = exact_topk_scores(s, k)
                 i += c0
                 # The global top k (by score desc, index asc) is the top k of the tiles' top k.
@@ -179,7 +183,7 @@ class ScannIndex:
     def __init__(self, candidates: np.ndarray, k: int, opts: RetrievalOptions):
         import scann  # imported here: only large pools need it
 
-        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        self.candidates = check_embeddings(candidates, "candidate embeddings")
         n = len(self.candidates)
         self.k = min(k, n)
         self.num_leaves = opts.num_leaves or max(1, int(round(math.sqrt(n))))
@@ -208,7 +212,7 @@ class ScannIndex:
                reorder: int | None = None) -> TopK:
         """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call. With a
         quantised reordering copy, the final k are re-scored in float32 from the candidates."""
-        queries = _check_embeddings(queries, "query embeddings")
+        queries = check_embeddings(queries, "query embeddings")
         k = min(k, len(self.candidates))
         idx, val = self.searcher.search_batched_parallel(queries, final_num_neighbors=k,
                                                          pre_reorder_num_neighbors=reorder,
@@ -241,7 +245,7 @@ class PerLanguageIndex:
     method = "per_language"
 
     def __init__(self, candidates: np.ndarray, languages: Sequence[str], k: int, opts: RetrievalOptions):
-        self.candidates = _check_embeddings(candidates, "candidate embeddings")
+        self.candidates = check_embeddings(candidates, "candidate embeddings")
         languages = np.asarray(languages)
         if languages.shape != (len(self.candidates),):
             raise ValueError(f"one language per candidate: {languages.shape} for {len(self.candidates)} candidates")
@@ -259,7 +263,7 @@ class PerLanguageIndex:
 
     def search(self, queries: np.ndarray, k: int, **overrides) -> TopK:
         """Top k per query over all languages; `overrides` (leaves_to_search, reorder) go to every ScaNN part."""
-        queries = _check_embeddings(queries, "query embeddings")
+        queries = check_embeddings(queries, "query embeddings")
         k = min(k, len(self.candidates))
         indices, scores, info = [], [], {}
         for lang, rows, index in self.parts:
@@ -330,6 +334,15 @@ def is_approximate(index) -> bool:
     return index.method == "scann"
 
 
+def warn_low_recall(recall: float, opts: RetrievalOptions, name: str, k: int) -> None:
+    """Log a warning when a measured recall@k against exact search is below `opts.recall_floor`."""
+    if recall < opts.recall_floor:
+        log.warning("%s: approximate search recall@%d against exact search is %.4f, below "
+                    "config.eval.retrieval.recall_floor=%.3f: raise config.eval.retrieval.leaves_to_search / "
+                    "reorder (or per_language_index for a multilingual pool)", name or "search", k, recall,
+                    opts.recall_floor)
+
+
 def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
                 opts: RetrievalOptions | None = None, name: str = "",
                 languages: Sequence[str] | None = None) -> TopK:
@@ -338,7 +351,7 @@ def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
     against exact search on `opts.recall_sample` queries is measured, logged and returned in
     `info["recall_vs_exact"]` (and `info["recall_by_language"]` when the languages are given)."""
     opts = opts or RetrievalOptions()
-    queries = _check_embeddings(queries, "query embeddings")
+    queries = check_embeddings(queries, "query embeddings")
     index = build_index(candidates, k, opts, languages)
     out = index.search(queries, k)
     if is_approximate(index) and opts.recall_sample > 0:
@@ -350,6 +363,7 @@ def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
         log.info("%s: %s recall@%d against exact search on %d queries: %.4f (pool %d)", name or "search",
                  "ScaNN" if index.method == "scann" else "per-language index", k, rec["queries"], rec["recall"],
                  len(candidates))
+        warn_low_recall(min(rec["recall"], rec.get("min_language", 1.0)), opts, name, k)
     return out
 
 
@@ -364,8 +378,8 @@ def relevant_ranks(queries: np.ndarray, candidates: np.ndarray, relevant: Sequen
 
     Returns float64 [Q, R_max], each row sorted ascending and padded with inf.
     """
-    queries = _check_embeddings(queries, "query embeddings")
-    candidates = _check_embeddings(candidates, "candidate embeddings")
+    queries = check_embeddings(queries, "query embeddings")
+    candidates = check_embeddings(candidates, "candidate embeddings")
     n = len(candidates)
     if len(relevant) != len(queries):
         raise ValueError(f"{len(relevant)} relevant lists for {len(queries)} queries")

@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from mlret.eval.retrieval import RetrievalOptions, TopK, build_index, merge_topk
+from mlret.eval.retrieval import (
+    RetrievalOptions,
+    TopK,
+    check_embeddings,
+    build_index,
+    merge_topk,
+    topk_recall,
+    warn_low_recall,
+)
 from mlret.eval.trec import TrecDataError, corpus_files, corpus_record
 
 log = logging.getLogger(__name__)
@@ -127,7 +135,7 @@ class CorpusShard:
 
 def _numpy_dtype(name: str):
     if name not in EMBEDDING_DTYPES:
-        raise ValueError(f"config.eval.corpus_dtype: {name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+        raise ValueError(f"config.eval.retrieval.corpus_dtype: {name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
     if name == "bfloat16":
         import ml_dtypes
 
@@ -176,23 +184,63 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
     return CorpusShard(docids, emb, offset, total)
 
 
-def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
-                 opts: RetrievalOptions | None = None, languages: Sequence[str] | None = None) -> TopK:
-    """The global top k of `queries` (the same on every process) over all processes' shards: each searches its
-    `shard` (rows `offset`...), the lists are all-gathered and merged. `languages`: this shard's candidates'."""
-    opts = opts or RetrievalOptions()
-    queries = np.asarray(queries, dtype=np.float32)
+def _global_options(opts: RetrievalOptions, pool: int) -> RetrievalOptions:
+    """`method = auto` decided on the whole pool, so that every host builds the same kind of index (and takes
+    part in the same collectives) whatever its shard's size."""
+    if opts.method != "auto":
+        return opts
+    return dataclasses.replace(opts, method="scann" if pool > opts.scann_threshold else "exact")
+
+
+def _local_then_merged(queries: np.ndarray, shard: np.ndarray, offset: int, k: int, opts: RetrievalOptions,
+                       languages: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     idx = np.full((len(queries), k), -1, dtype=np.int64)
     val = np.full((len(queries), k), -np.inf, dtype=np.float32)  # padding (a shard smaller than k) sorts last
-    info: dict[str, Any] = {"method": "none", "pool": 0}
+    info: dict[str, Any] = {"method": opts.method}
     if len(shard):
         top = build_index(shard, k, opts, languages).search(queries, k)
         idx[:, : top.indices.shape[1]] = top.indices + offset
         val[:, : top.scores.shape[1]] = top.scores
         info = top.info
-    all_idx, all_val = _gathered(idx), _gathered(val)
-    merged_idx, merged_val = merge_topk(list(all_idx), list(all_val), k)
-    keep = np.isfinite(merged_val).all(axis=0)  # columns that every query fills (k <= pool)
+    merged_idx, merged_val = merge_topk(list(_gathered(idx)), list(_gathered(val)), k)
+    keep = np.isfinite(merged_val).all(axis=0)  # the columns every query fills (all of them when k <= pool)
+    return merged_idx[:, keep], merged_val[:, keep], info
+
+
+def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
+                 opts: RetrievalOptions | None = None, languages: Sequence[str] | None = None,
+                 name: str = "") -> TopK:
+    """The global top k of `queries` (the same on every process) over all processes' shards: each searches its
+    `shard` (rows `offset`...) with the index the options pick for the whole pool, the lists are all-gathered and
+    merged. `languages`: this shard's candidates' (per-language index). For an approximate index, recall@k
+    against exact sharded search on `opts.recall_sample` queries is in `info["recall_vs_exact"]`, with a warning
+    below `opts.recall_floor`."""
+    opts = opts or RetrievalOptions()
+    queries = check_embeddings(queries, "query embeddings")
     sizes = _gathered(np.array([len(shard)], dtype=np.int64))[:, 0]
+    opts = _global_options(opts, int(sizes.sum()))
+    idx, val, info = _local_then_merged(queries, shard, offset, k, opts, languages)
     info = {**info, "pool": int(sizes.sum()), "shards": len(sizes)}
-    return TopK(merged_idx[:, keep], merged_val[:, keep], info)
+    approximate = opts.method == "scann"
+    if approximate and opts.recall_sample > 0:
+        rng = np.random.default_rng(opts.seed)
+        pick = np.sort(rng.choice(len(queries), size=min(opts.recall_sample, len(queries)), replace=False))
+        exact = _local_then_merged(queries[pick], shard, offset, k, dataclasses.replace(opts, method="exact"),
+                                   None)[0]
+        info["recall_vs_exact"] = topk_recall(idx[pick], exact)
+        info["recall_sample"] = len(pick)
+        warn_low_recall(info["recall_vs_exact"], opts, name, k)
+    return TopK(idx, val, info)
+
+
+def global_docids(indices: np.ndarray, shard: CorpusShard) -> list[list[str]]:
+    """The docids of global rows [Q, k]: each process fills in its shard's, all-gathered (every host gets all)."""
+    mine = (indices >= shard.offset) & (indices < shard.offset + len(shard.docids))
+    encoded = {int(i): shard.docids[int(i) - shard.offset].encode("utf-8") for i in np.unique(indices[mine])}
+    width = int(_gathered(np.array([max(map(len, encoded.values()), default=1)]))[:, 0].max())
+    buf = np.zeros((*indices.shape, width), dtype=np.uint8)
+    for (q, j), i in zip(np.argwhere(mine), indices[mine]):
+        b = encoded[int(i)]
+        buf[q, j, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    full = _gathered(buf).max(axis=0)  # one process owns each entry; the others left zeros
+    return [[bytes(row).rstrip(b"\0").decode("utf-8") for row in q] for q in full]

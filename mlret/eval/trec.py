@@ -1,7 +1,9 @@
 """MIRACL and Mr. TyDi: TREC topics and qrels against a passage corpus; nDCG@10, Recall@100 and MRR@100.
 
-Per language: encode the topics (queries) and the corpus (passages, `title` + `text`), retrieve the top k
-(`retrieval.search_topk`: exact search up to the configured pool size, ScaNN above it), and score the run like
+Per language: encode the topics (queries) and the corpus (passages, `title` + `text`; each process only its shard,
+`mlret.eval.sharded`), retrieve the top k (exact search up to the configured pool size, ScaNN above it, each host
+on its shard, merged; with ScaNN, recall against exact search on a sample of topics is measured and reported as
+`search_recall_min`, a warning below `config.eval.retrieval.recall_floor`), and score the run like
 trec_eval (`metrics.trec_metrics`: ties by docid, relevance = grade >= 1, only queries with qrels). The summary is
 the unweighted mean over languages.
 
@@ -26,7 +28,7 @@ from typing import Any, TextIO
 
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, embed, macro_mean
-from mlret.eval.retrieval import RetrievalOptions, search_topk
+from mlret.eval.retrieval import RetrievalOptions
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +181,22 @@ class TrecEvaluator:
         return self._queries[lang]
 
     def retrieve(self, embedder: Embedder, lang: str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-        """The run {qid: {docid: score}} of the top k passages per topic, and how it was searched."""
+        """The run {qid: {docid: score}} of the top k passages per topic, and how it was searched.
+
+        The corpus is spread over the processes (`mlret.eval.sharded`): each reads, encodes and searches its
+        shard only, and the hosts' top k are merged; in one process the shard is the whole corpus."""
+        from mlret.eval.sharded import encode_corpus_shard, global_docids, sharded_topk
+
         topics, _ = self.queries(lang)
         _, _, corpus_path = self.paths(lang)
-        docids, texts = read_corpus(corpus_path, self.passage_template)
-        log.info("%s/%s: encoding %d topics and %d passages", self.name, lang, len(topics), len(texts))
         q = embed(embedder.queries, list(topics.values()), f"{self.name}/{lang} topics")
-        p = embed(embedder.passages, texts, f"{self.name}/{lang} corpus")
-        top = search_topk(q, p, self.top_k, self.retrieval, name=f"{self.name}/{lang}")
-        run = {qid: {docids[j]: float(s) for j, s in zip(top.indices[i], top.scores[i])}
-               for i, qid in enumerate(topics)}
+        shard = encode_corpus_shard(embedder, corpus_path, passage_template=self.passage_template,
+                                    dtype=self.retrieval.corpus_dtype)
+        log.info("%s/%s: %d topics against %d passages (%d on this host)", self.name, lang, len(topics),
+                 shard.total, len(shard.docids))
+        top = sharded_topk(q, shard.embeddings, shard.offset, self.top_k, self.retrieval, name=f"{self.name}/{lang}")
+        docids = global_docids(top.indices, shard)
+        run = {qid: {d: float(s) for d, s in zip(docids[i], top.scores[i])} for i, qid in enumerate(topics)}
         return run, top.info
 
     def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
@@ -204,6 +212,9 @@ class TrecEvaluator:
             search[lang] = info
         summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in ("ndcg10", "recall100", "mrr100")}
         summary["mrr"] = summary["mrr100"]
+        recalls = [info["recall_vs_exact"] for info in search.values() if "recall_vs_exact" in info]
+        if recalls:  # approximate search: its worst language's recall against exact search, logged every time
+            summary["search_recall_min"] = min(recalls)
         return {"summary": summary, "languages": per_lang, "search": search,
                 "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split,
                             "top_k": self.top_k, "max_queries": self.max_queries}}
