@@ -31,8 +31,8 @@ import numpy as np
 from mlret.eval.retrieval import (
     RetrievalOptions,
     TopK,
-    check_embeddings,
     build_index,
+    check_embeddings,
     merge_topk,
     topk_recall,
     warn_low_recall,
