@@ -184,6 +184,19 @@ def get_config(arg: str | None = None):
     c.eval.miracl.split = "dev"
     # The paper's 15 MIRACL languages: the 16 known ones (not the surprise languages de, yo) without English.
     c.eval.miracl.languages = ",".join(x for x in MIRACL_LANGUAGES if x not in (*MIRACL_SURPRISE_LANGUAGES, "en"))
+    # Large pools (MIRACL, Mr. TyDi; --config.eval.evaluators=xquad_r,mlqa_r,miracl adds MIRACL to the periodic
+    # evaluation): every host reads, encodes and searches its shard of each corpus (mlret.eval.sharded) and keeps
+    # it in bfloat16; above 1M passages the search is ScaNN on each host (int8 re-scoring copy, final k
+    # re-scored in float32), one tree per language where a pool mixes languages, and recall@k against exact
+    # search on 1000 topics is logged (`<evaluator>/search_recall_min` in metrics.jsonl and TensorBoard) with a
+    # warning below 0.95.
+    c.eval.retrieval.method = "auto"
+    c.eval.retrieval.scann_threshold = 1_000_000
+    c.eval.retrieval.per_language_index = True
+    c.eval.retrieval.corpus_dtype = "bfloat16"
+    c.eval.retrieval.reorder_dtype = "int8"
+    c.eval.retrieval.recall_sample = 1000
+    c.eval.retrieval.recall_floor = 0.95
     c.checkpoint.best_metric = "xquad_r/multi_map"
     c.checkpoint.every = 1_000
     c.checkpoint.keep = 2

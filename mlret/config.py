@@ -167,6 +167,10 @@ def default_config() -> ml_collections.ConfigDict:
     # One index per candidate language, each searched and merged: a tree over a multilingual pool has leaves that
     # follow the language, so searching a few leaves drops the other languages (docs/benchmarks.md).
     c.eval.retrieval.per_language_index = False
+    # LAReQA / TyDi QA (language pool): rank through the index's top rank_k instead of the exact full ranking
+    # (metrics of the truncated ranking). MIRACL / Mr. TyDi always search (their runs are top k by definition).
+    c.eval.retrieval.rank_with_index = False
+    c.eval.retrieval.rank_k = 100
     c.eval.retrieval.training_sample_size = 250_000
     c.eval.retrieval.recall_floor = 0.95  # a lower measured recall (overall or in a language) logs a warning
     c.eval.retrieval.corpus_dtype = "float32"  # corpus embeddings kept per host: float32 | bfloat16 | float16

@@ -67,6 +67,8 @@ def validate_eval_config(config: Any) -> None:
         _fail("eval.retrieval.corpus_dtype", f"{ev.retrieval.corpus_dtype!r} is not one of float32, bfloat16, float16")
     if not 0.0 <= ev.retrieval.recall_floor <= 1.0:
         _fail("eval.retrieval.recall_floor", f"{ev.retrieval.recall_floor} is not in [0, 1]")
+    if ev.retrieval.rank_k < 1:
+        _fail("eval.retrieval.rank_k", "must be positive")
     if ev.retrieval.scann_threshold < 1:
         _fail("eval.retrieval.scann_threshold", "must be positive")
     for name in ("xquad_r", "mlqa_r"):
@@ -124,7 +126,7 @@ def build_evaluators(config: Any, names: Sequence[str] | None = None) -> list[Ev
                 name, _data_dir(config, name), parse_list(sec.languages) or default,
                 candidate_context=sec.candidate_context, context_separator=sec.context_separator,
                 max_paragraphs=sec.max_paragraphs, map_k=sec.map_k, settings=parse_list(sec.settings),
-                plots=ev.plots))
+                plots=ev.plots, retrieval=retrieval))
         elif name in ("miracl", "mrtydi"):
             sec = ev[name]
             default = MIRACL_LANGUAGES if name == "miracl" else MRTYDI_LANGUAGES
@@ -140,7 +142,8 @@ def build_evaluators(config: Any, names: Sequence[str] | None = None) -> list[Ev
                 _fail("eval.tydiqa.languages", f"{unknown} are not TyDi QA languages "
                                                f"({','.join(TYDI_LANGUAGES.values())})")
             out.append(TydiQAEvaluator(name, sec.path, languages=langs, candidates=sec.candidates,
-                                       mrr_k=sec.mrr_k, max_examples=sec.max_examples, min_votes=sec.min_votes))
+                                       mrr_k=sec.mrr_k, max_examples=sec.max_examples, min_votes=sec.min_votes,
+                                       retrieval=retrieval))
         elif name == "tatoeba":
             sec = ev.tatoeba
             out.append(TatoebaEvaluator(name, _data_dir(config, name), parse_list(sec.languages),

@@ -14,7 +14,8 @@ Settings (DESIGN.md §5):
   the question exists in.
 Every metric is a mean over a query language's questions, then an unweighted mean over query languages (for
 cross: over the target languages of a query language first). All metrics come from the exact ranks of the
-relevant candidates in the full ranking (`retrieval.relevant_ranks`), ties broken by candidate index.
+relevant candidates in the full ranking (`retrieval.relevant_ranks`), ties broken by candidate index, or, with
+`config.eval.retrieval.rank_with_index`, from the index's top k (`retrieval.index_ranks`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, embed, heatmap, macro_mean, write_json
-from mlret.eval.retrieval import relevant_ranks
+from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,10 @@ def load(data_dir: str, languages: Sequence[str], max_paragraphs: int = 0) -> di
             for lang in languages}
 
 
-def _per_query(ranks: np.ndarray, n_rel: np.ndarray, map_k: int, multi: bool) -> dict[str, np.ndarray]:
+def _per_query(ranks: np.ndarray, n_rel: np.ndarray, map_k: int, multi: bool,
+               cap: float = np.inf) -> dict[str, np.ndarray]:
+    """Per-query metrics; `cap`: for the rank distance, the rank of a relevant item the (truncated) ranking
+    does not hold."""
     out = {
         "map": M.average_precision(ranks, n_rel),
         "mrr": M.reciprocal_rank(ranks),
@@ -138,7 +142,8 @@ def _per_query(ranks: np.ndarray, n_rel: np.ndarray, map_k: int, multi: bool) ->
     if map_k:
         out[f"map_at_{map_k}"] = M.average_precision(ranks, n_rel, k=map_k)
     if multi:
-        out["rank_distance"] = M.rank_distance(ranks)
+        held = np.arange(ranks.shape[1])[None, :] < n_rel[:, None]
+        out["rank_distance"] = M.rank_distance(np.where(held & np.isinf(ranks), cap, ranks))
     return out
 
 
@@ -158,12 +163,22 @@ def multi_relevant(langs: dict[str, LareqaLanguage]) -> dict[str, list[list[int]
 
 def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, np.ndarray],
                         cand_emb: dict[str, np.ndarray], settings: Sequence[str] = SETTINGS,
-                        map_k: int = 0) -> dict[str, Any]:
-    """All LAReQA metrics from per-language query and candidate embeddings (pure: no model, no I/O)."""
+                        map_k: int = 0, retrieval: RetrievalOptions | None = None) -> dict[str, Any]:
+    """All LAReQA metrics from per-language query and candidate embeddings (pure: no model, no I/O).
+
+    With `retrieval.rank_with_index`, ranks come from the index's top `rank_k` (per language in the multilingual
+    pool with `per_language_index`) instead of the full exact ranking: the metrics of the truncated ranking, the
+    rank distance counting an unranked relevant sentence as rank_k + 1; the searches' info (recall against exact
+    search) is in result["search"]."""
+    search: dict[str, list] = {}
+    use_index = retrieval is not None and retrieval.rank_with_index
+    rank = index_ranks(retrieval, "lareqa", search) if use_index else full_ranks
+    cap = retrieval.rank_k + 1.0 if use_index else np.inf
     order = list(langs)
     all_cands = np.concatenate([cand_emb[x] for x in order], axis=0)
     golds = {x: langs[x].gold_by_id() for x in order}
     multi = multi_relevant(langs) if "multi" in settings else {}
+    cand_lang = np.repeat(order, [len(cand_emb[x]) for x in order])
     result: dict[str, Any] = {"languages": order, "mono": {}, "cross": {}, "multi": {}, "queries": {}}
 
     for x in order:
@@ -177,7 +192,7 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
                 if not keep:
                     continue
                 rel = [[golds[y][langs[x].question_ids[i]]] for i in keep]
-                ranks = relevant_ranks(qx[keep], cand_emb[y], rel)
+                ranks = rank(qx[keep], cand_emb[y], rel)
                 m = _means(_per_query(ranks, np.ones(len(keep)), map_k, multi=False))
                 m["queries"] = len(keep)
                 if x == y:
@@ -186,16 +201,22 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
                     result["cross"].setdefault(x, {})[y] = m
         if "multi" in settings:
             rel = multi[x]
-            ranks = relevant_ranks(qx, all_cands, rel)
+            ranks = rank(qx, all_cands, rel, cand_lang)
             n_rel = np.array([len(r) for r in rel], dtype=np.float64)
-            m = _means(_per_query(ranks, n_rel, map_k, multi=True))
+            m = _means(_per_query(ranks, n_rel, map_k, multi=True, cap=cap))
             m["queries"] = len(rel)
             m["mean_relevant"] = float(n_rel.mean()) if len(n_rel) else float("nan")
             result["multi"][x] = m
 
+    if search:
+        result["search"] = search["lareqa"]
     result["candidates"] = {x: len(langs[x].sentences) for x in order}
     result["candidates_total"] = len(all_cands)
     result["summary"] = summarize(result, map_k)
+    recalls = [min(i["recall_vs_exact"], *i.get("recall_by_language", {}).values()) for i in result.get("search", [])
+               if "recall_vs_exact" in i]
+    if recalls:  # approximate search: its worst recall against exact (overall or in a candidate language)
+        result["summary"]["search_recall_min"] = min(recalls)
     return result
 
 
@@ -272,7 +293,8 @@ class LareqaEvaluator:
 
     def __init__(self, name: str, data_dir: str, languages: Sequence[str], *, candidate_context: str = "none",
                  context_separator: str = " ", max_paragraphs: int = 0, map_k: int = 0,
-                 settings: Sequence[str] = SETTINGS, plots: bool = True):
+                 settings: Sequence[str] = SETTINGS, plots: bool = True,
+                 retrieval: RetrievalOptions | None = None):
         if candidate_context not in ("none", "paragraph"):
             raise ValueError(f"config.eval.{name}.candidate_context: {candidate_context!r} is not none or "
                              "paragraph")
@@ -289,6 +311,7 @@ class LareqaEvaluator:
         self.map_k = map_k
         self.settings = tuple(settings)
         self.plots = plots
+        self.retrieval = retrieval
         self._langs: dict[str, LareqaLanguage] | None = None
 
     @property
@@ -317,7 +340,7 @@ class LareqaEvaluator:
             nq, nc = len(langs[x].questions), len(langs[x].sentences)
             q_emb[x], c_emb[x] = q_all[qo:qo + nq], c_all[co:co + nc]
             qo, co = qo + nq, co + nc
-        result = evaluate_embeddings(langs, q_emb, c_emb, self.settings, self.map_k)
+        result = evaluate_embeddings(langs, q_emb, c_emb, self.settings, self.map_k, self.retrieval)
         result["options"] = {"data_dir": self.data_dir, "candidate_context": self.candidate_context,
                              "max_paragraphs": self.max_paragraphs, "map_k": self.map_k,
                              "settings": list(self.settings)}

@@ -57,6 +57,8 @@ class RetrievalOptions:
     anisotropic_quantization_threshold: float = 0.2
     recall_sample: int = 1000  # queries on which ScaNN recall@k against exact search is measured; 0: skip
     recall_floor: float = 0.95  # a measured recall below it is logged as a warning
+    rank_with_index: bool = False  # LAReQA / TyDi QA: ranks from the index's top k instead of the full ranking
+    rank_k: int = 100  # rank_with_index: length of the searched list (relevant items beyond it: unranked)
     corpus_dtype: str = "float32"  # corpus embeddings kept per host (mlret.eval.sharded): float32|bfloat16|float16
     seed: int = 0
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
@@ -365,6 +367,37 @@ def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
                  len(candidates))
         warn_low_recall(min(rec["recall"], rec.get("min_language", 1.0)), opts, name, k)
     return out
+
+
+def topk_positions(indices: np.ndarray, relevant: Sequence[Sequence[int]]) -> np.ndarray:
+    """1-based positions of each query's relevant candidates in its top-k list, float64 [Q, R_max], each row
+    sorted ascending, inf where a relevant candidate is not in the list (and as padding)."""
+    width = max((len(r) for r in relevant), default=1) or 1
+    out = np.full((len(relevant), width), np.inf)
+    for qi, rel in enumerate(relevant):
+        pos = {int(c): j + 1 for j, c in enumerate(indices[qi])}
+        out[qi, : len(rel)] = [pos.get(int(r), np.inf) for r in rel]
+    return np.sort(out, axis=1)
+
+
+def index_ranks(opts: RetrievalOptions, name: str = "", log_info: dict | None = None):
+    """A ranker with `relevant_ranks`' signature (queries, candidates, relevant, languages=None) that ranks
+    through the index the options pick (`search_topk` of `opts.rank_k`): relevant candidates outside the list
+    are unranked (inf), so the metrics are those of the truncated ranking. The search info (recall against exact
+    search included) is appended to `log_info[name]` when given."""
+
+    def rank(queries, candidates, relevant, languages=None) -> np.ndarray:
+        top = search_topk(queries, candidates, opts.rank_k, opts, name=name, languages=languages)
+        if log_info is not None:
+            log_info.setdefault(name, []).append(top.info)
+        return topk_positions(top.indices, relevant)
+
+    return rank
+
+
+def full_ranks(queries, candidates, relevant, languages=None) -> np.ndarray:
+    """`relevant_ranks` as a ranker (the exact full ranking; languages play no part)."""
+    return relevant_ranks(queries, candidates, relevant)
 
 
 def relevant_ranks(queries: np.ndarray, candidates: np.ndarray, relevant: Sequence[Sequence[int]],

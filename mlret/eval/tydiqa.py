@@ -27,7 +27,7 @@ import numpy as np
 
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, embed, macro_mean
-from mlret.eval.retrieval import relevant_ranks
+from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class TydiQAEvaluator:
     """Gold-passage retrieval on TyDi QA primary-task data (see the module docstring)."""
 
     def __init__(self, name: str, path: str, *, languages: Sequence[str] = (), candidates: str = "article",
-                 mrr_k: int = 10, max_examples: int = 0, min_votes: int = 1):
+                 mrr_k: int = 10, max_examples: int = 0, min_votes: int = 1,
+                 retrieval: RetrievalOptions | None = None):
         if candidates not in ("article", "language"):
             raise ValueError(f"config.eval.{name}.candidates: {candidates!r} is not article or language")
         self.name = name
@@ -116,6 +117,7 @@ class TydiQAEvaluator:
         self.mrr_k = mrr_k
         self.max_examples = max_examples
         self.min_votes = min_votes
+        self.retrieval = retrieval
 
     def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
         examples, skipped = read_examples(self.path, self.languages, self.max_examples, self.min_votes)
@@ -133,12 +135,16 @@ class TydiQAEvaluator:
             groups = [[i for i, ex in enumerate(examples) if ex["lang"] == lang]
                       for lang in sorted({ex["lang"] for ex in examples})]
         pool = np.zeros(len(examples), dtype=np.int64)  # distinct candidates each example is ranked among
+        search: dict[str, list] = {}
+        # The language pool can rank through the index (config.eval.retrieval.rank_with_index); articles are small.
+        through_index = self.candidates == "language" and self.retrieval is not None and self.retrieval.rank_with_index
+        rank = index_ranks(self.retrieval, self.name, search) if through_index else full_ranks
         for idx in groups:
             cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
             kept, copy = unique_texts([passages[c] for c in cols])
             local = np.cumsum([0] + [len(examples[i]["passages"]) for i in idx])
             rel = [sorted({int(copy[local[j] + g]) for g in examples[i]["gold"]}) for j, i in enumerate(idx)]
-            r = relevant_ranks(q[idx], p[cols[kept]], rel)
+            r = rank(q[idx], p[cols[kept]], rel)
             ranks[idx, : r.shape[1]] = r
             pool[idx] = len(kept)
         mrr = M.reciprocal_rank(ranks, k=self.mrr_k or None)
@@ -151,6 +157,9 @@ class TydiQAEvaluator:
                               "mean_candidates": float(pool[sel].mean())}
         summary = {"mrr": macro_mean({x: m["mrr"] for x, m in per_lang.items()}),
                    "acc1": macro_mean({x: m["acc1"] for x, m in per_lang.items()})}
-        return {"summary": summary, "languages": per_lang, "skipped": skipped,
+        recalls = [i["recall_vs_exact"] for i in search.get(self.name, []) if "recall_vs_exact" in i]
+        if recalls:
+            summary["search_recall_min"] = min(recalls)
+        return {"summary": summary, "languages": per_lang, "skipped": skipped, "search": search.get(self.name, []),
                 "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
                             "max_examples": self.max_examples, "min_votes": self.min_votes}}
