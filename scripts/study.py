@@ -65,13 +65,18 @@ def define_flags() -> dict[str, Any]:
     return {
         "out": flags.DEFINE_string("out", "runs/study", "where the per-run JSON files go (one folder per model)"),
         "models": flags.DEFINE_list("models", ["me5"], "starting models (configs/study.py arguments)"),
-        "losses": flags.DEFINE_list("losses", list(LOSS_NAMES), "loss rows (configs/study.py LOSSES), in run order"),
+        "losses": flags.DEFINE_list("losses", ["infonce", "eq1", "symmetric", "vrn"],
+                                    "loss rows (configs/study.py LOSSES), in run order"),
         "alphas": flags.DEFINE_list("alphas", ["0.5", "1", "0"], "alpha values, in run order"),
         "minilm_alphas": flags.DEFINE_list("minilm_alphas", ["0.5", "1", "0"],
                                            "alpha values for the minilm start (the weaker start: the three arms)"),
         "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the data schedule's PRNG)"),
+        "preset": flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "cpu: configs/study.py as it is; gpu: its "
+                                    "GPU_OVERRIDES (batch 100, full evaluation sets; one H100/H200)"),
         "set": flags.DEFINE_multi_string("set", [], "config override field=value for every run (e.g. "
                                                     "train.steps=20)"),
+        "zero_shot": flags.DEFINE_bool("zero_shot", True, "evaluate the untrained model too (off for a second "
+                                                          "process sharing --out)"),
         "report_only": flags.DEFINE_bool("report_only", False, "write the report from finished runs; train nothing"),
         "no_report": flags.DEFINE_bool("no_report", False, "run, but do not write the report"),
         "docs": flags.DEFINE_string("docs", str(REPO / "docs" / "study"), "report folder (summary.json, PNG files,"
@@ -492,8 +497,7 @@ def alpha_label(alpha: float) -> str:
     return {1.0: "X-X-mono (α=1)", 0.0: "X-Y (α=0)", 0.5: "hybrid (α=0.5)"}.get(alpha, f"α={alpha:g}")
 
 
-LOSS_LABELS = {"eq1": "Eq. 1 as written", "infonce": "InfoNCE, in-batch", "symmetric": "+ symmetric (within-view)",
-               "vrn": "+ VRN"}
+LOSS_LABELS = {"eq1": "Eq. 1 as written", "infonce": "InfoNCE, in-batch", "symmetric": "+ symmetric", "vrn": "+ VRN"}
 
 
 def loss_label(loss: str) -> str:
@@ -691,7 +695,7 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             "- Loss rows (configs/study.py `LOSSES`): " + "; ".join(
                 f"{loss_label(x)} = `{x}`" for x in LOSS_NAMES) + ". Eq. 1: own positive + the hard negatives of "
             "every pair; InfoNCE: every passage of the batch; + symmetric: InfoNCE averaged with the positive → "
-            "query direction, both with 2506.09781's within-view negatives; + VRN: + symmetric plus "
+            "query direction (2506.09781's within-view negatives off); + VRN: + symmetric plus "
             f"λ · mean |cos − δ|^p over the negative pairs (the VRN row's λ = "
             f"{_vrn_weight()}, p = 2, δ = −1/(k−1) with k the training units).",
             f"- XQuAD-R subset: the first {ev['xquad_r']['max_paragraphs']} paragraphs of every language (all 11 "
@@ -834,16 +838,21 @@ def main(argv: list[str]) -> None:
     log.setLevel(logging.INFO)
     f = {k: v.value for k, v in FLAGS.items()}
     out = Path(f["out"])
+    from mlret.config import load_config_module
+
+    study_config = load_config_module(REPO / "configs" / "study.py")
+    gpu = f["preset"] == "gpu"
+    overrides = [*(study_config.GPU_OVERRIDES if gpu else ()), *f["set"]]
     if not f["report_only"]:
-        run_study(out, plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"]), f["set"])
+        runs = plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"])
+        run_study(out, [r for r in runs if f["zero_shot"] or r[1] is not None], overrides)
     if f["no_report"]:
         return
     docs = Path(f["docs"])
     report = build_report(out, docs, f["resamples"])
     results_md = Path(f["results_md"]) if f["results_md"] else None
-    from mlret.config import load_config_module
-
-    section = markdown(report, out, docs, results_md, load_config_module(REPO / "configs" / "study.py").SCALE_NOTES)
+    notes = study_config.GPU_SCALE_NOTES if gpu else study_config.SCALE_NOTES
+    section = markdown(report, out, docs, results_md, notes)
     (docs / "section.md").write_text(section + "\n")
     if results_md is not None:
         update_results_md(results_md, section)
