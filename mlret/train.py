@@ -447,7 +447,13 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
-    result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0))
+    from mlret.data.units import DataError
+
+    try:
+        result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0))
+    except DataError as e:  # bad training data: the file, line and field, not a traceback
+        print(f"mlret.train: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() != 0:
         return
     steps = sorted(result.losses)

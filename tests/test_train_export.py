@@ -88,7 +88,7 @@ def assert_card_is_complete(card: str, c, result) -> None:
     for line in comparison("xquad_r", trained, zero, step=3).markdown():
         assert line in card, line
     assert f"{zero['multi_map']:.3f} -> {trained['multi_map']:.3f}" in card
-    assert "python -m mlret.evaluate --checkpoint" in card and "--hf PATH" in card
+    assert not c.workdir and "python -m mlret.evaluate --checkpoint RUN_DIR" in card and "--hf PATH" in card
     # Training configuration: start model, every source with its licence, alpha, loss, steps, batch, lengths.
     assert f"`{c.model.name}`" in card
     for spec in parse_sources(c):

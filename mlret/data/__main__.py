@@ -85,13 +85,19 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required (e.g. --config configs/smoke.py)")
-    if _PREPARE_ONLY.value:
-        from mlret.data.pipeline import load_sources
+    from mlret.data.units import DataError
 
-        for name, store in load_sources(config):
-            print(f"{name}: {len(store)} units")
-        return
-    result = preview(config, _STEPS.value, _START.value)
+    try:
+        if _PREPARE_ONLY.value:
+            from mlret.data.pipeline import load_sources
+
+            for name, store in load_sources(config):
+                print(f"{name}: {len(store)} units")
+            return
+        result = preview(config, _STEPS.value, _START.value)
+    except DataError as e:  # a bad record: its file, line and field
+        print(f"mlret.data: {e}", file=sys.stderr)
+        sys.exit(2)
     if _OUT.value:
         Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
         Path(_OUT.value).write_text(json.dumps(result, ensure_ascii=False))
