@@ -63,6 +63,14 @@ def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> Pa
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_logger().propagate = True
+    # transformers has its own stderr handler and does not propagate; its import-time advice ("PyTorch was not
+    # found ...") is only advice on a machine that needs no torch.
+    if level == "warning":
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     # Python warnings (deprecations from libraries) are log records too, so they follow the same routing.
     logging.captureWarnings(True)
     return path

@@ -28,6 +28,7 @@ def restore_logging():
 def _emit():
     absl_logging.info("orbax-style absl INFO line")
     logging.getLogger("jax._src.xla_bridge").warning("Unable to initialize backend 'tpu'")
+    logging.getLogger("transformers.modeling_utils").warning("transformers warning line")
     logging.getLogger("mlret.train").info("mlret info line")
     logging.getLogger("mlret.train").warning("mlret warning line")
 
@@ -41,10 +42,12 @@ def test_library_messages_go_to_the_log_file(tmp_path, capfd, restore_logging, l
         h.flush()
     terminal = capfd.readouterr().err
     logged = path.read_text()
-    for line in ("orbax-style absl INFO line", "Unable to initialize backend", "mlret info line", "mlret warning"):
+    for line in ("orbax-style absl INFO line", "Unable to initialize backend", "transformers warning line",
+                 "mlret info line", "mlret warning"):
         assert line in logged, line  # the file has everything
     assert "mlret warning line" in terminal
-    quiet = ("orbax-style absl INFO line", "Unable to initialize backend", "mlret info line")
+    quiet = ("orbax-style absl INFO line", "Unable to initialize backend", "transformers warning line",
+             "mlret info line")
     if level == "warning":
         assert not any(line in terminal for line in quiet), terminal
     else:  # --verbose / config.train.log_level=info
