@@ -138,9 +138,10 @@ def placed_model(model_path: str, query_prefix: str = "", passage_prefix: str = 
 def xquad_embeddings(model_path: str, query_prefix: str, passage_prefix: str, batch_size: int,
                      shared_data: Path, cache: str | None):
     """(langs, question embeddings [Q, D], candidate embeddings [N, D], [encoding seconds, texts/s, load])."""
-    from mlret.eval.lareqa import XQUAD_R_LANGUAGES, load
+    from mlret.data.datasets import XQUAD_R
+    from mlret.eval.lareqa import load
 
-    langs = load(str(shared_data / "xquad-r"), XQUAD_R_LANGUAGES)
+    langs = load(str(shared_data / "xquad-r"), XQUAD_R.languages)
     key = np.array(f"{model_path}|{query_prefix}|{passage_prefix}")
     if cache and os.path.exists(cache):
         with np.load(cache) as z:
@@ -244,10 +245,11 @@ def bench_xquad(langs, questions: np.ndarray, candidates: np.ndarray,
 
 
 def bench_encoding(n_texts: int, batch_size: int, shared_data: Path) -> list[list[str]]:
+    from mlret.data.datasets import XQUAD_R
     from mlret.eval.encode import ShardedEmbedder
-    from mlret.eval.lareqa import XQUAD_R_LANGUAGES, load
+    from mlret.eval.lareqa import load
 
-    langs = load(str(shared_data / "xquad-r"), XQUAD_R_LANGUAGES)
+    langs = load(str(shared_data / "xquad-r"), XQUAD_R.languages)
     per = max(1, n_texts // len(langs))
     questions = [t for x in langs.values() for t in x.questions[:per]]
     sentences = [t for x in langs.values() for t in x.sentences[:per]]

@@ -65,7 +65,8 @@ def timed(fn):
 
 
 def bench_xquad(path: str, shared_data: str, k: int, fractions: list[float]) -> tuple[list[list[str]], str]:
-    from mlret.eval.lareqa import XQUAD_R_LANGUAGES, load, multi_relevant
+    from mlret.data.datasets import XQUAD_R
+    from mlret.eval.lareqa import load, multi_relevant
     from mlret.eval.retrieval import (
         ExactIndex,
         PerLanguageIndex,
@@ -79,7 +80,7 @@ def bench_xquad(path: str, shared_data: str, k: int, fractions: list[float]) -> 
         questions, candidates, key = z["questions"], z["candidates"], str(z["key"])
     if "e5" not in key:
         raise SystemExit(f"{path} holds embeddings of {key}, not multilingual-e5: encode them with benchmarks/eval.py")
-    langs = load(str(Path(shared_data) / "xquad-r"), XQUAD_R_LANGUAGES)
+    langs = load(str(Path(shared_data) / "xquad-r"), XQUAD_R.languages)
     gold = [r for x in langs for r in multi_relevant(langs)[x]]
     relevant = np.full((len(gold), max(map(len, gold))), -1, dtype=np.int64)
     for i, r in enumerate(gold):

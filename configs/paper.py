@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from mlret.config import default_config
-from mlret.eval.trec import MIRACL_LANGUAGES, MIRACL_SURPRISE_LANGUAGES
+from mlret.data.datasets import MIRACL, MIRACL_SURPRISE_LANGUAGES
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def get_config(arg: str | None = None):
     c.eval.miracl.corpus = os.path.join(data_dir, "miracl-corpus", "miracl-corpus-v1.0-{lang}")
     c.eval.miracl.split = "dev"
     # The paper's 15 MIRACL languages: the 16 known ones (not the surprise languages de, yo) without English.
-    c.eval.miracl.languages = ",".join(x for x in MIRACL_LANGUAGES if x not in (*MIRACL_SURPRISE_LANGUAGES, "en"))
+    c.eval.miracl.languages = ",".join(x for x in MIRACL.languages if x not in (*MIRACL_SURPRISE_LANGUAGES, "en"))
     # Large pools (MIRACL, Mr. TyDi; --config.eval.evaluators=xquad_r,mlqa_r,miracl adds MIRACL to the periodic
     # evaluation): every host reads, encodes and searches its shard of each corpus (mlret.eval.sharded) and keeps
     # it in bfloat16; above 1M passages the search is ScaNN on each host (int8 re-scoring copy, final k

@@ -175,12 +175,12 @@ def _kind(source: Any) -> str:
 
 def _trained_languages(run_config: Any) -> tuple[list[str], bool]:
     """(languages of the training sources, whether every source's set is known to mlret)."""
+    from mlret.data.kinds import KINDS
     from mlret.data.sources import parse_sources
-    from mlret.data.tfds_builders import KIND_LANGS
 
     langs, known = set(), True
     for spec in parse_sources(run_config):
-        own = spec.languages or KIND_LANGS.get(spec.name, ())
+        own = spec.languages or KINDS[spec.name].languages
         known &= bool(own)
         langs |= set(own)
     return sorted(langs), known

@@ -17,9 +17,11 @@ from typing import Any
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config field holds a value that cannot work; the message names the field."""
+from mlret.data.sources import validate_data
+from mlret.errors import ConfigError, GradCacheError
+from mlret.eval import registry as eval_registry
+from mlret.eval import validate_eval_config
+from mlret.faults import parse_steps
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -175,38 +177,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.retrieval.recall_floor = 0.95  # a lower measured recall (overall or in a language) logs a warning
     c.eval.retrieval.corpus_dtype = "float32"  # corpus embeddings kept per host: float32 | bfloat16 | float16
     c.eval.retrieval.recall_sample = 1000  # queries on which ScaNN recall@k against exact search is logged
-    for name in ("xquad_r", "mlqa_r"):
-        lq = ml_collections.ConfigDict()
-        lq.data_dir = ""  # "": <data.data_dir>/{xquad-r,mlqa-r}
-        lq.languages = ""  # comma-separated subset; "": all of the set's languages
-        lq.candidate_context = "none"  # none: the sentence alone | paragraph: sentence + separator + paragraph
-        lq.context_separator = " "
-        lq.settings = "mono,cross,multi"
-        lq.map_k = 0  # >0: also mAP@k (trec_eval map_cut_k); AP over the full ranking is always reported
-        lq.max_paragraphs = 0  # >0: only the first paragraphs of each language (a fast subset for smoke runs)
-        c.eval[name] = lq
-    for name in ("miracl", "mrtydi"):
-        tr = ml_collections.ConfigDict()
-        tr.data_dir = ""  # topics + qrels; "": <data.data_dir>/{miracl,mrtydi}
-        tr.corpus = ""  # jsonl(.gz) file or folder of shards per language, with {lang}; not in ../shared/data
-        tr.languages = ""  # "": all languages of the set
-        tr.split = "dev"
-        tr.top_k = 100
-        tr.max_queries = 0  # >0: first queries per language only (fast subset)
-        tr.passage_template = "{title} {text}"
-        c.eval[name] = tr
-    c.eval.tydiqa = ml_collections.ConfigDict()
-    c.eval.tydiqa.path = ""  # TyDi QA primary-task jsonl(.gz) (e.g. tydiqa-v1.0-dev.jsonl.gz)
-    c.eval.tydiqa.languages = ""  # ISO codes (ar, bn, ...); "": all
-    c.eval.tydiqa.candidates = "article"  # article: the question's own passages | language: all of the language's
-    c.eval.tydiqa.mrr_k = 10
-    c.eval.tydiqa.max_examples = 0  # >0: per language (fast subset)
-    c.eval.tydiqa.min_votes = 1  # annotators that must pick a passage for the example to count
-    c.eval.tatoeba = ml_collections.ConfigDict()
-    c.eval.tatoeba.data_dir = ""  # "": <data.data_dir>/tatoeba/v1
-    c.eval.tatoeba.languages = "ara,deu,ell,spa,hin,rus,tha,tur,vie,cmn"  # Tatoeba's three-letter codes
-    c.eval.tatoeba.max_sentences = 0  # >0: first sentences per language (fast subset)
-    c.eval.tatoeba.encode_as = "query"  # query | passage
+    # One section per registered evaluator (mlret.eval.registry), each with its own module's defaults.
+    for name, section in eval_registry.sections().items():
+        c.eval[name] = section
 
     c.export = ml_collections.ConfigDict()
     # Non-empty: at the end of training mlret.train prints the last evaluation's table and writes a Hugging Face +
@@ -219,48 +192,103 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Reject impossible values and combinations before any device work, naming the field."""
-    _check(config.model.pooling in ("cls", "mean", "pooler"), "model.pooling",
-           f"{config.model.pooling!r} is not one of cls, mean, pooler")
-    _check(config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
-           f"{config.model.compute_dtype!r} is not float32 or bfloat16")
-    _check(0.0 <= config.data.alpha <= 1.0, "data.alpha", f"{config.data.alpha} is outside [0, 1]")
-    _check(config.data.global_batch > 0, "data.global_batch", "must be positive")
-    _check(config.data.group_size >= 1, "data.group_size", "must be >= 1 (the positive)")
-    _check(config.data.on_bad_record in ("error", "skip"), "data.on_bad_record",
-           f"{config.data.on_bad_record!r} is not error or skip")
-    from mlret.data.sources import validate_data_config  # the data package owns its fields' rules
+def validate(config: ml_collections.ConfigDict, *, devices: int | None = None, processes: int | None = None) -> None:
+    """The one check of a config before any device work; raises ConfigError naming the field.
 
-    validate_data_config(config)
-    _check(config.loss.temperature > 0, "loss.temperature", "must be positive")
-    _check(config.loss.vrn_weight >= 0, "loss.vrn_weight", "must be >= 0 (0: no VRN term)")
-    _check(config.loss.vrn_power > 0, "loss.vrn_power", "must be positive")
-    _check(config.loss.vrn_instances == 0 or config.loss.vrn_instances >= 2, "loss.vrn_instances",
-           f"{config.loss.vrn_instances} must be 0 (use loss.vrn_delta) or >= 2 (delta = -1/(k-1))")
-    _check(config.train.steps > 0, "train.steps", "must be positive")
-    _check(config.train.log_level in ("warning", "info", "debug"), "train.log_level",
-           f"{config.train.log_level!r} is not warning, info or debug")
-    _check(not config.eval.at_start or config.eval.every > 0, "eval.at_start",
-           "set, but config.eval.every is 0 (no evaluators run in training)")
-    _check(config.train.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0: no gradient caching)")
-    _check(config.train.grad_cache_chunk == 0 or config.data.global_batch % config.train.grad_cache_chunk == 0,
-           "train.grad_cache_chunk", f"{config.train.grad_cache_chunk} does not divide data.global_batch="
-           f"{config.data.global_batch}")
-    from mlret.faults import parse_steps
-
-    try:
-        parse_steps(config.train.inject_nan_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from mlret.eval import validate_eval_config  # the eval package owns its fields' rules
-
+    Every section validates its own fields, once: model, data and its sources (`mlret.data.sources`), loss,
+    optim, train, checkpoint, eval and each evaluator (`mlret.eval`). Without `devices` nothing but the fields is
+    read. With `devices` (and `processes`, default 1) the config is also checked as a run on that hardware: the
+    mesh and the batch split (`mlret.parallel.validate_mesh`), gradient-cache chunks against the data-parallel
+    size, a best-checkpoint metric that periodic evaluation reports, the lengths against the model's own
+    config.json when it is on this machine, and the local data files the run reads (`mlret.preflight`), so a
+    run fails here rather than after its model has loaded or compiled.
+    """
+    _validate_model(config.model)
+    validate_data(config)
+    _validate_loss(config.loss)
+    _validate_optim(config)
+    _validate_train(config)
+    _validate_checkpoint(config.checkpoint)
     validate_eval_config(config)
+    if devices is not None:
+        _validate_run(config, devices, 1 if processes is None else processes)
 
 
 def _check(ok: bool, field: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}: {why}")
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    _check(m.pooling in ("cls", "mean", "pooler"), "model.pooling", f"{m.pooling!r} is not one of cls, mean, pooler")
+    _check(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+           f"{m.compute_dtype!r} is not float32 or bfloat16")
+
+
+def _validate_loss(loss: ml_collections.ConfigDict) -> None:
+    _check(loss.temperature > 0, "loss.temperature", "must be positive")
+    _check(loss.vrn_weight >= 0, "loss.vrn_weight", "must be >= 0 (0: no VRN term)")
+    _check(loss.vrn_power > 0, "loss.vrn_power", "must be positive")
+    _check(loss.vrn_instances == 0 or loss.vrn_instances >= 2, "loss.vrn_instances",
+           f"{loss.vrn_instances} must be 0 (use loss.vrn_delta) or >= 2 (delta = -1/(k-1))")
+    _check(loss.gather in ("constraint", "shard_map"), "loss.gather", f"{loss.gather!r} is not constraint or shard_map")
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+    o = config.optim
+    _check(o.max_nonfinite_in_row >= 1, "optim.max_nonfinite_in_row", "must be >= 1")
+    _check(o.warmup_steps <= config.train.steps, "optim.warmup_steps",
+           f"{o.warmup_steps} > config.train.steps {config.train.steps}")
+
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
+    t = config.train
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.log_level in ("warning", "info", "debug"), "train.log_level",
+           f"{t.log_level!r} is not warning, info or debug")
+    _check(t.log_every >= 1, "train.log_every", f"{t.log_every} must be >= 1")
+    _check(t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0: no gradient caching)")
+    if t.grad_cache_chunk and config.data.global_batch % t.grad_cache_chunk:
+        raise GradCacheError(f"config.train.grad_cache_chunk={t.grad_cache_chunk} does not divide "
+                             f"config.data.global_batch={config.data.global_batch}; use a divisor of the global batch")
+    try:
+        parse_steps(t.inject_nan_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate_checkpoint(ck: ml_collections.ConfigDict) -> None:
+    _check(ck.every >= 0, "checkpoint.every", f"{ck.every} must be >= 0 (0: only at the end and on SIGTERM)")
+    _check(ck.keep >= 1, "checkpoint.keep", f"{ck.keep} must be >= 1")
+    _check(ck.best_mode in ("max", "min"), "checkpoint.best_mode", f"{ck.best_mode!r} is not max or min")
+
+
+def _validate_run(config: ml_collections.ConfigDict, devices: int, processes: int) -> None:
+    """What a training run on `devices` devices in `processes` processes needs beyond valid fields."""
+    # Imported here, not at the top: the field checks above stay free of jax, flax and the file system.
+    from mlret import parallel
+    from mlret.models.encoder_config import local_max_length
+    from mlret.preflight import check_data
+
+    # Missing local data is reported now, with where it comes from, not after the model has loaded.
+    check_data(config, evaluators=config.eval.every > 0)
+    dp = parallel.validate_mesh(config, devices, processes)
+    chunk = config.train.grad_cache_chunk
+    if chunk % dp:
+        raise GradCacheError(
+            f"config.train.grad_cache_chunk={chunk} is not a multiple of the data-parallel size {dp} (mesh axes of "
+            "the 'batch' rule): every device encodes chunk/data_parallel of its rows per chunk; use a multiple of "
+            f"{dp}")
+    _check(not config.checkpoint.best_metric or config.eval.every > 0, "checkpoint.best_metric",
+           "set, but config.eval.every is 0 (no evaluation reports the metric); set eval.every > 0 or clear "
+           "best_metric")
+    found = local_max_length(config.model.name) if config.model.name else None
+    if found is not None:
+        max_len, where = found
+        for field in ("query_len", "passage_len"):
+            length = int(config.data[field])
+            _check(length <= max_len, f"data.{field}",
+                   f"{length} exceeds the model's {max_len} positions ({where}); lower it to <= {max_len}")
 
 
 def load_config_module(path: str | os.PathLike[str]) -> ModuleType:

@@ -38,30 +38,6 @@ EmbedFn = Callable[[Any, Batch], Any]
 LossFn = Callable[[Any, Any, Batch], tuple[jax.Array, Any]]
 
 
-class GradCacheError(ValueError):
-    """A chunk size that cannot split the global batch evenly over the devices."""
-
-
-def num_chunks(global_batch: int, chunk: int, data_parallel: int) -> int:
-    """How many chunks of `chunk` pairs the global batch splits into; raise when it cannot be split evenly.
-
-    Every device must encode the same number of its own rows in every chunk, so `chunk` must be a multiple of
-    the data-parallel size and divide the global batch.
-    """
-    if chunk <= 0:
-        raise GradCacheError(f"config.train.grad_cache_chunk={chunk}: must be > 0 to use gradient caching")
-    if chunk % data_parallel:
-        raise GradCacheError(
-            f"config.train.grad_cache_chunk={chunk} is not a multiple of the data-parallel size {data_parallel} "
-            "(mesh axes of the 'batch' rule): every device encodes chunk/data_parallel of its rows per chunk; use a "
-            f"multiple of {data_parallel}")
-    if global_batch % chunk:
-        raise GradCacheError(
-            f"config.train.grad_cache_chunk={chunk} does not divide config.data.global_batch={global_batch}; use a "
-            "divisor of the global batch")
-    return global_batch // chunk
-
-
 def to_chunks(x: jax.Array, chunks: int, data_parallel: int) -> jax.Array:
     """[B, ...] -> [chunks, B/chunks, ...], chunk k taking rows k*c/dp.. of each of the `dp` contiguous blocks.
 
@@ -92,7 +68,8 @@ def value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn, params: Any, batch: Batch
         any field of `batch`. Its gradient with respect to `params` is added to the encoder's.
       params: the differentiated parameters (any pytree).
       batch: global arrays with the pairs on the leading axis.
-      chunk: pairs encoded at once (over all devices); a multiple of the data-parallel size dividing the batch.
+      chunk: pairs encoded at once (over all devices); a multiple of the data-parallel size dividing the batch
+        (`mlret.config.validate` with `devices=` checks `config.train.grad_cache_chunk` so).
       embed_fields: the batch fields `embed_fn` reads (token ids and masks); only these are chunked.
       mesh, batch_axes: the mesh and the mesh axes the batch is split over; without a mesh, no sharding
         constraints are added (one device).
@@ -107,7 +84,7 @@ def value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn, params: Any, batch: Batch
         for a in axes:
             dp *= mesh.shape[a]
     rows = batch[embed_fields[0]].shape[0]
-    k = num_chunks(rows, chunk, dp)
+    k = rows // chunk
 
     def constrain(x: Any, spec: P) -> Any:
         if mesh is None:

@@ -21,16 +21,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mlret.config import ConfigError
+from mlret.errors import ShardingError
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
-
-
-class ShardingError(ConfigError):
-    """A mesh, rule or weight placement that cannot work as configured (the message names the config field)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,6 +99,26 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
         raise ShardingError(f"config.mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, but only "
                             f"{num_devices} are available; shrink config.mesh.data/fsdp/tensor (or set data=-1)")
     return data, fsdp, tensor
+
+
+def validate_mesh(config: Any, num_devices: int, process_count: int) -> int:
+    """Check `config.mesh` against `num_devices` devices and the global batch against the data-parallel size and
+    the processes (`mlret.config.validate` with `devices=` calls it); returns the data-parallel size."""
+    rules = parse_rules(config.mesh.rules)
+    data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    batch = dict(rules).get("batch")
+    if batch is None:
+        raise ShardingError("config.mesh.rules: no rule for the logical axis 'batch'")
+    dp = math.prod(sizes[a] for a in batch)
+    gb = int(config.data.global_batch)
+    if gb % dp:
+        raise ShardingError(f"config.data.global_batch: {gb} is not divisible by the data-parallel size {dp} (mesh "
+                            f"axes {' x '.join(batch)} = {' x '.join(str(sizes[a]) for a in batch)}); use a "
+                            f"multiple of {dp}")
+    if gb % process_count:
+        raise ShardingError(f"config.data.global_batch: {gb} is not divisible by the {process_count} processes")
+    return dp
 
 
 def device_array(mesh_config: Any, devices: Sequence[Any] | None = None) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 `missing_data(config)` lists every local file that a training source or an evaluator of the config needs and
 that is not there, with what it is and where its public copy comes from; `check_data(config)` raises a
-ConfigError with that list (`mlret.train` calls it in `validate_run`). Only local paths are checked: a source
+ConfigError with that list (`mlret.config.validate` calls it when given `devices`). Only local paths are
+checked: a source
 whose `path` is "" downloads its public files when it is prepared, and those downloads report their own errors.
 Reads nothing but directory entries: no jax, no TFDS.
 """
@@ -15,26 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlret.config import ConfigError
-
-# What a file is and where the public copy comes from, per source kind / evaluator (for the error message).
-ORIGIN = {
-    "mlqa_r": "MLQA-R (LAReQA: MLQA dev with sentence breaks; CC BY-NC 4.0, research only), "
-              "https://github.com/google-research-datasets/lareqa/tree/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r"
-              " (removed upstream after that commit)",
-    "xquad_r": "XQuAD-R (LAReQA; CC BY-SA 4.0), https://github.com/google-research-datasets/lareqa/tree/master/xquad-r",
-    "tatoeba": "the LASER Tatoeba test set (CC BY 2.0 FR), "
-               "https://github.com/facebookresearch/LASER/tree/main/data/tatoeba/v1",
-    "miracl": "MIRACL v1.0 topics / qrels, https://huggingface.co/datasets/miracl/miracl (corpus: "
-              "https://huggingface.co/datasets/miracl/miracl-corpus)",
-    "mrtydi": "Mr. TyDi v1.1, https://github.com/castorini/mr.tydi",
-    "tydiqa": "TyDi QA primary task, https://github.com/google-research-datasets/tydiqa",
-    "squad_translate": "SQuAD v1.1 + XTREME translate-train, https://github.com/google-research/xtreme",
-    "mlqa": "MLQA, https://github.com/facebookresearch/MLQA",
-    "mmarco": "mMARCO, https://huggingface.co/datasets/unicamp-dl/mmarco",
-    "tydiqa_goldp": "TyDi QA GoldP, https://github.com/google-research-datasets/tydiqa",
-    "jsonl": "your own parallel units (docs/architecture.md, 'Data')",
-}
+from mlret.data.kinds import KINDS, find
+from mlret.data.sources import parse_sources
+from mlret.errors import ConfigError
+from mlret.eval import registry as eval_registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,58 +32,34 @@ class Missing:
     origin: str
 
 
-def _found_below(root: Path, name: str) -> bool:
-    # The TFDS builders accept the public file names anywhere below a source's folder (mlret.data.tfds_builders).
-    return (root / name).is_file() or any(root.rglob(name))
-
-
 def _source_missing(config: Any) -> list[Missing]:
-    from mlret.data.sources import parse_sources
-    from mlret.eval.lareqa import MLQA_R_LANGUAGES, XQUAD_R_LANGUAGES
-
     out = []
     for i, spec in enumerate(parse_sources(config)):
         if not spec.path:
             continue  # downloads its public files
-        who = f"training source config.data.sources[{i}] ({spec.name})"
-        field = f"config.data.sources[{i}].path (relative to config.data.data_dir)"
+        kind = KINDS[spec.name]
         root = Path(spec.path)
-        if spec.name in ("mlqa_r", "xquad_r"):
-            langs = spec.languages or (MLQA_R_LANGUAGES if spec.name == "mlqa_r" else XQUAD_R_LANGUAGES)
-            files = [str(root / f"{lang}.json") for lang in langs
-                     if not root.is_dir() or not _found_below(root, f"{lang}.json")]
+        if kind.local_files is not None:
+            # The readers accept the public file names anywhere below a source's folder (mlret.data.kinds).
+            names = kind.local_files(spec.languages or kind.languages, spec.split)
+            files = [str(root / name) for name in names if not root.is_dir() or find(root, name) is None]
         else:
             files = [] if root.exists() else [str(root)]
         if files:
-            out.append(Missing(who, field, tuple(files), ORIGIN.get(spec.name, spec.name)))
+            out.append(Missing(f"training source config.data.sources[{i}] ({spec.name})",
+                               f"config.data.sources[{i}].path (relative to config.data.data_dir)", tuple(files),
+                               kind.origin))
     return out
 
 
 def _evaluator_missing(config: Any) -> list[Missing]:
-    from mlret.eval import build_evaluators, parse_list
-
-    if not parse_list(config.eval.evaluators):
-        return []
     out = []
-    for ev in build_evaluators(config):  # reads nothing: paths only
-        field = f"config.eval.{ev.name}.data_dir (default: config.data.data_dir/...)"
-        files: list[str] = []
-        if ev.name in ("xquad_r", "mlqa_r"):
-            files = [os.path.join(ev.data_dir, f"{lang}.json") for lang in ev.languages]
-        elif ev.name == "tatoeba":
-            files = [os.path.join(ev.data_dir, f"tatoeba.{lang}-eng.{side}") for lang in ev.languages
-                     for side in (lang, "eng")]
-        elif ev.name in ("miracl", "mrtydi"):
-            for lang in ev.languages:
-                topics, qrels, corpus = ev.paths(lang)
-                files += [topics, qrels, corpus]
-            field = f"config.eval.{ev.name}.data_dir / config.eval.{ev.name}.corpus"
-        elif ev.name == "tydiqa":
-            files = [config.eval.tydiqa.path]
-            field = "config.eval.tydiqa.path"
-        missing = [f for f in files if not os.path.exists(f)]
+    for ev in eval_registry.build(config):  # reads nothing: paths only
+        spec = eval_registry.get(ev.name)
+        missing = [f for f in spec.files(ev) if not os.path.exists(f)]
         if missing:
-            out.append(Missing(f"evaluator {ev.name}", field, tuple(missing), ORIGIN.get(ev.name, ev.name)))
+            out.append(Missing(f"evaluator {ev.name}", f"config.eval.{ev.name}.{spec.files_field}", tuple(missing),
+                               spec.origin or ev.name))
     return out
 
 

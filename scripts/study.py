@@ -134,7 +134,8 @@ TWO_WAY = [m for m in METRICS if m[1] in ("mono_mrr", "mono_acc1", "cross_mrr", 
 def load_config(model_key: str, overrides: Sequence[str], loss: str = "infonce") -> Any:
     """configs/study.py:<model_key> with the loss row `loss` and `field=value` overrides (the value parsed as
     the field's type; they win over the loss row)."""
-    from mlret.config import ConfigError, apply_overrides, load_config_file, load_config_module
+    from mlret.config import apply_overrides, load_config_file, load_config_module
+    from mlret.errors import ConfigError
 
     losses = load_config_module(REPO / "configs" / "study.py").LOSSES
     if loss not in losses:

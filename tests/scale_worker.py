@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 
+from mlret import config as config_lib
 from mlret import train as T
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     from mlret import parallel
 
     parallel.initialize_distributed(T._COORDINATOR.value, T._NUM_PROCESSES.value, T._PROCESS_ID.value)
-    T.validate_run(config, jax.device_count(), jax.process_count())
+    config_lib.validate(config, devices=jax.device_count(), processes=jax.process_count())
     result = T.train(config, config.workdir)
     state = result.state
     with open(report, "w") as f:

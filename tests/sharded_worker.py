@@ -50,7 +50,7 @@ def main() -> None:
                          RetrievalOptions(method="scann", num_leaves=4, leaves_to_search=4, reorder=300))
     extra = {}
     if jax.process_count() == 1:  # the replicated encoder on the same texts, row for row
-        from mlret.eval.trec import read_corpus
+        from mlret.eval.corpus import read_corpus
 
         extra["vs_replicated"] = np.abs(emb.passages(read_corpus(a.corpus)[1]) - shard.embeddings).max()
     if jax.process_index() == 0:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlret.config import ConfigError, load_config_file, load_config_module, validate
+from mlret.config import load_config_file, load_config_module, validate
+from mlret.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -21,9 +22,7 @@ def load_module(name: str):
 
 
 def validate_run(config, num_devices: int = 4):
-    from mlret.train import validate_run as run_checks
-
-    run_checks(config, num_devices, 1)
+    validate(config, devices=num_devices, processes=1)
 
 
 @pytest.mark.parametrize("model", PAPER_MODELS)

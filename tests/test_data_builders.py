@@ -1,14 +1,14 @@
 """TFDS builders (ArrayRecord, no TensorFlow): prepare from ../shared/data, random access through tfds, the
-stored order, option fingerprints, the download path (URLs served from local copies), evaluation builders."""
+stored order, option fingerprints, the download path (URLs served from local copies)."""
 
-import json
 from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
 
-from mlret.data import readers, tfds_builders
-from mlret.data.units import DataError, LangText, ParallelUnit, dumps_unit
+from mlret.data import tfds_builders
+from mlret.data.units import LangText, ParallelUnit, dumps_unit
+from mlret.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -82,40 +82,3 @@ def test_builder_errors_name_the_path(tmp_path, shared_data):
                                                                    languages=["de", "en"]))
     with pytest.raises(DataError, match="unknown option"):
         tfds_builders.units_config("mlqa_r", options={"passage": "context"})
-
-
-def test_lareqa_eval_builder(shared_data, tfds_dir):
-    langs = ["de", "zh"]
-    parts = {}
-    for part in ("questions", "candidates"):
-        b = tfds_builders.MlretLareqa(config=tfds_builders.lareqa_config(
-            "xquad_r", part, local_dir=shared_data / "xquad-r", languages=langs), data_dir=str(tfds_dir))
-        b.download_and_prepare(file_format="array_record")
-        parts[part] = [dict(r) for r in b.as_data_source(split="test")]
-    cands = {(c["lang"].decode(), c["article"], c["paragraph"], c["sentence"]): c["text"].decode()
-             for c in parts["candidates"]}
-    assert len(cands) == len(parts["candidates"])  # keyed by position: unique even where texts repeat
-    raw = {lang: json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text(encoding="utf-8")) for lang in langs}
-    n_sent = sum(len(p["sentences"]) for lang in langs for a in raw[lang]["data"] for p in a["paragraphs"])
-    assert len(cands) == n_sent
-    units = {u.id: u for u in readers.read_squad_sentences(
-        {lang: shared_data / "xquad-r" / f"{lang}.json" for lang in langs}, source="xquad_r")}
-    for q in parts["questions"]:
-        lang = q["lang"].decode()
-        gold = cands[(lang, q["article"], q["paragraph"], q["sentence"])]
-        assert gold == units[q["id"].decode()].texts[lang].positive  # the same half-open rule as training
-
-
-def test_trec_topics_builder_on_real_miracl(shared_data, tfds_dir):
-    b = tfds_builders.MlretTrecTopics(config=tfds_builders.trec_topics_config(
-        "miracl", local_dir=shared_data / "miracl", languages=["yo"]), data_dir=str(tfds_dir))
-    b.download_and_prepare(file_format="array_record")
-    records = list(b.as_data_source(split="dev"))
-    qrels = (shared_data / "miracl" / "qrels.miracl-v1.0-yo-dev.tsv").read_text(encoding="utf-8").split("\n")
-    judged = {}
-    for line in filter(None, qrels):
-        qid, _, docid, rel = line.split()
-        judged.setdefault(qid, []).append((docid, int(rel)))
-    assert {r["qid"].decode() for r in records} == set(judged)
-    for r in records:
-        assert [(d.decode(), int(x)) for d, x in zip(r["docids"], r["relevance"])] == judged[r["qid"].decode()]

@@ -17,9 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 from scale_runs import free_port, run_together
 
-from mlret.config import ConfigError, default_config
+from mlret.config import default_config
 from mlret.data import pipeline
-from mlret.data.units import LANGUAGES, MONOLINGUAL, DataError, LangText, ParallelUnit, dumps_unit
+from mlret.data.units import LANGUAGES, MONOLINGUAL, LangText, ParallelUnit, dumps_unit
+from mlret.errors import ConfigError, DataError
 from mlret.models import TextTokenizer
 
 Lq, Lp = 16, 24

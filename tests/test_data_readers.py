@@ -9,7 +9,8 @@ import json
 import pytest
 
 from mlret.data import readers
-from mlret.data.units import BadRecords, DataError, LangText, ParallelUnit, dumps_unit
+from mlret.data.units import BadRecords, LangText, ParallelUnit, dumps_unit
+from mlret.errors import DataError
 
 MLQA = ("ar", "de", "en", "es", "hi", "vi", "zh")
 XQUAD = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")

@@ -13,7 +13,8 @@ from scipy import stats
 
 from mlret.data import readers
 from mlret.data.schedule import HybridSchedule, ScheduleSpec, UnitIndex
-from mlret.data.units import CROSS_LINGUAL, LANGUAGES, MONOLINGUAL, DataError, LangText, ParallelUnit
+from mlret.data.units import CROSS_LINGUAL, LANGUAGES, MONOLINGUAL, LangText, ParallelUnit
+from mlret.errors import DataError
 
 STEPS = 2000
 B = 32

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from mlret.config import load_config_file
+from mlret.config import load_config_file, validate
 from mlret.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def eval_section(c, shared_data):
 
 def test_checkpoint_evaluation_matches_the_training_eval(random_bert_path, shared_data, tmp_path):
     from mlret.evaluate import evaluate
-    from mlret.train import train, validate_run
+    from mlret.train import train
 
     c = smoke_config()
     c.model.name = str(random_bert_path)
@@ -44,7 +44,7 @@ def test_checkpoint_evaluation_matches_the_training_eval(random_bert_path, share
     c.checkpoint.every = 0
     c.eval.every = 2
     eval_section(c, shared_data)
-    validate_run(c, jax.device_count(), 1)
+    validate(c, devices=jax.device_count(), processes=1)
     run_dir = tmp_path / "run"
     train(c, run_dir)
     logged = next(r for r in read_metrics(run_dir) if "xquad_r/multi_map" in r)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import pytrec_eval
 
+from mlret.config import default_config, validate
+from mlret.data.datasets import MLQA_R, XQUAD_R
+from mlret.errors import DataError
 from mlret.eval.base import NgramEmbedder
 from mlret.eval.lareqa import (
-    MLQA_R_LANGUAGES,
-    XQUAD_R_LANGUAGES,
-    LareqaDataError,
     LareqaEvaluator,
     evaluate_embeddings,
     load,
@@ -39,12 +39,12 @@ def published_table(readme: Path, column: int) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def xquad(shared_data):
-    return load(str(shared_data / "xquad-r"), XQUAD_R_LANGUAGES)
+    return load(str(shared_data / "xquad-r"), XQUAD_R.languages)
 
 
 @pytest.fixture(scope="module")
 def mlqa(shared_data):
-    return load(str(shared_data / "mlqa-r"), MLQA_R_LANGUAGES)
+    return load(str(shared_data / "mlqa-r"), MLQA_R.languages)
 
 
 @pytest.mark.parametrize("name,readme,column", [
@@ -98,7 +98,7 @@ def test_bad_files_name_the_record(tmp_path):
                                                              "answers": [{"answer_start": 3, "text": " "}]}]}]}]}
     path = tmp_path / "xx.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(LareqaDataError, match=r"xx.json: article 0 \('T'\), paragraph 0, question q1"):
+    with pytest.raises(DataError, match=r"xx.json: article 0 \('T'\), paragraph 0, question q1"):
         load_language(str(path), "xx")
     with pytest.raises(FileNotFoundError, match="data_dir"):
         load_language(str(tmp_path / "missing.json"), "xx")
@@ -239,5 +239,7 @@ def test_candidate_context_option(shared_data):
     texts = ev.candidate_texts(lang)
     assert texts[0] == lang.sentences[0] + " || " + lang.paragraphs[0]
     assert LareqaEvaluator("x", "", ["en"]).candidate_texts(lang) == lang.sentences
+    c = default_config()
+    c.eval.xquad_r.candidate_context = "article"
     with pytest.raises(ValueError, match="candidate_context"):
-        LareqaEvaluator("x", "", ["en"], candidate_context="article")
+        validate(c)

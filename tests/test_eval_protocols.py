@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import pytrec_eval
 
+from mlret.config import default_config, validate
+from mlret.errors import ConfigError, DataError
 from mlret.eval import build_evaluators
 from mlret.eval.base import NgramEmbedder
 from mlret.eval.retrieval import RetrievalOptions
 from mlret.eval.tatoeba import TatoebaEvaluator, read_pair
-from mlret.eval.trec import TrecDataError, TrecEvaluator, read_qrels, read_topics
+from mlret.eval.trec import TrecEvaluator, read_qrels, read_topics
 from mlret.eval.tydiqa import TydiQAEvaluator, read_examples
 
 
@@ -102,15 +104,17 @@ def test_trec_readers_name_the_line(tmp_path, shared_data):
     assert all(q and t for q, t in topics.items())
     bad = tmp_path / "qrels.txt"
     bad.write_text("1 Q0 d1 1\n2 Q0 d2\n")
-    with pytest.raises(TrecDataError, match=r"qrels.txt:2"):
+    with pytest.raises(DataError, match=r"qrels.txt:2"):
         read_qrels(str(bad))
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"docid": "a", "text": "x"}\n{"id": "b", "contents": "y"}\n{"doc": "c", "text": "z"}\n')
     ev = TrecEvaluator("miracl", "miracl", str(shared_data / "miracl"), str(corpus), ["yo"])
-    with pytest.raises(TrecDataError, match=r"c.jsonl:3: a corpus record needs 'docid' and 'text'"):
+    with pytest.raises(DataError, match=r"c.jsonl:3: a corpus record needs 'docid' and 'text'"):
         ev.retrieve(NgramEmbedder(dim=16), "yo")
+    c = default_config()
+    c.eval.miracl.top_k = 10
     with pytest.raises(ValueError, match="top_k"):
-        TrecEvaluator("miracl", "miracl", "", "c", ["yo"], top_k=10)
+        validate(c)
 
 
 def test_tydiqa_sample(shared_data):
@@ -189,8 +193,6 @@ def test_tatoeba(shared_data):
 
 
 def test_build_evaluators_from_config(shared_data, tmp_path):
-    from mlret.config import ConfigError, default_config, validate
-
     c = default_config()
     c.data.data_dir = str(shared_data)
     c.eval.evaluators = "xquad_r,mlqa_r,tatoeba,tydiqa"

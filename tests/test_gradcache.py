@@ -7,7 +7,9 @@ import pytest
 from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
-from mlret.gradcache import GradCacheError, from_chunks, to_chunks
+from mlret.config import validate
+from mlret.errors import GradCacheError
+from mlret.gradcache import from_chunks, to_chunks
 from mlret.step import Trainer
 
 # Every loss term that has parameters or couples pairs: learnable τ, both directions, the variance penalty.
@@ -69,6 +71,6 @@ def test_cached_step_trains_and_compiles_once():
 def test_bad_chunk_is_refused_naming_the_field(chunk, message):
     c = tiny_config((8, 1, 1))
     c.train.grad_cache_chunk = chunk
-    t = Trainer.create(tiny_model(), c, parallel.make_mesh(c.mesh))
+    c.data.global_batch = len(tiny_batch()["unit_id"])  # the batch the step would get: 24 pairs
     with pytest.raises(GradCacheError, match=f"config.train.grad_cache_chunk={chunk}.*{message}"):
-        t.grad_fn()(t.initial_params, t.global_batch(tiny_batch()))
+        validate(c, devices=8, processes=1)

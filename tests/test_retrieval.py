@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from mlret.config import default_config, validate
 from mlret.eval.retrieval import (
     ExactIndex,
     PerLanguageIndex,
@@ -115,8 +116,10 @@ def test_pool_size_picks_the_method(clustered):
     assert isinstance(build_index(cands, 10, RetrievalOptions(scann_threshold=len(cands))), ExactIndex)
     assert isinstance(build_index(cands, 10, RetrievalOptions(scann_threshold=len(cands) - 1)), ScannIndex)
     assert isinstance(build_index(cands[:50], 10, RetrievalOptions(method="exact", scann_threshold=1)), ExactIndex)
+    c = default_config()
+    c.eval.retrieval.method = "faiss"
     with pytest.raises(ValueError, match="retrieval.method"):
-        RetrievalOptions.from_config({"method": "faiss"})
+        validate(c)
 
 
 def multilingual_pool(seed: int = 0, langs: int = 4, per_lang: int = 5000, topics: int = 100, dim: int = 32,
@@ -182,5 +185,7 @@ def test_quantised_reordering_rescores_the_final_k(clustered):
     top = index.search(queries, 10)
     np.testing.assert_allclose(top.scores, np.einsum("qd,qkd->qk", queries, cands[top.indices]), rtol=0, atol=1e-6)
     assert (np.diff(top.scores, axis=1) <= 0).all() and top.info["reorder_dtype"] == "int8"
+    c = default_config()
+    c.eval.retrieval.reorder_dtype = "float8"
     with pytest.raises(ValueError, match="reorder_dtype"):
-        RetrievalOptions.from_config({"reorder_dtype": "float8"})
+        validate(c)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scale_runs import REPO, free_port, run_together, scale_env
 
+from mlret.errors import DataError
+from mlret.eval.corpus import read_corpus
 from mlret.eval.sharded import read_corpus_shard
-from mlret.eval.trec import TrecDataError, read_corpus
 
 WORKER = str(REPO / "tests" / "sharded_worker.py")
 
@@ -57,7 +58,7 @@ def test_shard_errors_name_the_line(tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text("".join(json.dumps({"id": str(i), "contents": "x" * 50}) + "\n" for i in range(40))
                    + '{"doc": "z"}\n')
-    with pytest.raises(TrecDataError, match=r"c.jsonl:41: a corpus record needs"):
+    with pytest.raises(DataError, match=r"c.jsonl:41: a corpus record needs"):
         read_corpus_shard(str(bad), 1, 2)
 
 

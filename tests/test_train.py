@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scale_runs import free_port, run_together, train_cmd
 
-from mlret.config import ConfigError, apply_overrides, default_config, load_config_file
+from mlret.config import apply_overrides, default_config, load_config_file, validate
+from mlret.errors import ConfigError
 from mlret.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,8 +162,6 @@ def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
     assert bad.returncode == 2
     assert "--config.data.alpah: no such config field (did you mean 'alpha'?)" in bad.stderr
 
-    from mlret.train import validate_run
-
     def config(**fields):
         c = load_config_file(SMOKE)
         c.model.name = str(random_bert_path)
@@ -171,7 +170,7 @@ def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
             c[section][name] = v
         return c
 
-    validate_run(config(), 8, 1)  # the tiny run's config is fine
+    validate(config(), devices=8, processes=1)  # the tiny run's config is fine
     cases = [
         (dict(data__global_batch=12), "config.data.global_batch: 12 is not divisible by the data-parallel size 8"),
         (dict(mesh__data=4, mesh__fsdp=4), r"config.mesh: .* 16 devices, but only 8"),
@@ -181,13 +180,13 @@ def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
     ]
     for fields, message in cases:
         with pytest.raises(ConfigError, match=message):
-            validate_run(config(**fields), 8, 1)
+            validate(config(**fields), devices=8, processes=1)
 
 
 def test_periodic_eval_picks_the_best_checkpoint(tiny_args, tmp_path):
     """In process: eval every 2 steps on a slice of XQuAD-R; metrics reach metrics.jsonl and the checkpoints."""
     from mlret.checkpoint import Checkpointer
-    from mlret.train import train, validate_run
+    from mlret.train import train
 
     c = load_config_file(SMOKE)
     apply_overrides(c, tiny_args)
@@ -204,7 +203,7 @@ def test_periodic_eval_picks_the_best_checkpoint(tiny_args, tmp_path):
     c.checkpoint.keep = 1
     c.checkpoint.best_metric = "xquad_r/mono_mrr"
     c.checkpoint.keep_best = 1
-    validate_run(c, jax.device_count(), 1)
+    validate(c, devices=jax.device_count(), processes=1)
     result = train(c, tmp_path)
     assert result.end_step == 6
     evals = {r["step"]: r["xquad_r/mono_mrr"] for r in read_metrics(tmp_path) if "xquad_r/mono_mrr" in r}

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
-from mlret.config import load_config_file
+from mlret.config import load_config_file, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,10 @@ def tiny_config(random_bert_path, shared_data, tfds_dir):
 def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, capsys):
     from mlret.checkpoint import restore_for_export
     from mlret.models import encoder_to_tensors
-    from mlret.train import train, validate_run
+    from mlret.train import train
 
     c = tiny_config(random_bert_path, shared_data, tmp_path / "tfds")
-    validate_run(c, jax.device_count(), 1)
+    validate(c, devices=jax.device_count(), processes=1)
     workdir = tmp_path / "run"
     result = train(c, workdir)
     assert result.end_step == 3 and result.export_dir == str(workdir / "export")

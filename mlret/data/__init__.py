@@ -17,11 +17,11 @@ from mlret.data.units import (
     LANGUAGES,
     MONOLINGUAL,
     BadRecords,
-    DataError,
     LangText,
     ParallelUnit,
     lang_index,
 )
+from mlret.errors import DataError
 
 _LAZY = {
     "make_train_iterator": "mlret.data.pipeline",

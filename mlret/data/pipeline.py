@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
+from mlret.config import validate
 from mlret.data import tfds_builders
 from mlret.data.schedule import (
     STREAM_NEGATIVES,
@@ -42,7 +43,8 @@ from mlret.data.schedule import (
     text_hash,
 )
 from mlret.data.sources import SourceSpec, parse_sources
-from mlret.data.units import LANGUAGES, DataError, ParallelUnit
+from mlret.data.units import LANGUAGES, ParallelUnit
+from mlret.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,6 @@ def schedule_spec(config: Any) -> ScheduleSpec:
 
 def make_schedule(config: Any, sources: Sources | None = None) -> tuple[HybridSchedule, Sources]:
     """The hybrid schedule of a config (preparing its sources unless given)."""
-    from mlret.config import validate
-
     validate(config)
     sources = sources if sources is not None else load_sources(config)
     schedule = HybridSchedule(build_index(sources), schedule_spec(config))

@@ -36,10 +36,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from mlret.data import datasets
 from mlret.data.units import (
     LANG_INDEX,
     BadRecords,
-    DataError,
     LangText,
     ParallelUnit,
     as_bad_records,
@@ -47,14 +47,12 @@ from mlret.data.units import (
     dedupe_keep_order,
     unit_from_json,
 )
+from mlret.errors import DataError
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-# TyDi QA GoldP ids start with the language name: "arabic-2387335860751143628-1".
-TYDI_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
-                  "japanese": "ja", "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "thai": "th"}
 
 
 # --------------------------------------------------------------------------------------------------- file
@@ -274,10 +272,11 @@ def read_tydiqa_goldp(path: PathLike, *, source: str = "tydiqa_goldp", languages
             bad(loc, fields, file=str(path))
             continue
         qid, question, _ = fields
-        lang = TYDI_LANGUAGES.get(qid.split("-", 1)[0])
+        # GoldP ids start with the language's name: "arabic-2387335860751143628-1".
+        lang = datasets.TYDIQA_GOLDP.codes_by_name.get(qid.split("-", 1)[0])
         if lang is None:
-            bad(loc, f"id {qid!r} does not start with a TyDi QA language name ({', '.join(TYDI_LANGUAGES)})",
-                file=str(path))
+            bad(loc, f"id {qid!r} does not start with a TyDi QA language name "
+                     f"({', '.join(datasets.TYDIQA_GOLDP.names.values())})", file=str(path))
             continue
         if keep is not None and lang not in keep:
             continue

@@ -36,7 +36,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from mlret.data.units import CROSS_LINGUAL, LANG_INDEX, LANGUAGES, MONOLINGUAL, DataError, ParallelUnit
+from mlret.data.units import CROSS_LINGUAL, LANG_INDEX, LANGUAGES, MONOLINGUAL, ParallelUnit
+from mlret.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ class HybridSchedule:
         self.index, self.spec = index, spec
         B = spec.global_batch
         S = len(index.source_names)
-        if spec.mixture not in ("size", "weights"):
-            raise DataError(f"config.data.mixture: {spec.mixture!r} is not size or weights")
         if spec.mixture == "weights":
             w = np.asarray(spec.source_weights if spec.source_weights is not None else [1.0] * S, float)
             if w.shape != (S,) or (w < 0).any() or w.sum() <= 0:

@@ -4,14 +4,13 @@ A source is a dict in `config.data.sources`:
 
     {"name": "mlqa_r", "path": "mlqa-r", "weight": 1.0, "split": "train", "languages": "de,en"}
 
-`name` is a source kind (see `KINDS`), `path` a local folder or file (relative paths are under
-`config.data.data_dir`; "" downloads the public files), `weight` counts when `config.data.mixture="weights"`,
-`split` is the upstream split to read, `languages` an optional comma list restricting the languages. A few
-kinds take extra keys (`KIND_OPTIONS`): squad_translate `passage` / `id_pattern`, mlqa `passage`, mmarco
-`max_units`.
+`name` is a registered source kind (`mlret.data.kinds.KINDS`), `path` a local folder or file (relative paths
+are under `config.data.data_dir`; "" downloads the public files), `weight` counts when
+`config.data.mixture="weights"`, `split` is the upstream split to read (default: the kind's), `languages` an
+optional comma list restricting the languages. A few kinds take extra keys (their record's
+`options`): squad_translate `passage` / `id_pattern`, mlqa `passage`, mmarco `max_units`.
 
-This module imports nothing heavy: `mlret.config.validate` calls `validate_data_config` before any device
-work.
+This module imports nothing heavy: `mlret.config.validate` calls `validate_data` before any device work.
 """
 
 from __future__ import annotations
@@ -22,14 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlret.data.kinds import KINDS
+from mlret.data.schedule import parse_lang_weights
 from mlret.data.units import LANG_INDEX
+from mlret.errors import ConfigError
 
-KINDS = ("xquad_r", "mlqa_r", "mlqa", "squad_translate", "mmarco", "tydiqa_goldp", "miracl", "mrtydi", "jsonl")
-KIND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "squad_translate": ("passage", "id_pattern"), "mlqa": ("passage",), "mmarco": ("max_units",),
-}
 _BASE_KEYS = ("name", "path", "weight", "split", "languages")
-_DEFAULT_SPLIT = {"mlqa": "dev", "miracl": "train", "mrtydi": "train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +55,11 @@ def parse_source(entry: Any, data_dir: str = "", *, field: str = "config.data.so
     name = m.get("name")
     if name not in KINDS:
         raise ValueError(f"{field}.name: {name!r} is not a source kind ({', '.join(KINDS)})")
-    extra = set(m) - set(_BASE_KEYS) - set(KIND_OPTIONS.get(name, ()))
+    kind = KINDS[name]
+    extra = set(m) - set(_BASE_KEYS) - set(kind.options)
     if extra:
         raise ValueError(f"{field}: unknown key(s) {sorted(extra)} for {name} (allowed: "
-                         f"{', '.join(_BASE_KEYS + KIND_OPTIONS.get(name, ()))})")
+                         f"{', '.join(_BASE_KEYS + kind.options)})")
     langs = m.get("languages", "")
     if isinstance(langs, str):
         langs = tuple(x.strip() for x in langs.split(",") if x.strip())
@@ -78,10 +76,10 @@ def parse_source(entry: Any, data_dir: str = "", *, field: str = "config.data.so
     path = str(m.get("path", "") or "")
     if path and not os.path.isabs(path) and data_dir:
         path = str(Path(data_dir) / path)
-    if name == "jsonl" and not path:
-        raise ValueError(f"{field}.path: a jsonl source needs the path of its file or folder")
-    options = tuple(sorted((k, m[k]) for k in KIND_OPTIONS.get(name, ()) if k in m))
-    return SourceSpec(name=name, path=path, weight=weight, split=str(m.get("split", _DEFAULT_SPLIT.get(name, "train"))),
+    if kind.needs_path and not path:
+        raise ValueError(f"{field}.path: a {name} source needs the path of its file or folder")
+    options = tuple(sorted((k, m[k]) for k in kind.options if k in m))
+    return SourceSpec(name=name, path=path, weight=weight, split=str(m.get("split", kind.split)),
                       languages=langs, options=options)
 
 
@@ -91,12 +89,17 @@ def parse_sources(config: Any) -> list[SourceSpec]:
             for i, e in enumerate(config.data.sources)]
 
 
-def validate_data_config(config: Any) -> None:
-    """The rules of the `data` section beyond mlret.config.validate's basics; raises ConfigError."""
-    from mlret.config import ConfigError
-    from mlret.data.schedule import parse_lang_weights
-
+def validate_data(config: Any) -> None:
+    """The rules of the `config.data` section and of each of its sources; raises ConfigError naming the field."""
     d = config.data
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"config.data.alpha: {d.alpha} is outside [0, 1]")
+    if d.global_batch <= 0:
+        raise ConfigError("config.data.global_batch: must be positive")
+    if d.group_size < 1:
+        raise ConfigError("config.data.group_size: must be >= 1 (the positive)")
+    if d.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"config.data.on_bad_record: {d.on_bad_record!r} is not error or skip")
     try:
         specs = parse_sources(config)
     except ValueError as e:

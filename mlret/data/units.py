@@ -23,6 +23,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mlret.errors import DataError
+
 log = logging.getLogger(__name__)
 
 # ISO 639-1 codes. The index of a code is what a batch carries in `query_lang` / `passage_lang`, so this tuple
@@ -39,10 +41,6 @@ LANG_INDEX: dict[str, int] = {code: i for i, code in enumerate(LANGUAGES)}
 
 MONOLINGUAL = 0  # batch_type of an X-X-mono global batch
 CROSS_LINGUAL = 1  # batch_type of an X-Y global batch
-
-
-class DataError(ValueError):
-    """Input data that cannot become parallel units; the message names the file and line (or JSON path)."""
 
 
 def lang_index(code: str) -> int:

@@ -7,14 +7,17 @@ stand-in in tests) and return a JSON-able result block whose `summary` is a flat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from mlret.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,44 @@ class Evaluator(Protocol):
     name: str
 
     def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What an evaluator's `validate` and `build` see besides its own config section."""
+
+    name: str  # the evaluator's name (its section is config.eval.<name>)
+    config: Any  # the whole config (read only)
+    active: bool  # named in config.eval.evaluators
+    data_dir: str  # config.eval.<name>.data_dir, else config.data.data_dir/<data_subdir> ("" when neither is set)
+
+    def fail(self, field: str, why: str) -> ConfigError:
+        """The error for a bad `config.eval.<name>.<field>` (raise it)."""
+        return ConfigError(f"config.eval.{self.name}.{field}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorSpec:
+    """One evaluator, everything mlret needs to know of it in one record (see `mlret.eval.registry`).
+
+    - `defaults()`: the fields of its `config.eval.<name>` section with their defaults (a ConfigDict);
+    - `validate(section, ctx)`: raise `ctx.fail(field, why)` for a bad field (called for every evaluator,
+      `ctx.active` tells whether it runs);
+    - `build(section, ctx)`: the evaluator (an `Evaluator`), from a validated section; reads no data yet;
+    - `files(evaluator)`: the local files it will read, for the pre-flight (`mlret.preflight`), `files_field`
+      the config field(s) that point at them and `origin` where their public copy comes from;
+    - `data_subdir`: the folder under `config.data.data_dir` used when the section's `data_dir` is empty
+      ("" when the evaluator has no `data_dir` field).
+    """
+
+    name: str
+    defaults: Callable[[], Any]
+    build: Callable[[Any, EvalContext], Evaluator]
+    validate: Callable[[Any, EvalContext], None] = lambda section, ctx: None
+    files: Callable[[Any], Sequence[str]] = lambda evaluator: ()
+    files_field: str = "data_dir (default: config.data.data_dir/...)"
+    origin: str = ""
+    data_subdir: str = ""
 
 
 def embed(fn, texts: Sequence[str], what: str) -> np.ndarray:

@@ -27,21 +27,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
+from mlret.data import datasets
+from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, embed, heatmap, macro_mean, write_json
+from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, heatmap, macro_mean, parse_list, write_json
 from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
 
-XQUAD_R_LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
-MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
 SETTINGS = ("mono", "cross", "multi")
-
-
-class LareqaDataError(ValueError):
-    """A LAReQA file does not follow the expected schema; the message names the file and the record."""
 
 
 @dataclasses.dataclass
@@ -83,7 +80,7 @@ def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLangua
         raise FileNotFoundError(f"{path}: missing; set the evaluator's data_dir (config.eval.<name>.data_dir) "
                                 "to the folder with one <lang>.json per language") from None
     if "data" not in data:
-        raise LareqaDataError(f"{path}: no top-level 'data' list (expected SQuAD v1.1 JSON with sentence breaks)")
+        raise DataError(f"{path}: no top-level 'data' list (expected SQuAD v1.1 JSON with sentence breaks)")
     out = LareqaLanguage(lang, path, [], [], [], [], [], np.zeros(0, np.int64))
     gold: list[int] = []
     n_par = 0
@@ -95,10 +92,10 @@ def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLangua
             where = f"{path}: article {a} ({article.get('title', '?')!r}), paragraph {p}"
             sents, breaks = par.get("sentences"), par.get("sentence_breaks")
             if sents is None or breaks is None:
-                raise LareqaDataError(f"{where}: no 'sentences' / 'sentence_breaks' (is this XQuAD rather than "
+                raise DataError(f"{where}: no 'sentences' / 'sentence_breaks' (is this XQuAD rather than "
                                       "XQuAD-R?)")
             if len(sents) != len(breaks):
-                raise LareqaDataError(f"{where}: {len(sents)} sentences but {len(breaks)} sentence breaks")
+                raise DataError(f"{where}: {len(sents)} sentences but {len(breaks)} sentence breaks")
             first = len(out.sentences)
             for s, sent in enumerate(sents):
                 out.sentences.append(sent)
@@ -106,10 +103,10 @@ def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLangua
                 out.keys.append((a, p, s))
             for qa in par["qas"]:
                 if not qa.get("answers"):
-                    raise LareqaDataError(f"{where}, question {qa.get('id')}: no answers")
+                    raise DataError(f"{where}, question {qa.get('id')}: no answers")
                 j = answer_sentence(breaks, int(qa["answers"][0]["answer_start"]))
                 if j is None:
-                    raise LareqaDataError(f"{where}, question {qa['id']}: answer_start "
+                    raise DataError(f"{where}, question {qa['id']}: answer_start "
                                           f"{qa['answers'][0]['answer_start']} lies in no sentence break")
                 out.question_ids.append(str(qa["id"]))
                 out.questions.append(qa["question"])
@@ -117,7 +114,7 @@ def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLangua
         if max_paragraphs and n_par >= max_paragraphs:
             break
     if len(set(out.question_ids)) != len(out.question_ids):
-        raise LareqaDataError(f"{path}: question ids repeat within the language")
+        raise DataError(f"{path}: question ids repeat within the language")
     out.gold = np.asarray(gold, dtype=np.int64)
     return out
 
@@ -295,13 +292,6 @@ class LareqaEvaluator:
                  context_separator: str = " ", max_paragraphs: int = 0, map_k: int = 0,
                  settings: Sequence[str] = SETTINGS, plots: bool = True,
                  retrieval: RetrievalOptions | None = None):
-        if candidate_context not in ("none", "paragraph"):
-            raise ValueError(f"config.eval.{name}.candidate_context: {candidate_context!r} is not none or "
-                             "paragraph")
-        bad = [s for s in settings if s not in SETTINGS]
-        if bad or not settings:
-            raise ValueError(f"config.eval.{name}.settings: {list(settings)} must be a non-empty subset of "
-                             f"{list(SETTINGS)}")
         self.name = name
         self.data_dir = data_dir
         self.languages = list(languages)
@@ -347,3 +337,47 @@ class LareqaEvaluator:
         if output_dir:
             result["files"] = save_matrices(result, self.name, output_dir, self.plots)
         return result
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def _defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.data_dir = ""  # "": <data.data_dir>/{xquad-r,mlqa-r}
+    s.languages = ""  # comma-separated subset; "": all of the set's languages
+    s.candidate_context = "none"  # none: the sentence alone | paragraph: sentence + separator + paragraph
+    s.context_separator = " "
+    s.settings = "mono,cross,multi"
+    s.map_k = 0  # >0: also mAP@k (trec_eval map_cut_k); AP over the full ranking is always reported
+    s.max_paragraphs = 0  # >0: only the first paragraphs of each language (a fast subset for smoke runs)
+    return s
+
+
+def _spec(name: str, dataset: datasets.Dataset, subdir: str) -> EvaluatorSpec:
+    known = dataset.languages
+
+    def validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
+        if sec.candidate_context not in ("none", "paragraph"):
+            raise ctx.fail("candidate_context", f"{sec.candidate_context!r} is not none or paragraph")
+        settings = parse_list(sec.settings)
+        if not settings or any(s not in SETTINGS for s in settings):
+            raise ctx.fail("settings", f"{sec.settings!r} must be a non-empty subset of {','.join(SETTINGS)}")
+        for lang in parse_list(sec.languages):
+            if lang not in known:
+                raise ctx.fail("languages", f"{lang!r} is not one of {','.join(known)}")
+
+    def build(sec: ml_collections.ConfigDict, ctx: EvalContext) -> LareqaEvaluator:
+        return LareqaEvaluator(name, ctx.data_dir, parse_list(sec.languages) or known,
+                               candidate_context=sec.candidate_context, context_separator=sec.context_separator,
+                               max_paragraphs=sec.max_paragraphs, map_k=sec.map_k,
+                               settings=parse_list(sec.settings), plots=ctx.config.eval.plots,
+                               retrieval=RetrievalOptions.from_config(ctx.config.eval.retrieval))
+
+    return EvaluatorSpec(name, _defaults, build, validate, data_subdir=subdir, origin=dataset.origin,
+                         files=lambda ev: [os.path.join(ev.data_dir, f"{lang}.json") for lang in ev.languages])
+
+
+EVALUATORS = (
+    _spec("xquad_r", datasets.XQUAD_R, "xquad-r"),
+    _spec("mlqa_r", datasets.MLQA_R, "mlqa-r"),
+)

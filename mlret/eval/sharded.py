@@ -1,7 +1,7 @@
 """A corpus spread over the hosts: each process reads, encodes, keeps and searches only its shard.
 
 * `read_corpus_shard(path, index, count)`: the corpus (a .jsonl / .jsonl.gz file or a folder of them, see
-  `trec.corpus_files`) is seen as the byte stream of its files in name order, cut into `count` equal ranges.
+  `corpus.corpus_files`) is seen as the byte stream of its files in name order, cut into `count` equal ranges.
   Process `index` streams only its range: in a plain .jsonl file a record belongs to the range holding its first
   byte (the reader seeks to the range and skips the partial line, as Hadoop's line splits do); a .jsonl.gz file
   cannot be split and belongs whole to the range holding its first byte (corpora published as many gz shards,
@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from mlret.errors import DataError
+from mlret.eval.corpus import corpus_files, corpus_record
 from mlret.eval.retrieval import (
     RetrievalOptions,
     TopK,
@@ -37,7 +39,6 @@ from mlret.eval.retrieval import (
     topk_recall,
     warn_low_recall,
 )
-from mlret.eval.trec import TrecDataError, corpus_files, corpus_record
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def read_corpus_shard(path: str, index: int = 0, count: int = 1,
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TrecDataError(f"{where()}: not JSON ({e})") from None
+                raise DataError(f"{where()}: not JSON ({e})") from None
             docid, text = corpus_record(rec, where, passage_template)
             docids.append(docid)
             texts.append(text)

@@ -15,15 +15,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.data import datasets
+from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
 from mlret.eval.retrieval import ExactIndex
 
 log = logging.getLogger(__name__)
 
-# The XQuAD-R languages other than English, in Tatoeba's codes.
-DEFAULT_LANGUAGES = ("ara", "deu", "ell", "spa", "hin", "rus", "tha", "tur", "vie", "cmn")
 
 
 def read_pair(data_dir: str, lang: str, max_sentences: int = 0) -> tuple[list[str], list[str]]:
@@ -57,10 +57,8 @@ def bitext_accuracy(src: np.ndarray, tgt: np.ndarray) -> float:
 class TatoebaEvaluator:
     """xx->en and en->xx accuracy over the configured languages."""
 
-    def __init__(self, name: str, data_dir: str, languages: Sequence[str] = DEFAULT_LANGUAGES, *,
+    def __init__(self, name: str, data_dir: str, languages: Sequence[str] = datasets.TATOEBA.languages, *,
                  max_sentences: int = 0, encode_as: str = "query"):
-        if encode_as not in ("query", "passage"):
-            raise ValueError(f"config.eval.{name}.encode_as: {encode_as!r} is not query or passage")
         self.name = name
         self.data_dir = data_dir
         self.languages = list(languages)
@@ -85,3 +83,32 @@ class TatoebaEvaluator:
         return {"summary": summary, "languages": per_lang,
                 "options": {"data_dir": self.data_dir, "max_sentences": self.max_sentences,
                             "encode_as": self.encode_as}}
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def _defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.data_dir = ""  # "": <data.data_dir>/tatoeba/v1
+    s.languages = ",".join(datasets.TATOEBA.languages)  # Tatoeba's three-letter codes
+    s.max_sentences = 0  # >0: first sentences per language (fast subset)
+    s.encode_as = "query"  # query | passage
+    return s
+
+
+def _validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
+    if sec.encode_as not in ("query", "passage"):
+        raise ctx.fail("encode_as", f"{sec.encode_as!r} is not query or passage")
+
+
+def _build(sec: ml_collections.ConfigDict, ctx: EvalContext) -> TatoebaEvaluator:
+    return TatoebaEvaluator(ctx.name, ctx.data_dir, parse_list(sec.languages), max_sentences=sec.max_sentences,
+                            encode_as=sec.encode_as)
+
+
+def _files(ev: TatoebaEvaluator) -> list[str]:
+    return [os.path.join(ev.data_dir, f"tatoeba.{lang}-eng.{side}") for lang in ev.languages for side in (lang, "eng")]
+
+
+EVALUATORS = (EvaluatorSpec("tatoeba", _defaults, _build, _validate, _files, data_subdir=os.path.join("tatoeba", "v1"),
+                            origin=datasets.TATOEBA.origin),)

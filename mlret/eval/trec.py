@@ -18,25 +18,22 @@ training readers take them).
 
 from __future__ import annotations
 
-import glob
-import gzip
-import json
 import logging
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Sequence
+from typing import Any
 
+import ml_collections
+
+from mlret.data import datasets
+from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
+from mlret.eval.corpus import open_text
 from mlret.eval.retrieval import RetrievalOptions
+from mlret.eval.sharded import encode_corpus_shard, global_docids, sharded_topk
 
 log = logging.getLogger(__name__)
-
-MIRACL_LANGUAGES = ("ar", "bn", "de", "en", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru", "sw", "te",
-                    "th", "yo", "zh")
-# MIRACL's two surprise languages, released after the 16 "known" ones (Zhang et al. 2023, table 1).
-MIRACL_SURPRISE_LANGUAGES = ("de", "yo")
-MRTYDI_LANGUAGES = ("ar", "bn", "en", "fi", "id", "ja", "ko", "ru", "sw", "te", "th")
 
 LAYOUTS = {
     "miracl": ("topics.miracl-v1.0-{lang}-{split}.tsv", "qrels.miracl-v1.0-{lang}-{split}.tsv"),
@@ -44,27 +41,17 @@ LAYOUTS = {
 }
 
 
-class TrecDataError(ValueError):
-    """A topics, qrels or corpus file is malformed; the message names the file and line."""
-
-
-def _open_text(path: str) -> TextIO:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def read_topics(path: str) -> dict[str, str]:
     """`qid<TAB>query` lines -> {qid: query}, in file order."""
     topics: dict[str, str] = {}
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             parts = line.split("\t", 1)
             if len(parts) != 2:
-                raise TrecDataError(f"{path}:{n}: expected 'qid<TAB>query', got {line[:80]!r}")
+                raise DataError(f"{path}:{n}: expected 'qid<TAB>query', got {line[:80]!r}")
             topics[parts[0].strip()] = parts[1].strip()
     return topics
 
@@ -72,66 +59,19 @@ def read_topics(path: str) -> dict[str, str]:
 def read_qrels(path: str) -> dict[str, dict[str, int]]:
     """`qid Q0 docid grade` lines (tabs or spaces) -> {qid: {docid: grade}}."""
     qrels: dict[str, dict[str, int]] = {}
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 4:
-                raise TrecDataError(f"{path}:{n}: expected 'qid Q0 docid grade', got {line.strip()[:80]!r}")
+                raise DataError(f"{path}:{n}: expected 'qid Q0 docid grade', got {line.strip()[:80]!r}")
             try:
                 grade = int(parts[3])
             except ValueError:
-                raise TrecDataError(f"{path}:{n}: grade {parts[3]!r} is not an integer") from None
+                raise DataError(f"{path}:{n}: grade {parts[3]!r} is not an integer") from None
             qrels.setdefault(parts[0], {})[parts[2]] = grade
     return qrels
-
-
-def corpus_files(path: str) -> list[str]:
-    """A .jsonl(.gz) file, or every .jsonl(.gz) shard of a folder in name order."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
-        if not files:
-            raise FileNotFoundError(f"{path}: folder holds no .jsonl or .jsonl.gz corpus shards")
-        return files
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: corpus missing; set config.eval.<name>.corpus to a jsonl file or folder "
-                                "(with {lang} for the language)")
-    return [path]
-
-
-def corpus_record(rec: Any, where: str | Callable[[], str],
-                  passage_template: str = "{title} {text}") -> tuple[str, str]:
-    """(docid, passage text) of one corpus record: MIRACL's {"docid", "title"?, "text"} or Mr. TyDi's
-    {"id", "contents"}; `where` ("file:line", or a function giving it, called only on error) names the record."""
-    docid = rec.get("docid", rec.get("id")) if isinstance(rec, dict) else None
-    text = rec.get("text", rec.get("contents")) if isinstance(rec, dict) else None
-    if docid is None or not isinstance(text, str):
-        keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-        where = where() if callable(where) else where
-        raise TrecDataError(f"{where}: a corpus record needs 'docid' and 'text' (MIRACL, optionally 'title') or "
-                            f"'id' and 'contents' (Mr. TyDi); got keys {keys}")
-    return str(docid), passage_template.format(title=rec.get("title") or "", text=text).strip()
-
-
-def read_corpus(path: str, passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
-    """(docids, passage texts) from jsonl corpus records (see `corpus_record`)."""
-    docids, texts = [], []
-    for file in corpus_files(path):
-        with _open_text(file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TrecDataError(f"{file}:{n}: not JSON ({e})") from None
-                docid, text = corpus_record(rec, f"{file}:{n}", passage_template)
-                docids.append(docid)
-                texts.append(text)
-    if len(set(docids)) != len(docids):
-        raise TrecDataError(f"{path}: docids repeat in the corpus")
-    return docids, texts
 
 
 class TrecEvaluator:
@@ -140,13 +80,6 @@ class TrecEvaluator:
     def __init__(self, name: str, layout: str, data_dir: str, corpus: str, languages: Sequence[str], *,
                  split: str = "dev", top_k: int = 100, max_queries: int = 0,
                  passage_template: str = "{title} {text}", retrieval: RetrievalOptions | None = None):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown TREC layout {layout!r}: one of {sorted(LAYOUTS)}")
-        if top_k < 100:
-            raise ValueError(f"config.eval.{name}.top_k: {top_k} < 100 cannot give Recall@100 / MRR@100")
-        if not corpus:
-            raise ValueError(f"config.eval.{name}.corpus: empty; name the corpus jsonl (a path with {{lang}}); "
-                             "the corpora are not part of ../shared/data")
         self.name = name
         self.layout = layout
         self.data_dir = data_dir
@@ -185,7 +118,6 @@ class TrecEvaluator:
 
         The corpus is spread over the processes (`mlret.eval.sharded`): each reads, encodes and searches its
         shard only, and the hosts' top k are merged; in one process the shard is the whole corpus."""
-        from mlret.eval.sharded import encode_corpus_shard, global_docids, sharded_topk
 
         topics, _ = self.queries(lang)
         _, _, corpus_path = self.paths(lang)
@@ -218,3 +150,45 @@ class TrecEvaluator:
         return {"summary": summary, "languages": per_lang, "search": search,
                 "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split,
                             "top_k": self.top_k, "max_queries": self.max_queries}}
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def _defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.data_dir = ""  # topics + qrels; "": <data.data_dir>/{miracl,mrtydi}
+    s.corpus = ""  # jsonl(.gz) file or folder of shards per language, with {lang}; not in ../shared/data
+    s.languages = ""  # "": all languages of the set
+    s.split = "dev"
+    s.top_k = 100
+    s.max_queries = 0  # >0: first queries per language only (fast subset)
+    s.passage_template = "{title} {text}"
+    return s
+
+
+def _validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
+    if sec.top_k < 100:
+        raise ctx.fail("top_k", f"{sec.top_k} < 100 cannot give Recall@100 / MRR@100")
+    if ctx.active and not sec.corpus:
+        raise ctx.fail("corpus", "empty; name the corpus jsonl (a path with {lang})")
+
+
+def _files(ev: TrecEvaluator) -> list[str]:
+    return [f for lang in ev.languages for f in ev.paths(lang)]
+
+
+def _spec(name: str, dataset: datasets.Dataset) -> EvaluatorSpec:
+    def build(sec: ml_collections.ConfigDict, ctx: EvalContext) -> TrecEvaluator:
+        return TrecEvaluator(name, name, ctx.data_dir, sec.corpus, parse_list(sec.languages) or dataset.languages,
+                             split=sec.split, top_k=sec.top_k, max_queries=sec.max_queries,
+                             passage_template=sec.passage_template,
+                             retrieval=RetrievalOptions.from_config(ctx.config.eval.retrieval))
+
+    return EvaluatorSpec(name, _defaults, build, _validate, _files, data_subdir=name, origin=dataset.origin,
+                         files_field=f"data_dir / config.eval.{name}.corpus")
+
+
+EVALUATORS = (
+    _spec("miracl", datasets.MIRACL),
+    _spec("mrtydi", datasets.MRTYDI),
+)

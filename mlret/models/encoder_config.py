@@ -132,3 +132,25 @@ class EncoderConfig:
             torch_dtype="float32",
         )
         return out
+
+
+def local_max_length(model_name: str) -> tuple[int, str] | None:
+    """(max sequence length, config.json path) of a model folder or an already downloaded hub id, without
+    loading weights; None when its config.json is not on this machine (`load_dual_encoder` checks the lengths
+    after the download)."""
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+    else:
+        try:
+            import huggingface_hub
+
+            cached = huggingface_hub.try_to_load_from_cache(model_name, "config.json")
+        except Exception:  # not a valid repo id, or no hub library: nothing to check against here
+            return None
+        if not isinstance(cached, str):
+            return None
+        cfg_file = Path(cached)
+    if not cfg_file.is_file():
+        return None
+    return EncoderConfig.from_hf(cfg_file).max_length, str(cfg_file)
