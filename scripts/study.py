@@ -68,6 +68,8 @@ def define_flags() -> dict[str, Any]:
         "losses": flags.DEFINE_list("losses", ["infonce", "eq1", "symmetric", "vrn"],
                                     "loss rows (configs/study.py LOSSES), in run order"),
         "alphas": flags.DEFINE_list("alphas", ["0.5", "1", "0"], "alpha values, in run order"),
+        "cells": flags.DEFINE_list("cells", [], "LOSS:ALPHA cells in run order (per seed), instead of --losses x "
+                                              "--alphas: e.g. infonce:0.5,eq1:0.5,infonce:0,eq1:0 for a 2x2 first"),
         "minilm_alphas": flags.DEFINE_list("minilm_alphas", ["0.5", "1", "0"],
                                            "alpha values for the minilm start (the weaker start: the three arms)"),
         "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (the data schedule's PRNG)"),
@@ -275,10 +277,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         parallel.enable_compilation_cache(config.train.compilation_cache_dir)
         self.mesh = parallel.make_mesh(config.mesh)
-        self.model, self.tokenizer = load_dual_encoder(config)
+        model, self.tokenizer = load_dual_encoder(config)
         self._trainer_class = Trainer
         self.loss: str | None = None
-        self.trainer = Trainer.create(self.model, config, self.mesh)
+        self.trainer = Trainer.create(model, config, self.mesh)
+        del model  # the next loss's Trainer is built from this one's initial parameters (memory: one copy)
         self.eval_tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
         self.evaluators = build_evaluators(config)
         self.sources = load_sources(config)
@@ -292,8 +295,12 @@ class ModelRunner:
         config = load_config(self.key, self.overrides, loss)
         if config.loss.vrn_weight and not config.loss.vrn_instances:
             config.loss.vrn_instances = self.num_units
-        self.trainer = None  # free the previous state before placing the next
-        self.trainer = self._trainer_class.create(self.model, config, self.mesh)
+        from flax import nnx
+
+        t = self.trainer
+        model = nnx.merge(t.graphdef, t.initial_params["model"], t.rest)
+        self.trainer = t = None  # free the previous state before placing the next
+        self.trainer = self._trainer_class.create(model, config, self.mesh)
         self.config, self.loss = config, loss
 
     def evaluate(self, params: Any, step: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
@@ -367,15 +374,22 @@ Run = tuple[str, str | None, float | None, int | None]  # (model, loss, alpha, s
 
 
 def plan_runs(models: Sequence[str], losses: Sequence[str], alphas: Sequence[str], minilm_alphas: Sequence[str],
-              seeds: Sequence[str]) -> list[Run]:
+              seeds: Sequence[str], cells: Sequence[str] = ()) -> list[Run]:
     """(model, loss, alpha, seed) in run order; (model, None, None, None) = the zero-shot row. Seed-major, so
-    that a partial study already holds every cell of the grid for the first seeds."""
+    that a partial study already holds every cell of the grid for the first seeds; within a seed, the loss x
+    alpha product, or the `LOSS:ALPHA` cells in their given order."""
+    parsed = []
+    for cell in cells:
+        loss, sep, alpha = cell.partition(":")
+        if not sep:
+            raise app.UsageError(f"--cells: {cell!r} is not LOSS:ALPHA")
+        parsed.append((loss, float(alpha)))
     runs: list[Run] = []
     for m in models:
         runs.append((m, None, None, None))
+        grid = parsed or [(loss, float(a)) for loss in losses for a in (minilm_alphas if m == "minilm" else alphas)]
         for s in seeds:
-            runs += [(m, loss, float(a), int(s)) for loss in losses
-                     for a in (minilm_alphas if m == "minilm" else alphas)]
+            runs += [(m, loss, a, int(s)) for loss, a in grid]
     return runs
 
 
@@ -845,7 +859,7 @@ def main(argv: list[str]) -> None:
     gpu = f["preset"] == "gpu"
     overrides = [*(study_config.GPU_OVERRIDES if gpu else ()), *f["set"]]
     if not f["report_only"]:
-        runs = plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"])
+        runs = plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"], f["cells"])
         run_study(out, [r for r in runs if f["zero_shot"] or r[1] is not None], overrides)
     if f["no_report"]:
         return
