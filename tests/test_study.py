@@ -113,7 +113,7 @@ def test_loss_rows_are_configs_the_trainer_accepts(study):
 
     gpu = load_config_module(REPO / "configs" / "study.py").GPU_OVERRIDES
     for loss in study.LOSS_NAMES:
-        validate(study.load_config("me5", [*gpu, "train.steps=3"], loss))
+        validate(study.load_config("me5", list(gpu), loss))
         config = study.load_config("me5", ["train.steps=3"], loss)
         validate(config)
         assert config.train.steps == 3
