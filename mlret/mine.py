@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     retrieval = RetrievalOptions.from_config(config.eval.retrieval)
     mined, stats = mine_units(units, embedder, opts, retrieval)
     provenance = {"model": source, "sources": [dict(s) for s in config.data.sources],
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "options": dataclasses.asdict(opts), "retrieval": dataclasses.asdict(retrieval), "counts": stats}
     import jax
 

@@ -68,8 +68,8 @@ def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data,
     overrides = [f"--config.data.data_dir={shared_data}", "--config.data.query_len=16",
                  "--config.data.passage_len=32", "--config.eval.progress=false", "--config.eval.batch_size=256"]
     out = tmp_path / "mined"
-    main(["--config", str(cfg_file), "--hf", str(random_bert_path), "--out", str(out), "--k", "5000", "--perc_pos", "1.0",
-          "--max_negatives", "4", *overrides])
+    main(["--config", str(cfg_file), "--hf", str(random_bert_path), "--out", str(out), "--k", "5000",
+          "--perc_pos", "1.0", "--max_negatives", "4", *overrides])
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["model"] == {"hf": str(random_bert_path)} and prov["options"]["max_negatives"] == 4
     assert prov["sources"][0]["name"] == "mlqa_r" and prov["date"] and prov["counts"]["kept"] > 0
