@@ -17,7 +17,7 @@
   per-language index (int8 reordering copy, float32 re-scoring of the final k), with times, recall@k overall and
   per language, and peak memory (ru_maxrss of the process: the host's whole footprint, one host).
 
-Prints the tables; `--write` puts them in docs/benchmarks.md (section "Retrieval at scale").
+Prints the tables; `--write` puts each part in its own section of docs/benchmarks.md (XQuAD-R, synthetic).
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._docs import cpu_summary, markdown_table, write_section  # noqa: E402
 
-START, END = "<!-- retrieval-scale:start -->", "<!-- retrieval-scale:end -->"
+# One docs section per part, so that running one part keeps the other's numbers.
+SECTIONS = {part: (f"<!-- retrieval-scale-{part}:start -->", f"<!-- retrieval-scale-{part}:end -->")
+            for part in ("xquad", "synthetic")}
 
 
 def peak_rss_gib() -> float:
@@ -197,33 +199,38 @@ def main() -> None:
     stamp = (f"Command: `python benchmarks/retrieval_scale.py {shlex.join(sys.argv[1:])}`  \n"
              f"Machine: {cpu_summary()}, load average {os.getloadavg()[0]:.1f} at start (shared by other jobs)  \n"
              f"Date: {datetime.date.today().isoformat()}\n")
-    parts = ["## Retrieval at scale: one ScaNN index per language\n", stamp]
+    sections: list[tuple[str, list[str]]] = []
     if not args.skip_xquad:
         fractions = [float(v) for v in args.fractions.split(",")]
         rows, key = bench_xquad(args.embeddings, args.shared_data, args.k, fractions)
-        parts += [f"XQuAD-R multilingual pool, embeddings of `{key.split('|')[0].rsplit('/', 1)[-1]}` (prefixes "
-                  f"'query: ' / 'passage: '), top {args.k}. Recall@{args.k} is against exact search on every "
-                  f"question; \"worst language\" is the lowest recall among the 11 candidate languages (of the "
-                  f"exact top-{args.k} entries in that language, the share returned). mAP@{args.k} and the rank "
-                  f"distance are over the top {args.k} (a relevant sentence outside it counts as rank "
-                  f"{args.k + 1}). Build and search are seconds.\n",
-                  markdown_table(["method", "build s", "search s", f"recall@{args.k}", "worst language",
-                                  f"mAP@{args.k}", "rank distance"], rows) + "\n"]
+        sections.append(("xquad", [
+            "## Retrieval at scale: one ScaNN index per language on XQuAD-R\n", stamp,
+            f"XQuAD-R multilingual pool, embeddings of `{key.split('|')[0].rsplit('/', 1)[-1]}` (prefixes "
+            f"'query: ' / 'passage: '), top {args.k}. Recall@{args.k} is against exact search on every "
+            f"question; \"worst language\" is the lowest recall among the 11 candidate languages (of the "
+            f"exact top-{args.k} entries in that language, the share returned). mAP@{args.k} and the rank "
+            f"distance are over the top {args.k} (a relevant sentence outside it counts as rank "
+            f"{args.k + 1}). Build and search are seconds.\n",
+            markdown_table(["method", "build s", "search s", f"recall@{args.k}", "worst language",
+                            f"mAP@{args.k}", "rank distance"], rows) + "\n"]))
     if not args.skip_synthetic:
         rows, span = bench_synthetic(args)
-        parts += [f"Synthetic multilingual pool: {args.n:,} x {args.dim} unit vectors, {args.languages} languages "
-                  f"of {args.n // args.languages:,}, topics shared by every language (10 passages per topic and "
-                  f"language), language offset norm {args.offset}, noise norm {args.noise}; {args.queries:,} "
-                  f"queries (a topic in a language), top {args.k}; the exact top {args.k} spans {span} languages "
-                  "on average. Speed-up is exact search time over the method's search time (both on the same "
-                  "cores, in this run); peak RSS is the process's high-water mark so far (one host holds the "
-                  "whole pool: 1 host = the per-host memory).\n",
-                  markdown_table(["method", "build s", "search s", "queries/s", "speed-up", f"recall@{args.k}",
-                                  "worst language", "peak RSS GiB"], rows) + "\n"]
-    text = "\n".join(parts)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section(START, END, text)}")
+        sections.append(("synthetic", [
+            "## Retrieval at scale: one ScaNN index per language on a 2M synthetic multilingual pool\n", stamp,
+            f"Synthetic multilingual pool: {args.n:,} x {args.dim} unit vectors, {args.languages} languages "
+            f"of {args.n // args.languages:,}, topics shared by every language (10 passages per topic and "
+            f"language), language offset norm {args.offset}, noise norm {args.noise}; {args.queries:,} "
+            f"queries (a topic in a language), top {args.k}; the exact top {args.k} spans {span} languages "
+            "on average. Speed-up is exact search time over the method's search time (both on the same "
+            "cores, in this run); peak RSS is the process's high-water mark so far (one host holds the "
+            "whole pool: 1 host = the per-host memory).\n",
+            markdown_table(["method", "build s", "search s", "queries/s", "speed-up", f"recall@{args.k}",
+                            "worst language", "peak RSS GiB"], rows) + "\n"]))
+    for part, lines in sections:
+        text = "\n".join(lines)
+        print(text)
+        if args.write:
+            print(f"wrote {write_section(*SECTIONS[part], text)}")
 
 
 if __name__ == "__main__":
