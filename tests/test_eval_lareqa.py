@@ -13,6 +13,7 @@ import pytest
 import pytrec_eval
 
 from mlret.config import default_config, validate
+from mlret.data import readers
 from mlret.data.datasets import MLQA_R, XQUAD_R
 from mlret.errors import DataError
 from mlret.eval.base import NgramEmbedder
@@ -91,6 +92,21 @@ def test_half_open_answer_rule(xquad, mlqa):
         assert differs > 0  # the rule matters on these files
 
 
+def test_evaluator_gold_is_the_training_positive(xquad, shared_data):
+    """One parser for both sides: every question's gold candidate in the evaluator is the positive of its training
+    unit in that language, and candidates are keyed by position, unique even where sentence texts repeat."""
+    langs = ["de", "zh"]
+    units = {u.id: u for u in readers.read_squad_sentences(
+        {lang: shared_data / "xquad-r" / f"{lang}.json" for lang in langs}, source="xquad_r")}
+    for lang in langs:
+        x = xquad[lang]
+        raw = json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text(encoding="utf-8"))
+        assert len(set(x.keys)) == len(x.keys) == sum(len(p["sentences"]) for a in raw["data"]
+                                                      for p in a["paragraphs"])
+        for qid, gold in zip(x.question_ids, x.gold):
+            assert x.sentences[gold] == units[qid].texts[lang].positive
+
+
 def test_bad_files_name_the_record(tmp_path):
     bad = {"data": [{"title": "T", "paragraphs": [{"context": "ab. cd.", "sentences": ["ab.", "cd."],
                                                     "sentence_breaks": [[0, 3], [4, 7]],
@@ -98,7 +114,7 @@ def test_bad_files_name_the_record(tmp_path):
                                                              "answers": [{"answer_start": 3, "text": " "}]}]}]}]}
     path = tmp_path / "xx.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(DataError, match=r"xx.json: article 0 \('T'\), paragraph 0, question q1"):
+    with pytest.raises(DataError, match=r"xx.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: qa 'q1'"):
         load_language(str(path), "xx")
     with pytest.raises(FileNotFoundError, match="data_dir"):
         load_language(str(tmp_path / "missing.json"), "xx")

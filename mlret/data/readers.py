@@ -3,9 +3,10 @@
 One function per format, each taking explicit file paths (the TFDS builders in `mlret.data.tfds_builders`
 know the public file layouts and download URLs):
 
-- `read_squad_sentences`: XQuAD-R / MLQA-R (SQuAD v1.1 JSON + per-paragraph `sentences` / `sentence_breaks`).
-  Query -> the sentence holding the answer, found with the half-open rule `start <= answer_start < end` (where
-  breaks abut, as in zh, a closed interval would pick the sentence before). Units are keyed by question id
+- `read_lareqa`: the XQuAD-R / MLQA-R parser (SQuAD v1.1 JSON + per-paragraph `sentences` / `sentence_breaks`),
+  shared with the LAReQA evaluator; `read_squad_sentences` makes units of it. Query -> the sentence holding the
+  answer, found with the half-open rule `start <= answer_start < end` (where breaks abut, as in zh, a closed
+  interval would pick the sentence before). Units are keyed by question id
   across the language files. Negatives: the other sentences of the same paragraph in the same language,
   nearest first (natural hard negatives: same topic, same style, not the answer).
 - `read_squad_translated`: SQuAD-format sets whose ids link translations (MLQA, XTREME SQuAD translate-train).
@@ -26,6 +27,7 @@ A file that is not parseable as a whole (malformed JSON document) always raises,
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import io
 import json
@@ -132,9 +134,9 @@ def _units_sorted(by_id: Mapping[str, dict[str, LangText]], source: str, bad: Ba
 
 # ------------------------------------------------------------------------------------------- SQuAD-style JSON
 
-def _squad_records(path: PathLike, bad: BadRecords) -> Iterator[tuple[str, int, dict, int, dict, str]]:
-    """(json path of the question, article index, article, paragraph index, paragraph, qa) of a SQuAD file,
-    reporting structural errors to `bad`."""
+def _squad_paragraphs(path: PathLike, bad: BadRecords) -> Iterator[tuple[str, int, dict, int, dict]]:
+    """(json path of the paragraph, article index, article, paragraph index, paragraph) of a SQuAD file, reporting
+    structural errors to `bad`."""
     doc = load_json_file(path)
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
@@ -150,8 +152,15 @@ def _squad_records(path: PathLike, bad: BadRecords) -> Iterator[tuple[str, int, 
                 bad(f"{path}: data[{i}].paragraphs[{j}]", "paragraph needs a 'context' string and a 'qas' list",
                     file=str(path))
                 continue
-            for k, qa in enumerate(para["qas"]):
-                yield f"{path}: data[{i}].paragraphs[{j}].qas[{k}]", i, article, j, para, qa
+            yield f"{path}: data[{i}].paragraphs[{j}]", i, article, j, para
+
+
+def _squad_records(path: PathLike, bad: BadRecords) -> Iterator[tuple[str, int, dict, int, dict, str]]:
+    """(json path of the question, article index, article, paragraph index, paragraph, qa) of a SQuAD file,
+    reporting structural errors to `bad`."""
+    for where, i, article, j, para in _squad_paragraphs(path, bad):
+        for k, qa in enumerate(para["qas"]):
+            yield f"{where}.qas[{k}]", i, article, j, para, qa
 
 
 def _qa_fields(qa: Any, context: str) -> tuple[str, str, int] | str:
@@ -171,41 +180,92 @@ def _qa_fields(qa: Any, context: str) -> tuple[str, str, int] | str:
     return qid, question, start
 
 
-def read_squad_sentences(files: Mapping[str, PathLike], *, source: str, paragraph_context: bool = False,
-                         max_negatives: int = 16, on_bad: BadRecords | str = "error") -> list[ParallelUnit]:
-    """XQuAD-R / MLQA-R: `files` maps a language code to its SQuAD+sentences JSON file."""
-    bad = as_bad_records(on_bad)
-    _check_lang_keys(files, source)
-    by_id: dict[str, dict[str, LangText]] = collections.defaultdict(dict)
-    where: dict[str, str] = {}
-    for lang, path in sorted(files.items()):
-        for loc, _, _, _, para, qa in _squad_records(path, bad):
-            sentences, breaks = para.get("sentences"), para.get("sentence_breaks")
-            if (not isinstance(sentences, list) or not isinstance(breaks, list) or len(sentences) != len(breaks)
-                    or not all(isinstance(b, list) and len(b) == 2 for b in breaks)):
-                bad(loc, "paragraph needs 'sentences' and as many [start, end) 'sentence_breaks'", file=str(path))
-                continue
+# ----------------------------------------------------------------------------- LAReQA (XQuAD-R and MLQA-R)
+
+def answer_sentence(breaks: Sequence[Sequence[int]], answer_start: int) -> int | None:
+    """Index of the sentence whose half-open break [start, end) holds answer_start (None if no break does).
+
+    Half-open, not closed: where breaks abut (zh, some hi and vi), an answer that opens a sentence starts at the
+    previous sentence's end offset, and a closed interval would give the previous sentence.
+    """
+    for j, (start, end) in enumerate(breaks):
+        if start <= answer_start < end:
+            return j
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LareqaQuestion:
+    where: str  # the JSON path of the qa, for messages
+    id: str
+    question: str
+    sentence: int  # index of the answer sentence in its paragraph's `sentences`
+
+
+@dataclasses.dataclass(frozen=True)
+class LareqaParagraph:
+    """One paragraph of a LAReQA file: its candidate sentences (in order) and its questions."""
+
+    article: int
+    index: int  # within the article
+    context: str
+    sentences: tuple[str, ...]
+    questions: tuple[LareqaQuestion, ...]
+
+
+def read_lareqa(path: PathLike, bad: BadRecords, *, max_paragraphs: int = 0) -> Iterator[LareqaParagraph]:
+    """The paragraphs of an XQuAD-R / MLQA-R file (SQuAD v1.1 JSON whose paragraphs carry `sentences` and as many
+    `[start, end)` `sentence_breaks`), in file order: the one parser of the format, for training units
+    (`read_squad_sentences`) and the LAReQA evaluator (`mlret.eval.lareqa`) alike. A question's answer sentence
+    is the one whose break holds `answer_start` (`answer_sentence`). A paragraph without usable sentence breaks
+    is reported once per question (and yields nothing), an unusable question on its own; `max_paragraphs` > 0
+    stops after that many paragraphs."""
+    for n, (where, a, _, p, para) in enumerate(_squad_paragraphs(path, bad)):
+        if max_paragraphs and n >= max_paragraphs:
+            return
+        sentences, breaks = para.get("sentences"), para.get("sentence_breaks")
+        if (not isinstance(sentences, list) or not isinstance(breaks, list) or len(sentences) != len(breaks)
+                or not all(isinstance(b, list) and len(b) == 2 for b in breaks)):
+            for k in range(len(para["qas"])):
+                bad(f"{where}.qas[{k}]", "paragraph needs 'sentences' and as many [start, end) 'sentence_breaks'",
+                    file=str(path))
+            continue
+        questions = []
+        for k, qa in enumerate(para["qas"]):
+            loc = f"{where}.qas[{k}]"
             fields = _qa_fields(qa, para["context"])
             if isinstance(fields, str):
                 bad(loc, fields, file=str(path))
                 continue
             qid, question, start = fields
-            # Half-open: where breaks abut (zh), an answer that opens sentence k belongs to k, not k-1.
-            hits = [k for k, (b0, b1) in enumerate(breaks) if b0 <= start < b1]
-            if not hits:
+            j = answer_sentence(breaks, start)
+            if j is None:
                 bad(loc, f"qa {qid!r}: answer_start {start} lies in no sentence break", file=str(path))
                 continue
-            k = hits[0]
-            if lang in by_id[qid]:
-                bad(loc, f"question id {qid!r} appears twice in {lang}", file=str(path))
-                continue
-            sentence = sentences[k]
-            negatives = _nearest_first(sentences, k, max_negatives, sentence)
-            if paragraph_context:
-                sentence = sentence_with_context(sentence, para["context"])
-                negatives = tuple(sentence_with_context(s, para["context"]) for s in negatives)
-            by_id[qid][lang] = LangText(query=question, positive=sentence, negatives=negatives)
-            where.setdefault(qid, loc)
+            questions.append(LareqaQuestion(loc, qid, question, j))
+        yield LareqaParagraph(a, p, para["context"], tuple(sentences), tuple(questions))
+
+
+def read_squad_sentences(files: Mapping[str, PathLike], *, source: str, paragraph_context: bool = False,
+                         max_negatives: int = 16, on_bad: BadRecords | str = "error") -> list[ParallelUnit]:
+    """XQuAD-R / MLQA-R: `files` maps a language code to its SQuAD+sentences JSON file (`read_lareqa`)."""
+    bad = as_bad_records(on_bad)
+    _check_lang_keys(files, source)
+    by_id: dict[str, dict[str, LangText]] = collections.defaultdict(dict)
+    where: dict[str, str] = {}
+    for lang, path in sorted(files.items()):
+        for para in read_lareqa(path, bad):
+            for q in para.questions:
+                if lang in by_id[q.id]:
+                    bad(q.where, f"question id {q.id!r} appears twice in {lang}", file=str(path))
+                    continue
+                sentence = para.sentences[q.sentence]
+                negatives = _nearest_first(para.sentences, q.sentence, max_negatives, sentence)
+                if paragraph_context:
+                    sentence = sentence_with_context(sentence, para.context)
+                    negatives = tuple(sentence_with_context(s, para.context) for s in negatives)
+                by_id[q.id][lang] = LangText(query=q.question, positive=sentence, negatives=negatives)
+                where.setdefault(q.id, q.where)
     units = _units_sorted(by_id, source, bad, where)
     bad.log_summary(source)
     return units

@@ -2,12 +2,13 @@
 answer-sentence retrieval, with AP over the full ranking, MRR, R@1, R@10, accuracy@1 and language bias.
 
 Data: one SQuAD v1.1 JSON per language whose paragraphs carry `sentences` and `sentence_breaks` (`[start, end)`
-character offsets). Candidates are every sentence of every paragraph, keyed by (language, article, paragraph,
-sentence index) and never by text (a few sentences repeat). A question's relevant sentence in its language is the
+character offsets), read by `mlret.data.readers.read_lareqa`, the parser that makes the training units too.
+Candidates are every sentence of every paragraph, keyed by (language, article, paragraph, sentence index) and
+never by text (a few sentences repeat). A question's relevant sentence in its language is the
 one whose half-open break holds `answer_start`; question ids are shared across languages, so the same id gives
 the relevant sentence in every other language the question exists in.
 
-Settings (DESIGN.md §5):
+Settings:
 * mono: queries in X against X's candidates;
 * cross: queries in X against Y's candidates, X != Y (only the questions that exist in Y);
 * multi: queries in X against the union of every language's candidates, with one relevant sentence per language
@@ -21,7 +22,6 @@ relevant candidates in the full ranking (`retrieval.relevant_ranks`), ties broke
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from mlret.data import datasets
+from mlret.data.readers import read_lareqa
 from mlret.errors import DataError
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, heatmap, macro_mean, parse_list, write_json
@@ -58,61 +59,28 @@ class LareqaLanguage:
         return dict(zip(self.question_ids, self.gold.tolist()))
 
 
-def answer_sentence(breaks: Sequence[Sequence[int]], answer_start: int) -> int | None:
-    """Index of the sentence whose half-open break [start, end) holds answer_start (None if no break does).
-
-    Half-open, not closed: where breaks abut (zh, some hi and vi), an answer that opens a sentence starts at the
-    previous sentence's end offset, and a closed interval would give the previous sentence.
-    """
-    for j, (start, end) in enumerate(breaks):
-        if start <= answer_start < end:
-            return j
-    return None
+def _raise(where: str, why: str, *, file: str | None = None) -> None:
+    raise DataError(f"{where}: {why}")
 
 
 def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLanguage:
-    """Read one XQuAD-R / MLQA-R language file. `max_paragraphs` > 0 keeps only the first paragraphs (in file
-    order) and their questions: a fast subset for smoke runs, not the benchmark."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    """Read one XQuAD-R / MLQA-R language file (`mlret.data.readers.read_lareqa`, the parser training uses too;
+    any malformed record is an error). `max_paragraphs` > 0 keeps only the first paragraphs (in file order) and
+    their questions: a fast subset for smoke runs, not the benchmark."""
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; set the evaluator's data_dir (config.eval.<name>.data_dir) "
-                                "to the folder with one <lang>.json per language") from None
-    if "data" not in data:
-        raise DataError(f"{path}: no top-level 'data' list (expected SQuAD v1.1 JSON with sentence breaks)")
+                                "to the folder with one <lang>.json per language")
     out = LareqaLanguage(lang, path, [], [], [], [], [], np.zeros(0, np.int64))
     gold: list[int] = []
-    n_par = 0
-    for a, article in enumerate(data["data"]):
-        for p, par in enumerate(article["paragraphs"]):
-            if max_paragraphs and n_par >= max_paragraphs:
-                break
-            n_par += 1
-            where = f"{path}: article {a} ({article.get('title', '?')!r}), paragraph {p}"
-            sents, breaks = par.get("sentences"), par.get("sentence_breaks")
-            if sents is None or breaks is None:
-                raise DataError(f"{where}: no 'sentences' / 'sentence_breaks' (is this XQuAD rather than "
-                                      "XQuAD-R?)")
-            if len(sents) != len(breaks):
-                raise DataError(f"{where}: {len(sents)} sentences but {len(breaks)} sentence breaks")
-            first = len(out.sentences)
-            for s, sent in enumerate(sents):
-                out.sentences.append(sent)
-                out.paragraphs.append(par["context"])
-                out.keys.append((a, p, s))
-            for qa in par["qas"]:
-                if not qa.get("answers"):
-                    raise DataError(f"{where}, question {qa.get('id')}: no answers")
-                j = answer_sentence(breaks, int(qa["answers"][0]["answer_start"]))
-                if j is None:
-                    raise DataError(f"{where}, question {qa['id']}: answer_start "
-                                          f"{qa['answers'][0]['answer_start']} lies in no sentence break")
-                out.question_ids.append(str(qa["id"]))
-                out.questions.append(qa["question"])
-                gold.append(first + j)
-        if max_paragraphs and n_par >= max_paragraphs:
-            break
+    for para in read_lareqa(path, _raise, max_paragraphs=max_paragraphs):
+        first = len(out.sentences)
+        out.sentences += para.sentences
+        out.paragraphs += [para.context] * len(para.sentences)
+        out.keys += [(para.article, para.index, s) for s in range(len(para.sentences))]
+        for q in para.questions:
+            out.question_ids.append(q.id)
+            out.questions.append(q.question)
+            gold.append(first + q.sentence)
     if len(set(out.question_ids)) != len(out.question_ids):
         raise DataError(f"{path}: question ids repeat within the language")
     out.gold = np.asarray(gold, dtype=np.int64)
