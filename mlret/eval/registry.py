@@ -31,6 +31,11 @@ def register(spec: EvaluatorSpec) -> EvaluatorSpec:
     return spec
 
 
+def unregister(name: str) -> None:
+    """Remove a registered evaluator (a test's or a plugin's own; `default_config()` no longer has its section)."""
+    del _REGISTRY[name]
+
+
 def names() -> tuple[str, ...]:
     """The registered evaluators' names, in registration order."""
     return tuple(_REGISTRY)
