@@ -132,7 +132,7 @@ def get_config(arg: str | None = None):
     # ---------------------------------------------------------------------------------------------- loss
     c.loss.temperature = 0.05  # open (see model.normalize)
     c.loss.learnable_temperature = False
-    # The DESIGN notes that Eq. 1 as written normalises over the own positive and hard negatives only; we keep the
+    # Eq. 1 as written normalises over the own positive and hard negatives only; we keep the
     # standard in-batch negatives (other pairs' positives), which the paper's batch-level argument relies on:
     # a monolingual batch only teaches language-agnostic ranking if other same-language passages compete.
     c.loss.in_batch_positives = True

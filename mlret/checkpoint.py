@@ -1,4 +1,5 @@
-"""Run checkpoints: one orbax CheckpointManager per run directory (DESIGN.md §6; MaxText's checkpointing).
+"""Run checkpoints: one orbax CheckpointManager per run directory (docs/architecture.md; MaxText's
+checkpointing).
 
 Each step directory `<workdir>/checkpoints/<step>/` holds three items:
   - `state`: the train state pytree (params, optimizer state, step, RNG, temperature, non-finite counters);

@@ -1,8 +1,8 @@
 """Device mesh, logical-axis sharding rules, multi-host start-up and global batch assembly.
 
-All parallelism in mlret is `jax.jit` over a named mesh with axes `(data, fsdp, tensor)` (DESIGN.md §4, the
-MaxText plumbing): the batch is split over `data` x `fsdp`, weights over `fsdp` and `tensor` according to
-logical-axis rules from the config (`config.mesh.rules`), which map the names the model puts on its parameters
+All parallelism in mlret is `jax.jit` over a named mesh with axes `(data, fsdp, tensor)` (the MaxText
+plumbing; docs/architecture.md): the batch is split over `data` x `fsdp`, weights over `fsdp` and `tensor`
+according to logical-axis rules from the config (`config.mesh.rules`), which map the names the model puts on its parameters
 (`vocab`, `embed`, `heads`, `kv`, `mlp`, `pos`, `type`, `norm`) and the data's `batch` to mesh axes.
 `check_param_sharding` fails loudly when a large weight ends up replicated although the rules shard it.
 """

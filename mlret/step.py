@@ -1,4 +1,5 @@
-"""The train state, the optimizer and the jitted train step (DESIGN.md §4; Tevatron's tiny step, MaxText's shardings).
+"""The train state, the optimizer and the jitted train step (docs/architecture.md; Tevatron's tiny step,
+MaxText's shardings).
 
 The model is split once with `nnx.split` into a static graphdef and its parameters; from then on the train state
 is a plain pytree (a dict), so that `jax.jit` shards it with in/out shardings, donates it, and orbax saves it:

@@ -1,6 +1,6 @@
 """Train a dual encoder: `python -m mlret.train --config configs/x.py --workdir DIR [--config.k=v ...]`.
 
-The loop reads like the method (DESIGN.md §4, §6): every host builds its slice of the hybrid global batch (the
+The loop reads like the method (docs/architecture.md): every host builds its slice of the hybrid global batch (the
 Grain iterator of `mlret.data`), the slices become one global array, one jitted step encodes the batch, takes the
 contrastive loss over all of it and applies AdamW; metrics go to `DIR/metrics.jsonl` and TensorBoard, checkpoints
 (train state + iterator state + config) to `DIR/checkpoints/`, and a run directory that has checkpoints resumes

@@ -18,7 +18,7 @@ know the public file layouts and download URLs):
 - `read_tydiqa_goldp`: TyDi QA GoldP (SQuAD format, monolingual; the language is the id prefix).
 - `read_trec_retrieval`: MIRACL / Mr. TyDi (TREC topics + qrels + jsonl corpus): judged-relevant passages are
   positives, judged-non-relevant ones are hard negatives (MIRACL judges them; Mr. TyDi has none).
-- `read_units_jsonl`: user units, one DESIGN.md §2 JSON object per line.
+- `read_units_jsonl`: user units, one unit JSON object (`mlret.data.units`) per line.
 
 A record that cannot become a unit goes to `BadRecords` (raise naming file and line, or count-and-log).
 A file that is not parseable as a whole (malformed JSON document) always raises, naming line and column.
@@ -514,7 +514,7 @@ def read_trec_retrieval(lang: str, topics: PathLike, qrels: PathLike, corpus: Se
 
 def read_units_jsonl(paths: PathLike | Sequence[PathLike], *, on_bad: BadRecords | str = "error",
                      default_source: str = "jsonl") -> list[ParallelUnit]:
-    """User units: one DESIGN.md §2 JSON object per line (blank lines allowed); ids must be unique."""
+    """User units: one unit JSON object (`mlret.data.units`) per line (blank lines allowed); ids must be unique."""
     bad = as_bad_records(on_bad)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     units, seen = [], {}

@@ -1,6 +1,6 @@
 """Parallel units: the training record of mlret, the language table, and bad-record handling.
 
-A parallel unit is one semantic QA item available in one or more languages (DESIGN.md §2):
+A parallel unit is one semantic QA item available in one or more languages (docs/architecture.md, Data):
 
     {"id": "q123", "source": "mlqa", "texts": {
         "de": {"query": "...", "positive": "...", "negatives": ["...", ...]},
@@ -74,7 +74,7 @@ class ParallelUnit:
         return tuple(sorted(self.texts))
 
     def to_json(self) -> dict[str, Any]:
-        """The DESIGN.md §2 JSON form (what a user JSONL line holds)."""
+        """The JSON form of the unit (what a user JSONL line holds; the module docstring)."""
         return {"id": self.id, "source": self.source, "texts": {
             lang: {"query": t.query, "positive": t.positive, "negatives": list(t.negatives)}
             for lang, t in sorted(self.texts.items())}}
@@ -102,7 +102,7 @@ def check_unit(unit: ParallelUnit) -> str | None:
 
 
 def unit_from_json(obj: Any, *, default_source: str = "jsonl") -> ParallelUnit:
-    """Parse one DESIGN.md §2 JSON object into a ParallelUnit; raises ValueError saying what is wrong."""
+    """Parse one unit JSON object (the module docstring) into a ParallelUnit; raises ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError(f"a unit is a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - {"id", "source", "texts"}
