@@ -2,8 +2,8 @@
 
 All parallelism in mlret is `jax.jit` over a named mesh with axes `(data, fsdp, tensor)` (the MaxText
 plumbing; docs/architecture.md): the batch is split over `data` x `fsdp`, weights over `fsdp` and `tensor`
-according to logical-axis rules from the config (`config.mesh.rules`), which map the names the model puts on its parameters
-(`vocab`, `embed`, `heads`, `kv`, `mlp`, `pos`, `type`, `norm`) and the data's `batch` to mesh axes.
+according to logical-axis rules from the config (`config.mesh.rules`), which map the names the model puts on its
+parameters (`vocab`, `embed`, `heads`, `kv`, `mlp`, `pos`, `type`, `norm`) and the data's `batch` to mesh axes.
 `check_param_sharding` fails loudly when a large weight ends up replicated although the rules shard it.
 """
 
