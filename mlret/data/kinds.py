@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from mlret.data import datasets, readers
 from mlret.data.units import BadRecords, ParallelUnit
 from mlret.errors import DataError
+from mlret.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,8 @@ class SourceKind:
     needs_path: bool = False  # no public download: the entry must name a local path
 
 
-KINDS: dict[str, SourceKind] = {}
-
-
-def register(kind: SourceKind) -> SourceKind:
-    """Add a source kind (a name may be registered once)."""
-    if kind.name in KINDS and KINDS[kind.name] is not kind:
-        raise ValueError(f"a source kind named {kind.name!r} is already registered")
-    KINDS[kind.name] = kind
-    return kind
+KINDS: Registry[SourceKind] = Registry("source kind")
+register = KINDS.register
 
 
 # --------------------------------------------------------------------------------------- XQuAD-R and MLQA-R

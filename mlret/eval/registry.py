@@ -19,16 +19,11 @@ import ml_collections
 from mlret.errors import ConfigError
 from mlret.eval import lareqa, tatoeba, trec, tydiqa
 from mlret.eval.base import EvalContext, Evaluator, EvaluatorSpec, parse_list
+from mlret.registry import Registry
 
-_REGISTRY: dict[str, EvaluatorSpec] = {}
-
-
-def register(spec: EvaluatorSpec) -> EvaluatorSpec:
-    """Add an evaluator (a name may be registered once); `default_config()` called afterwards has its section."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"an evaluator named {spec.name!r} is already registered ({_REGISTRY[spec.name]})")
-    _REGISTRY[spec.name] = spec
-    return spec
+_REGISTRY: Registry[EvaluatorSpec] = Registry("evaluator")
+# Add an evaluator (a name may be registered once); `default_config()` called afterwards has its section.
+register = _REGISTRY.register
 
 
 def unregister(name: str) -> None:
@@ -70,21 +65,24 @@ def context(config: Any, name: str) -> EvalContext:
 
 
 def validate(config: Any) -> None:
-    """Check every registered evaluator's section, and that each one named in config.eval.evaluators exists and can
-    find its data folder."""
+    """Check every registered evaluator's section, and that each one named in config.eval.evaluators exists."""
     for name in parse_list(config.eval.evaluators):
         get(name)
     for name, spec in _REGISTRY.items():
         if name not in config.eval:
             raise ConfigError(f"config.eval.{name}: no such section; register the evaluator before default_config()")
-        ctx = context(config, name)
-        spec.validate(config.eval[name], ctx)
-        if ctx.active and spec.data_subdir and not ctx.data_dir:
-            raise ctx.fail("data_dir", "empty and config.data.data_dir is unset; point one of them at the data "
-                                       "(the ../shared/data layout)")
+        spec.validate(config.eval[name], context(config, name))
 
 
 def build(config: Any, names: Sequence[str] | None = None) -> list[Evaluator]:
-    """The evaluators named in config.eval.evaluators (or `names`), from their sections of a validated config."""
-    chosen = parse_list(config.eval.evaluators) if names is None else list(names)
-    return [get(name).build(config.eval[name], context(config, name)) for name in chosen]
+    """The evaluators named in config.eval.evaluators (or `names`), from their sections of a validated config.
+    Their data folders are resolved here: an evaluator with no `data_dir` while `config.data.data_dir` is unset is
+    a ConfigError only when it is built (a config that runs no evaluation needs no data folder)."""
+    out = []
+    for name in parse_list(config.eval.evaluators) if names is None else list(names):
+        spec, ctx = get(name), context(config, name)
+        if spec.data_subdir and not ctx.data_dir:
+            raise ctx.fail("data_dir", "empty and config.data.data_dir is unset; point one of them at the data "
+                                       "(the ../shared/data layout)")
+        out.append(spec.build(config.eval[name], ctx))
+    return out
