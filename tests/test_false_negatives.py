@@ -11,7 +11,8 @@ import pytest
 from mlret.data import readers
 from mlret.data.pipeline import BatchAssembler, ListStore
 from mlret.data.schedule import HybridSchedule, ScheduleSpec, UnitIndex, answer_groups
-from mlret.data.units import LANG_INDEX, DataError, LangText, ParallelUnit
+from mlret.data.units import LANG_INDEX, LangText, ParallelUnit
+from mlret.errors import DataError
 
 MLQA = ("ar", "de", "en", "es", "hi", "vi", "zh")
 B, G, STEPS = 64, 3, 700  # 2,100 batches over the three alphas of the study

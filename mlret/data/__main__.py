@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required (e.g. --config configs/smoke.py)")
-    from mlret.data.units import DataError
+    from mlret.errors import DataError
 
     try:
         if _PREPARE_ONLY.value:
