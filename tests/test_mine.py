@@ -53,10 +53,10 @@ def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data,
     training run reads the result through the jsonl source kind and trains on it."""
     import jax
 
-    from mlret.config import apply_overrides, load_config_file
+    from mlret.config import apply_overrides, load_config_file, validate
     from mlret.data.readers import read_units_jsonl
     from mlret.mine import main
-    from mlret.train import train, validate_run
+    from mlret.train import train
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     cfg_file = tmp_path / "mine_cfg.py"
@@ -86,6 +86,6 @@ def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data,
     c.optim.warmup_steps = 1
     c.eval.every = 0
     c.checkpoint.every = 0
-    validate_run(c, jax.device_count(), 1)
+    validate(c, devices=jax.device_count(), processes=1)
     result = train(c, tmp_path / "run")
     assert result.end_step == 3 and all(np.isfinite(v) for v in result.losses.values())
