@@ -182,6 +182,9 @@ def test_config_errors(shared_data, tfds_dir, tok):
     c.data.sources = ({"name": "mlqa", "path": "mlqa-r", "passages": "context"},)
     with pytest.raises(ConfigError, match=r"config.data.sources\[0\]: unknown key\(s\) \['passages'\]"):
         pipeline.make_train_iterator(c, tok, process_index=0, process_count=1)
+    c.data.sources = ({"name": "mlqa", "path": "mlqa-r", "passage": "paragraph"},)
+    with pytest.raises(ConfigError, match=r"config.data.sources\[0\].passage: 'paragraph' is not one of context"):
+        pipeline.make_train_iterator(c, tok, process_index=0, process_count=1)
     c.data.sources = ()
     with pytest.raises(DataError, match="config.data.sources is empty"):
         pipeline.make_train_iterator(c, tok, process_index=0, process_count=1)

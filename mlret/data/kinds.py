@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,6 +118,8 @@ class SourceKind:
     # pre-flight's list); None: only the path itself is checked.
     local_files: Callable[[Sequence[str], str], list[str]] | None = None
     needs_path: bool = False  # no public download: the entry must name a local path
+    # Why the values of an entry's `options` cannot work (None: they can); part of `mlret.config.validate`.
+    check: Callable[[Mapping[str, Any]], str | None] = lambda options: None
 
 
 KINDS: Registry[SourceKind] = Registry("source kind")
@@ -152,6 +155,19 @@ _XTREME_SQUAD_URL = ("https://storage.googleapis.com/xtreme_translations/SQuAD/t
 _TYDI_GOLDP_URL = "https://storage.googleapis.com/tydiqa/v1.1/tydiqa-goldp-v1.1-{split}.json"
 
 
+def _check_passage(options: Mapping[str, Any]) -> str | None:
+    passage = options.get("passage", "context")
+    return None if passage in readers.PASSAGES else f"passage: {passage!r} is not one of {', '.join(readers.PASSAGES)}"
+
+
+def _check_squad_translate(options: Mapping[str, Any]) -> str | None:
+    try:
+        re.compile(options.get("id_pattern") or "")
+    except re.error as e:
+        return f"id_pattern: {options['id_pattern']!r} is not a regular expression ({e})"
+    return _check_passage(options)
+
+
 def _read_mlqa(req: ReadRequest, files: Files, bad: BadRecords) -> list[ParallelUnit]:
     root = files.archive(_MLQA_URL)
     paths = root.get({lang: ([f"{req.split}-context-{lang}-question-{lang}.json"], "", f"MLQA {lang} file")
@@ -182,6 +198,15 @@ def _read_tydiqa_goldp(req: ReadRequest, files: Files, bad: BadRecords) -> list[
 # -------------------------------------------------------------------------------------------------- mMARCO
 
 _MMARCO_URL = "https://huggingface.co/datasets/unicamp-dl/mmarco/resolve/main/data/"
+
+
+def _check_mmarco(options: Mapping[str, Any]) -> str | None:
+    max_units = options.get("max_units", 0)
+    try:
+        ok = int(max_units) >= 0 and not isinstance(max_units, bool)
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"max_units: {max_units!r} is not a whole number >= 0 (0: every unit)"
 
 
 def _read_mmarco(req: ReadRequest, files: Files, bad: BadRecords) -> list[ParallelUnit]:
@@ -275,10 +300,12 @@ for _kind in (
     SourceKind("xquad_r", _read_lareqa, datasets.XQUAD_R.origin, datasets.XQUAD_R.languages,
                local_files=_lareqa_names),
     SourceKind("mlqa_r", _read_lareqa, datasets.MLQA_R.origin, datasets.MLQA_R.languages, local_files=_lareqa_names),
-    SourceKind("mlqa", _read_mlqa, datasets.MLQA.origin, datasets.MLQA.languages, split="dev", options=("passage",)),
+    SourceKind("mlqa", _read_mlqa, datasets.MLQA.origin, datasets.MLQA.languages, split="dev", options=("passage",),
+               check=_check_passage),
     SourceKind("squad_translate", _read_squad_translate, datasets.SQUAD_TRANSLATE.origin,
-               datasets.SQUAD_TRANSLATE.languages, options=("passage", "id_pattern")),
-    SourceKind("mmarco", _read_mmarco, datasets.MMARCO.origin, datasets.MMARCO.languages, options=("max_units",)),
+               datasets.SQUAD_TRANSLATE.languages, options=("passage", "id_pattern"), check=_check_squad_translate),
+    SourceKind("mmarco", _read_mmarco, datasets.MMARCO.origin, datasets.MMARCO.languages, options=("max_units",),
+               check=_check_mmarco),
     SourceKind("tydiqa_goldp", _read_tydiqa_goldp, datasets.TYDIQA_GOLDP.origin, datasets.TYDIQA_GOLDP.languages),
     SourceKind("miracl", _trec_reader(_miracl_files), datasets.MIRACL.origin, datasets.MIRACL.languages),
     SourceKind("mrtydi", _trec_reader(_mrtydi_files), datasets.MRTYDI.origin, datasets.MRTYDI.languages),

@@ -271,13 +271,16 @@ def read_squad_sentences(files: Mapping[str, PathLike], *, source: str, paragrap
     return units
 
 
+PASSAGES = ("context", "sentence")  # what `read_squad_translated` can make the passage of a unit
+
+
 def read_squad_translated(files: Mapping[str, PathLike], *, source: str, passage: str = "context",
                           id_pattern: str | None = None, max_negatives: int = 16,
                           on_bad: BadRecords | str = "error") -> list[ParallelUnit]:
     """SQuAD-format QA sets whose question ids link translations (MLQA dev/test `context-X-question-X` files,
     XTREME translate-train). `passage` is "context" (the paragraph) or "sentence" (the sentence holding the
     answer). `id_pattern` (a regex) turns a file's id into the linking id: group 1 if it has a group."""
-    if passage not in ("context", "sentence"):
+    if passage not in PASSAGES:
         raise ValueError(f"passage={passage!r} is not context or sentence")
     bad = as_bad_records(on_bad)
     _check_lang_keys(files, source)

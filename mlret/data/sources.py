@@ -79,6 +79,9 @@ def parse_source(entry: Any, data_dir: str = "", *, field: str = "config.data.so
     if kind.needs_path and not path:
         raise ValueError(f"{field}.path: a {name} source needs the path of its file or folder")
     options = tuple(sorted((k, m[k]) for k in kind.options if k in m))
+    why = kind.check(dict(options))
+    if why:
+        raise ValueError(f"{field}.{why}")
     return SourceSpec(name=name, path=path, weight=weight, split=str(m.get("split", kind.split)),
                       languages=langs, options=options)
 
