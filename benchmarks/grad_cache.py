@@ -54,11 +54,11 @@ def _trainer(args: argparse.Namespace, chunk: int):
 
     from mlret import parallel
     from mlret.models import load_dual_encoder
-    from mlret.step import Trainer
+    from mlret.step import build_train_step
 
     c = _config(args, chunk)
     model, _ = load_dual_encoder(c)
-    return Trainer.create(model, c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+    return build_train_step(model, c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
 
 
 def _abstract_batch(trainer, b: int, args: argparse.Namespace):
@@ -136,13 +136,13 @@ sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import numpy as np, jax, psutil
 import grad_cache as gc
 args = gc.parse_args()
-t = gc._trainer(args, 0)
+t, params = gc._trainer(args, 0)
 total, parts, _ = gc.step_bytes(t, {b}, args)
 rng = np.random.default_rng(0)
 shapes = {{k: v.shape for k, v in gc._abstract_batch(t, {b}, args).items()}}
 batch = {{k: rng.integers(1, 1000, s).astype(np.int32) for k, s in shapes.items()}}
 batch["unit_id"] = np.arange({b}, dtype=np.int32)
-state = t.init_state()
+state = t.init_state(params)
 batch = t.global_batch(batch)
 compiled = t.step.lower(state, batch).compile()
 jax.block_until_ready((state, batch))
@@ -200,7 +200,7 @@ def main() -> None:
     results, log = {}, {}
     for name, chunk, granule in (("plain", 0, 8), ("grad_cache", args.chunk, args.chunk)):
         print(f"{name} (chunk {chunk}): searching the largest global batch under {args.budget_gib} GiB", flush=True)
-        trainer = _trainer(args, chunk)
+        trainer, _ = _trainer(args, chunk)
         log[name] = []
         results[name] = largest_batch(trainer, args, granule, budget, log[name])
         print(f"{name}: largest global batch {results[name]}", flush=True)
@@ -210,7 +210,7 @@ def main() -> None:
     if args.verify:
         import psutil
 
-        need = step_bytes(_trainer(args, 0), args.verify, args)[0] + 2 * GIB  # + Python, jax, the model
+        need = step_bytes(_trainer(args, 0)[0], args.verify, args)[0] + 2 * GIB  # + Python, jax, the model
         if psutil.virtual_memory().available >= need:
             check = verify(args.verify, args)
         else:

@@ -29,15 +29,16 @@ CATEGORIES = [  # (name, test on the frames below train()), first match wins
     ("wait for the next batch (Grain iterator next)",
      lambda fs: any("__next__" in f or "record_next_duration" in f for f in fs[:3])),
     ("setup (imports, model, state, iterator, evaluators)",
-     lambda fs: any(re.search(r"load_dual_encoder|Trainer\.(create|init_state|abstract_state)|"
+     lambda fs: any(re.search(r"load_dual_encoder|build_train_step|Trainer\.(init_state|abstract_state)|"
                               r"make_train_iterator|_find_and_load|_handle_fromlist|"
-                              r"Checkpointer\.(__init__|restore)|MetricWriter\.__init__|_build_evaluators|"
+                              r"Checkpointer\.(__init__|restore)|MetricWriter\.__init__|build_evaluators|"
                               r"make_mesh",
                               f) for f in fs)),
     ("global batch (host -> device) + step dispatch",
      lambda fs: any("global_batch" in f or "pjit" in f for f in fs)),
     ("checkpoint save / close (host work)", lambda fs: any("Checkpointer" in f for f in fs)),
-    ("logging (metrics.jsonl, TensorBoard, progress)", lambda fs: any("locals>.handle" in f for f in fs)),
+    ("logging (metrics.jsonl, TensorBoard, progress)",
+     lambda fs: any(re.search(r"MetricLog\.metrics|MetricWriter\.write", f) for f in fs)),
 ]
 
 

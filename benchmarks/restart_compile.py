@@ -8,7 +8,8 @@ Runs `python -m mlret.train` three times with the same config (`--steps` x 2 ste
 
 1. a run with the cache off (`compilation_cache_dir=""`): what every start and every resume cost before;
 2. a run in a new workdir with the cache on and empty, killed with SIGKILL after its checkpoint at step
-   `--steps` (a preemption; `mlret.train`'s test hook MLRET_TEST_SIGKILL_AFTER_STEP): it compiles and fills the
+   `--steps` (a preemption; `python -m mlret.testing.train`, mlret.train with the test hook
+   MLRET_TEST_SIGKILL_AFTER_STEP): it compiles and fills the
    cache;
 3. the restart of run 2 with the identical command: it resumes from the checkpoint and loads the step from the
    cache.
@@ -42,7 +43,8 @@ LINE = re.compile(r"train step traced and compiled in ([0-9.]+) s( \(loaded from
 def run(config: str, workdir: Path, steps: int, cache: str, extra: list[str],
         kill_after: int = 0) -> tuple[float, float, bool]:
     """(compile seconds from the log, process wall seconds, loaded from the cache?) of one training process."""
-    cmd = [sys.executable, "-m", "mlret.train", "--config", config, "--workdir", str(workdir),
+    module = "mlret.testing.train" if kill_after else "mlret.train"  # the testing CLI reads the kill switch
+    cmd = [sys.executable, "-m", module, "--config", config, "--workdir", str(workdir),
            f"--config.train.steps={2 * steps}", f"--config.checkpoint.every={steps}",
            f"--config.optim.warmup_steps={steps}",
            f"--config.train.compilation_cache_dir={cache}", *extra]

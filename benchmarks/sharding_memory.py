@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 from mlret import parallel  # noqa: E402
 from mlret.config import default_config  # noqa: E402
 from mlret.models import DualEncoder, Encoder, EncoderConfig, Tied  # noqa: E402
-from mlret.step import Trainer  # noqa: E402
+from mlret.step import build_train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
@@ -98,9 +98,10 @@ def train(mesh_shape, layers: int, steps: int, batches) -> tuple[list[float], di
         # A wider init than HF's 0.02, so embeddings differ and the loss is far from its uniform value.
         state = jax.tree.map(lambda x: x * 2.5 if x.ndim == 2 else x, state)
         model = DualEncoder(Tied(nnx.merge(graphdef, state)))
-    t = Trainer.create(model, c, parallel.make_mesh(c.mesh, devices))
+    t, params = build_train_step(model, c, parallel.make_mesh(c.mesh, devices))
     del model, enc, state
-    st = t.init_state()
+    st = t.init_state(params)
+    del params
     t0 = time.perf_counter()
     losses = []
     for b in batches:

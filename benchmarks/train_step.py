@@ -4,7 +4,7 @@
         [--passage-len 256] [--group-size 2] [--steps 3] [--warmup 1] [--device cpu|gpu] [--no-torch]
         [--dtype float32|bfloat16] [--synthetic] [--write]
 
-For each model: the mlret step (mlret.step.Trainer: encoder, in-batch + hard-negative InfoNCE, AdamW with
+For each model: the mlret step (mlret.step.build_train_step: encoder, in-batch + hard-negative InfoNCE, AdamW with
 clipping, the non-finite guard) is compiled ahead of time (`.lower().compile()`, timed on its own), then fed
 by the real Grain pipeline (mlret.data, MLQA-R hybrid batches, tokenised by the model's tokenizer) for
 `--warmup` + `--steps` steps. Each step times `next(iterator)` (data wait) separately from the device step
@@ -158,14 +158,14 @@ def run_mlret(args: argparse.Namespace, c) -> tuple[dict[str, Any], dict[str, np
     from mlret import parallel
     from mlret.data import make_train_iterator
     from mlret.models import load_dual_encoder
-    from mlret.step import Trainer
+    from mlret.step import build_train_step
 
     model, tok = load_dual_encoder(c)
     cfg = model.towers.query.cfg
-    trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh))
+    trainer, params = build_train_step(model, c, parallel.make_mesh(c.mesh))
     del model
-    state = trainer.init_state()
-    trainer.initial_params = None  # a second copy of the weights (for a re-init); XLM-R base is 1.1 GB of them
+    state = trainer.init_state(params)
+    del params
     gc.collect()
     if args.synthetic:
         it = synthetic_batches(c, cfg.vocab_size)

@@ -21,7 +21,6 @@ from mlret.data.sources import validate_data
 from mlret.errors import ConfigError, GradCacheError
 from mlret.eval import registry as eval_registry
 from mlret.eval import validate_eval_config
-from mlret.faults import parse_steps
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -129,9 +128,6 @@ def default_config() -> ml_collections.ConfigDict:
     # not recompiled, by a restarted / resumed run or any later run with the same shapes and mesh ("": off;
     # JAX_COMPILATION_CACHE_DIR, when set, wins). Local path or a gs:// bucket shared by a pod's workers.
     c.train.compilation_cache_dir = "~/.cache/mlret/jax-compilation"
-    # Fault injection (robustness tests): comma-separated steps whose batch gets an out-of-vocabulary token id,
-    # i.e. NaN embeddings, loss and gradients (mlret/faults.py). "" in real runs.
-    c.train.inject_nan_steps = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -251,10 +247,6 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     if t.grad_cache_chunk and config.data.global_batch % t.grad_cache_chunk:
         raise GradCacheError(f"config.train.grad_cache_chunk={t.grad_cache_chunk} does not divide "
                              f"config.data.global_batch={config.data.global_batch}; use a divisor of the global batch")
-    try:
-        parse_steps(t.inject_nan_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def _validate_checkpoint(ck: ml_collections.ConfigDict) -> None:

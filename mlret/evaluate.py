@@ -10,8 +10,10 @@ latest step unless `--step`); the run's own config supplies the model, and `--co
 the `eval` section. Every evaluator option is a config field (`config.eval.*`), overridable on the command line.
 
 Prints one table and writes F.json: {"summary": {evaluator: {metric: value}}, "results": {evaluator: block},
-"source": ..., "eval_config": ...}; each block has a flat `summary`. Matrices and heatmaps go to
-`config.eval.output_dir` (default: F's name without .json, plus "_files").
+"per_query": {evaluator: {setting: {"ids", "languages", ["targets"], "values": {metric: [...]}}}}, "source": ...,
+"eval_config": ...}; each block has a flat `summary` (`EvalResult.block()`), "per_query" the values it averages
+(`EvalResult.per_query`). Matrices and heatmaps go to `config.eval.output_dir` (default: F's name without .json,
+plus "_files").
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = Non
     t0 = time.perf_counter()
     results = run_evaluators(evaluators, embedder, step=step, output_dir=output_dir)
     report = {
-        "summary": {name: block["summary"] for name, block in results.items()},
-        "results": results,
+        "summary": {name: r.summary for name, r in results.items()},
+        "results": {name: r.block() for name, r in results.items()},
+        "per_query": {name: {s: pq.to_json() for s, pq in r.per_query.items()} for name, r in results.items()},
         "source": source,
         "model": {k: config.model[k] for k in ("name", "pooling", "normalize", "query_prefix", "passage_prefix")},
         "eval_config": config.eval.to_dict(),
@@ -123,12 +126,13 @@ def main(argv: list[str]) -> None:
 
     if f["distributed"]:
         parallel.initialize_distributed()
-    from mlret.eval import format_table
+    from mlret.eval import EvalResult, format_table
 
     # The evaluation config's field (a --checkpoint run without --config: the default cache).
     parallel.enable_compilation_cache((f["config"] or default_config()).train.compilation_cache_dir)
     report = evaluate(f["config"], hf=f["hf"], checkpoint=f["checkpoint"], step=f["step"], out=f["out"])
-    print(format_table(report["results"]))
+    print(format_table({name: EvalResult(block["summary"], step=block["step"])
+                        for name, block in report["results"].items()}))
     print(f"wrote {f['out']}")
 
 

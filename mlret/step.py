@@ -90,12 +90,15 @@ def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
     return graphdef, params, rest
 
 
+Params = dict[str, Any]
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything static about a run's step: graphdef, optimizer, mesh, shardings, and the jitted step.
 
-    Build it with `Trainer.create(model, config, mesh)`; `init_state()` places a fresh state on the mesh,
-    `step(state, batch)` runs one update, `abstract_state()` describes the state for orbax restores.
+    Made by `build_train_step`. It holds no weights: `init_state(params)` turns the loaded weights into a fresh
+    state on the mesh, `step(state, batch)` runs one update, `abstract_state()` describes the state for orbax.
     """
 
     config: ml_collections.ConfigDict
@@ -108,55 +111,27 @@ class Trainer:
     state_shardings: TrainState
     batch_shardings: dict[str, NamedSharding]
     param_logical: Any
-    initial_params: Any  # the loaded weights (pure dict), placed on the mesh
+    abstract_params: Params  # ShapeDtypeStructs (with shardings) of the trained parameters
     trace_count: int = 0
     _step: Callable[..., Any] | None = None
     _grad: Callable[..., Any] | None = None
 
-    # ----------------------------------------------------------------------------------------------- building
+    def init_state(self, params: Params) -> TrainState:
+        """A fresh state (step 0) on the mesh around `params` (as `build_train_step` returned them).
 
-    @classmethod
-    def create(cls, model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
-        rules = parallel.parse_rules(config.mesh.rules)
-        graphdef, params_state, rest = split_model(model)
-        model_shardings = nnx.to_pure_dict(parallel.state_shardings(params_state, mesh, rules))
-        param_logical = nnx.to_pure_dict(jax.tree.map(
-            parallel.variable_logical_axes, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-        model_params = nnx.to_pure_dict(params_state)
-        replicated = NamedSharding(mesh, P())
-        params: dict[str, Any] = {"model": model_params}
-        param_shardings: dict[str, Any] = {"model": model_shardings}
-        if config.loss.learnable_temperature:
-            params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
-            param_shardings["log_temperature"] = replicated
-        params = jax.device_put(params, param_shardings)
-        parallel.check_param_sharding(params["model"], param_logical, mesh, rules,
-                                      int(config.mesh.replicated_param_threshold))
-        rest = jax.device_put(rest, replicated)
-        tx, schedule = make_optimizer(config.optim, int(config.train.steps))
-        abstract_opt = jax.eval_shape(tx.init, params)
-        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                              transform_non_params=lambda _: replicated)
-        scalar = replicated
-        state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": scalar, "rng": scalar,
-                           "nonfinite_in_row": scalar, "nonfinite_total": scalar}
-        batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
-        return cls(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
-                   state_shardings=state_shardings, batch_shardings={k: batch_sharding for k in BATCH_FIELDS},
-                   param_logical=param_logical, initial_params=params)
-
-    def init_state(self) -> TrainState:
-        """A fresh state on the mesh from the loaded weights (step 0)."""
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.initial_params)
+        The state takes the arrays over without a copy and the step donates its input state, so `params` must
+        not be used afterwards: pass a copy (`jax.tree.map(jnp.copy, params)`) to start twice from them."""
+        params = jax.device_put(params, self.state_shardings["params"])
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         rng = jax.random.key_data(jax.random.key(int(self.config.seed)))
-        state = {"params": self.initial_params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng,
-                 "nonfinite_in_row": jnp.int32(0), "nonfinite_total": jnp.int32(0)}
-        # A copy: the step donates its input state, and the loaded weights stay usable for a second init.
-        return jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), self.state_shardings)
+        scalars = {"step": jnp.int32(0), "rng": rng, "nonfinite_in_row": jnp.int32(0),
+                   "nonfinite_total": jnp.int32(0)}
+        scalars = jax.device_put(scalars, {k: self.state_shardings[k] for k in scalars})
+        return {"params": params, "opt_state": opt_state, **scalars}
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for orbax."""
-        shapes = jax.eval_shape(self.init_state)
+        shapes = jax.eval_shape(self.init_state, self.abstract_params)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
 
@@ -229,10 +204,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- jitted
 
-    def _jit_batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-        sharding = NamedSharding(self.mesh, parallel.batch_spec(self.rules, self.mesh))
-        return {k: sharding for k in batch}
-
     @property
     def step(self) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
         """The jitted step: state donated, in/out shardings fixed; metrics replicated."""
@@ -254,3 +225,39 @@ class Trainer:
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's slice of the batch -> global arrays (only the fields the step reads)."""
         return parallel.make_global_batch({k: local[k] for k in BATCH_FIELDS}, self.mesh, self.rules)
+
+
+def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, Params]:
+    """Split `model`, fix the shardings of the state and the batch by `config.mesh.rules`, build AdamW and the
+    jitted step: returns (trainer, params), the model's weights placed on the mesh (plus `log_temperature` with
+    `config.loss.learnable_temperature`), for `trainer.init_state(params)`; a run that restores a checkpoint
+    drops them. The trainer keeps no reference to them, so a run holds one copy of its weights: the state's.
+
+    Raises `parallel.ShardingError` when a large weight would end up replicated although the rules shard it.
+    """
+    rules = parallel.parse_rules(config.mesh.rules)
+    graphdef, params_state, rest = split_model(model)
+    replicated = NamedSharding(mesh, P())
+    param_shardings: dict[str, Any] = {"model": nnx.to_pure_dict(parallel.state_shardings(params_state, mesh,
+                                                                                           rules))}
+    param_logical = nnx.to_pure_dict(jax.tree.map(
+        parallel.variable_logical_axes, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    params: Params = {"model": nnx.to_pure_dict(params_state)}
+    if config.loss.learnable_temperature:
+        params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
+        param_shardings["log_temperature"] = replicated
+    abstract_params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), params,
+                                   param_shardings)
+    parallel.check_param_sharding(abstract_params["model"], param_logical, mesh, rules,
+                                  int(config.mesh.replicated_param_threshold))
+    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
+                                          param_shardings, transform_non_params=lambda _: replicated)
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
+                       "rng": replicated, "nonfinite_in_row": replicated, "nonfinite_total": replicated}
+    batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
+    trainer = Trainer(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=jax.device_put(rest, replicated),
+                      tx=tx, schedule=schedule, state_shardings=state_shardings,
+                      batch_shardings={k: batch_sharding for k in BATCH_FIELDS}, param_logical=param_logical,
+                      abstract_params=abstract_params)
+    return trainer, jax.device_put(params, param_shardings)

@@ -8,12 +8,13 @@ Both train a tiny random BERT (2 layers, hidden 48, MiniLM's WordPiece vocabular
 MLQA-R units from ../shared/data with configs/smoke.py and 8 simulated CPU devices.
 
 `kill`: an uninterrupted reference run, then the same run started again and again in one run directory and killed
-with SIGKILL at random moments (every other kill while orbax is writing a checkpoint), `mlret.soak.kill_soak`;
+with SIGKILL at random moments (every other kill while orbax is writing a checkpoint), `mlret.testing.soak.kill_soak`;
 checks that every restart resumed from the newest complete checkpoint, and compares the final parameters and every
 step's loss with the reference.
 
-`memory`: one in-process run of `mlret.train.train` with periodic evaluation (XQuAD-R en/de, a few paragraphs) under
-`mlret.soak.ResourceMonitor`: resident memory sampled every half second, and every XLA compilation with its step.
+`memory`: one in-process run of `mlret.train.train` with periodic evaluation (XQuAD-R en/de, a few paragraphs), with
+`mlret.testing.soak.ResourceMonitor` as a loop hook: resident memory sampled every half second, and every XLA
+compilation with its step.
 Passes when RSS grows by at most 5% after warm-up (the first evaluation) and nothing compiles after it.
 """
 
@@ -100,7 +101,7 @@ def kill(args: argparse.Namespace) -> tuple[bool, str]:
     import jax
     import numpy as np
 
-    from mlret.soak import kill_soak
+    from mlret.testing.soak import kill_soak
 
     base = Path(args.workdir)
     model = make_tiny_bert(base / "model")
@@ -175,21 +176,22 @@ def memory_config(model: Path, data_dir: Path, tfds_dir: Path, steps: int, eval_
 
 
 def memory_soak(config, workdir: Path, warmup_step: int) -> dict:
-    """Train in this process under a ResourceMonitor; RSS growth and compilations after `warmup_step`."""
+    """Train in this process (`mlret.train.train`) with a ResourceMonitor hook; RSS growth and compilations
+    after `warmup_step`, and the losses."""
     import jax
 
     from mlret.config import validate
-    from mlret.soak import ResourceMonitor
+    from mlret.testing.soak import ResourceMonitor
     from mlret.train import train
 
     validate(config, devices=jax.device_count(), processes=jax.process_count())
     t0 = time.time()
-    with ResourceMonitor(workdir, interval_s=0.5) as mon:
-        result = train(config, workdir)
+    mon = ResourceMonitor(interval_s=0.5)
+    result = train(config, workdir, hooks=[mon])
     growth = mon.rss_growth(warmup_step)
     # The raw samples, for a plot or a second look: (seconds, step, RSS bytes) and the compilations (seconds, step).
     (workdir / "resources.json").write_text(json.dumps({"rss": mon.samples, "compiles": mon.compiles}))
-    return {"end_step": result.end_step, "seconds": time.time() - t0, "growth": growth,
+    return {"end_step": result.end_step, "losses": result.losses, "seconds": time.time() - t0, "growth": growth,
             "compiles_total": len(mon.compiles), "compiles_after_warmup": mon.compiles_after(warmup_step),
             "samples": mon.samples, "evals": sorted(s for s in range(1, result.end_step + 1)
                                                     if config.eval.every and s % config.eval.every == 0)}
@@ -229,8 +231,9 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
     text = (f"## Soak: {args.steps} steps with periodic evaluation\n\n"
             f"`mlret.train.train` in process (tiny random BERT, MLQA-R units, {DEVICES} simulated CPU devices, global "
             f"batch 8), evaluation every {args.eval_every} steps (XQuAD-R en/de monolingual, 3 paragraphs), a "
-            f"checkpoint every {args.checkpoint_every} steps, under `mlret.soak.ResourceMonitor` (RSS every 0.5 s via "
-            f"psutil; XLA compilations via jax.monitoring's `{'/jax/core/compile/backend_compile_duration'}`). "
+            f"checkpoint every {args.checkpoint_every} steps, with `mlret.testing.soak.ResourceMonitor` as a loop hook "
+            "(RSS every 0.5 s via psutil; XLA compilations via jax.monitoring's "
+            "`/jax/core/compile/backend_compile_duration`). "
             f"Warm-up: up to the first evaluation (step {args.eval_every}).\n\n"
             f"Result: **{'PASS' if ok else 'FAIL'}**: {out['end_step']} steps in {out['seconds']:.0f} s; {summary} "
             "(the train step traced once: the loop checks it every step). Raw samples: `<workdir>/run/"

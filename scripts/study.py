@@ -14,12 +14,14 @@ and the offline 11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.js
 values, losses, timings); a run whose file exists is skipped, so an interrupted study resumes where it stopped.
 Progress lines give the elapsed time and an ETA.
 
-The runs of a model share one process, one loaded model and one set of compiled encoders: the study calls
-the components `python -m mlret.train` is built from (mlret.step.Trainer, the Grain iterator of mlret.data,
-mlret.eval's evaluators) with a fresh train state and data iterator per run, and no checkpoints (a run is
-minutes long; resuming happens at the run level). alpha and the seed only change the data schedule, so one
-compiled step serves every run of a loss (one Trainer is alive at a time; the persistent compilation cache
-makes switching back cheap).
+The runs of a model share one process, one loaded model and one set of compiled encoders: the study trains
+through mlret's own loop (`mlret.loop.run_loop` with the step of `mlret.step.build_train_step`, the Grain
+iterator of mlret.data, the non-finite stop and the metric writer of `mlret.hooks`: each run's metrics.jsonl /
+TensorBoard logs go to `OUT/<model>/logs/<run>/`) with a fresh train state and data iterator per run, and no
+checkpoints (a run is minutes long; resuming happens at the run level). alpha and the seed only change the data
+schedule, so one compiled step serves every run of a loss (one train step is alive at a time; the persistent
+compilation cache makes switching back cheap). The per-query values of the paired tests are the evaluators' own
+(`EvalResult.per_query`).
 
 The report (`--docs`, default docs/study) holds summary.json, heatmaps and the markdown section that replaces
 the text between the study markers of docs/results.md: mean +- std over seeds per setting, and a paired test
@@ -57,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._docs import cpu_model  # noqa: E402
+from mlret.loop import Hook  # noqa: E402
 
 
 def define_flags() -> dict[str, Any]:
@@ -157,203 +160,150 @@ def run_name(loss: str, alpha: float, seed: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ per-query
 
-
-class RecordingEmbedder:
-    """Passes calls to the real embedder and keeps what it returned (for per-query metrics)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: list[tuple[str, np.ndarray]] = []
-
-    def queries(self, texts: Sequence[str]) -> np.ndarray:
-        out = self.inner.queries(texts)
-        self.calls.append(("query", np.asarray(out)))
-        return out
-
-    def passages(self, texts: Sequence[str]) -> np.ndarray:
-        out = self.inner.passages(texts)
-        self.calls.append(("passage", np.asarray(out)))
-        return out
+LAREQA = ("xquad_r", "mlqa_r")
+PER_QUERY = ("map", "mrr", "acc1")  # the LAReQA per-query metrics tested in every setting
 
 
-def lareqa_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per query ('<lang>:<question id>'): mono AP / RR / hit@1, cross AP / RR / hit@1 (means over the target
-    languages), multi AP / RR / hit@1 / R@10, rank distance; from the embeddings the LAReQA evaluator computed
-    (one query call, one passage call)."""
-    from mlret.eval import metrics as M
-    from mlret.eval.retrieval import relevant_ranks
+def keyed(languages: Sequence[str], ids: Sequence[str], values: Any) -> dict[str, float]:
+    """Per-query values by '<lang>:<id>' (the unit key of `cluster_means`)."""
+    return {f"{x}:{q}": float(v) for x, q, v in zip(languages, ids, values, strict=True)}
 
-    (kq, q_all), (kp, c_all) = calls
-    assert kq == "query" and kp == "passage", [k for k, _ in calls]
-    langs = evaluator.langs
-    order = list(langs)
-    q_emb, c_emb, offset = {}, {}, {}
-    qo = co = 0
-    for x in order:
-        nq, nc = len(langs[x].questions), len(langs[x].sentences)
-        q_emb[x], c_emb[x], offset[x] = q_all[qo:qo + nq], c_all[co:co + nc], co
-        qo, co = qo + nq, co + nc
-    golds = {x: langs[x].gold_by_id() for x in order}
-    def per_rank(ranks: np.ndarray, n_rel: np.ndarray) -> dict[str, np.ndarray]:
-        return {"map": M.average_precision(ranks, n_rel), "mrr": M.reciprocal_rank(ranks),
-                "acc1": M.hit_at_k(ranks, 1)}
 
+def per_query_values(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The tested per-query values (TESTED) from the evaluators' own per-query results (`EvalResult.per_query`):
+    LAReQA mono / cross / multi AP, RR and hit@1 per question of each language (cross: the mean over the target
+    languages the question exists in), multi R@10 and rank distance; Tatoeba, per sentence pair, the mean of its
+    xx->en and en->xx hits. TyDi QA (11 examples) is left to its summary: too few for a test."""
     out: dict[str, dict[str, float]] = {}
-    for x in order:
-        qids = langs[x].question_ids
-        keys = [f"{x}:{q}" for q in qids]
-        ranks = relevant_ranks(q_emb[x], c_emb[x], [[golds[x][q]] for q in qids])
-        for name, values in per_rank(ranks, np.ones(len(qids))).items():
-            out.setdefault(f"mono_{name}", {}).update(zip(keys, map(float, values)))
-        cross_sum = {name: np.zeros(len(qids)) for name in ("map", "mrr", "acc1")}
-        cross_n = np.zeros(len(qids))
-        for y in order:
-            if y == x:
-                continue
-            keep = [i for i, q in enumerate(qids) if q in golds[y]]
-            if not keep:
-                continue
-            ranks = relevant_ranks(q_emb[x][keep], c_emb[y], [[golds[y][qids[i]]] for i in keep])
-            for name, values in per_rank(ranks, np.ones(len(keep))).items():
-                cross_sum[name][keep] += values
-            cross_n[keep] += 1
-        for name, sums in cross_sum.items():
-            out.setdefault(f"cross_{name}", {}).update(
-                {k: float(sums[i] / cross_n[i]) for i, k in enumerate(keys) if cross_n[i]})
-        rel = [[offset[y] + golds[y][q] for y in order if q in golds[y]] for q in qids]
-        n_rel = np.array([len(r) for r in rel], dtype=np.float64)
-        ranks = relevant_ranks(q_emb[x], c_all, rel)
-        multi = {f"multi_{k}": v for k, v in per_rank(ranks, n_rel).items()}
-        multi.update(multi_r10=M.recall_at_k(ranks, n_rel, 10), rank_distance=M.rank_distance(ranks))
-        for name, values in multi.items():
-            out.setdefault(name, {}).update(zip(keys, map(float, values)))
+    for name, result in results.items():
+        pq = result.per_query
+        if name in LAREQA:
+            for setting in ("mono", "multi"):
+                if setting in pq:
+                    rows = pq[setting]
+                    out.update({f"{setting}_{k}": keyed(rows.languages, rows.ids, rows.values[k]) for k in PER_QUERY})
+            if "multi" in pq:
+                rows = pq["multi"]
+                out.update(multi_r10=keyed(rows.languages, rows.ids, rows.values["r10"]),
+                           rank_distance=keyed(rows.languages, rows.ids, rows.values["rank_distance"]))
+            if "cross" in pq:
+                rows = pq["cross"]
+                for k in PER_QUERY:
+                    by_query: dict[str, list[float]] = {}
+                    for key, v in keyed(rows.languages, [f"{q}>{y}" for q, y in zip(rows.ids, rows.targets)],
+                                        rows.values[k]).items():
+                        by_query.setdefault(key.rpartition(">")[0], []).append(v)
+                    out[f"cross_{k}"] = {key: float(np.mean(v)) for key, v in by_query.items()}
+        elif name == "tatoeba":
+            rows = pq["pairs"]
+            out["tatoeba_acc"] = keyed(rows.languages, rows.ids, (rows.values["xx2en"] + rows.values["en2xx"]) / 2)
     return out
-
-
-def tatoeba_per_query(evaluator: Any, calls: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per sentence pair ('<lang>:<line>'): mean of the xx->en and en->xx hits (1: nearest is the translation)."""
-    from mlret.eval.retrieval import ExactIndex
-    from mlret.eval.tatoeba import read_pair
-
-    (_, emb), = calls
-    acc: dict[str, float] = {}
-    o = 0
-
-    def norm(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    for lang in evaluator.languages:
-        xx, _ = read_pair(evaluator.data_dir, lang, evaluator.max_sentences)
-        n = len(xx)
-        e_xx, e_en = norm(emb[o:o + n]), norm(emb[o + n:o + 2 * n])
-        o += 2 * n
-        hit_a = ExactIndex(e_en).search(e_xx, 1).indices[:, 0] == np.arange(n)
-        hit_b = ExactIndex(e_xx).search(e_en, 1).indices[:, 0] == np.arange(n)
-        for i in range(n):
-            acc[f"{lang}:{i}"] = (float(hit_a[i]) + float(hit_b[i])) / 2
-    return {"tatoeba_acc": acc}
 
 
 # ------------------------------------------------------------------------------------------------ runner
 
 
+class BatchTypes(Hook):
+    """The batch type ("mono" / "cross") of every step, in order."""
+
+    def __init__(self) -> None:
+        self.types: list[str] = []
+
+    def metrics(self, loop: Any, step: int, m: Any) -> None:
+        self.types.append(m["batch_type"])
+
+
 class ModelRunner:
-    """One starting model: loaded once, one set of evaluators, one Trainer (one compiled step) per loss row, the
-    current one alive."""
+    """One starting model: loaded once (its weights kept on the host), one set of evaluators, one train step
+    (compiled once) per loss row, the current one alive; the devices hold only the current run's state."""
 
     def __init__(self, model_key: str, config: Any, overrides: Sequence[str] = ()) -> None:
+        import jax
+        from flax import nnx
+
         from mlret import parallel
         from mlret.config import validate
         from mlret.data.pipeline import load_sources
         from mlret.eval import build_evaluators
-        from mlret.eval.encode import eval_tokenizer
-        from mlret.models import load_dual_encoder, resolve_model_dir
-        from mlret.step import Trainer
+        from mlret.models import load_dual_encoder
 
         validate(config)
         self.key = model_key
-        self.config = config
         self.overrides = list(overrides)
         t0 = time.perf_counter()
         parallel.enable_compilation_cache(config.train.compilation_cache_dir)
         self.mesh = parallel.make_mesh(config.mesh)
         model, self.tokenizer = load_dual_encoder(config)
-        self._trainer_class = Trainer
+        self.graphdef, state = nnx.split(model)
+        self.weights = jax.device_get(state)  # the loaded model, on the host
+        del model, state
         self.loss: str | None = None
-        self.trainer = Trainer.create(model, config, self.mesh)
-        del model  # the next loss's Trainer is built from this one's initial parameters (memory: one copy)
-        self.eval_tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
+        self._build(config)
         self.evaluators = build_evaluators(config)
         self.sources = load_sources(config)
         self.num_units = sum(len(store) for _, store in self.sources)
         log.info("%s: loaded %s in %.1f s", model_key, config.model.name, time.perf_counter() - t0)
 
+    def _build(self, config: Any) -> None:
+        """The train step of `config`, and its starting parameters on the host (every run starts from them)."""
+        import jax
+        from flax import nnx
+
+        from mlret.step import build_train_step
+
+        self.trainer = None  # free the previous step before building the next
+        self.trainer, params = build_train_step(nnx.merge(self.graphdef, self.weights), config, self.mesh)
+        self.initial = jax.device_get(params)
+        self.config = config
+
     def use_loss(self, loss: str) -> None:
-        """Make the Trainer of loss row `loss` the current one (VRN's k: the training mixture's unit count)."""
+        """Make the train step of loss row `loss` the current one (VRN's k: the training mixture's unit count)."""
         if loss == self.loss:
             return
         config = load_config(self.key, self.overrides, loss)
         if config.loss.vrn_weight and not config.loss.vrn_instances:
             config.loss.vrn_instances = self.num_units
-        from flax import nnx
+        self._build(config)
+        self.loss = loss
 
-        t = self.trainer
-        model = nnx.merge(t.graphdef, t.initial_params["model"], t.rest)
-        self.trainer = t = None  # free the previous state before placing the next
-        self.trainer = self._trainer_class.create(model, config, self.mesh)
-        self.config, self.loss = config, loss
+    def evaluate(self, params: Any, step: int) -> dict[str, Any]:
+        """The evaluators' results (mlret.eval.EvalResult by name) for the model with `params` (on the mesh)."""
+        from mlret.hooks import evaluate_params
 
-    def evaluate(self, params: Any, step: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-        """(results by evaluator, per-query values) of the model with `params`."""
-        from flax import nnx
+        return evaluate_params(self.evaluators, self.trainer, params, self.config, step)
 
-        from mlret.eval import run_evaluators
-        from mlret.eval.encode import make_embedder
-
-        model = nnx.merge(self.trainer.graphdef, params, self.trainer.rest)
-        embedder = make_embedder(model, self.config, self.mesh, self.eval_tokenizer)
-        results: dict[str, Any] = {}
-        per_query: dict[str, dict[str, float]] = {}
-        for ev in self.evaluators:
-            rec = RecordingEmbedder(embedder)
-            block = run_evaluators([ev], rec, step)[ev.name]
-            results[ev.name] = block
-            if ev.name in ("xquad_r", "mlqa_r"):
-                per_query.update(lareqa_per_query(ev, rec.calls))
-            elif ev.name == "tatoeba":
-                per_query.update(tatoeba_per_query(ev, rec.calls))
-        return results, per_query  # TyDi QA: 11 examples, summary only (too few for a test)
-
-    def train(self, alpha: float, seed: int) -> tuple[Any, dict[str, Any]]:
-        """Train one run from the loaded weights; returns (final params, training record)."""
+    def zero_shot(self) -> dict[str, Any]:
+        """The results of the untrained model."""
         import jax
 
+        return self.evaluate(jax.device_put(self.initial["model"], self.trainer.state_shardings["params"]["model"]),
+                             0)
+
+    def train(self, alpha: float, seed: int, log_dir: Path) -> tuple[Any, dict[str, Any]]:
+        """Train one run from the loaded weights through mlret's loop (`mlret.loop.run_loop`: the non-finite
+        stop, metrics.jsonl / TensorBoard in `log_dir`, the progress line); returns (final params, record)."""
+        import jax
+
+        from mlret.console import Console
         from mlret.data.pipeline import make_train_iterator
+        from mlret.hooks import MetricLog, NonFiniteStop
+        from mlret.loop import run_loop
+        from mlret.metrics_log import MetricWriter
 
         config = copy.deepcopy(self.config)
         config.data.alpha = float(alpha)
         config.seed = int(seed)
         data = make_train_iterator(config, self.tokenizer, process_index=0, process_count=1, sources=self.sources)
-        state = self.trainer.init_state()
-        losses, types = [], []
+        types = BatchTypes()
+        hooks = [NonFiniteStop(config.optim.max_nonfinite_in_row),
+                 MetricLog(MetricWriter(log_dir), config.train.log_every, Console()), types]
         t0, c0 = time.perf_counter(), time.process_time()
-        total = int(config.train.steps)
-        for step in range(1, total + 1):
-            local = next(data)
-            types.append("mono" if int(local["batch_type"][0]) == 0 else "cross")
-            state, metrics = self.trainer.step(state, self.trainer.global_batch(local))
-            losses.append(float(jax.device_get(metrics["loss"])))
-            if step % int(config.train.log_every) == 0 or step == total:
-                took = time.perf_counter() - t0
-                print(f"  {self.key} {self.loss} alpha={alpha:g} seed={seed}: step {step}/{total} "
-                      f"loss {np.mean(losses[-10:]):.4f} ({took / step:.1f} s/step, "
-                      f"{fmt_seconds(took / step * (total - step))} left)", flush=True)
-        if self.trainer.trace_count != 1:
-            raise RuntimeError(f"the train step was compiled {self.trainer.trace_count} times; expected once")
-        record = {"losses": losses, "batch_types": types, "train_seconds": time.perf_counter() - t0,
-                  "train_cpu_seconds": time.process_time() - c0,
-                  "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
-        return state["params"]["model"], record
+        loop = run_loop(self.trainer, self.trainer.init_state(self.initial), data, start=0,
+                        total=int(config.train.steps), hooks=hooks)
+        record = {"losses": [loop.losses[s] for s in sorted(loop.losses)], "batch_types": types.types,
+                  "train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0,
+                  "nonfinite_total": int(jax.device_get(loop.state["nonfinite_total"]))}
+        return loop.state["params"]["model"], record
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -417,26 +367,29 @@ def run_study(out: Path, runs: list[Run], overrides: Sequence[str]) -> None:
         name = run_file(out, run).stem
         t0 = time.perf_counter()
         if loss is None:
-            params, record = runner.trainer.initial_params["model"], {"losses": [], "train_seconds": 0.0}
+            params, record = None, {"losses": [], "train_seconds": 0.0}
         else:
             runner.use_loss(loss)
-            params, record = runner.train(alpha, seed)
+            params, record = runner.train(alpha, seed, out / model_key / "logs" / name)
         t1 = time.perf_counter()
-        results, per_query = runner.evaluate(params, 0 if alpha is None else int(runner.config.train.steps))
+        results = runner.zero_shot() if params is None else runner.evaluate(params, int(runner.config.train.steps))
+        del params
         record.update({
             "model": model_key, "model_name": runner.config.model.name, "loss": loss, "alpha": alpha, "seed": seed,
-            "eval_seconds": time.perf_counter() - t1, "results": strip_results(results), "per_query": per_query,
+            "eval_seconds": time.perf_counter() - t1,
+            "results": strip_results({n: r.block() for n, r in results.items()}),
+            "per_query": per_query_values(results),
             "config": runner.config.to_dict(), "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         })
         write_json(run_file(out, run), record)
         done += 1
         elapsed = time.perf_counter() - start
         eta = elapsed / done * (len(todo) - done)
-        summ = results.get("xquad_r", {}).get("summary", {})
+        summ = results["xquad_r"].summary if "xquad_r" in results else {}
+        acc = results["tatoeba"].summary["acc"] if "tatoeba" in results else float("nan")
         print(f"[{done}/{len(todo)}] {model_key} {name}: train {record['train_seconds']:.0f}s eval "
               f"{record['eval_seconds']:.0f}s | multi_map={summ.get('multi_map', float('nan')):.4f} "
-              f"rank_distance={summ.get('rank_distance', float('nan')):.1f} "
-              f"tatoeba_acc={results.get('tatoeba', {}).get('summary', {}).get('acc', float('nan')):.4f} | "
+              f"rank_distance={summ.get('rank_distance', float('nan')):.1f} tatoeba_acc={acc:.4f} | "
               f"elapsed {fmt_seconds(elapsed)}, ETA {fmt_seconds(eta)} (since {fmt_seconds(time.perf_counter() - t0)}"
               " for this run)", flush=True)
 

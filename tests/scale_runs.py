@@ -69,10 +69,10 @@ def worker_cmd(workdir: Path, report: Path, args: list[str], *extra: str) -> lis
             *extra]
 
 
-def train_cmd(workdir: Path, args: list[str], *extra: str) -> list[str]:
-    # --verbose: these tests read mlret's INFO lines (resume, compilation cache) from the terminal's stderr.
-    return [sys.executable, "-m", "mlret.train", "--config", SMOKE, "--workdir", str(workdir), "--verbose", *args,
-            *extra]
+def train_cmd(workdir: Path, args: list[str], *extra: str, module: str = "mlret.train") -> list[str]:
+    """`python -m mlret.train` (or `module`: mlret.testing.train arms the fault hooks) on the smoke config.
+    --verbose: these tests read mlret's INFO lines (resume, compilation cache) from the terminal's stderr."""
+    return [sys.executable, "-m", module, "--config", SMOKE, "--workdir", str(workdir), "--verbose", *args, *extra]
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import pytest
 from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
-from mlret.step import Trainer
+from mlret.step import build_train_step
 
 STEPS = 8
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation); through 2 layers, pooling and a
@@ -21,8 +21,8 @@ def _run(dtype):
     c = tiny_config((2, 2, 2), steps=STEPS)
     c.model.compute_dtype = dtype
     c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 0
-    t = Trainer.create(tiny_model(hidden=64, dtype=dtype, scale=3.0), c, parallel.make_mesh(c.mesh))
-    state = t.init_state()
+    t, params = build_train_step(tiny_model(hidden=64, dtype=dtype, scale=3.0), c, parallel.make_mesh(c.mesh))
+    state = t.init_state(params)
     batches = [t.global_batch(tiny_batch(s, batch=16, group=2, length=16)) for s in range(STEPS)]
     hlo = t.step.lower(state, batches[0]).compile().as_text()
     losses, metrics = [], None

@@ -141,15 +141,15 @@ def mlqa_result(mlqa):
 
 def test_settings_cover_the_protocol(mlqa_result):
     result, _, _, mlqa = mlqa_result
-    assert len(result["mono"]) == 7
-    assert sum(len(row) for row in result["cross"].values()) == 42
-    assert result["candidates_total"] == sum(len(x.sentences) for x in mlqa.values())
+    assert len(result.details["mono"]) == 7
+    assert sum(len(row) for row in result.details["cross"].values()) == 42
+    assert result.details["candidates_total"] == sum(len(x.sentences) for x in mlqa.values())
     ids = {x: set(v.question_ids) for x, v in mlqa.items()}
     for x in mlqa:
-        for y, m in result["cross"][x].items():
+        for y, m in result.details["cross"][x].items():
             assert m["queries"] == len(ids[x] & ids[y])  # only questions that exist in the target language
         ways = [sum(q in ids[y] for y in mlqa) for q in mlqa[x].question_ids]
-        assert result["multi"][x]["mean_relevant"] == pytest.approx(np.mean(ways))
+        assert result.details["multi"][x]["mean_relevant"] == pytest.approx(np.mean(ways))
 
 
 def _trec_check(queries, cands, relevant, ours_map, ours_mrr):
@@ -170,34 +170,65 @@ def test_mono_cross_multi_agree_with_pytrec_eval(mlqa_result):
     # cross: de -> es
     keep = [i for i, qid in enumerate(mlqa["de"].question_ids) if qid in gold["es"]]
     rel = [[gold["es"][mlqa["de"].question_ids[i]]] for i in keep]
-    m = result["cross"]["de"]["es"]
+    m = result.details["cross"]["de"]["es"]
     _trec_check(q["de"][keep], c["es"], rel, m["map"], m["mrr"])
     # mono: vi
-    m = result["mono"]["vi"]
+    m = result.details["mono"]["vi"]
     _trec_check(q["vi"], c["vi"], [[g] for g in mlqa["vi"].gold], m["map"], m["mrr"])
     # multi: zh queries against the 20,534-candidate pool, one relevant per language the question exists in
     order = list(mlqa)
     offset = dict(zip(order, np.cumsum([0] + [len(mlqa[x].sentences) for x in order])))
     rel = [[offset[y] + gold[y][qid] for y in order if qid in gold[y]] for qid in mlqa["zh"].question_ids]
-    m = result["multi"]["zh"]
+    m = result.details["multi"]["zh"]
     _trec_check(q["zh"], np.concatenate([c[x] for x in order]), rel, m["map"], m["mrr"])
 
 
 def test_summary_is_the_macro_average(mlqa_result):
     result, *_ = mlqa_result
-    s = result["summary"]
+    s = result.summary
     for key in ("mono_map", "cross_map", "multi_map", "mono_r1", "cross_r1", "multi_r10", "mrr", "rank_distance",
                 "multi_map_at_20"):
         assert np.isfinite(s[key]), key
-    assert s["mono_map"] == pytest.approx(np.mean([m["map"] for m in result["mono"].values()]))
+    assert s["mono_map"] == pytest.approx(np.mean([m["map"] for m in result.details["mono"].values()]))
     assert s["cross_r1"] == pytest.approx(np.mean([np.mean([m["r1"] for m in row.values()])
-                                                   for row in result["cross"].values()]))
-    assert s["rank_distance"] == pytest.approx(np.mean([m["rank_distance"] for m in result["multi"].values()]))
+                                                   for row in result.details["cross"].values()]))
+    assert s["rank_distance"] == pytest.approx(np.mean([m["rank_distance"] for m in result.details["multi"].values()]))
     assert s["mrr"] == s["multi_mrr"]
     # One relevant candidate in mono / cross: R@1 is accuracy@1, and AP is reciprocal rank.
     assert s["mono_r1"] == pytest.approx(s["mono_acc1"]) and s["cross_map"] == pytest.approx(s["cross_mrr"])
     # mAP@20 can only lose the relevant items ranked below 20.
     assert s["multi_map_at_20"] <= s["multi_map"] + 1e-12
+
+
+def by_group(pq, metric, *columns):
+    """Mean of a per-query metric per group of rows (groups named by the given PerQuery columns)."""
+    groups: dict = {}
+    for i, v in enumerate(pq.values[metric]):
+        groups.setdefault(tuple(getattr(pq, c)[i] for c in columns), []).append(v)
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def test_per_query_values_are_what_the_tables_average(mlqa_result):
+    """run()'s per-query values: one row per (query language, question) in mono and multi, per (query language,
+    target language, question) in cross; their means are the per-language tables and, macro-averaged, the
+    summary."""
+    result, _, _, mlqa = mlqa_result
+    pq = result.per_query
+    assert set(pq) == {"mono", "cross", "multi"} and pq["cross"].targets is not None
+    n = sum(len(v.question_ids) for v in mlqa.values())
+    assert len(pq["mono"].ids) == len(pq["multi"].ids) == n
+    assert len(pq["cross"].ids) == sum(m["queries"] for row in result.details["cross"].values() for m in row.values())
+    for setting in ("mono", "multi"):
+        for metric in ("map", "mrr", "r10", "map_at_20"):
+            means = by_group(pq[setting], metric, "languages")
+            for (x,), v in means.items():
+                assert v == pytest.approx(result.details[setting][x][metric], rel=1e-12), (setting, metric, x)
+            assert np.mean(list(means.values())) == pytest.approx(result.summary[f"{setting}_{metric}"])
+    cross = by_group(pq["cross"], "map", "languages", "targets")
+    for (x, y), v in cross.items():
+        assert v == pytest.approx(result.details["cross"][x][y]["map"], rel=1e-12)
+    assert by_group(pq["multi"], "rank_distance", "languages")[("zh",)] == pytest.approx(
+        result.details["multi"]["zh"]["rank_distance"])
 
 
 class OracleEmbedder:
@@ -234,7 +265,7 @@ class OracleEmbedder:
 def test_perfect_retriever_on_a_fast_subset(shared_data, tmp_path):
     ev = LareqaEvaluator("xquad_r", str(shared_data / "xquad-r"), ["en", "de", "zh"], max_paragraphs=6)
     result = ev.run(OracleEmbedder(ev.langs), str(tmp_path))
-    s = result["summary"]
+    s = result.summary
     assert s["mono_map"] == s["cross_map"] == s["multi_map"] == 1.0
     assert s["mono_r1"] == s["cross_r1"] == s["multi_acc1"] == 1.0
     # The three relevant sentences (one per language) take the top three ranks: the lowest is at rank 3.
@@ -245,7 +276,7 @@ def test_perfect_retriever_on_a_fast_subset(shared_data, tmp_path):
     for f in ("xquad_r_pairs_map.png", "xquad_r_pairs_r1.png", "xquad_r_multi.png",
               "xquad_r_multi_rank_distance.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["candidates_total"] < 13014 and result["options"]["max_paragraphs"] == 6
+    assert result.details["candidates_total"] < 13014 and result.details["options"]["max_paragraphs"] == 6
 
 
 def test_candidate_context_option(shared_data):

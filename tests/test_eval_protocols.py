@@ -65,14 +65,20 @@ def test_trec_evaluator_equals_pytrec_eval(layout, lang, split, shared_data, tmp
     run, info = ev.retrieve(emb, lang)
     assert info["method"] == "exact" and all(len(r) == 100 for r in run.values())
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "recip_rank"}).evaluate(run)
-    got = result["languages"][lang]
+    got = result.details["languages"][lang]
     assert got["queries"] == len(ref)
     assert got["ndcg10"] == pytest.approx(np.mean([r["ndcg_cut_10"] for r in ref.values()]), abs=1e-6)
     assert got["recall100"] == pytest.approx(np.mean([r["recall_100"] for r in ref.values()]), abs=1e-6)
     # The run holds the top 100, so trec_eval's recip_rank on it is MRR@100.
     assert got["mrr100"] == pytest.approx(np.mean([r["recip_rank"] for r in ref.values()]), abs=1e-6)
     assert 0 < got["ndcg10"] < 1
-    assert result["summary"]["ndcg10"] == got["ndcg10"]
+    assert result.summary["ndcg10"] == got["ndcg10"]
+    # Per query: one row per scored topic, the values pytrec_eval gives each.
+    pq = result.per_query["queries"]
+    assert sorted(pq.ids) == sorted(ref) and set(pq.languages) == {lang}
+    for qid, ndcg, mrr in zip(pq.ids, pq.values["ndcg10"], pq.values["mrr100"], strict=True):
+        assert ndcg == pytest.approx(ref[qid]["ndcg_cut_10"], abs=1e-6)
+        assert mrr == pytest.approx(ref[qid]["recip_rank"], abs=1e-6)
 
 
 def test_trec_approximate_search_reports_its_recall(shared_data, tmp_path, caplog):
@@ -139,12 +145,19 @@ def test_tydiqa_sample(shared_data):
         best = min(int(np.nonzero(order == g)[0][0]) for g in ex["gold"]) + 1
         rr.setdefault(ex["lang"], []).append(1 / best)
         acc.setdefault(ex["lang"], []).append(float(best == 1))
-    for lang, m in result["languages"].items():
+    for lang, m in result.details["languages"].items():
         assert m["mrr"] == pytest.approx(np.mean(rr[lang])) and m["acc1"] == pytest.approx(np.mean(acc[lang]))
-    assert result["summary"]["mrr"] == pytest.approx(np.mean([np.mean(v) for v in rr.values()]))
+    assert result.summary["mrr"] == pytest.approx(np.mean([np.mean(v) for v in rr.values()]))
+    pq = result.per_query["questions"]  # per example, in read order
+    assert pq.ids == [ex["id"] for ex in examples] and pq.languages == [ex["lang"] for ex in examples]
+    for lang in rr:
+        rows = [i for i, x in enumerate(pq.languages) if x == lang]
+        np.testing.assert_allclose(pq.values["mrr"][rows], rr[lang])
+        np.testing.assert_allclose(pq.values["acc1"][rows], acc[lang])
     # The language-wide pool is larger, so no example can rank its gold passage better than in its article.
     pooled = TydiQAEvaluator("tydiqa", path, mrr_k=0, candidates="language").run(emb)
-    assert all(pooled["languages"][x]["mrr"] <= result["languages"][x]["mrr"] + 1e-12 for x in result["languages"])
+    assert all(pooled.details["languages"][x]["mrr"] <= result.details["languages"][x]["mrr"] + 1e-12
+               for x in result.details["languages"])
 
 
 def test_tydiqa_pool_deduplicates_shared_articles(shared_data, tmp_path):
@@ -162,14 +175,14 @@ def test_tydiqa_pool_deduplicates_shared_articles(shared_data, tmp_path):
     alone = TydiQAEvaluator("tydiqa", str(src), mrr_k=0, candidates="language").run(emb)
     shared = TydiQAEvaluator("tydiqa", str(twice), mrr_k=0, candidates="language").run(emb)
     examples, _ = read_examples(str(src))
-    for lang, m in alone["languages"].items():
+    for lang, m in alone.details["languages"].items():
         distinct = {p for ex in examples if ex["lang"] == lang for p in ex["passages"]}
-        assert m["mean_candidates"] == shared["languages"][lang]["mean_candidates"] == len(distinct)
-        assert shared["languages"][lang]["mrr"] == pytest.approx(m["mrr"])
-        assert shared["languages"][lang]["examples"] == 2 * m["examples"]
+        assert m["mean_candidates"] == shared.details["languages"][lang]["mean_candidates"] == len(distinct)
+        assert shared.details["languages"][lang]["mrr"] == pytest.approx(m["mrr"])
+        assert shared.details["languages"][lang]["examples"] == 2 * m["examples"]
     # The real sample repeats a passage within its Russian article: the pool is smaller than the candidate list.
     ru = [ex for ex in examples if ex["lang"] == "ru"]
-    assert alone["languages"]["ru"]["mean_candidates"] < sum(len(ex["passages"]) for ex in ru)
+    assert alone.details["languages"]["ru"]["mean_candidates"] < sum(len(ex["passages"]) for ex in ru)
 
 
 def test_tatoeba(shared_data):
@@ -183,11 +196,18 @@ def test_tatoeba(shared_data):
         s = a @ b.T  # the embedder normalises, so this is cosine
         want_xx2en = np.mean(np.argmax(s, axis=1) == np.arange(300))
         want_en2xx = np.mean(np.argmax(s, axis=0) == np.arange(300))  # argmax: first index among ties
-        assert result["languages"][lang]["xx2en"] == pytest.approx(want_xx2en)
-        assert result["languages"][lang]["en2xx"] == pytest.approx(want_en2xx)
+        assert result.details["languages"][lang]["xx2en"] == pytest.approx(want_xx2en)
+        assert result.details["languages"][lang]["en2xx"] == pytest.approx(want_en2xx)
         assert 0 < want_xx2en < 1
-    assert result["summary"]["xx2en"] == pytest.approx(np.mean([result["languages"][x]["xx2en"]
+    assert result.summary["xx2en"] == pytest.approx(np.mean([result.details["languages"][x]["xx2en"]
                                                                 for x in ("deu", "spa")]))
+    pq = result.per_query["pairs"]  # one row per sentence pair: the hit of each direction
+    assert pq.languages == ["deu"] * 300 + ["spa"] * 300 and pq.ids[:2] == ["0", "1"]
+    for lang in ("deu", "spa"):
+        rows = [i for i, x in enumerate(pq.languages) if x == lang]
+        for d in ("xx2en", "en2xx"):
+            assert set(pq.values[d][rows]) <= {0.0, 1.0}
+            assert pq.values[d][rows].mean() == pytest.approx(result.details["languages"][lang][d])
     with pytest.raises(FileNotFoundError, match="three-letter"):
         TatoebaEvaluator("tatoeba", data_dir, ["de"]).run(emb)
 

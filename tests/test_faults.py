@@ -11,7 +11,7 @@ from scale_helpers import max_abs_diff
 from scale_runs import STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
 
 from mlret.metrics_log import read_metrics
-from mlret.soak import complete_steps, kill_soak
+from mlret.testing.soak import complete_steps, kill_soak
 
 
 def test_kill9_restarts_end_like_an_uninterrupted_run(reference_run, scale_run_args, compile_cache, tmp_path):
@@ -35,8 +35,9 @@ def test_kill9_restarts_end_like_an_uninterrupted_run(reference_run, scale_run_a
 
 def test_poisoned_batches_are_skipped_then_stop_the_run(scale_run_args, compile_cache, tmp_path):
     # One poisoned batch at step 3 (skipped, training goes on), then three in a row from step 12: the limit.
-    p = run_together([train_cmd(tmp_path, scale_run_args, "--config.train.inject_nan_steps=3,12,13,14",
-                                "--config.optim.max_nonfinite_in_row=3")],
+    # mlret.testing.train: mlret.train's command line with the fault hooks (mlret/testing/faults.py) armed.
+    p = run_together([train_cmd(tmp_path, scale_run_args, "--inject_nan_steps=3,12,13,14",
+                                "--config.optim.max_nonfinite_in_row=3", module="mlret.testing.train")],
                      [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
     assert p.returncode not in (0, None), p.stderr[-3000:]
     assert ("NonFiniteError: step 14: the loss or gradients were non-finite for 3 steps in a row "

@@ -16,7 +16,7 @@ from flax import nnx
 from mlret import flops, parallel
 from mlret.config import default_config
 from mlret.models import DualEncoder, Encoder, EncoderConfig, Tied
-from mlret.step import Trainer
+from mlret.step import build_train_step
 
 B, G = 4, 2
 
@@ -34,7 +34,7 @@ def xla_step_flops(layers: int, query_len: int, passage_len: int) -> float:
     c = default_config()
     c.mesh.data = 1
     c.train.steps, c.optim.warmup_steps = 10, 2
-    trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+    trainer, _ = build_train_step(model, c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
     shapes = {"query_ids": (B, query_len), "query_mask": (B, query_len), "passage_ids": (B, G, passage_len),
               "passage_mask": (B, G, passage_len), "unit_id": (B,)}
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=trainer.batch_shardings[k])

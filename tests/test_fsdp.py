@@ -12,7 +12,7 @@ import pytest
 from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
-from mlret.step import Trainer
+from mlret.step import build_train_step
 
 HIDDEN, VOCAB, STEPS = 64, 128, 3
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
@@ -21,11 +21,11 @@ MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 def _trainer(mesh_shape):
     c = tiny_config(mesh_shape, steps=STEPS)
     c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 0  # updates big enough to tell runs apart
-    return Trainer.create(tiny_model(hidden=HIDDEN, vocab=VOCAB, scale=5.0), c, parallel.make_mesh(c.mesh))
+    return build_train_step(tiny_model(hidden=HIDDEN, vocab=VOCAB, scale=5.0), c, parallel.make_mesh(c.mesh))
 
 
-def _run(t):
-    state = t.init_state()
+def _run(t, params):
+    state = t.init_state(params)
     losses = []
     for s in range(STEPS):
         state, metrics = t.step(state, t.global_batch(tiny_batch(s, batch=16, group=2, vocab=VOCAB)))
@@ -42,12 +42,12 @@ def _bytes_per_device(tree) -> dict:
     return per
 
 
-def _expected_bytes(t) -> int:
+def _expected_bytes(t, params) -> int:
     """Per-device parameter bytes from the model's logical axes and the config's rules, by hand: an axis named
     `embed` is split over fsdp, `vocab`/`heads`/`mlp` over tensor (each mesh axis at most once per array)."""
     fsdp, tensor = t.mesh.shape["fsdp"], t.mesh.shape["tensor"]
     total = 0
-    flat_p = jax.tree.leaves(t.initial_params["model"])
+    flat_p = jax.tree.leaves(params["model"])
     flat_l = jax.tree.leaves(t.param_logical, is_leaf=lambda x: x is None or isinstance(x, tuple))
     for arr, names in zip(flat_p, flat_l, strict=True):
         names = names or ()
@@ -60,8 +60,8 @@ def _expected_bytes(t) -> int:
 def runs():
     out = {}
     for mesh_shape in MESHES:
-        t = _trainer(mesh_shape)
-        state, losses = _run(t)
+        t, params = _trainer(mesh_shape)
+        state, losses = _run(t, params)
         out[mesh_shape] = (t, jax.device_get(state["params"]), losses, _bytes_per_device(state["params"]),
                            _bytes_per_device(state["opt_state"]))
     return out
@@ -79,11 +79,11 @@ def test_sharded_training_follows_data_parallel(runs, mesh_shape):
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_parameter_bytes_per_device_fall_with_fsdp_and_tensor(runs, mesh_shape):
-    t, _, _, param_bytes, opt_bytes = runs[mesh_shape]
+    t, params, _, param_bytes, opt_bytes = runs[mesh_shape]
     assert len(param_bytes) == 8
-    expected = _expected_bytes(t)
+    expected = _expected_bytes(t, params)
     assert set(param_bytes.values()) == {expected}  # every device holds exactly its share
-    total = sum(a.nbytes for a in jax.tree.leaves(t.initial_params))
+    total = sum(a.nbytes for a in jax.tree.leaves(params))
     split = t.mesh.shape["fsdp"] * t.mesh.shape["tensor"]
     # Only vectors escape the full split (LayerNorm and output biases are replicated, the other biases split over
     # tensor alone): at most a quarter more than an even split, for this narrow model.

@@ -10,7 +10,7 @@ from mlret import parallel
 from mlret.config import validate
 from mlret.errors import GradCacheError
 from mlret.gradcache import from_chunks, to_chunks
-from mlret.step import Trainer
+from mlret.step import build_train_step
 
 # Every loss term that has parameters or couples pairs: learnable τ, both directions, the variance penalty.
 LOSS = dict(learnable_temperature=True, symmetric=True, within_view=True, vrn_weight=0.1)
@@ -20,8 +20,8 @@ LOSS = dict(learnable_temperature=True, symmetric=True, within_view=True, vrn_we
 def plain():
     """Loss and gradients of the plain (uncached) step on one device."""
     c = tiny_config((1, 1, 1), **LOSS)
-    t = Trainer.create(tiny_model(tied=False), c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
-    (loss, metrics), grads = t.grad_fn()(t.initial_params, t.global_batch(tiny_batch()))
+    t, params = build_train_step(tiny_model(tied=False), c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+    (loss, metrics), grads = t.grad_fn()(params, t.global_batch(tiny_batch()))
     return float(loss), jax.device_get(metrics), jax.device_get(grads)
 
 
@@ -40,8 +40,8 @@ def test_cached_loss_and_grads_equal_plain(plain, mesh_shape, chunk):
     c = tiny_config(mesh_shape, **LOSS)
     c.train.grad_cache_chunk = chunk
     devices = jax.devices()[:1] if mesh_shape == (1, 1, 1) else None
-    t = Trainer.create(tiny_model(tied=False), c, parallel.make_mesh(c.mesh, devices))
-    (loss, metrics), grads = t.grad_fn()(t.initial_params, t.global_batch(tiny_batch()))
+    t, params = build_train_step(tiny_model(tied=False), c, parallel.make_mesh(c.mesh, devices))
+    (loss, metrics), grads = t.grad_fn()(params, t.global_batch(tiny_batch()))
     assert abs(float(loss) - ref_loss) <= 1e-5
     assert abs(float(metrics["accuracy"]) - float(ref_metrics["accuracy"])) <= 1e-6
     assert max_abs_diff(grads, ref_grads) <= 1e-5
@@ -55,9 +55,9 @@ def test_cached_loss_and_grads_equal_plain(plain, mesh_shape, chunk):
 def test_cached_step_trains_and_compiles_once():
     c = tiny_config((8, 1, 1))
     c.train.grad_cache_chunk = 8
-    t = Trainer.create(tiny_model(), c, parallel.make_mesh(c.mesh))
+    t, params = build_train_step(tiny_model(), c, parallel.make_mesh(c.mesh))
     batch = t.global_batch(tiny_batch())
-    state = t.init_state()
+    state = t.init_state(params)
     losses = []
     for _ in range(4):
         state, metrics = t.step(state, batch)

@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from mlret.eval.base import EvalContext, EvaluatorSpec, embed
+from mlret.eval.base import EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -33,9 +33,12 @@ class SelfRetrieval:
         texts = Path(self.path).read_text(encoding="utf-8").splitlines()[: self.max_sentences or None]
         q = embed(embedder.queries, texts, f"{self.name} queries")
         p = embed(embedder.passages, texts, f"{self.name} passages")
-        top1 = np.argmax(q @ p.T, axis=1)
-        return {"summary": {"self_top1": float(np.mean(top1 == np.arange(len(texts)))),
-                            "mean_norm": float(np.linalg.norm(q, axis=1).mean()), "sentences": float(len(texts))}}
+        hits = (np.argmax(q @ p.T, axis=1) == np.arange(len(texts))).astype(np.float64)
+        summary = {"self_top1": float(np.mean(hits)), "mean_norm": float(np.linalg.norm(q, axis=1).mean()),
+                   "sentences": float(len(texts))}
+        return EvalResult(summary=summary,
+                          per_query={"sentences": PerQuery([str(i) for i in range(len(texts))], [""] * len(texts),
+                                                           {"self_top1": hits})})
 
 
 def _defaults() -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """A short soak through the same code as `scripts/soak.py memory` (the 2,000-step run is in docs/robustness.md):
-the real loop in process with periodic evaluation under `mlret.soak.ResourceMonitor` compiles nothing after the
-first evaluation and keeps resident memory within 5% after it."""
+the real loop in process with periodic evaluation, watched by the `mlret.testing.soak.ResourceMonitor` hook,
+compiles nothing after the first evaluation and keeps resident memory within 5% after it."""
 
 import sys
 

@@ -9,7 +9,7 @@ from flax import nnx
 from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
-from mlret.step import Trainer, decay_mask, learning_rate_schedule
+from mlret.step import build_train_step, decay_mask, learning_rate_schedule
 
 # tiny_batch's defaults: B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape.
 B, G = 24, 3
@@ -22,8 +22,8 @@ def reference():
     """Loss and gradients on one device."""
     c = tiny_config((1, 1, 1), **LOSS)
     mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
-    t = Trainer.create(tiny_model(), c, mesh)
-    (loss, metrics), grads = t.grad_fn()(t.initial_params, t.global_batch(tiny_batch()))
+    t, params = build_train_step(tiny_model(), c, mesh)
+    (loss, metrics), grads = t.grad_fn()(params, t.global_batch(tiny_batch()))
     return float(loss), jax.device_get(grads)
 
 
@@ -37,28 +37,29 @@ def _max_abs_diff(a, b):
 def test_sharded_loss_and_grads_equal_single_device(reference, mesh_shape, gather):
     ref_loss, ref_grads = reference
     c = tiny_config(mesh_shape, gather=gather, **LOSS)
-    t = Trainer.create(tiny_model(), c, parallel.make_mesh(c.mesh))
-    (loss, _), grads = t.grad_fn()(t.initial_params, t.global_batch(tiny_batch()))
+    t, params = build_train_step(tiny_model(), c, parallel.make_mesh(c.mesh))
+    (loss, _), grads = t.grad_fn()(params, t.global_batch(tiny_batch()))
     assert abs(float(loss) - ref_loss) <= 1e-5
     assert _max_abs_diff(grads, ref_grads) <= 1e-5
     # The gradients are not trivially small (the comparison means something).
     assert max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(ref_grads)) > 1e-2
     if mesh_shape == (2, 2, 2):  # weights really are split over fsdp and tensor
-        spec = t.initial_params["model"]["towers"]["encoder"]["layers"][0]["intermediate"]["kernel"].sharding.spec
+        spec = params["model"]["towers"]["encoder"]["layers"][0]["intermediate"]["kernel"].sharding.spec
         assert tuple(spec) == ("fsdp", "tensor")
 
 
 @pytest.fixture(scope="module")
 def step_8():
-    """The train step on the (8, 1, 1) mesh, compiled once for the tests below."""
+    """The train step on the (8, 1, 1) mesh, compiled once for the tests below, and a fresh state maker (each
+    state owns its own copy of the loaded weights: the step donates it)."""
     c = tiny_config((8, 1, 1))
-    t = Trainer.create(tiny_model(), c, parallel.make_mesh(c.mesh))
-    return t, t.global_batch(tiny_batch())
+    t, params = build_train_step(tiny_model(), c, parallel.make_mesh(c.mesh))
+    return t, t.global_batch(tiny_batch()), lambda: t.init_state(jax.tree.map(jnp.copy, params))
 
 
 def test_score_matrix_is_sharded_by_query_rows(step_8):
-    t, batch = step_8
-    hlo = t.step.lower(t.init_state(), batch).compile().as_text()
+    t, batch, fresh = step_8
+    hlo = t.step.lower(fresh(), batch).compile().as_text()
     rows = B // 8
     # Per device: a [B/8, B*G] block of the scores; the full [B, B*G] matrix never exists on one device.
     assert f"f32[{rows},{B * G}]" in hlo
@@ -66,8 +67,8 @@ def test_score_matrix_is_sharded_by_query_rows(step_8):
 
 
 def test_step_compiles_once_and_learns(step_8):
-    t, batch = step_8
-    state = t.init_state()
+    t, batch, fresh = step_8
+    state = fresh()
     losses = []
     for _ in range(6):
         state, metrics = t.step(state, batch)
@@ -78,8 +79,8 @@ def test_step_compiles_once_and_learns(step_8):
 
 
 def test_nonfinite_update_is_skipped_and_counted(step_8):
-    t, batch = step_8
-    state = t.init_state()
+    t, batch, fresh = step_8
+    state = fresh()
     kernel = state["params"]["model"]["towers"]["encoder"]["layers"][0]["intermediate"]["kernel"]
     state["params"]["model"]["towers"]["encoder"]["layers"][0]["intermediate"]["kernel"] = kernel.at[0, 0].set(
         jnp.nan)
@@ -118,6 +119,6 @@ def test_trainer_refuses_a_large_weight_the_rules_cannot_shard():
     c = tiny_config((4, 1, 2))
     with pytest.raises(parallel.ShardingError, match=r"'word'\]\['embedding'\] \(95, 32\) logical \('vocab', "
                                                       r"'embed'\): rules shard vocab->tensor"):
-        Trainer.create(model, c, parallel.make_mesh(c.mesh))
+        build_train_step(model, c, parallel.make_mesh(c.mesh))
     c.mesh.replicated_param_threshold = 95 * 32  # at the threshold it may stay replicated
-    Trainer.create(model, c, parallel.make_mesh(c.mesh))
+    build_train_step(model, c, parallel.make_mesh(c.mesh))

@@ -1,5 +1,6 @@
 """scripts/study.py without a model: its per-query values reproduce the evaluators' summaries, its paired test
-and Holm adjustment behave, and the report (tables, tests, figures, results.md section) is built from run files.
+and Holm adjustment behave, and the report (tables, tests, figures, results.md section) is built from run files;
+and with the tiny model, its training runs through mlret's loop: the same losses as `mlret.train.train`.
 
 The embedder is mlret.eval.base.NgramEmbedder (real, imperfect rankings of the real XQuAD-R / Tatoeba text)."""
 
@@ -29,21 +30,16 @@ def study():
 
 @pytest.fixture(scope="module")
 def ngram_results(study, shared_data):
-    """(results, per_query) of the NgramEmbedder on an XQuAD-R slice and a Tatoeba slice, through the study's
-    recording embedder and per-query code."""
+    """(result blocks, per_query) of the NgramEmbedder on an XQuAD-R slice and a Tatoeba slice: the study's
+    tested per-query values, taken from the evaluators' per-query results."""
     from mlret.eval import run_evaluators
     from mlret.eval.lareqa import LareqaEvaluator
     from mlret.eval.tatoeba import TatoebaEvaluator
 
     evaluators = [LareqaEvaluator("xquad_r", str(shared_data / "xquad-r"), LANGS, max_paragraphs=3, plots=False),
                   TatoebaEvaluator("tatoeba", str(shared_data / "tatoeba" / "v1"), ("deu", "cmn"), max_sentences=40)]
-    results, per_query = {}, {}
-    for ev in evaluators:
-        rec = study.RecordingEmbedder(NgramEmbedder())
-        results[ev.name] = run_evaluators([ev], rec)[ev.name]
-        per_query.update(study.lareqa_per_query(ev, rec.calls) if ev.name == "xquad_r"
-                         else study.tatoeba_per_query(ev, rec.calls))
-    return results, per_query
+    results = run_evaluators(evaluators, NgramEmbedder())
+    return {name: r.block() for name, r in results.items()}, study.per_query_values(results)
 
 
 def macro(per_query: dict[str, float]) -> float:
@@ -168,3 +164,33 @@ def test_report_from_run_files(study, ngram_results, tmp_path):
     assert "kept text" in text and text.count(study.MARK_BEGIN) == 1 and "- a scale note" in text
     assert "| InfoNCE, in-batch | hybrid (α=0.5) | 2 |" in text and "**multi MRR** (XQuAD-R" in text
     assert json.loads((docs / "summary.json").read_text())["models"]["ngram"]["model_name"] == "ngram-512"
+
+
+def test_a_study_run_is_a_train_run(study, random_bert_path, shared_data, tmp_path):
+    """No second training loop: a study run and `mlret.train.train` with the same config take the same steps on
+    the same batches (both are mlret.loop.run_loop), so every step's loss is the same; the study run gets the
+    metric writer too."""
+    import jax
+
+    from mlret.config import load_config_file, validate
+    from mlret.metrics_log import read_metrics
+    from mlret.train import train
+
+    c = load_config_file(REPO / "configs" / "smoke.py")
+    c.model.name = str(random_bert_path)
+    c.data.data_dir, c.data.tfds_dir = str(shared_data), str(tmp_path / "tfds")
+    c.data.global_batch, c.data.query_len, c.data.passage_len = 8, 16, 32
+    c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 1
+    c.mesh.data, c.mesh.simulated_cpu_devices = 8, 0
+    c.train.steps, c.train.log_every = 4, 1
+    c.eval.evaluators, c.eval.xquad_r.languages = "xquad_r", "en"
+    c.checkpoint.every = 0
+    validate(c, devices=jax.device_count(), processes=1)
+    ref = train(c, tmp_path / "train")
+    _, record = study.ModelRunner("tiny", c).train(c.data.alpha, c.seed, tmp_path / "study")
+    assert sorted(ref.losses) == [1, 2, 3, 4]
+    assert record["losses"] == [ref.losses[s] for s in range(1, 5)]
+    assert len(set(record["losses"])) == 4 and record["nonfinite_total"] == 0
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "study")}
+    assert [logged[s]["loss"] for s in range(1, 5)] == record["losses"]
+    assert [logged[s]["batch_type"] for s in range(1, 5)] == record["batch_types"]

@@ -79,7 +79,7 @@ def test_exact_resume_after_sigkill(tiny_args, run_a, tmp_path, random_bert_path
     common = [*tiny_args, *RUN_A]
     workdir_a, a = run_a
 
-    killed = run(train_cmd(tmp_path / "b", common), MLRET_TEST_SIGKILL_AFTER_STEP="25")
+    killed = run(train_cmd(tmp_path / "b", common, module="mlret.testing.train"), MLRET_TEST_SIGKILL_AFTER_STEP="25")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["20"]
     assert max(losses(tmp_path / "b")) >= 21  # it ran past the checkpoint before dying

@@ -56,7 +56,7 @@ def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, 
     for name in ("config.json", "model.safetensors", "modules.json", "config_sentence_transformers.json"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
-    assert f"{result.eval_results['xquad_r']['summary']['multi_map']:.4f}" in card
+    assert f"{result.eval_results['xquad_r'].summary['multi_map']:.4f}" in card
     assert_card_is_complete(card, c, result)
 
     # The exported tensors are the trained ones (the run's final checkpoint), not the starting weights.
@@ -72,7 +72,7 @@ def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, 
     (out / "model.safetensors").unlink()
     again = train(c, workdir)
     assert again.start_step == again.end_step == 3 and not again.losses
-    assert again.eval_results["xquad_r"]["summary"] == result.eval_results["xquad_r"]["summary"]
+    assert again.eval_results["xquad_r"].summary == result.eval_results["xquad_r"].summary
     np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))[key], exported[key])
 
 
@@ -83,7 +83,7 @@ def assert_card_is_complete(card: str, c, result) -> None:
     from mlret.eval.report import comparison
 
     # Evaluation: the protocol, the table with the zero-shot numbers beside the trained ones, the commands.
-    zero, trained = result.zero_shot["xquad_r"], result.eval_results["xquad_r"]["summary"]
+    zero, trained = result.zero_shot["xquad_r"], result.eval_results["xquad_r"].summary
     assert "LAReQA" in card and "rank distance" in card
     for line in comparison("xquad_r", trained, zero, step=3).markdown():
         assert line in card, line

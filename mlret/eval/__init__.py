@@ -4,7 +4,7 @@ ScaNN retrieval, trec_eval-compatible metrics, and the sharded encoder that feed
 The training loop and `python -m mlret.evaluate` use three calls:
 
     evaluators = build_evaluators(config)              # from config.eval (names in config.eval.evaluators)
-    results = run_evaluators(evaluators, embedder, step, output_dir)   # {name: {"summary": {...}, ...}}
+    results = run_evaluators(evaluators, embedder, step, output_dir)   # {name: EvalResult}
     flat_metrics(results)                              # {"xquad_r/multi_map": 0.41, ...} for logs / best ckpt
 
 An embedder is anything with `.queries(texts)` / `.passages(texts)` -> float32 [N, D]; `mlret.eval.encode.
@@ -22,12 +22,12 @@ from typing import Any
 
 from mlret.errors import ConfigError
 from mlret.eval import registry
-from mlret.eval.base import Embedder, EvalContext, Evaluator, EvaluatorSpec, parse_list
+from mlret.eval.base import Embedder, EvalContext, EvalResult, Evaluator, EvaluatorSpec, parse_list
 from mlret.eval.retrieval import REORDER_DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Embedder", "EvalContext", "Evaluator", "EvaluatorSpec", "build_evaluators", "flat_metrics",
+__all__ = ["Embedder", "EvalContext", "EvalResult", "Evaluator", "EvaluatorSpec", "build_evaluators", "flat_metrics",
            "format_table", "register", "run_evaluators", "validate_eval_config"]
 
 register = registry.register
@@ -79,36 +79,36 @@ def build_evaluators(config: Any, names: Sequence[str] | None = None) -> list[Ev
 
 
 def run_evaluators(evaluators: Sequence[Evaluator], embedder: Embedder, step: int | None = None,
-                   output_dir: str | None = None) -> dict[str, dict[str, Any]]:
-    """Run each evaluator; returns {name: block}, each block with a flat `summary`, `step` and `seconds`.
+                   output_dir: str | None = None) -> dict[str, EvalResult]:
+    """Run each evaluator; returns {name: EvalResult} with `step` and `seconds` filled in.
 
     Every host must call this with the same evaluators (the sharded embedder steps all hosts together); the
     matrices and heatmaps are written by process 0 only when `output_dir` is given.
     """
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, EvalResult] = {}
     write = output_dir if output_dir and _process_index() == 0 else None
     for ev in evaluators:
         t0 = time.perf_counter()
-        block = ev.run(embedder, write)
-        block["seconds"] = time.perf_counter() - t0
-        block["step"] = step
-        results[ev.name] = block
+        result = ev.run(embedder, write)
+        result.seconds = time.perf_counter() - t0
+        result.step = step
+        results[ev.name] = result
         log.info("eval %s%s: %s (%.1f s)", ev.name, "" if step is None else f" at step {step}",
-                 ", ".join(f"{k}={v:.4f}" for k, v in block["summary"].items()), block["seconds"])
+                 ", ".join(f"{k}={v:.4f}" for k, v in result.summary.items()), result.seconds)
     return results
 
 
-def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+def flat_metrics(results: dict[str, EvalResult]) -> dict[str, float]:
     """{"<evaluator>/<summary key>": value} over all evaluators (what training logs and best_metric names)."""
-    return {f"{name}/{k}": float(v) for name, block in results.items() for k, v in block["summary"].items()}
+    return {f"{name}/{k}": float(v) for name, result in results.items() for k, v in result.summary.items()}
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
+def format_table(results: dict[str, EvalResult]) -> str:
     """A plain-text table: one block per evaluator, one line per summary metric."""
     lines = []
-    for name, block in results.items():
-        lines.append(f"{name}" + (f"  (step {block['step']})" if block.get("step") is not None else ""))
-        for k, v in block["summary"].items():
+    for name, result in results.items():
+        lines.append(f"{name}" + (f"  (step {result.step})" if result.step is not None else ""))
+        for k, v in result.summary.items():
             lines.append(f"  {k:<24} {'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'}")
     return "\n".join(lines)
 

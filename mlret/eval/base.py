@@ -1,8 +1,11 @@
-"""What every evaluator shares: the embedder it is given, the averaging rule, and how results are written.
+"""What every evaluator shares: the embedder it is given, the result it returns, the averaging rule, and how
+results are written.
 
 Evaluators know nothing of training or of the model: they receive an `Embedder` (anything with `.queries(texts)`
 and `.passages(texts)` returning float32 numpy arrays [N, D]: the sharded JAX encoder in `mlret.eval.encode`, or a
-stand-in in tests) and return a JSON-able result block whose `summary` is a flat `{metric: float}` dict.
+stand-in in tests) and return an `EvalResult`: a flat `summary` ({metric: float}), JSON-able `details` (per-language
+tables, options, files) and the `per_query` values the summary averages (`PerQuery`, by setting), which paired
+significance tests need.
 """
 
 from __future__ import annotations
@@ -31,13 +34,57 @@ class Embedder(Protocol):
     def passages(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+@dataclasses.dataclass
+class PerQuery:
+    """Per-query values of one setting: row i is query `ids[i]` in language `languages[i]` (and, where the setting
+    pairs a query language with a candidate language, against `targets[i]`); `values` maps a metric to its float64
+    column. A query id names the same question in every language where the benchmark translates its questions."""
+
+    ids: list[str]
+    languages: list[str]
+    values: dict[str, np.ndarray]
+    targets: list[str] | None = None
+
+    @classmethod
+    def concat(cls, parts: Sequence[PerQuery]) -> PerQuery:
+        """The rows of `parts` one after another (all with the same metrics)."""
+        targets = [t for p in parts for t in p.targets] if parts and parts[0].targets is not None else None
+        return cls(ids=[i for p in parts for i in p.ids], languages=[x for p in parts for x in p.languages],
+                   values={k: np.concatenate([np.asarray(p.values[k], np.float64) for p in parts])
+                           for k in (parts[0].values if parts else {})}, targets=targets)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ids": list(self.ids), "languages": list(self.languages)}
+        if self.targets is not None:
+            out["targets"] = list(self.targets)
+        out["values"] = {k: np.asarray(v, np.float64).tolist() for k, v in self.values.items()}
+        return out
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What `Evaluator.run` returns. `summary`: flat {metric: float} (what training logs and best checkpoints
+    rank by); `details`: JSON-able tables (per language, options, written files); `per_query`: the per-query values
+    the summary averages, by setting. `run_evaluators` fills in `step` and `seconds`."""
+
+    summary: dict[str, float]
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    per_query: dict[str, PerQuery] = dataclasses.field(default_factory=dict)
+    step: int | None = None
+    seconds: float | None = None
+
+    def block(self) -> dict[str, Any]:
+        """The JSON block of `python -m mlret.evaluate --out` (summary, details, step, seconds; no per-query)."""
+        return {"summary": self.summary, **self.details, "step": self.step, "seconds": self.seconds}
+
+
 @runtime_checkable
 class Evaluator(Protocol):
-    """One benchmark: `run(embedder, output_dir)` returns {"summary": {...}, ...} (JSON-able)."""
+    """One benchmark: `run(embedder, output_dir)` returns an `EvalResult`."""
 
     name: str
 
-    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]: ...
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult: ...
 
 
 @dataclasses.dataclass(frozen=True)

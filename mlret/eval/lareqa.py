@@ -34,7 +34,18 @@ from mlret.data import datasets
 from mlret.data.readers import read_lareqa
 from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, heatmap, macro_mean, parse_list, write_json
+from mlret.eval.base import (
+    Embedder,
+    EvalContext,
+    EvalResult,
+    EvaluatorSpec,
+    PerQuery,
+    embed,
+    heatmap,
+    macro_mean,
+    parse_list,
+    write_json,
+)
 from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
@@ -128,13 +139,17 @@ def multi_relevant(langs: dict[str, LareqaLanguage]) -> dict[str, list[list[int]
 
 def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, np.ndarray],
                         cand_emb: dict[str, np.ndarray], settings: Sequence[str] = SETTINGS,
-                        map_k: int = 0, retrieval: RetrievalOptions | None = None) -> dict[str, Any]:
+                        map_k: int = 0, retrieval: RetrievalOptions | None = None) -> EvalResult:
     """All LAReQA metrics from per-language query and candidate embeddings (pure: no model, no I/O).
+
+    `details` holds the per-language tables (`mono[x]`, `cross[x][y]`, `multi[x]`: means over the queries),
+    `per_query` the values they average: "mono" and "multi" one row per question of each query language, "cross"
+    one row per question and target language (`targets`).
 
     With `retrieval.rank_with_index`, ranks come from the index's top `rank_k` (per language in the multilingual
     pool with `per_language_index`) instead of the full exact ranking: the metrics of the truncated ranking, the
     rank distance counting an unranked relevant sentence as rank_k + 1; the searches' info (recall against exact
-    search) is in result["search"]."""
+    search) is in details["search"]."""
     search: dict[str, list] = {}
     use_index = retrieval is not None and retrieval.rank_with_index
     rank = index_ranks(retrieval, "lareqa", search) if use_index else full_ranks
@@ -145,6 +160,7 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
     multi = multi_relevant(langs) if "multi" in settings else {}
     cand_lang = np.repeat(order, [len(cand_emb[x]) for x in order])
     result: dict[str, Any] = {"languages": order, "mono": {}, "cross": {}, "multi": {}, "queries": {}}
+    rows: dict[str, list[PerQuery]] = {s: [] for s in settings}
 
     for x in order:
         qx = query_emb[x]
@@ -158,17 +174,23 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
                     continue
                 rel = [[golds[y][langs[x].question_ids[i]]] for i in keep]
                 ranks = rank(qx[keep], cand_emb[y], rel)
-                m = _means(_per_query(ranks, np.ones(len(keep)), map_k, multi=False))
+                values = _per_query(ranks, np.ones(len(keep)), map_k, multi=False)
+                m = _means(values)
                 m["queries"] = len(keep)
+                ids = [langs[x].question_ids[i] for i in keep]
                 if x == y:
                     result["mono"][x] = m
+                    rows["mono"].append(PerQuery(ids, [x] * len(ids), values))
                 else:
                     result["cross"].setdefault(x, {})[y] = m
+                    rows["cross"].append(PerQuery(ids, [x] * len(ids), values, targets=[y] * len(ids)))
         if "multi" in settings:
             rel = multi[x]
             ranks = rank(qx, all_cands, rel, cand_lang)
             n_rel = np.array([len(r) for r in rel], dtype=np.float64)
-            m = _means(_per_query(ranks, n_rel, map_k, multi=True, cap=cap))
+            values = _per_query(ranks, n_rel, map_k, multi=True, cap=cap)
+            rows["multi"].append(PerQuery(list(langs[x].question_ids), [x] * len(rel), values))
+            m = _means(values)
             m["queries"] = len(rel)
             m["mean_relevant"] = float(n_rel.mean()) if len(n_rel) else float("nan")
             result["multi"][x] = m
@@ -177,12 +199,13 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
         result["search"] = search["lareqa"]
     result["candidates"] = {x: len(langs[x].sentences) for x in order}
     result["candidates_total"] = len(all_cands)
-    result["summary"] = summarize(result, map_k)
+    summary = summarize(result, map_k)
     recalls = [min(i["recall_vs_exact"], *i.get("recall_by_language", {}).values()) for i in result.get("search", [])
                if "recall_vs_exact" in i]
     if recalls:  # approximate search: its worst recall against exact (overall or in a candidate language)
-        result["summary"]["search_recall_min"] = min(recalls)
-    return result
+        summary["search_recall_min"] = min(recalls)
+    return EvalResult(summary=summary, details=result,
+                      per_query={s: PerQuery.concat(parts) for s, parts in rows.items() if parts})
 
 
 def summarize(result: dict[str, Any], map_k: int = 0) -> dict[str, float]:
@@ -283,7 +306,7 @@ class LareqaEvaluator:
             return list(lang.sentences)
         return [s + self.context_separator + c for s, c in zip(lang.sentences, lang.paragraphs)]
 
-    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult:
         langs = self.langs
         order = list(langs)
         questions = [q for x in order for q in langs[x].questions]
@@ -299,11 +322,11 @@ class LareqaEvaluator:
             q_emb[x], c_emb[x] = q_all[qo:qo + nq], c_all[co:co + nc]
             qo, co = qo + nq, co + nc
         result = evaluate_embeddings(langs, q_emb, c_emb, self.settings, self.map_k, self.retrieval)
-        result["options"] = {"data_dir": self.data_dir, "candidate_context": self.candidate_context,
-                             "max_paragraphs": self.max_paragraphs, "map_k": self.map_k,
-                             "settings": list(self.settings)}
+        result.details["options"] = {"data_dir": self.data_dir, "candidate_context": self.candidate_context,
+                                     "max_paragraphs": self.max_paragraphs, "map_k": self.map_k,
+                                     "settings": list(self.settings)}
         if output_dir:
-            result["files"] = save_matrices(result, self.name, output_dir, self.plots)
+            result.details["files"] = save_matrices(result.details, self.name, output_dir, self.plots)
         return result
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from mlret.data import datasets
-from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
+from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.retrieval import ExactIndex
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,11 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def bitext_accuracy(src: np.ndarray, tgt: np.ndarray) -> float:
-    """Fraction of rows i whose nearest target (cosine, ties by index) is row i."""
+def bitext_hits(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+    """Per row i: 1.0 when its nearest target (cosine, ties by index) is row i, else 0.0."""
     top = ExactIndex(_normalize(tgt)).search(_normalize(src), 1).indices[:, 0]
-    return float(np.mean(top == np.arange(len(src))))
+    return (top == np.arange(len(src))).astype(np.float64)
+
 
 
 class TatoebaEvaluator:
@@ -65,24 +65,29 @@ class TatoebaEvaluator:
         self.max_sentences = max_sentences
         self.encode_as = encode_as
 
-    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult:
+        """Summary xx2en, en2xx and their mean `acc`; per query: setting "pairs", one row per sentence pair (id:
+        its line number) with the hits of both directions."""
         fn = embedder.queries if self.encode_as == "query" else embedder.passages
         pairs = {lang: read_pair(self.data_dir, lang, self.max_sentences) for lang in self.languages}
         texts = [t for xx, en in pairs.values() for t in xx + en]
         log.info("%s: encoding %d sentences (%d languages)", self.name, len(texts), len(pairs))
         emb = embed(fn, texts, f"{self.name} sentences")
         per_lang: dict[str, dict[str, float]] = {}
+        rows = []
         o = 0
         for lang, (xx, _) in pairs.items():
             e_xx, e_en = emb[o:o + len(xx)], emb[o + len(xx):o + 2 * len(xx)]
             o += 2 * len(xx)
-            per_lang[lang] = {"xx2en": bitext_accuracy(e_xx, e_en), "en2xx": bitext_accuracy(e_en, e_xx),
-                              "sentences": len(xx)}
+            hits = {"xx2en": bitext_hits(e_xx, e_en), "en2xx": bitext_hits(e_en, e_xx)}
+            rows.append(PerQuery([str(i) for i in range(len(xx))], [lang] * len(xx), hits))
+            per_lang[lang] = {k: float(np.mean(v)) for k, v in hits.items()} | {"sentences": len(xx)}
         summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in ("xx2en", "en2xx")}
         summary["acc"] = (summary["xx2en"] + summary["en2xx"]) / 2
-        return {"summary": summary, "languages": per_lang,
-                "options": {"data_dir": self.data_dir, "max_sentences": self.max_sentences,
-                            "encode_as": self.encode_as}}
+        return EvalResult(summary=summary, details={
+            "languages": per_lang,
+            "options": {"data_dir": self.data_dir, "max_sentences": self.max_sentences, "encode_as": self.encode_as}},
+            per_query={"pairs": PerQuery.concat(rows)})
 
 
 # ------------------------------------------------------------------------------------------------ registry

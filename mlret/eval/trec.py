@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from mlret.data import datasets
 from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
+from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.corpus import open_text
 from mlret.eval.retrieval import RetrievalOptions
 from mlret.eval.sharded import encode_corpus_shard, global_docids, sharded_topk
@@ -131,25 +132,30 @@ class TrecEvaluator:
         run = {qid: {d: float(s) for d, s in zip(docids[i], top.scores[i])} for i, qid in enumerate(topics)}
         return run, top.info
 
-    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult:
+        """Summary: macro means over languages; per query: setting "queries", one row per scored topic."""
+        names = {"ndcg10": "ndcg_cut_10", "recall100": "recall_100", "mrr100": "recip_rank_100"}
         per_lang: dict[str, dict[str, float]] = {}
         search: dict[str, Any] = {}
+        rows = []
         for lang in self.languages:
             run, info = self.retrieve(embedder, lang)
             _, qrels = self.queries(lang)
             per_query = M.trec_metrics(run, qrels, ndcg_k=(10,), recall_k=(100,), rr_k=(100,))
             means = M.mean_metrics(per_query)
-            per_lang[lang] = {"ndcg10": means["ndcg_cut_10"], "recall100": means["recall_100"],
-                              "mrr100": means["recip_rank_100"], "queries": len(per_query)}
+            per_lang[lang] = {k: means[trec] for k, trec in names.items()} | {"queries": len(per_query)}
+            rows.append(PerQuery(list(per_query), [lang] * len(per_query),
+                                 {k: np.array([m[trec] for m in per_query.values()]) for k, trec in names.items()}))
             search[lang] = info
-        summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in ("ndcg10", "recall100", "mrr100")}
+        summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in names}
         summary["mrr"] = summary["mrr100"]
         recalls = [info["recall_vs_exact"] for info in search.values() if "recall_vs_exact" in info]
         if recalls:  # approximate search: its worst language's recall against exact search, logged every time
             summary["search_recall_min"] = min(recalls)
-        return {"summary": summary, "languages": per_lang, "search": search,
-                "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split,
-                            "top_k": self.top_k, "max_queries": self.max_queries}}
+        return EvalResult(summary=summary, details={
+            "languages": per_lang, "search": search,
+            "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split, "top_k": self.top_k,
+                        "max_queries": self.max_queries}}, per_query={"queries": PerQuery.concat(rows)})
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -29,7 +29,7 @@ import numpy as np
 from mlret.data import datasets
 from mlret.errors import DataError
 from mlret.eval import metrics as M
-from mlret.eval.base import Embedder, EvalContext, EvaluatorSpec, embed, macro_mean, parse_list
+from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,9 @@ class TydiQAEvaluator:
         self.min_votes = min_votes
         self.retrieval = retrieval
 
-    def run(self, embedder: Embedder, output_dir: str | None = None) -> dict[str, Any]:
+    def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult:
+        """Summary: mrr and acc1, macro means over languages; per query: setting "questions", one row per scored
+        example (id: its example_id)."""
         examples, skipped = read_examples(self.path, self.languages, self.max_examples, self.min_votes)
         if not examples:
             raise ValueError(f"{self.path}: no example with a gold passage (languages {self.languages or 'all'})")
@@ -154,9 +156,13 @@ class TydiQAEvaluator:
         recalls = [i["recall_vs_exact"] for i in search.get(self.name, []) if "recall_vs_exact" in i]
         if recalls:
             summary["search_recall_min"] = min(recalls)
-        return {"summary": summary, "languages": per_lang, "skipped": skipped, "search": search.get(self.name, []),
-                "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
-                            "max_examples": self.max_examples, "min_votes": self.min_votes}}
+        questions = PerQuery([ex["id"] for ex in examples], [ex["lang"] for ex in examples],
+                             {"mrr": np.asarray(mrr, np.float64), "acc1": np.asarray(acc1, np.float64)})
+        return EvalResult(summary=summary, details={
+            "languages": per_lang, "skipped": skipped, "search": search.get(self.name, []),
+            "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
+                        "max_examples": self.max_examples, "min_votes": self.min_votes}},
+            per_query={"questions": questions})
 
 
 # ------------------------------------------------------------------------------------------------ registry

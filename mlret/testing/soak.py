@@ -8,8 +8,8 @@ records which complete steps are on disk; the next start must resume from the ne
 half-written one), and the last start runs to the end. Whether the final parameters and every step's loss equal
 an uninterrupted run's is left to the caller (scripts/soak.py, tests/test_faults.py), which has that run.
 
-`ResourceMonitor` samples the process's resident set size in a thread, each sample tagged with the training step
-(read from the run's metrics.jsonl), and counts backend compilations through `jax.monitoring`, so a soak can show
+`ResourceMonitor`, a loop hook (`mlret.loop.Hook`), samples the process's resident set size in a thread, each sample
+tagged with the loop's current step, and counts backend compilations through `jax.monitoring`, so a soak can show
 that memory stays flat and nothing recompiles after warm-up.
 """
 
@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from mlret.loop import Hook, Loop
 
 CHECKPOINTS = "checkpoints"
 _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
@@ -181,50 +183,55 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
     return True, during_save
 
 
-class ResourceMonitor:
-    """Resident memory samples and XLA compilations of this process during a training run in `workdir`.
+class ResourceMonitor(Hook):
+    """Resident memory samples and XLA compilations of this process during a training run, as a loop hook.
 
-    Use as a context manager around `mlret.train.train(...)`. `samples` holds (seconds, step, rss bytes) every
-    `interval_s`; `compiles` holds (seconds, step) of every backend compilation.
+    Pass it to the loop (`mlret.train.train(config, workdir, hooks=[monitor])`): from `begin` to `close`,
+    `samples` holds (seconds, step, rss bytes) every `interval_s` and `compiles` (seconds, step) of every backend
+    compilation, `step` being the loop's last dispatched step at that moment.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], interval_s: float = 0.5) -> None:
-        self.workdir = Path(workdir)
+    def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = float(interval_s)
         self.samples: list[tuple[float, int, int]] = []
         self.compiles: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop: Loop | None = None
         self._t0 = 0.0
+
+    def _step(self) -> int:
+        return self._loop.step if self._loop is not None else 0
 
     def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
         if event == BACKEND_COMPILE_EVENT:
-            self.compiles.append((time.time() - self._t0, last_logged_step(self.workdir)))
+            self.compiles.append((time.time() - self._t0, self._step()))
 
     def _sample(self) -> None:
         import psutil
 
         proc = psutil.Process()
         while not self._stop.is_set():
-            self.samples.append((time.time() - self._t0, last_logged_step(self.workdir), proc.memory_info().rss))
+            self.samples.append((time.time() - self._t0, self._step(), proc.memory_info().rss))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> ResourceMonitor:
+    def begin(self, loop: Loop) -> None:
         import jax
 
+        self._loop = loop
         self._t0 = time.time()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         self._thread = threading.Thread(target=self._sample, daemon=True, name="mlret-resource-monitor")
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def close(self, loop: Loop) -> None:
         import jax
 
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
+            jax.monitoring.unregister_event_duration_listener(self._on_event)
+            self._thread = None
 
     def compiles_after(self, step: int) -> list[tuple[float, int]]:
         return [c for c in self.compiles if c[1] > step]

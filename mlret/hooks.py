@@ -1,0 +1,217 @@
+"""The library's loop hooks (`mlret.loop.Hook`): metric logs, the non-finite stop, periodic evaluation,
+preemption, checkpoints and the export at the end. `mlret.train.train` wires them in this order:
+
+    NonFiniteStop, MetricLog, Evaluation, Preemption, Checkpointing, Export
+
+(the order matters where one hook reads what another wrote on the loop: the checkpoint is saved with the
+evaluation's metrics and forced when preemption asked to stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from mlret.loop import Hook, Loop
+
+log = logging.getLogger("mlret.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row: training cannot recover by skipping."""
+
+
+class NonFiniteStop(Hook):
+    """Log every skipped (non-finite) update; raise `NonFiniteError` after `max_in_row` in a row."""
+
+    def __init__(self, max_in_row: int, checkpoint_dir: str | Path | None = None) -> None:
+        self.max_in_row = int(max_in_row)
+        self.checkpoint_dir = checkpoint_dir
+
+    def metrics(self, loop: Loop, step: int, m: Mapping[str, Any]) -> None:
+        if not m["finite"]:
+            log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in total)",
+                        step, int(m["nonfinite_in_row"]), int(m["nonfinite_total"]))
+        if m["nonfinite_in_row"] >= self.max_in_row:
+            where = (f"; the last checkpoint in {self.checkpoint_dir} holds the last good state"
+                     if self.checkpoint_dir is not None else "")
+            raise NonFiniteError(
+                f"step {step}: the loss or gradients were non-finite for {int(m['nonfinite_in_row'])} steps in a "
+                f"row (config.optim.max_nonfinite_in_row={self.max_in_row}); those updates were skipped. Lower "
+                f"config.optim.learning_rate, raise config.loss.temperature or check the data{where}")
+
+
+class MetricLog(Hook):
+    """Every `log_every` steps (and the first and last): one record to `writer` (mlret.metrics_log.MetricWriter:
+    metrics.jsonl and TensorBoard) with the steps/s since the last record, and, with `echo`, the progress line
+    with the ETA on stdout."""
+
+    def __init__(self, writer: Any, log_every: int, echo: bool = True) -> None:
+        self.writer = writer
+        self.log_every = int(log_every)
+        self.echo = echo
+        self.progress: Any = None
+
+    def begin(self, loop: Loop) -> None:
+        from mlret.metrics_log import Progress
+
+        self.progress = Progress(loop.total, loop.start)  # its clock starts just before the first step
+
+    def metrics(self, loop: Loop, step: int, m: Mapping[str, Any]) -> None:
+        if step % self.log_every and step != loop.total and step != loop.start + 1:
+            return
+        rate = self.progress.update(step)
+        record = {"loss": m["loss"], "batch_type": m["batch_type"], "learning_rate": m["learning_rate"],
+                  "steps_per_sec": rate}
+        record.update({k: v for k, v in m.items() if k not in record})
+        self.writer.write(step, record)
+        if self.echo:
+            print(self.progress.line(step, m), flush=True)
+
+    def close(self, loop: Loop) -> None:
+        self.writer.close()
+
+
+def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, config: ml_collections.ConfigDict,
+                    step: int, output_dir: str | None = None) -> dict[str, Any]:
+    """Run `evaluators` on the model with `params` (the state's `params["model"]`) on the trainer's mesh; every
+    host must call it (same evaluators, same order). Returns {evaluator name: result}."""
+    from flax import nnx
+
+    from mlret.eval import run_evaluators
+    from mlret.eval.encode import eval_tokenizer, make_embedder
+    from mlret.models import resolve_model_dir
+
+    model = nnx.merge(trainer.graphdef, params, trainer.rest)
+    tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
+    embedder = make_embedder(model, config, trainer.mesh, tokenizer)
+    return run_evaluators(evaluators, embedder, step, output_dir)
+
+
+class Evaluation(Hook):
+    """Every `config.eval.every` steps and at the last step: run the evaluators on the current weights, write
+    their flat metrics to `writer` and leave them on the loop (`eval_metrics` for the checkpoint's best metric,
+    `eval_results`). Matrices go to `config.eval.output_dir`, else `<workdir>/eval/step_<n>`."""
+
+    def __init__(self, evaluators: Sequence[Any], config: ml_collections.ConfigDict, workdir: str | Path | None,
+                 writer: Any = None, every: int | None = None) -> None:
+        self.evaluators = list(evaluators)
+        self.config = config
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.writer = writer
+        self.every = int(config.eval.every if every is None else every)
+
+    def run(self, loop: Loop, write: bool = True) -> None:
+        """Evaluate `loop.state` at `loop.step` now (`write`: and log the metrics to the writer)."""
+        from mlret.eval import flat_metrics
+
+        out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{loop.step}")
+                                                  if self.workdir is not None else None)
+        t0 = time.perf_counter()
+        loop.eval_results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"],
+                                            self.config, loop.step, out_dir)
+        loop.eval_metrics = flat_metrics(loop.eval_results)
+        log.info("eval at step %d (%.1f s): %s", loop.step, time.perf_counter() - t0,
+                 ", ".join(f"{k}={v:.4f}" for k, v in loop.eval_metrics.items()))
+        if write and self.writer is not None:
+            self.writer.write(loop.step, loop.eval_metrics)
+
+    def after_step(self, loop: Loop) -> None:
+        if loop.step % self.every == 0 or loop.step == loop.total:
+            loop.sync()  # the step's metrics (and the non-finite stop) before the evaluation's
+            self.run(loop)
+
+
+class Preemption(Hook):
+    """SIGTERM (one process) or jax's preemption sync point (several: every host stops at the same step, asked
+    through the checkpoint manager) sets `loop.stop`, so the checkpoint hook saves this step and the run ends."""
+
+    def __init__(self, checkpointer: Any) -> None:
+        self.checkpointer = checkpointer
+        self.requested = False
+        self._old: Any = None
+
+    def begin(self, loop: Loop) -> None:
+        # Several hosts: jax's preemption notifier owns SIGTERM.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def after_step(self, loop: Loop) -> None:
+        if self.requested or (jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(loop.step)):
+            loop.stop = True
+
+    def end(self, loop: Loop) -> None:
+        if loop.stop:
+            log.warning("SIGTERM / preemption: saved a checkpoint at step %d; exiting", loop.step)
+
+    def close(self, loop: Loop) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+class Checkpointing(Hook):
+    """Save state + data iterator + config through `checkpointer` (mlret.checkpoint.Checkpointer) on its
+    schedule, and always at the last step, on a stop and with an evaluation's metrics (for the best-metric
+    ranking); `close` waits for the last asynchronous write."""
+
+    def __init__(self, checkpointer: Any, config: ml_collections.ConfigDict) -> None:
+        self.checkpointer = checkpointer
+        self.config = config
+
+    def after_step(self, loop: Loop) -> None:
+        self.checkpointer.save(loop.step, loop.state, loop.batches, self.config, metrics=loop.eval_metrics,
+                               force=loop.step == loop.total or loop.stop or loop.eval_metrics is not None)
+
+    def wait(self, loop: Loop) -> None:
+        self.checkpointer.wait()
+
+    def close(self, loop: Loop) -> None:
+        self.checkpointer.close()
+
+
+class Export(Hook):
+    """At the end of a run that was not stopped: the trained model as a Hugging Face + sentence-transformers
+    folder in `config.export.dir` (relative: under the workdir), the last evaluation's summaries in its card (a
+    finished run started again evaluates first). Process 0 writes; every process takes part in the gather."""
+
+    def __init__(self, tokenizer: Any, config: ml_collections.ConfigDict, workdir: str | Path,
+                 evaluation: Evaluation | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        out = Path(config.export.dir)
+        self.out = out if out.is_absolute() else Path(workdir) / out
+        self.evaluation = evaluation
+
+    def end(self, loop: Loop) -> None:
+        from flax import nnx
+
+        from mlret.export import export_model
+
+        if loop.stop:
+            return
+        if self.evaluation is not None and loop.eval_results is None:
+            self.evaluation.run(loop, write=False)  # a finished run started again: evaluate what is exported
+        params = loop.state["params"]["model"]
+        if jax.process_count() > 1:  # sharded across hosts: every process takes part in the gather
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:
+            model = nnx.merge(loop.trainer.graphdef, jax.device_get(params), loop.trainer.rest)
+            results = loop.eval_results
+            summary = {name: r.summary for name, r in results.items()} if results else None
+            export_model(model, self.tokenizer, self.config.model, self.out, results=summary)
+            log.info("exported the model to %s", self.out)
+        loop.export_dir = str(self.out)
