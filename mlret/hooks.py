@@ -1,10 +1,11 @@
 """The library's loop hooks (`mlret.loop.Hook`): metric logs, the non-finite stop, periodic evaluation,
 preemption, checkpoints and the export at the end. `mlret.train.train` wires them in this order:
 
-    NonFiniteStop, MetricLog, Evaluation, Preemption, Checkpointing, Export
+    NonFiniteStop, Evaluation, MetricLog, Preemption, Checkpointing, Export
 
 (the order matters where one hook reads what another wrote on the loop: the checkpoint is saved with the
-evaluation's metrics and forced when preemption asked to stop).
+evaluation's metrics and forced when preemption asked to stop; the zero-shot evaluation of `Evaluation.begin`
+runs before `MetricLog.begin` starts the steps/s clock).
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ class NonFiniteStop(Hook):
 
 class MetricLog(Hook):
     """Every `log_every` steps (and the first and last): one record to `writer` (mlret.metrics_log.MetricWriter:
-    metrics.jsonl and TensorBoard) with the steps/s since the last record, and, with `echo`, the progress line
-    with the ETA on stdout."""
+    metrics.jsonl and TensorBoard) with the steps/s since the last record, and the progress line with the ETA on
+    `console` (mlret.console.Console; None: no line)."""
 
-    def __init__(self, writer: Any, log_every: int, echo: bool = True) -> None:
+    def __init__(self, writer: Any, log_every: int, console: Any = None) -> None:
         self.writer = writer
         self.log_every = int(log_every)
-        self.echo = echo
+        self.console = console
         self.progress: Any = None
 
     def begin(self, loop: Loop) -> None:
@@ -73,8 +74,8 @@ class MetricLog(Hook):
                   "steps_per_sec": rate}
         record.update({k: v for k, v in m.items() if k not in record})
         self.writer.write(step, record)
-        if self.echo:
-            print(self.progress.line(step, m), flush=True)
+        if self.console is not None:
+            self.console.print(self.progress.line(step, m))
 
     def close(self, loop: Loop) -> None:
         self.writer.close()
@@ -98,36 +99,63 @@ def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, config
 
 class Evaluation(Hook):
     """Every `config.eval.every` steps and at the last step: run the evaluators on the current weights, write
-    their flat metrics to `writer` and leave them on the loop (`eval_metrics` for the checkpoint's best metric,
-    `eval_results`). Matrices go to `config.eval.output_dir`, else `<workdir>/eval/step_<n>`."""
+    their flat metrics to `writer`, print them on `console` and leave them on the loop (`eval_metrics` for the
+    checkpoint's best metric, `eval_results`). Matrices go to `config.eval.output_dir`, else
+    `<workdir>/eval/step_<n>`. With `config.eval.at_start`, a run that starts from step 0 is evaluated first
+    (`zero_shot`: the summaries of the start model; a resumed run reads them back from metrics.jsonl)."""
 
     def __init__(self, evaluators: Sequence[Any], config: ml_collections.ConfigDict, workdir: str | Path | None,
-                 writer: Any = None, every: int | None = None) -> None:
+                 writer: Any = None, console: Any = None) -> None:
         self.evaluators = list(evaluators)
         self.config = config
         self.workdir = Path(workdir) if workdir is not None else None
         self.writer = writer
-        self.every = int(config.eval.every if every is None else every)
+        self.console = console
+        self.every = int(config.eval.every)
+        self.zero_shot: dict[str, dict[str, float]] | None = None
+
+    def evaluate(self, loop: Loop, step: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """(flat metrics, results) of `loop.state`'s weights, logged and printed as the evaluation of `step`."""
+        from mlret.eval import flat_metrics
+
+        out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{step}")
+                                                  if self.workdir is not None else None)
+        t0 = time.perf_counter()
+        results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"], self.config, step,
+                                  out_dir)
+        metrics = flat_metrics(results)
+        seconds = time.perf_counter() - t0
+        log.info("eval at step %d (%.1f s): %s", step, seconds, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.console is not None:
+            self.console.evaluation(step, {name: r.block() for name, r in results.items()}, seconds)
+        return metrics, results
 
     def run(self, loop: Loop, write: bool = True) -> None:
         """Evaluate `loop.state` at `loop.step` now (`write`: and log the metrics to the writer)."""
-        from mlret.eval import flat_metrics
-
-        out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{loop.step}")
-                                                  if self.workdir is not None else None)
-        t0 = time.perf_counter()
-        loop.eval_results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"],
-                                            self.config, loop.step, out_dir)
-        loop.eval_metrics = flat_metrics(loop.eval_results)
-        log.info("eval at step %d (%.1f s): %s", loop.step, time.perf_counter() - t0,
-                 ", ".join(f"{k}={v:.4f}" for k, v in loop.eval_metrics.items()))
+        loop.eval_metrics, loop.eval_results = self.evaluate(loop, loop.step)
         if write and self.writer is not None:
             self.writer.write(loop.step, loop.eval_metrics)
+
+    def begin(self, loop: Loop) -> None:
+        if self.config.eval.at_start and loop.start == 0:
+            metrics, results = self.evaluate(loop, 0)
+            if self.writer is not None:
+                self.writer.write(0, metrics)
+            self.zero_shot = {name: r.summary for name, r in results.items()}
 
     def after_step(self, loop: Loop) -> None:
         if loop.step % self.every == 0 or loop.step == loop.total:
             loop.sync()  # the step's metrics (and the non-finite stop) before the evaluation's
             self.run(loop)
+
+    def end(self, loop: Loop) -> None:
+        from mlret.console import zero_shot_from_log
+        from mlret.metrics_log import read_metrics
+
+        if (self.zero_shot is None and self.config.eval.at_start and self.writer is not None and self.writer.enabled
+                and self.writer.path.is_file()):
+            self.zero_shot = zero_shot_from_log(read_metrics(self.writer.path.parent),
+                                                [e.name for e in self.evaluators])
 
 
 class Preemption(Hook):
@@ -211,7 +239,9 @@ class Export(Hook):
         if jax.process_index() == 0:
             model = nnx.merge(loop.trainer.graphdef, jax.device_get(params), loop.trainer.rest)
             results = loop.eval_results
-            summary = {name: r.summary for name, r in results.items()} if results else None
-            export_model(model, self.tokenizer, self.config.model, self.out, results=summary)
+            blocks = {name: r.block() for name, r in results.items()} if results else None
+            baseline = self.evaluation.zero_shot if self.evaluation is not None else None
+            export_model(model, self.tokenizer, self.config.model, self.out, results=blocks, baseline=baseline,
+                         run_config=self.config)
             log.info("exported the model to %s", self.out)
         loop.export_dir = str(self.out)

@@ -100,8 +100,8 @@ def test_trec_approximate_search_reports_its_recall(shared_data, tmp_path, caplo
     run, info = ev.retrieve(emb, "sw")  # a new ScaNN build (scann takes no seed): the same call's run and recall
     overlap = np.mean([len(set(docs) & set(exact_run[q])) / 100 for q, docs in run.items()])
     assert info["recall_vs_exact"] == pytest.approx(overlap) and overlap < 0.999
-    assert 0 < result["summary"]["search_recall_min"] < 0.999
-    assert result["search"]["sw"]["recall_sample"] == len(topics)
+    assert 0 < result.summary["search_recall_min"] < 0.999
+    assert result.details["search"]["sw"]["recall_sample"] == len(topics)
     assert any("below config.eval.retrieval.recall_floor" in r.getMessage() for r in caplog.records)
 
 

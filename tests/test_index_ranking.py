@@ -23,11 +23,11 @@ def test_lareqa_through_an_exact_index_of_the_whole_pool_is_the_full_ranking(xqu
     emb = NgramEmbedder(dim=256)
     langs = ["en", "de", "zh"]
     full = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=6, plots=False).run(emb)
-    pool = full["candidates_total"]
+    pool = full.details["candidates_total"]
     opts = RetrievalOptions(method="exact", rank_with_index=True, rank_k=pool)
     via = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=6, plots=False, retrieval=opts).run(emb)
-    assert via["summary"] == pytest.approx(full["summary"])
-    assert len(via["search"]) == 3 * (1 + 3)  # per query language: the multilingual pool and each language
+    assert via.summary == pytest.approx(full.summary)
+    assert len(via.details["search"]) == 3 * (1 + 3)  # per query language: the multilingual pool and each language
 
 
 def test_lareqa_through_per_language_scann_reports_recall(xquad):
@@ -38,12 +38,12 @@ def test_lareqa_through_per_language_scann_reports_recall(xquad):
     full = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=12, plots=False, settings=("multi",)).run(emb)
     via = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=12, plots=False, settings=("multi",),
                           retrieval=opts).run(emb)
-    info = via["search"][0]
+    info = via.details["search"][0]
     assert info["method"] == "per_language" and set(info["languages"]) == set(langs)
     assert set(info["recall_by_language"]) == set(langs)
-    assert 0 < via["summary"]["search_recall_min"] <= 1
+    assert 0 < via.summary["search_recall_min"] <= 1
     # A truncated ranking can only lose relevant sentences: no query's reciprocal rank improves on average.
-    assert via["summary"]["multi_mrr"] <= full["summary"]["multi_mrr"] + 1e-9
+    assert via.summary["multi_mrr"] <= full.summary["multi_mrr"] + 1e-9
 
 
 def test_tydiqa_language_pool_through_the_index(shared_data):
@@ -52,8 +52,8 @@ def test_tydiqa_language_pool_through_the_index(shared_data):
     full = TydiQAEvaluator("tydiqa", path, mrr_k=10, candidates="language").run(emb)
     opts = RetrievalOptions(method="exact", rank_with_index=True, rank_k=10)
     via = TydiQAEvaluator("tydiqa", path, mrr_k=10, candidates="language", retrieval=opts).run(emb)
-    assert via["summary"] == pytest.approx(full["summary"])  # MRR@10 and acc@1 need only the top 10
-    assert len(via["search"]) == len(full["languages"])
+    assert via.summary == pytest.approx(full.summary)  # MRR@10 and acc@1 need only the top 10
+    assert len(via.details["search"]) == len(full.details["languages"])
 
 
 def test_build_evaluators_passes_the_retrieval_options(shared_data):
