@@ -47,7 +47,7 @@ def main() -> None:
     queries = emb.queries(json.load(open(a.queries, encoding="utf-8")))
     exact = sharded_topk(queries, shard.embeddings, shard.offset, a.k, RetrievalOptions(method="exact"))
     scann = sharded_topk(queries, shard.embeddings, shard.offset, a.k,
-                         RetrievalOptions(method="scann", num_leaves=4, leaves_to_search=4, reorder=300))
+                         RetrievalOptions(method="scann", num_leaves=4, leaves_to_search=4, reorder=500))
     extra = {}
     if jax.process_count() == 1:  # the replicated encoder on the same texts, row for row
         from mlret.eval.corpus import read_corpus
