@@ -6,13 +6,14 @@ so each check is deterministic; the tolerances are what a correct sampler passes
 """
 
 import collections
+import itertools
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from mlret.data import readers
-from mlret.data.schedule import HybridSchedule, ScheduleSpec, UnitIndex
+from mlret.data.schedule import HybridSchedule, ScheduleSpec, UnitIndex, random_order
 from mlret.data.units import CROSS_LINGUAL, LANGUAGES, MONOLINGUAL, LangText, ParallelUnit
 from mlret.errors import DataError
 
@@ -162,3 +163,25 @@ def test_errors_name_the_field():
     with pytest.raises(DataError, match=r"group_size=4: 40 units in de have fewer than 3 hard negatives"):
         HybridSchedule(UnitIndex.from_units([("m", multi)]), ScheduleSpec(seed=0, alpha=0.5, global_batch=38,
                                                                           group_size=4))
+
+
+@pytest.mark.parametrize("n,first", [(1, 8), (7, 3), (40, 8), (300, 16)])
+def test_random_order_gives_every_position_once(n, first):
+    # Past `first` the order comes from rejection rounds, then from the exact list of untried positions.
+    order = list(random_order(np.random.default_rng(n), n, first))
+    assert sorted(order) == list(range(n))
+
+
+def test_random_order_is_uniform_and_lazy():
+    # Every position is equally likely at every rank: the head (choice), the rejection rounds and the exact tail.
+    n, runs = 6, 6000
+    counts = np.zeros((n, n))
+    rng = np.random.default_rng(0)
+    for _ in range(runs):
+        for rank, pos in enumerate(random_order(rng, n, 2)):
+            counts[rank, pos] += 1
+    for rank in range(n):
+        assert stats.chisquare(counts[rank]).pvalue > 1e-3, f"rank {rank}: {counts[rank]}"
+    # Lazy: 50 positions of a pool of 10^12 cost 50 draws, never a pass over the pool.
+    taken = list(itertools.islice(random_order(np.random.default_rng(1), 10**12, 8), 50))
+    assert len(set(taken)) == 50 and all(0 <= i < 10**12 for i in taken)

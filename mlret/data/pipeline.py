@@ -40,6 +40,7 @@ from mlret.data.schedule import (
     ScheduleSpec,
     UnitIndex,
     parse_lang_weights,
+    random_order,
     text_hash,
 )
 from mlret.data.sources import SourceSpec, parse_sources
@@ -258,21 +259,15 @@ class BatchAssembler:
         c = index.column(lang)
         pool = self.schedule.fill_candidates(lang)
         out: list[int] = []
-        first = rng.choice(len(pool), size=min(len(pool), 4 * k + 16), replace=False)
-        order = [first]
-        if len(first) < len(pool):  # small language: fall back to walking all of it
-            rest = np.setdiff1d(np.arange(len(pool)), first)
-            order.append(rest[rng.permutation(len(rest))])
-        for part in order:
-            for pos in part:
-                u = int(pool[pos])
-                h = int(index.pos_hash[u, c])
-                if int(index.answer[u]) in groups_in_batch or h in answers or h in keys:
-                    continue
-                keys.add(h)
-                out.append(u)
-                if len(out) == k:
-                    return out
+        for pos in random_order(rng, len(pool), 4 * k + 16):
+            u = int(pool[pos])
+            h = int(index.pos_hash[u, c])
+            if int(index.answer[u]) in groups_in_batch or h in answers or h in keys:
+                continue
+            keys.add(h)
+            out.append(u)
+            if len(out) == k:
+                return out
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -49,6 +49,42 @@ STREAM_NEGATIVES = 1
 def text_hash(text: str) -> int:
     """A stable 63-bit hash of a text (Python's hash() differs between processes; hosts must agree)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+# Rejection rounds of `random_order` before it lists the untried positions exactly (O(pool) once).
+_REJECTION_ROUNDS = 4
+
+
+def random_order(rng: np.random.Generator, n: int, first: int) -> Iterator[int]:
+    """Positions 0..n-1 in a uniformly random order, drawn lazily: a consumer that stops early pays for what it
+    took, not for the pool.
+
+    The first `first` positions come from one `rng.choice(n, first, replace=False)` (O(first)); a consumer that
+    wants more (many key collisions: rare) gets further positions by rejection, `_REJECTION_ROUNDS` rounds of
+    uniform draws that skip the positions already given; only then are the untried positions listed and
+    shuffled (O(n), needed only when the pool is nearly exhausted). Every position is given exactly once, and
+    at each point the next one is uniform over those not yet given, so the order is that of a full
+    permutation.
+    """
+    if n <= 0:
+        return
+    head = rng.choice(n, size=min(n, first), replace=False)
+    yield from (int(i) for i in head)
+    if len(head) == n:
+        return
+    given = set(head.tolist())
+    batch = max(first, 16)
+    for _ in range(_REJECTION_ROUNDS):
+        for i in rng.integers(n, size=batch).tolist():
+            if i not in given:
+                given.add(i)
+                yield i
+        if len(given) == n:
+            return
+    untried = np.ones(n, bool)
+    untried[np.fromiter(given, np.int64, len(given))] = False
+    rest = np.flatnonzero(untried)
+    yield from (int(i) for i in rest[rng.permutation(len(rest))])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +215,7 @@ class HybridSchedule:
         else:
             w = None
         self._weights = w
+        self._fill_pools: dict[int, np.ndarray] = {}
         counts = np.bincount(index.source, minlength=S)
         for s, name in enumerate(index.source_names):
             if (w is None or w[s] > 0) and counts[s] < B:
@@ -265,15 +302,9 @@ class HybridSchedule:
         out: list[tuple] = []
         if k == 0:
             return out
-        n = len(pool)
-        first = rng.choice(n, size=min(n, 2 * k + 8), replace=False)
-        order = [first]
-        if len(first) < n:  # rare: many key collisions; walk the rest of the pool in random order
-            rest = np.setdiff1d(np.arange(n), first)
-            order.append(rest[rng.permutation(len(rest))])
         seen_units = set()
         skipped = []
-        for pos in np.concatenate(order):
+        for pos in random_order(rng, len(pool), 2 * k + 8):
             u = int(pool[pos])
             item = key_fn(u)
             if item[-1] in used_keys:
@@ -334,8 +365,11 @@ class HybridSchedule:
                          passage_lang=langs[[pairs[i][2] for i in order]])
 
     def fill_candidates(self, lang: int) -> np.ndarray:
-        """All units (global indices) that have LANGUAGES[lang]: where hard-negative fill comes from."""
-        return np.flatnonzero(self.index.mask[:, self.index.column(lang)])
+        """All units (global indices) that have LANGUAGES[lang]: where hard-negative fill comes from (computed
+        once per language: a pair that needs a fill must not pay a scan of the mixture)."""
+        if lang not in self._fill_pools:
+            self._fill_pools[lang] = np.flatnonzero(self.index.mask[:, self.index.column(lang)])
+        return self._fill_pools[lang]
 
     def expected_cross_pair_freq(self) -> dict[tuple[str, str], float]:
         """P((X, Y)) of one X-Y pair under the mixture (before the shared-positive rule, which barely moves
