@@ -140,6 +140,12 @@ def make_config(args: argparse.Namespace, folder: str, batch: int, tmp: Path):
     return c
 
 
+def load_cfg(folder: str):
+    from mlret.models import EncoderConfig
+
+    return EncoderConfig.from_hf(folder)
+
+
 def synthetic_batches(c, vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     b, g, lq, lp = c.data.global_batch, c.data.group_size, c.data.query_len, c.data.passage_len
@@ -172,33 +178,61 @@ def run_mlret(args: argparse.Namespace, c) -> tuple[dict[str, Any], dict[str, np
     else:
         it = make_train_iterator(c, tok, process_index=jax.process_index(), process_count=jax.process_count())
     first = next(it)
-    t0 = time.perf_counter()
-    compiled = trainer.step.lower(state, trainer.global_batch(first)).compile()
-    compile_s = time.perf_counter() - t0
-    waits, steps, losses = [], [], []
+    # One executable per batch shape (packed batches have a few), compiled ahead of time and outside the timing.
+    compiled: dict[Any, Any] = {}
+    compile_s = 0.0
+
+    def executable(batch: dict[str, Any]):
+        nonlocal compile_s
+        shape = tuple((k, v.shape) for k, v in batch.items())
+        if shape not in compiled:
+            t0 = time.perf_counter()
+            compiled[shape] = trainer.step.lower(state, batch).compile()
+            compile_s += time.perf_counter() - t0
+        return compiled[shape]
+
+    waits, steps, losses, rows, q_rows = [], [], [], [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         local = first if i == 0 else next(it)
         t1 = time.perf_counter()
-        state, metrics = compiled(state, trainer.global_batch(local))
-        jax.block_until_ready((state, metrics))
+        batch = trainer.global_batch(local)  # packs on the host when config.data.packing (timed with the step)
+        host_s = time.perf_counter() - t1
+        step_fn = executable(batch)
         t2 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        step_s = host_s + time.perf_counter() - t2
         if i >= args.warmup:
             waits.append(0.0 if i == 0 else t1 - t0)
-            steps.append(t2 - t1)
+            steps.append(step_s)
         losses.append(float(metrics["loss"]))
-        print(f"  mlret step {i}: wait {t1 - t0:.3f} s, step {t2 - t1:.2f} s, loss {losses[-1]:.4f}",
-              flush=True)
+        rows.append(batch["passage_ids"].shape[0])
+        q_rows.append(batch["query_ids"].shape[0])
+        print(f"  mlret step {i}: wait {t1 - t0:.3f} s, step {step_s:.2f} s (host {host_s:.3f} s), loss "
+              f"{losses[-1]:.4f}, passage rows {rows[-1]}", flush=True)
     if hasattr(it, "close"):
         it.close()
-    del state, compiled, trainer
+    compiled.clear()  # free the executables and the state before the next run (the closure holds them)
+    state = trainer = None
     gc.collect()
     return {"cfg": cfg, "compile_s": compile_s, "step_s": float(np.median(steps)),
-            "wait_s": float(np.mean(waits)),
-            "data_frac": float(np.sum(waits) / (np.sum(waits) + np.sum(steps))), "losses": losses}, first
+            "wait_s": float(np.mean(waits)), "shapes": len(set(rows)), "rows": rows,
+            "data_frac": float(np.sum(waits) / (np.sum(waits) + np.sum(steps))), "losses": losses,
+            "query_rows": int(np.median(q_rows)), "passage_rows": int(np.median(rows))}, first
 
 
-def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+def _features(ids: np.ndarray, mask: np.ndarray, padding: str, device: str) -> dict[str, Any]:
+    """sentence-transformers features of one column of texts: padded to the configured maximum ("max"), or to
+    the longest text of the batch ("dynamic": what its collator does with the same tokenizer and truncation)."""
+    import torch
+
+    width = ids.shape[1] if padding == "max" else int(mask.sum(axis=1).max())
+    t = lambda a: torch.as_tensor(a[:, :width], dtype=torch.long, device=device)
+    return {"input_ids": t(ids), "attention_mask": t(mask)}
+
+
+def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray], padding: str) -> dict[str, Any]:
     """The same batch through sentence-transformers + MultipleNegativesRankingLoss, AdamW, one step each."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -210,11 +244,10 @@ def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray
     model.train()  # as SentenceTransformerTrainer does (dropout on, as in sentence-transformers fine-tuning)
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01, eps=1e-6)
-    t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)
     g = batch["passage_ids"].shape[1]
-    features = [{"input_ids": t(batch["query_ids"]), "attention_mask": t(batch["query_mask"])}]
-    features += [{"input_ids": t(batch["passage_ids"][:, j]),
-                  "attention_mask": t(batch["passage_mask"][:, j])} for j in range(g)]
+    features = [_features(batch["query_ids"], batch["query_mask"], padding, device)]
+    features += [_features(batch["passage_ids"][:, j], batch["passage_mask"][:, j], padding, device)
+                 for j in range(g)]
     labels = torch.arange(batch["query_ids"].shape[0], device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     steps, losses = [], []
@@ -230,7 +263,7 @@ def run_torch(args: argparse.Namespace, folder: str, batch: dict[str, np.ndarray
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             steps.append(dt)
-        print(f"  torch step {i}: {dt:.2f} s, loss {losses[-1]:.4f}", flush=True)
+        print(f"  torch ({padding} padding) step {i}: {dt:.2f} s, loss {losses[-1]:.4f}", flush=True)
     del model, opt, loss_fn
     gc.collect()
     return {"step_s": float(np.median(steps)), "losses": losses}
@@ -256,6 +289,11 @@ def main() -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype of both frameworks (default: bfloat16 on gpu, float32 on cpu; bfloat16 on "
                         "cpu rehearses the gpu settings on a small batch)")
+    p.add_argument("--packing", choices=("off", "on", "both"), default="off",
+                   help="config.data.packing for mlret (both: one row each, in the same run)")
+    p.add_argument("--torch-padding", default="max",
+                   help="sentence-transformers padding, comma-separated: max (the configured lengths, mlret's "
+                        "static shapes) and/or dynamic (to the batch's longest text, as its collator pads)")
     p.add_argument("--synthetic", action="store_true", help="random token ids instead of the Grain pipeline")
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
@@ -289,24 +327,37 @@ def main() -> None:
         c = make_config(args, folder, b, tmp)
         print(f"{name}: global batch {b}, G {args.group_size}, lengths {args.query_len}/{args.passage_len}, "
               f"load {load()}", flush=True)
-        m, first = run_mlret(args, c)
-        step_flops = flops.train_step_flops(m["cfg"], b, args.group_size, args.query_len, args.passage_len)
+        step_flops = flops.train_step_flops(load_cfg(folder), b, args.group_size, args.query_len, args.passage_len)
         tokens = flops.tokens_per_step(b, args.group_size, args.query_len, args.passage_len)
-        mfu = step_flops / m["step_s"] / peak_total
-        spec_mfu = f" ({step_flops / m['step_s'] / (spec * jax.device_count()):.1%} of spec)" if spec else ""
-        rows.append([name, "mlret (jax)", b, f"{m['compile_s']:.1f}", f"{m['step_s']:.2f}",
-                     f"{b / m['step_s']:.2f}",
-                     f"{tokens / m['step_s']:.0f}", f"{step_flops / 1e12:.3f}", f"{mfu:.1%}{spec_mfu}",
-                     "-" if args.synthetic else f"{m['data_frac']:.1%}"])
-        if not args.no_torch:
-            t = run_torch(args, folder, first)
+        spec_of = lambda f, t: f" ({f / t / (spec * jax.device_count()):.1%} of spec)" if spec else ""
+        mlret_runs = []
+        for packed in {"off": (False,), "on": (True,), "both": (False, True)}[args.packing]:
+            c.data.packing = packed
+            m, first = run_mlret(args, c)
+            # Packed rows: the FLOPs the device executes (rows x row length); padded: the static shapes.
+            rows_q = m["query_rows"] if packed else b
+            rows_p = m["passage_rows"] if packed else b * args.group_size
+            run_flops = 3 * (flops.encoder_forward_flops(m["cfg"], rows_q, args.query_len)
+                             + flops.encoder_forward_flops(m["cfg"], rows_p, args.passage_len)
+                             + flops.loss_forward_flops(b, args.group_size, m["cfg"].hidden_size))
+            label = "mlret (jax), packed" if packed else "mlret (jax)"
+            mlret_runs.append((label, m))
+            rows.append([name, label, b, f"{m['compile_s']:.1f}" + (f" ({m['shapes']} shapes)" if packed else ""),
+                         f"{m['step_s']:.2f}", f"{b / m['step_s']:.2f}",
+                         f"{(rows_q * args.query_len + rows_p * args.passage_len) / m['step_s']:.0f}",
+                         f"{run_flops / 1e12:.3f}", f"{run_flops / m['step_s'] / peak_total:.1%}"
+                         + spec_of(run_flops, m["step_s"]), "-" if args.synthetic else f"{m['data_frac']:.1%}"])
+        for padding in ([] if args.no_torch else args.torch_padding.split(",")):
+            t = run_torch(args, folder, first, padding)
             tmfu = step_flops / t["step_s"] / peak_total
-            rows.append([name, "sentence-transformers (torch)", b, "-", f"{t['step_s']:.2f}",
-                         f"{b / t['step_s']:.2f}", f"{tokens / t['step_s']:.0f}", f"{step_flops / 1e12:.3f}",
-                         f"{tmfu:.1%}", "-"])
-            notes.append(f"{name}: mlret / sentence-transformers examples/s = "
-                         f"{t['step_s'] / m['step_s']:.2f}x "
-                         f"(first-step loss {m['losses'][0]:.4f} vs {t['losses'][0]:.4f})")
+            rows.append([name, f"sentence-transformers (torch), {padding} padding", b, "-", f"{t['step_s']:.2f}",
+                         f"{b / t['step_s']:.2f}", f"{tokens / t['step_s']:.0f}" if padding == "max" else "-",
+                         f"{step_flops / 1e12:.3f}" if padding == "max" else "-",
+                         f"{tmfu:.1%}" if padding == "max" else "-", "-"])
+            for label, m in mlret_runs:
+                notes.append(f"{name}: {label} / sentence-transformers ({padding} padding) examples/s = "
+                             f"{t['step_s'] / m['step_s']:.2f}x (first-step loss {m['losses'][0]:.4f} vs "
+                             f"{t['losses'][0]:.4f})")
         print(f"  done, load {load()}", flush=True)
     import shutil
 
@@ -322,7 +373,8 @@ def main() -> None:
         f"Date: {datetime.date.today().isoformat()}\n",
         f"Global batch as listed, G = {args.group_size} (1 positive + {args.group_size - 1} hard negative), "
         "lengths "
-        f"{args.query_len}/{args.passage_len} (query/passage, padded), compute {args.dtype}; median of "
+        f"{args.query_len}/{args.passage_len} (query/passage; padded to them, or packed into rows of them), "
+        f"compute {args.dtype}; median of "
         f"{args.steps} timed steps after {args.warmup} warm-up; remat {'on' if args.remat else 'off'}; "
         + ("random token ids." if args.synthetic
            else "mlret fed by the Grain pipeline (MLQA-R hybrid batches).")

@@ -42,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params, optimizer state and loss stay float32)
     c.model.param_dtype = "float32"
     c.model.remat = False  # rematerialise each transformer layer in the backward pass
+    c.model.attention = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn (GPU, bf16)
 
     c.data = ml_collections.ConfigDict()
     # Root of the local data (the ../shared/data layout); MLRET_DATA_DIR fills it when set.
@@ -64,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # Grain worker processes assembling batches (0: threads of the training process)
     c.data.read_threads = 2  # threads per process assembling batches
     c.data.prefetch = 4  # batches buffered ahead per process
+    # Pack several texts per row with segment ids (mlret.data.packing) instead of one padded text per row.
+    c.data.packing = False
+    c.data.packing_rows_multiple = 4  # packed row counts are rounded up to a multiple of this (few shapes)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.05
@@ -219,6 +223,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _check(m.pooling in ("cls", "mean", "pooler"), "model.pooling", f"{m.pooling!r} is not one of cls, mean, pooler")
     _check(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
            f"{m.compute_dtype!r} is not float32 or bfloat16")
+    _check(m.attention in ("auto", "xla", "cudnn"), "model.attention", f"{m.attention!r} is not auto, xla or cudnn")
 
 
 def _validate_loss(loss: ml_collections.ConfigDict) -> None:

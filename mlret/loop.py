@@ -99,7 +99,7 @@ class Loop:
         m: dict[str, Any] = {k: v.item() for k, v in jax.device_get(metrics).items()}
         m["batch_type"] = batch_type
         self.losses[step] = m["loss"]
-        if self.trainer.trace_count != 1:
+        if self.trainer.trace_count != self.trainer.expected_traces:  # one per packed shape (1 if padded)
             raise RuntimeError(f"the train step was traced {self.trainer.trace_count} times: a batch shape or "
                                "dtype changed between steps (every batch must have the configured static shapes)")
         for h in self.hooks:

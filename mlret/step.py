@@ -33,11 +33,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mlret import gradcache, parallel
+from mlret.data import packing
 from mlret.losses import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
 
 TrainState = dict[str, Any]
-# Fields of the data contract the step reads (docs/architecture.md, "Data").
+# Fields of the data contract the step reads (docs/architecture.md, "Data"), padded or packed
+# (config.data.packing: mlret.data.packing turns the padded batch into these on the host).
 BATCH_FIELDS = ("query_ids", "query_mask", "passage_ids", "passage_mask", "unit_id")
+PACKED_FIELDS = ("query_ids", "query_segments", "passage_ids", "passage_segments", "unit_id")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -113,6 +116,7 @@ class Trainer:
     param_logical: Any
     abstract_params: Params  # ShapeDtypeStructs (with shardings) of the trained parameters
     trace_count: int = 0
+    batch_shapes: set = dataclasses.field(default_factory=set)  # distinct packed shapes seen by global_batch
     _step: Callable[..., Any] | None = None
     _grad: Callable[..., Any] | None = None
 
@@ -143,11 +147,21 @@ class Trainer:
         return float(self.config.loss.temperature)
 
     def embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """(query embeddings [B, D], passage embeddings [B, G, D]) of (a chunk of) the batch."""
+        """(query embeddings [B, D], passage embeddings [B, G, D]) of (a chunk of) the batch, padded or packed."""
         model = nnx.merge(self.graphdef, params["model"], self.rest)
-        q = model.encode_query(batch["query_ids"], batch["query_mask"])
-        p = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
-        return q, p
+        if "query_segments" not in batch:
+            q = model.encode_query(batch["query_ids"], batch["query_mask"])
+            p = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
+            return q, p
+        # Packed: the segments index the pairs of the chunk (the whole batch without gradient caching).
+        n, g = int(self.config.train.grad_cache_chunk) or int(self.config.data.global_batch), self.group_size
+        q = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n)
+        p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g)
+        return q, p.reshape(n, g, -1)
+
+    @property
+    def group_size(self) -> int:
+        return int(self.config.data.group_size)
 
     def loss_fn(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Contrastive loss of the global batch under `params` (a pure function: jit and grad it)."""
@@ -174,7 +188,7 @@ class Trainer:
         if chunk > 0:
             return gradcache.value_and_grad(
                 self.embed, self.embedding_loss, params, batch, chunk=chunk,
-                embed_fields=("query_ids", "query_mask", "passage_ids", "passage_mask"), mesh=self.mesh,
+                embed_fields=tuple(f for f in self.batch_shardings if f != "unit_id"), mesh=self.mesh,
                 batch_axes=parallel.batch_axes(self.rules, self.mesh), grad_shardings=self.state_shardings["params"])
         return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
 
@@ -223,8 +237,31 @@ class Trainer:
         return self._grad
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's slice of the batch -> global arrays (only the fields the step reads)."""
-        return parallel.make_global_batch({k: local[k] for k in BATCH_FIELDS}, self.mesh, self.rules)
+        """This process's slice of the batch -> global arrays (only the fields the step reads), packed on the
+        host first with config.data.packing (mlret.data.packing: one piece per shard and gradient-cache chunk)."""
+        if self.config.data.packing:
+            local = packing.pack_batch(local, self.packing_layout(), first_shard=self._first_shard(),
+                                       global_pairs=int(self.config.data.global_batch), agree=_max_over_processes)
+            self.batch_shapes.add((local["query_ids"].shape, local["passage_ids"].shape))
+        return parallel.make_global_batch({k: local[k] for k in self.batch_shardings}, self.mesh, self.rules)
+
+    @property
+    def expected_traces(self) -> int:
+        """How many times the step should have been traced: once per distinct batch shape (one when padded)."""
+        return max(1, len(self.batch_shapes))
+
+    def packing_layout(self) -> packing.Layout:
+        chunk = int(self.config.train.grad_cache_chunk)
+        return packing.Layout(shards=parallel.data_parallel_size(self.rules, self.mesh),
+                              chunks=int(self.config.data.global_batch) // chunk if chunk else 1,
+                              rows_multiple=int(self.config.data.packing_rows_multiple))
+
+    def _first_shard(self) -> int:
+        """The first data-parallel shard of the batch that this process's devices hold."""
+        b = int(self.config.data.global_batch)
+        sharding = NamedSharding(self.mesh, parallel.batch_spec(self.rules, self.mesh))
+        first_row = min(idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((b,)).values())
+        return first_row // (b // parallel.data_parallel_size(self.rules, self.mesh))
 
 
 def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Trainer, Params]:
@@ -256,8 +293,18 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
                        "rng": replicated, "nonfinite_in_row": replicated, "nonfinite_total": replicated}
     batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
+    fields = PACKED_FIELDS if config.data.packing else BATCH_FIELDS
     trainer = Trainer(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=jax.device_put(rest, replicated),
                       tx=tx, schedule=schedule, state_shardings=state_shardings,
-                      batch_shardings={k: batch_sharding for k in BATCH_FIELDS}, param_logical=param_logical,
+                      batch_shardings={k: batch_sharding for k in fields}, param_logical=param_logical,
                       abstract_params=abstract_params)
     return trainer, jax.device_put(params, param_shardings)
+
+
+def _max_over_processes(x: np.ndarray) -> np.ndarray:
+    """Elementwise max of `x` over the processes (a small host collective; the identity in one process)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)

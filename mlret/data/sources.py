@@ -120,5 +120,7 @@ def validate_data(config: Any) -> None:
             raise ConfigError(f"config.data.{field}: {d[field]} is negative")
     if d.read_threads < 1:
         raise ConfigError("config.data.read_threads: must be >= 1")
+    if d.packing_rows_multiple < 1:
+        raise ConfigError("config.data.packing_rows_multiple: must be >= 1")
     if d.query_len <= 0 or d.passage_len <= 0:
         raise ConfigError("config.data.query_len / passage_len: must be positive")

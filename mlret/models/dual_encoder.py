@@ -95,6 +95,33 @@ class DualEncoder(nnx.Module):
             emb = l2_normalize(emb)
         return emb.reshape(*lead, emb.shape[-1])
 
+    def _embed_packed(self, encoder: Encoder, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+        """Embeddings [num_texts, D] of the texts packed in rows `ids` [R, T]; `segments` [R, T] holds each
+        token's text index (0 .. num_texts - 1, -1 for padding), as mlret.data.packing writes them. Pooling is per
+        text: the mean of its tokens, or its first token (cls / pooler), exactly as on padded rows."""
+        hidden = encoder(ids, segments >= 0, segment_ids=segments)
+        flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+        text = jnp.where(segments >= 0, segments, num_texts).reshape(-1)  # padding -> a dropped extra segment
+        if self.pooling == "mean":
+            sums = jax.ops.segment_sum(flat, text, num_segments=num_texts + 1)[:num_texts]
+            counts = jax.ops.segment_sum(jnp.ones_like(text, jnp.float32), text, num_segments=num_texts + 1)
+            emb = sums / jnp.maximum(counts[:num_texts, None], 1e-9)
+        else:
+            position = jnp.arange(text.shape[0], dtype=jnp.int32)
+            first = jax.ops.segment_min(position, text, num_segments=num_texts + 1)[:num_texts]
+            emb = flat[first]
+            if self.pooling == "pooler":
+                emb = encoder.pool_first_tokens(emb)
+        return l2_normalize(emb) if self.normalize else emb
+
+    def encode_query_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+        """Query embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
+        return self._embed_packed(self.towers.query, ids, segments, num_texts)
+
+    def encode_passage_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+        """Passage embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
+        return self._embed_packed(self.towers.passage, ids, segments, num_texts)
+
     def encode_query(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
         return self._embed(self.towers.query, ids, mask, token_type_ids)
 

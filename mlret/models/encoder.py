@@ -18,6 +18,9 @@ from mlret.models.encoder_config import EncoderConfig
 # Every logical axis name a parameter can carry; sharding rules must map each of them (None = replicated).
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp", "pos", "type", "norm")
 
+# jax.nn.dot_product_attention's implementations: auto (jax picks; XLA today), xla, cudnn (fused, GPU, bf16/fp16).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
 # HF initialises with N(0, initializer_range=0.02); only used when a model is built without weights.
 _init = nnx.initializers.normal(0.02)
 
@@ -52,16 +55,9 @@ class Embeddings(nnx.Module):
         self.token_type = embed(cfg.type_vocab_size, "type") if cfg.type_vocab_size > 0 else None
         self.norm = _layer_norm(rngs, cfg, dtype)
 
-    def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
-        _, length = ids.shape
-        if self.cfg.roberta_positions:
-            # HF's create_position_ids_from_input_ids: count non-pad tokens from pad_token_id + 1, and give
-            # padding the pad position. Derived from the ids (not the mask) exactly as the reference does.
-            not_pad = (ids != self.cfg.pad_token_id).astype(jnp.int32)
-            positions = jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
-        else:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
-        h = self.word(ids) + self.position(positions)
+    def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        h = self.word(ids) + self.position(self.positions(ids, segment_ids))
         if self.token_type is not None:
             # HF adds token_type_embeddings[0] when no token types are given.
             types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
@@ -69,12 +65,34 @@ class Embeddings(nnx.Module):
         return self.norm(h)
 
 
+    def positions(self, ids: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """Position ids [B, T]: 0, 1, ... per row, or per segment of a packed row (restarting where the segment id
+        changes); with RoBERTa offsets, real tokens count from pad_token_id + 1 and padding gets pad_token_id."""
+        _, length = ids.shape
+        t = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
+        if segment_ids is None:
+            if not self.cfg.roberta_positions:
+                return t
+            # HF's create_position_ids_from_input_ids: count non-pad tokens from pad_token_id + 1, and give
+            # padding the pad position. Derived from the ids (not the mask) exactly as the reference does.
+            not_pad = (ids != self.cfg.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(not_pad, axis=1) * not_pad + self.cfg.pad_token_id
+        # A segment starts where its id differs from the previous token's; its tokens count from that start.
+        starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        within = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+        if not self.cfg.roberta_positions:
+            return within
+        return jnp.where(segment_ids >= 0, within + self.cfg.pad_token_id + 1, self.cfg.pad_token_id)
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention; kernels are [embed, heads*head_dim] so heads shard along the tensor axis."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: EncoderConfig, *, dtype: jnp.dtype, attention: str, rngs: nnx.Rngs) -> None:
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.implementation = None if attention == "auto" else attention
         self.query = _dense(rngs, h, h, ("embed", "heads"), "heads", dtype)
         self.key = _dense(rngs, h, h, ("embed", "heads"), "heads", dtype)
         self.value = _dense(rngs, h, h, ("embed", "heads"), "heads", dtype)
@@ -84,16 +102,17 @@ class SelfAttention(nnx.Module):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        # key_mask [B, 1, 1, S]: padded keys get no weight, so padding cannot leak into real tokens.
-        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        # key_mask [B, 1, 1, S] (padded keys get no weight, so padding cannot leak into real tokens) or, for
+        # packed rows, [B, 1, T, S] (a token sees the keys of its own segment only).
+        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=self.implementation)
         return self.output(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class Layer(nnx.Module):
     """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + W2 gelu(W1 x))."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.attention = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: EncoderConfig, *, dtype: jnp.dtype, attention: str, rngs: nnx.Rngs) -> None:
+        self.attention = SelfAttention(cfg, dtype=dtype, attention=attention, rngs=rngs)
         self.attention_norm = _layer_norm(rngs, cfg, dtype)
         self.intermediate = _dense(rngs, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), "mlp", dtype)
         self.output = _dense(rngs, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), "norm", dtype)
@@ -113,27 +132,38 @@ class Encoder(nnx.Module):
     """ids [B, T], mask [B, T] -> float32 hidden states [B, T, H] (and `pool_cls` for the HF pooler)."""
 
     def __init__(self, cfg: EncoderConfig, *, with_pooler: bool = True, dtype: str | jnp.dtype = "float32",
-                 remat: bool = False, rngs: nnx.Rngs | None = None) -> None:
+                 remat: bool = False, attention: str = "auto", rngs: nnx.Rngs | None = None) -> None:
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"Encoder: compute dtype {dtype} is not float32 or bfloat16 (config.model.compute_dtype)")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"Encoder: attention {attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+                             "(config.model.attention)")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = bool(remat)
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Layer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([Layer(cfg, dtype=dtype, attention=attention, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
         # The pooler (dense + tanh on [CLS]) exists only when the checkpoint has one (MiniLM, LaBSE do;
         # multilingual-e5 does not); it is kept even when unused so export writes back what was loaded.
         self.pooler = (_dense(rngs, cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), "mlp", dtype)
                        if with_pooler else None)
 
-    def __call__(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """`segment_ids` [B, T] marks packed rows (mlret.data.packing): tokens with the same id >= 0 form one text
+        (attention within it only, positions restarting at its first token), -1 is padding; `mask` is then
+        unused (the segments say everything)."""
         if ids.shape[-1] > self.cfg.max_length:
             raise ValueError(f"sequence length {ids.shape[-1]} exceeds the model's {self.cfg.max_length} positions; "
                              "lower config.data.query_len / config.data.passage_len")
-        key_mask = (mask > 0)[:, None, None, :]
-        x = self.embeddings(ids, token_type_ids)
+        if segment_ids is None:
+            key_mask = (mask > 0)[:, None, None, :]
+        else:  # padding (-1) attends to padding, so no row of the mask is empty
+            key_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        x = self.embeddings(ids, token_type_ids, segment_ids)
         # nnx.remat recomputes each block's activations in the backward pass: memory O(1 layer) for one extra
         # forward; applied per layer so XLA still sees (and overlaps) the whole stack.
         run = nnx.remat(_run_layer) if self.remat else _run_layer
@@ -143,7 +173,11 @@ class Encoder(nnx.Module):
 
     def pool_cls(self, hidden: jax.Array) -> jax.Array:
         """HF's pooler_output: tanh(dense(hidden[:, 0])) in float32."""
+        return self.pool_first_tokens(hidden[:, 0])
+
+    def pool_first_tokens(self, first: jax.Array) -> jax.Array:
+        """The pooler on the texts' first-token states [N, H] (what `pool_cls` takes from padded rows)."""
         if self.pooler is None:
             raise ValueError("pooling 'pooler' needs the checkpoint's pooler weights (pooler.dense.*), which this "
                              "model does not have; use config.model.pooling='cls' or 'mean'")
-        return jnp.tanh(self.pooler(hidden[:, 0].astype(self.dtype))).astype(jnp.float32)
+        return jnp.tanh(self.pooler(first.astype(self.dtype))).astype(jnp.float32)

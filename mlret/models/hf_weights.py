@@ -155,7 +155,8 @@ def _detect_prefix(tensors: Mapping[str, np.ndarray], source: str) -> str:
 
 
 def encoder_from_tensors(cfg: EncoderConfig, tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint",
-                         dtype: str = "float32", remat: bool = False, with_pooler: bool | None = None) -> Encoder:
+                         dtype: str = "float32", remat: bool = False, with_pooler: bool | None = None,
+                         attention: str = "auto") -> Encoder:
     """Build an Encoder whose parameters are the given HF tensors (exact copies, float32).
 
     with_pooler=None: keep the pooler when the checkpoint has one.
@@ -167,7 +168,7 @@ def encoder_from_tensors(cfg: EncoderConfig, tensors: Mapping[str, np.ndarray], 
     # can be built outside a mesh (the trainer places it later with nnx.get_named_sharding).
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: Encoder(cfg, with_pooler=with_pooler, dtype=dtype, remat=remat,
-                                                  rngs=nnx.Rngs(0)))
+                                                  attention=attention, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
     mapping = param_mapping(cfg, with_pooler=with_pooler)
@@ -257,7 +258,7 @@ def load_dual_encoder(model_config: Any, *, query_len: int | None = None,
     _warn_pooling_mismatch(model_dir, model_config.pooling)
     tensors, source = read_hf_tensors(model_dir)
     encoder = encoder_from_tensors(cfg, tensors, source=source, dtype=model_config.compute_dtype,
-                                   remat=model_config.remat)
+                                   remat=model_config.remat, attention=model_config.get("attention", "auto"))
     towers = Tied(encoder) if model_config.tied else Untied(encoder, _copy_encoder(encoder))
     model = DualEncoder(towers, pooling=model_config.pooling, normalize=model_config.normalize)
     return model, tokenizer
