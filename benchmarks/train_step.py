@@ -302,6 +302,8 @@ def main() -> None:
     p.add_argument("--data-dir",
                    default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    p.add_argument("--tag", default="", help="suffix of the docs section's name (runs of other settings, e.g. "
+                                             "XLA_FLAGS or dtypes, keep their own sections)")
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     args.remat = bool(args.remat) if args.remat >= 0 else args.device == "gpu"
@@ -374,11 +376,13 @@ def main() -> None:
 
     cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        f"## Train step ({args.device}, {args.models}): throughput and MFU against sentence-transformers\n",
+        f"## Train step ({args.device}, {args.models}{', ' + args.tag if args.tag else ''}): throughput and MFU "
+        "against sentence-transformers\n",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine()}, {jax.device_count()} x {kind} (jax {jax.__version__}); "
         "load average (1/5/15 min) "
         f"{load_start} at start, {load()} at the end  ",
+        f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`  " if os.environ.get("XLA_FLAGS") else "",
         f"Date: {datetime.date.today().isoformat()}\n",
         f"Global batch as listed, G = {args.group_size} (1 positive + {args.group_size - 1} hard negative), "
         "lengths "
@@ -400,7 +404,7 @@ def main() -> None:
     print(text)
     if args.write:
         # One section per (device, models) run, so that runs of different models do not overwrite each other.
-        tag = f"{args.device}:{args.models}"
+        tag = f"{args.device}:{args.models}" + (f":{args.tag}" if args.tag else "")
         START, END = f"<!-- train-step-benchmark:{tag}:start -->", f"<!-- train-step-benchmark:{tag}:end -->"
         print(f"wrote {write_section(START, END, text)}")
 

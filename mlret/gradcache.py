@@ -59,7 +59,7 @@ def from_chunks(y: jax.Array, data_parallel: int) -> jax.Array:
 
 def value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn, params: Any, batch: Batch, *, chunk: int,
                    embed_fields: Sequence[str], mesh: Mesh | None = None, batch_axes: Sequence[str] = (),
-                   grad_shardings: Any = None) -> tuple[tuple[jax.Array, Any], Any]:
+                   grad_shardings: Any = None, pairs: int | None = None) -> tuple[tuple[jax.Array, Any], Any]:
     """((loss, aux), d loss / d params) of `loss_fn(params, embed_fn(params, batch), batch)`, by gradient caching.
 
     Args:
@@ -75,6 +75,9 @@ def value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn, params: Any, batch: Batch
         constraints are added (one device).
       grad_shardings: shardings of the parameter gradients (the parameters' own), so the accumulator in the scan
         carry stays sharded like the parameters (FSDP) rather than replicated.
+      pairs: the pairs of the global batch, which `chunk` counts (default: the rows of the first embed field);
+        packed fields (mlret.data.packing) have their own row counts, laid out so that each device's block of
+        rows splits into the same number of chunks.
 
     Must be called inside `jax.jit` (or eagerly); it is not itself differentiable (it *is* the derivative).
     """
@@ -83,8 +86,7 @@ def value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn, params: Any, batch: Batch
     if mesh is not None:
         for a in axes:
             dp *= mesh.shape[a]
-    rows = batch[embed_fields[0]].shape[0]
-    k = rows // chunk
+    k = (pairs if pairs is not None else batch[embed_fields[0]].shape[0]) // chunk
 
     def constrain(x: Any, spec: P) -> Any:
         if mesh is None:

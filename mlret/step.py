@@ -189,7 +189,8 @@ class Trainer:
             return gradcache.value_and_grad(
                 self.embed, self.embedding_loss, params, batch, chunk=chunk,
                 embed_fields=tuple(f for f in self.batch_shardings if f != "unit_id"), mesh=self.mesh,
-                batch_axes=parallel.batch_axes(self.rules, self.mesh), grad_shardings=self.state_shardings["params"])
+                batch_axes=parallel.batch_axes(self.rules, self.mesh), grad_shardings=self.state_shardings["params"],
+                pairs=batch["unit_id"].shape[0])
         return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
 
     def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:

@@ -101,6 +101,21 @@ def test_packed_rows_are_whole_pieces_of_static_shape(padded):
             np.testing.assert_array_equal(ids, batch["query_ids"][pair][batch["query_mask"][pair] > 0])
 
 
+def test_two_hosts_pack_the_one_host_layout(padded):
+    # Each host packs its own shards and the hosts agree on the row counts (the max): the global arrays are the
+    # ones a single host packs, whatever the host count.
+    batch = padded[0]
+    layout = packing.Layout(shards=4, chunks=2, rows_multiple=1)
+    one = packing.pack_batch(batch, layout, first_shard=0, global_pairs=B)
+    halves = [{k: v[h * B // 2:(h + 1) * B // 2] for k, v in batch.items()} for h in range(2)]
+    need = [packing.pack_batch(x, layout, first_shard=2 * h, global_pairs=B) for h, x in enumerate(halves)]
+    most = np.max([[n["query_ids"].shape[0] // 4, n["passage_ids"].shape[0] // 4] for n in need], axis=0)
+    two = [packing.pack_batch(x, layout, first_shard=2 * h, global_pairs=B, agree=lambda rows: np.maximum(rows, most))
+           for h, x in enumerate(halves)]
+    for k in one:
+        np.testing.assert_array_equal(np.concatenate([t[k] for t in two]), one[k])
+
+
 def test_packed_equals_padded_one_device(minilm_path, mlqa_texts, padded):
     batch, (ref_q, ref_p), (ref_loss, ref_grads) = padded
     t, _ = _trainer(_config(minilm_path, packed=True), jax.devices()[:1])

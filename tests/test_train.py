@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scale_helpers import max_abs_diff
 from scale_runs import free_port, run_together, train_cmd
 
 from mlret.config import apply_overrides, default_config, load_config_file, validate
@@ -213,3 +214,33 @@ def test_periodic_eval_picks_the_best_checkpoint(tiny_args, tmp_path):
     assert ck.steps() == sorted({best, 6})
     assert ck.manager.best_step() == best
     ck.close()
+
+
+def test_packed_runs_resume_exactly_and_two_processes_equal_one(tiny_args, tmp_path):
+    """With config.data.packing (and gradient caching) on: a run killed after step 8 and resumed from its step-6
+    checkpoint repeats the uninterrupted run's losses and weights exactly, and two processes x 2 devices (each
+    packing its own shards, agreeing on the row counts) train like one process x 4 devices."""
+    packed = [*tiny_args, "--config.data.packing=true", "--config.data.packing_rows_multiple=2",
+              "--config.train.grad_cache_chunk=4", "--config.train.steps=12", "--config.checkpoint.every=6"]
+    whole = run(train_cmd(tmp_path / "whole", packed))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run(train_cmd(tmp_path / "resumed", packed), MLRET_TEST_SIGKILL_AFTER_STEP="8")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run(train_cmd(tmp_path / "resumed", packed))
+    assert resumed.returncode == 0 and "at step 6" in resumed.stderr, resumed.stderr[-3000:]
+    lw, lr = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(lw) == sorted(lr) == list(range(1, 13))
+    assert [lr[s] for s in range(7, 13)] == [lw[s] for s in range(7, 13)]
+    pw, pr = final_params(tmp_path / "whole"), final_params(tmp_path / "resumed")
+    assert max_abs_diff(pw, pr) <= 1e-6
+
+    port = free_port()
+    procs = run_together(
+        [train_cmd(tmp_path / "two", packed, "--config.train.steps=6", "--config.checkpoint.every=0",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+         for i in range(2)],
+        [env(XLA_FLAGS="--xla_force_host_platform_device_count=2")] * 2, 400, tmp_path / "logs")
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    two = losses(tmp_path / "two")
+    np.testing.assert_allclose([two[s] for s in range(1, 7)], [lw[s] for s in range(1, 7)], rtol=1e-5)
