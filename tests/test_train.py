@@ -222,11 +222,11 @@ def test_packed_runs_resume_exactly_and_two_processes_equal_one(tiny_args, tmp_p
     packing its own shards, agreeing on the row counts) train like one process x 4 devices."""
     packed = [*tiny_args, "--config.data.packing=true", "--config.data.packing_rows_multiple=2",
               "--config.train.grad_cache_chunk=4", "--config.train.steps=12", "--config.checkpoint.every=6"]
-    whole = run(train_cmd(tmp_path / "whole", packed))
+    whole = run(train_cmd(tmp_path / "whole", packed), timeout=600)  # a compilation per packed shape
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run(train_cmd(tmp_path / "resumed", packed), MLRET_TEST_SIGKILL_AFTER_STEP="8")
+    killed = run(train_cmd(tmp_path / "resumed", packed), timeout=600, MLRET_TEST_SIGKILL_AFTER_STEP="8")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run(train_cmd(tmp_path / "resumed", packed))
+    resumed = run(train_cmd(tmp_path / "resumed", packed), timeout=600)
     assert resumed.returncode == 0 and "at step 6" in resumed.stderr, resumed.stderr[-3000:]
     lw, lr = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert sorted(lw) == sorted(lr) == list(range(1, 13))
