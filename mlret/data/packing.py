@@ -34,13 +34,12 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
         raise ValueError(f"first_fit_decreasing: lengths must lie in [1, {capacity}], got {lengths.min()}.."
                          f"{lengths.max()}")
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda k: (-int(lengths[k]), k)):
+    room = np.full(len(lengths) + 1, capacity, np.int64)  # room[len(bins)] is the next, empty bin
+    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
         n = int(lengths[i])
-        b = next((j for j, r in enumerate(room) if r >= n), len(bins))
+        b = int(np.argmax(room[:len(bins) + 1] >= n))  # the first bin it fits (an empty one at worst)
         if b == len(bins):
             bins.append([])
-            room.append(capacity)
         bins[b].append(i)
         room[b] -= n
     return bins
