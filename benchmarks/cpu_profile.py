@@ -77,15 +77,15 @@ def main() -> None:
     from mlret import parallel
     from mlret.data import make_train_iterator
     from mlret.models import load_dual_encoder
-    from mlret.step import Trainer
+    from mlret.step import build_train_step
 
     load_start = load()
     tmp = Path(tempfile.mkdtemp(prefix="mlret-cpu-profile-"))
     c = make_config(args, model_folder("minilm", Path(args.data_dir), tmp), args.batch, tmp)
     c.data.packing = args.packing
     model, tok = load_dual_encoder(c)
-    trainer = Trainer.create(model, c, parallel.make_mesh(c.mesh))
-    state = trainer.init_state()
+    trainer, params = build_train_step(model, c, parallel.make_mesh(c.mesh))
+    state = trainer.init_state(params)
     it = make_train_iterator(c, tok, process_index=0, process_count=1)
     batch = trainer.global_batch(next(it))
     step = trainer.step.lower(state, batch).compile()

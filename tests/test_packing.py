@@ -12,7 +12,7 @@ from mlret import parallel
 from mlret.config import default_config
 from mlret.data import packing, readers
 from mlret.models import load_dual_encoder
-from mlret.step import Trainer
+from mlret.step import build_train_step
 
 B, G, LQ, LP = 16, 2, 64, 192
 MLQA = ("ar", "de", "en", "es", "hi", "vi", "zh")
@@ -49,16 +49,20 @@ def _batch(tok, texts):
 
 
 def _trainer(config, devices=None):
+    """(trainer, its placed weights, tokenizer)."""
     model, tok = load_dual_encoder(config)
-    return Trainer.create(model, config, parallel.make_mesh(config.mesh, devices)), tok
+    trainer, params = build_train_step(model, config, parallel.make_mesh(config.mesh, devices))
+    return (trainer, params), tok
 
 
-def _embed(trainer, batch):
-    return jax.device_get(jax.jit(trainer.embed)(trainer.initial_params, trainer.global_batch(batch)))
+def _embed(built, batch):
+    trainer, params = built
+    return jax.device_get(jax.jit(trainer.embed)(params, trainer.global_batch(batch)))
 
 
-def _grads(trainer, batch):
-    (loss, _), grads = trainer.grad_fn()(trainer.initial_params, trainer.global_batch(batch))
+def _grads(built, batch):
+    trainer, params = built
+    (loss, _), grads = trainer.grad_fn()(params, trainer.global_batch(batch))
     return float(loss), jax.device_get(grads)
 
 
@@ -127,7 +131,7 @@ def test_packed_equals_padded_one_device(minilm_path, mlqa_texts, padded):
     assert max_abs_diff(grads, ref_grads) <= 5e-5
     assert float(np.abs(ref_grads["model"]["towers"]["encoder"]["layers"][0]["intermediate"]["kernel"]).max()) > 1e-3
     # The packed rows really are fewer: the point of packing.
-    packed = t.global_batch(batch)
+    packed = t[0].global_batch(batch)
     assert packed["passage_ids"].shape[0] <= B * G // 2 and packed["query_ids"].shape[0] <= B // 2
 
 
