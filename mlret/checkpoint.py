@@ -19,22 +19,25 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from mlret import storage
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def checkpoint_dir(workdir: str | os.PathLike[str]) -> Path:
-    return Path(workdir).absolute() / CHECKPOINT_DIR
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
+    """`<workdir>/checkpoints`, local or gs:// (`mlret.storage.path`)."""
+    return storage.path(workdir, "config.workdir") / CHECKPOINT_DIR
 
 
 def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -72,7 +75,7 @@ class CheckpointLayoutError(RuntimeError):
     """A checkpoint that this run's process layout cannot resume exactly; the message says why."""
 
 
-def _iterator_states(data_dir: Path) -> dict[int, str]:
+def _iterator_states(data_dir: epath.Path) -> dict[int, str]:
     """{process index: JSON state} of the Grain iterator states in a step's `data` item, and check they were written
     by one process count ({} when there are none)."""
     states, counts = {}, set()

@@ -265,9 +265,10 @@ def _validate_run(config: ml_collections.ConfigDict, devices: int, processes: in
     # Imported here, not at the top: the field checks above stay free of jax, flax and the file system.
     from mlret import parallel
     from mlret.models.encoder_config import local_max_length
-    from mlret.preflight import check_data
+    from mlret.preflight import check_data, check_storage
 
-    # Missing local data is reported now, with where it comes from, not after the model has loaded.
+    check_storage(config)  # a gs:// path that cannot work stops the run now, within seconds
+    # Missing data is reported now, with where it comes from, not after the model has loaded.
     check_data(config, evaluators=config.eval.every > 0)
     dp = parallel.validate_mesh(config, devices, processes)
     chunk = config.train.grad_cache_chunk

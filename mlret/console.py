@@ -19,9 +19,11 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from mlret import storage
 from mlret.eval.report import comparison, summaries_from_flat
 
 LOG_FILE = "train.log"
@@ -35,17 +37,36 @@ class _OwnWarnings(logging.Filter):
         return record.name == "mlret" or record.name.startswith(("mlret.", "__main__"))
 
 
-def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> Path:
+_TO_UPLOAD: list[tuple[epath.Path, epath.Path]] = []  # (local mirror, gs:// train.log) of setup_logging
+
+
+def upload_log() -> None:
+    """Append this process's lines of a gs:// run's train.log (its local mirror) to the bucket's copy."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    while _TO_UPLOAD:
+        local, path = _TO_UPLOAD.pop()
+        storage.append_to(path, local.read_bytes())
+
+
+def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> epath.Path:
     """Route every logger to `<workdir>/train.log` (INFO+) and the terminal to `level`; returns the log path.
 
     absl's handler (which `absl.app.run` puts on the root logger, printing every orbax INFO line) is replaced,
     and absl's own verbosity is set so that its records reach the file through the standard logging tree.
+    A gs:// workdir's log is written to its local mirror (`storage.local_mirror`) and appended to the bucket's
+    copy by `upload_log()` at the end of the run; a killed process, or one stopped by the pre-flight, leaves it in
+    the local mirror only (nothing touches the bucket before the pre-flight has checked it).
     """
     from absl import logging as absl_logging
 
-    path = Path(workdir) / LOG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, encoding="utf-8")
+    path = storage.path(workdir, "config.workdir") / LOG_FILE
+    local = storage.local_mirror(path) if storage.is_gcs(path) else path
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if local != path:
+        local.write_text("")  # this process's lines only: they are appended to the bucket's log at exit
+        _TO_UPLOAD.append((local, path))
+    to_file = logging.FileHandler(os.fspath(local), encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     terminal = logging.StreamHandler(sys.stderr)
@@ -127,8 +148,8 @@ class Console:
             lines.append("no zero-shot evaluation in this run (config.eval.at_start=False): trained numbers only")
         if heatmap:
             lines.append(f"language pairs ({HEATMAP_METRIC}, last evaluation): {heatmap}")
-        lines.append(f"log: {Path(workdir) / LOG_FILE} (library messages, timings; --config.train.log_level=info "
-                     "shows them here)")
+        lines.append(f"log: {storage.path(workdir) / LOG_FILE} (library messages, timings; "
+                     "--config.train.log_level=info shows them here)")
         report = "\n".join(lines)
         self.print(report)
         return report
@@ -162,7 +183,7 @@ def write_heatmap(results: Mapping[str, Mapping[str, Any]], workdir: str | os.Pa
     for name, block in results.items():
         if "languages" in block and "mono" in block and "cross" in block:
             order = block["languages"]
-            path = str(Path(workdir) / f"{name}_pairs_{HEATMAP_METRIC}.png")
+            path = str(storage.path(workdir, "config.workdir") / f"{name}_pairs_{HEATMAP_METRIC}.png")
             step = block.get("step")
             heatmap(path, pair_matrix(block, HEATMAP_METRIC), order, order,
                     f"{name}: {HEATMAP_METRIC}" + (f" at step {step}" if step is not None else "")

@@ -27,6 +27,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from mlret import storage
+
 _FLAGS: dict[str, Any] = {}
 
 
@@ -57,7 +59,7 @@ def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | 
             config = run_config
             with config.unlocked():
                 config.eval = eval_section
-        source = {"checkpoint": os.path.abspath(checkpoint), "step": step}
+        source = {"checkpoint": str(storage.path(checkpoint, "--checkpoint")), "step": step}
         return config, model, tokenizer.name_or_path, source
     from mlret.config import default_config
     from mlret.models import load_dual_encoder, resolve_model_dir

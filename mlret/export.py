@@ -31,13 +31,16 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 from safetensors.numpy import save_file
 
 import mlret
+from mlret import storage
 from mlret.card import PASSAGE_TOWER_DIR, model_card
 from mlret.models import DualEncoder, Encoder, TextTokenizer, encoder_to_tensors
 
@@ -47,8 +50,8 @@ _TANH = "torch.nn.modules.activation.Tanh"
 
 def export_model(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any, out_dir: str | os.PathLike[str],
                  *, results: Mapping[str, Any] | None = None, run_config: Any = None,
-                 baseline: Mapping[str, Any] | None = None, lengths: tuple[int, int] | None = None) -> Path:
-    """Write `model` (parameters in memory) as a HF + sentence-transformers folder; returns out_dir.
+                 baseline: Mapping[str, Any] | None = None, lengths: tuple[int, int] | None = None) -> epath.Path:
+    """Write `model` (parameters in memory) as a HF + sentence-transformers folder, local or gs://; returns it.
 
     model_config is `config.model` (its name and prefixes are recorded). results, when given, maps
     {benchmark: {metric: value}} (or {metric: value}) for the model card; baseline, the same for the start model
@@ -64,7 +67,13 @@ def export_model(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any
     """
     if lengths is None and run_config is not None:
         lengths = eval_lengths(run_config)
-    out = Path(out_dir)
+    out = storage.path(out_dir, "the export folder")
+    if storage.is_gcs(out):  # safetensors and tokenizers write local files: a local folder, then copied whole
+        with tempfile.TemporaryDirectory(prefix="mlret-export-") as tmp:
+            export_model(model, tokenizer, model_config, tmp, results=results, run_config=run_config,
+                         baseline=baseline, lengths=lengths)
+            storage.sync_dir(epath.Path(tmp), out)
+        return out
     towers = [("query", model.towers.query, out)]
     if not model.tied:
         towers.append(("passage", model.towers.passage, out / PASSAGE_TOWER_DIR))
@@ -94,8 +103,8 @@ def st_transformer_config(tokenizer: TextTokenizer, cfg: Any, lengths: tuple[int
     return out
 
 
-def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: Path, *,
-                  role: str, lengths: tuple[int, int] | None, card: Callable[..., str]) -> None:
+def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: epath.Path,
+                  *, role: str, lengths: tuple[int, int] | None, card: Callable[..., str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = encoder.cfg
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
@@ -139,7 +148,7 @@ def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder
     (out / "README.md").write_text(card(st_config=st_config))
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: epath.Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -147,7 +156,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _st_defaults(model_dir: Path) -> dict[str, Any]:
+def _st_defaults(model_dir: epath.Path) -> dict[str, Any]:
     """Pooling, normalisation and prompts of a sentence-transformers folder, to keep them when re-exporting."""
     out: dict[str, Any] = {}
     pooling = model_dir / "1_Pooling" / "config.json"
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = None
     if args.results:
-        results = json.loads(Path(args.results).read_text())
+        results = json.loads(storage.path(args.results, "--results").read_text())
         # mlret.evaluate nests {"summary": {evaluator: {metric: value}}, "results": {...full detail...}}.
         results = results.get("summary", results)
 

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mlret import storage
 from mlret.loop import Hook, Loop
 
 log = logging.getLogger("mlret.train")
@@ -108,7 +109,7 @@ class Evaluation(Hook):
                  writer: Any = None, console: Any = None) -> None:
         self.evaluators = list(evaluators)
         self.config = config
-        self.workdir = Path(workdir) if workdir is not None else None
+        self.workdir = storage.path(workdir, "config.workdir") if workdir is not None else None
         self.writer = writer
         self.console = console
         self.every = int(config.eval.every)
@@ -194,13 +195,17 @@ class Checkpointing(Hook):
     schedule, and always at the last step, on a stop and with an evaluation's metrics (for the best-metric
     ranking); `close` waits for the last asynchronous write."""
 
-    def __init__(self, checkpointer: Any, config: ml_collections.ConfigDict) -> None:
+    def __init__(self, checkpointer: Any, config: ml_collections.ConfigDict, writer: Any = None) -> None:
         self.checkpointer = checkpointer
         self.config = config
+        self.writer = writer  # its logs are flushed to the run directory with every checkpoint (gs://: copied)
 
     def after_step(self, loop: Loop) -> None:
-        self.checkpointer.save(loop.step, loop.state, loop.batches, self.config, metrics=loop.eval_metrics,
-                               force=loop.step == loop.total or loop.stop or loop.eval_metrics is not None)
+        saved = self.checkpointer.save(loop.step, loop.state, loop.batches, self.config, metrics=loop.eval_metrics,
+                                       force=loop.step == loop.total or loop.stop or loop.eval_metrics is not None)
+        if saved and self.writer is not None:
+            loop.sync()  # this step's metrics line first: the logs in the run directory reach the checkpoint
+            self.writer.flush()
 
     def wait(self, loop: Loop) -> None:
         self.checkpointer.wait()
@@ -218,8 +223,7 @@ class Export(Hook):
                  evaluation: Evaluation | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        out = Path(config.export.dir)
-        self.out = out if out.is_absolute() else Path(workdir) / out
+        self.out = storage.join(workdir, config.export.dir, "config.export.dir")
         self.evaluation = evaluation
 
     def end(self, loop: Loop) -> None:

@@ -2,7 +2,10 @@
 
 (Named `metrics_log` rather than `logging` so that it never shadows the standard library's `logging`.)
 
-Only process 0 writes. On resume from step s, lines of metrics.jsonl with a step after s are dropped (they
+Only process 0 writes. The run directory may be local or gs:// (`mlret.storage`): GCS objects cannot be appended
+to, so both logs are written to local staging files and copied whole to the run directory by `flush()` (the
+training loop flushes at every checkpoint save and at the end), which keeps the copy in the run directory a
+complete file at every moment. On resume from step s, lines of metrics.jsonl with a step after s are dropped (they
 belong to the interrupted part of the run, which is recomputed) and TensorBoard is told to purge its events after
 s, so both logs read like one uninterrupted run.
 """
@@ -15,10 +18,11 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlret import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -44,29 +48,33 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike[str], *, resume_step: int = 0, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = storage.path(workdir, "config.workdir") / METRICS_FILE
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        self._staged = storage.Staged(self.path)
+        if self._staged.local.exists():
             self._truncate_after(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = self._staged.local.open("a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
+        # TensorBoard writes its event files into a local folder that flush() copies to <workdir>/tensorboard.
+        self._tb_target = self.path.parent / TENSORBOARD_DIR
+        self._tb_dir = self._tb_target if not self._staged.remote else self._staged.local.parent / TENSORBOARD_DIR
         # purge_step: events after the resume point, from the interrupted run, are discarded by TensorBoard.
-        self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step
-                                 else None, flush_secs=30)
+        self._tb = SummaryWriter(os.fspath(self._tb_dir), purge_step=resume_step + 1 if resume_step else None,
+                                 flush_secs=30)
 
     def _truncate_after(self, step: int) -> None:
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        local = self._staged.local
+        for line in local.read_text(encoding="utf-8").splitlines():
             try:
                 if int(json.loads(line).get("step", 0)) <= step:
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue  # a line cut short by a kill: drop it
-        self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        local.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -79,19 +87,28 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, step)
 
     def flush(self) -> None:
+        """Both logs on disk, and copied to a gs:// run directory."""
         if self.enabled:
             self._file.flush()
             self._tb.flush()
+            self._upload()
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
             self._tb.close()
+            self._file.close()
+            self._upload()
+            self._staged.close()
+
+    def _upload(self) -> None:
+        self._staged.flush()
+        if self._staged.remote:
+            storage.sync_dir(self._tb_dir, self._tb_target)
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of `<workdir>/metrics.jsonl`."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.path(workdir, "config.workdir") / METRICS_FILE
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

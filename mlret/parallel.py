@@ -66,11 +66,12 @@ def enable_compilation_cache(path: str) -> str | None:
         return os.environ["JAX_COMPILATION_CACHE_DIR"]  # jax read it at import
     if not path:
         return None
-    if "://" not in path:
-        path = os.path.abspath(os.path.expanduser(path))
-        os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+    from mlret import storage
+
+    where = storage.path(path, "config.train.compilation_cache_dir")  # jax reads and writes gs:// through epath
+    where.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    return str(where)
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:

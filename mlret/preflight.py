@@ -1,9 +1,11 @@
-"""Pre-flight check of the local data files a config will read, before any model is loaded or compiled.
+"""Pre-flight checks before any model is loaded or compiled: the storage a config uses, and its data files.
 
-`missing_data(config)` lists every local file that a training source or an evaluator of the config needs and
-that is not there, with what it is and where its public copy comes from; `check_data(config)` raises a
-ConfigError with that list (`mlret.config.validate` calls it when given `devices`). Only local paths are
-checked: a source
+`check_storage(config)` runs `mlret.storage.check_storage` on every gs:// path of the config (the endpoint
+answers, credentials exist, the bucket exists, the run may write where it writes).
+
+`missing_data(config)` lists every data file (local or gs://) that a training source or an evaluator of the config
+needs and that is not there, with what it is and where its public copy comes from; `check_data(config)` raises a
+ConfigError with that list (`mlret.config.validate` calls both when given `devices`). A source
 whose `path` is "" downloads its public files when it is prepared, and those downloads report their own errors.
 Reads nothing but directory entries: no jax, no TFDS.
 """
@@ -13,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from mlret import storage
 from mlret.data.kinds import KINDS, find
 from mlret.data.sources import parse_sources
 from mlret.errors import ConfigError
@@ -32,13 +34,29 @@ class Missing:
     origin: str
 
 
+def storage_fields(config: Any) -> list[tuple[str, str, bool]]:
+    """(field, path, whether the run writes there) of every storage path of a training config."""
+    cache = ("JAX_COMPILATION_CACHE_DIR", os.environ["JAX_COMPILATION_CACHE_DIR"]) if os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR") else ("config.train.compilation_cache_dir", config.train.compilation_cache_dir)
+    return [("config.workdir (--workdir)", config.workdir, True), (*cache, True),
+            ("config.data.data_dir", config.data.data_dir, False), ("config.data.tfds_dir", config.data.tfds_dir, True),
+            ("config.export.dir", config.export.dir if storage.is_gcs(config.export.dir) else "", True),
+            ("config.eval.output_dir", config.eval.output_dir, True),
+            ("config.model.name", config.model.name if storage.is_gcs(config.model.name) else "", False)]
+
+
+def check_storage(config: Any) -> None:
+    """Raise ConfigError, within seconds, for a gs:// path of the config that cannot work (`storage_fields`)."""
+    storage.check_storage(storage_fields(config))
+
+
 def _source_missing(config: Any) -> list[Missing]:
     out = []
     for i, spec in enumerate(parse_sources(config)):
         if not spec.path:
             continue  # downloads its public files
         kind = KINDS[spec.name]
-        root = Path(spec.path)
+        root = storage.path(spec.path, f"config.data.sources[{i}].path")
         if kind.local_files is not None:
             # The readers accept the public file names anywhere below a source's folder (mlret.data.kinds).
             names = kind.local_files(spec.languages or kind.languages, spec.split)
@@ -56,7 +74,7 @@ def _evaluator_missing(config: Any) -> list[Missing]:
     out = []
     for ev in eval_registry.build(config):  # reads nothing: paths only
         spec = eval_registry.get(ev.name)
-        missing = [f for f in spec.files(ev) if not os.path.exists(f)]
+        missing = [f for f in spec.files(ev) if not storage.path(f).exists()]
         if missing:
             out.append(Missing(f"evaluator {ev.name}", f"config.eval.{ev.name}.{spec.files_field}", tuple(missing),
                                spec.origin or ev.name))
@@ -83,7 +101,7 @@ def format_missing(config: Any, missing: Sequence[Missing]) -> str:
     data_dir = config.data.data_dir or "(unset)"
     lines = [f"{n} data file(s) this config reads are missing (nothing was loaded or compiled); "
              f"config.data.data_dir={data_dir}" + (" does not exist" if config.data.data_dir and
-                                                   not os.path.isdir(config.data.data_dir) else "") + ":"]
+                                                   not storage.path(config.data.data_dir).is_dir() else "") + ":"]
     for m in missing:
         lines.append(f"  - {m.who}: {_compact(list(m.files))}")
         lines.append(f"      from {m.origin}; set by {m.field}")

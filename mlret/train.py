@@ -23,7 +23,6 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -31,7 +30,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlret import config as config_lib
-from mlret.console import Console, setup_logging, write_heatmap
+from mlret import storage
+from mlret.console import Console, setup_logging, upload_log, write_heatmap
 from mlret.errors import ConfigError
 
 log = logging.getLogger("mlret.train")
@@ -72,7 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     from mlret.models import load_dual_encoder
     from mlret.step import build_train_step
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir, "config.workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     console = console or Console(enabled=is_main)
@@ -96,7 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                   if config.eval.every > 0 else None)
     library = [H.NonFiniteStop(config.optim.max_nonfinite_in_row, ckpt.directory),
                *([evaluation] if evaluation else []), H.MetricLog(writer, config.train.log_every, console),
-               H.Preemption(ckpt), H.Checkpointing(ckpt, config)]
+               H.Preemption(ckpt), H.Checkpointing(ckpt, config, writer)]
     if config.export.dir:
         library.append(H.Export(tokenizer, config, workdir, evaluation))
     loop = run_loop(trainer, state, data_iter, start=start, total=int(config.train.steps),
@@ -167,6 +167,7 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     log_file = setup_logging(config.workdir, config.train.log_level)
     log.info("mlret.train: %s", config.export.command)
     _simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
+    storage.configure()  # STORAGE_EMULATOR_HOST -> tensorstore / gcsfs settings, before either is used
 
     import jax
 
@@ -205,10 +206,11 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
         console.final(blocks, result.zero_shot, config.workdir, heatmap=write_heatmap(blocks, config.workdir))
     if result.export_dir:
         console.print(f"exported a Hugging Face / sentence-transformers folder (with its model card) to "
-                      f"{Path(result.export_dir).absolute()}")
+                      f"{result.export_dir}")
     console.print(f"{'preempted at' if result.preempted else 'finished at'} step {result.end_step}; run directory "
-                  f"{Path(config.workdir).absolute()}; log {log_file}")
+                  f"{storage.path(config.workdir)}; log {log_file}")
     console.resources()
+    upload_log()  # a gs:// workdir: process 0's log to the bucket
 
 
 if __name__ == "__main__":

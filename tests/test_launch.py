@@ -30,6 +30,10 @@ GPU_SH = LAUNCH / "gpu.sh"
 SLURM_SBATCH = LAUNCH / "slurm.sbatch"
 TPU_SH = LAUNCH / "tpu_pod.sh"
 
+# A gs:// workdir and compilation cache (with a space, which quoting must keep): every worker must get them as given,
+# never a path made local or absolute.
+GCS_ARGS = ["--workdir", "gs://bucket/runs/run 1", "--config.train.compilation_cache_dir=gs://bucket/xla cache"]
+
 # Stands in for every Python interpreter a launcher starts. Events go to $FAKE_LOG as JSON lines.
 FAKE_PYTHON = '''\
 #!{python}
@@ -272,7 +276,7 @@ def test_gpu_one_process_drives_all_gpus(fakes):
 def test_gpu_one_process_per_gpu(fakes):
     # SLURM_JOB_ID: started inside a Slurm allocation; the processes must not join the Slurm job.
     env = dict(fakes["env"], SLURM_JOB_ID="99", DRY_RUN="1")
-    train_args = [f"--config={fakes['config']}", "--workdir", "runs/b"]
+    train_args = [f"--config={fakes['config']}", *GCS_ARGS]
     dry = run([GPU_SH, "--per-gpu", "--gpus", "3,5,6", "--port", "23456", "--", *train_args], env)
     assert dry.returncode == 0, dry.stderr
     lines = dry_lines(dry.stdout)
@@ -336,7 +340,7 @@ def slurm_env(fakes: dict, **extra: str) -> dict:
 
 def test_slurm_one_process_per_gpu(fakes):
     env = slurm_env(fakes, SLURM_NTASKS="4", CUDA_VISIBLE_DEVICES="0,1")
-    train_args = ["--config", fakes["config"], "--workdir", "/shared/runs/x"]
+    train_args = ["--config", fakes["config"], *GCS_ARGS]
     dry = run(["bash", SLURM_SBATCH, "--dry-run", *train_args], env)
     assert dry.returncode == 0, dry.stderr
     (batch_label, srun), *tasks = dry_lines(dry.stdout)
@@ -434,7 +438,7 @@ def pod(fakes) -> dict:
     return {"repo": repo, "sh": repo / "launch" / "tpu_pod.sh", "workers": workers, "env": env}
 
 
-TPU_TRAIN_ARGS = ["--config", "configs/t.py", "--workdir", "gs://bucket/run 1", "--config.data.global_batch=512"]
+TPU_TRAIN_ARGS = ["--config", "configs/t.py", *GCS_ARGS, "--config.data.global_batch=512"]
 
 
 def gcloud_calls(env: dict) -> list[list[str]]:

@@ -1,10 +1,13 @@
-"""A short soak through the same code as `scripts/soak.py memory` (the 2,000-step run is in docs/robustness.md):
+"""A short soak through the same code as `scripts/soak.py memory` (the 10,000-step run is in docs/robustness.md):
 the real loop in process with periodic evaluation, watched by the `mlret.testing.soak.ResourceMonitor` hook,
 compiles nothing after the first evaluation and keeps resident memory within 5% after it."""
 
 import sys
+import time
 
 from scale_runs import REPO
+
+from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS, memory_slope
 
 
 def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_bert_path, shared_data,
@@ -24,3 +27,38 @@ def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_b
     assert out["compiles_after_warmup"] == [], out["compiles_after_warmup"]
     assert out["growth"]["samples"] >= 4
     assert out["growth"]["growth"] <= 0.05, out["growth"]
+    assert out["growth"]["slope_mib_per_1000_steps"] == memory_slope(out["samples"], eval_every)
+
+
+def _rss_run(steps: int, leak_bytes_per_step: int) -> list[tuple[float, int, int]]:
+    """(seconds, step, RSS) of this process over `steps` steps of allocation churn (a step's transient buffers,
+    made and freed), keeping `leak_bytes_per_step` more each step: a real leak of real memory, sampled the way
+    ResourceMonitor samples (psutil RSS). The leak takes fresh pages from the kernel (16 steps' worth at a time,
+    written through), so memory this process freed earlier cannot hide it."""
+    import mmap
+
+    import psutil
+
+    proc, kept, samples, t0 = psutil.Process(), [], [], time.time()
+    for step in range(1, steps + 1):
+        scratch = [bytearray(4096) for _ in range(16)]  # transient, like a step's host-side buffers
+        del scratch
+        if leak_bytes_per_step and step % 16 == 0:
+            block = mmap.mmap(-1, 16 * leak_bytes_per_step)
+            block.write(b"\x01" * (16 * leak_bytes_per_step))  # resident: every page is written
+            kept.append(block)
+        if step % 20 == 0:
+            samples.append((time.time() - t0, step, proc.memory_info().rss))
+    for block in kept:
+        block.close()
+    return samples
+
+
+def test_memory_criterion_fails_a_leak_of_1_mib_per_1000_steps_and_passes_none():
+    steps, warmup = 30_000, 3_000
+    _rss_run(steps, 0)  # warm the allocator's arenas, as the soak's warm-up does
+    flat = memory_slope(_rss_run(steps, 0), warmup)
+    leaking = memory_slope(_rss_run(steps, 1024), warmup)  # 1 KiB a step: 1000/1024 MiB per 1000 steps
+    assert flat <= MAX_SLOPE_MIB_PER_1000_STEPS, flat
+    assert leaking > MAX_SLOPE_MIB_PER_1000_STEPS, leaking
+    assert 0.8 <= leaking <= 1.3, leaking  # the fit measures the leak itself, not noise

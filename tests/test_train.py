@@ -158,6 +158,39 @@ def test_sigterm_saves_a_checkpoint_before_exit(tiny_args, tmp_path):
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [last]
 
 
+def test_sigterm_during_a_checkpoint_write_leaves_every_step_loadable(tiny_args, tmp_path):
+    """SIGTERM the moment orbax starts writing a checkpoint (its temporary step folder exists): the write in
+    flight completes, the preemption save follows, and every step on disk, the last complete one included, loads."""
+    from mlret.checkpoint import restore_for_export
+    from mlret.testing.soak import complete_steps, partial_steps
+
+    proc = subprocess.Popen(train_cmd(tmp_path, tiny_args, "--config.train.steps=100000",
+                                      "--config.checkpoint.every=4", "--config.checkpoint.keep=100"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if complete_steps(tmp_path) and partial_steps(tmp_path):  # a second checkpoint is being written
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        writing = partial_steps(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert writing, "the SIGTERM did not land during a checkpoint write"
+    assert proc.returncode == 0, err[-3000:]
+    last = max(losses(tmp_path))
+    assert f"preempted at step {last}" in out
+    steps = complete_steps(tmp_path)
+    assert steps[-1] == last and len(steps) >= 2 and not partial_steps(tmp_path)
+    assert int(writing[0].split(".")[0]) in steps  # the write the signal interrupted finished
+    for step in steps:
+        restore_for_export(tmp_path, step)  # raises if a step cannot be read
+
+
 def test_config_errors_name_the_field(tiny_args, tmp_path, random_bert_path):
     bad = run(train_cmd(tmp_path, tiny_args, "--config.data.alpah=0.5"), timeout=120)
     assert bad.returncode == 2

@@ -12,11 +12,11 @@ from __future__ import annotations
 import collections
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from mlret import storage
 from mlret.data.units import LANGUAGES, MONOLINGUAL
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an experiment config file (configs/*.py)",
@@ -99,8 +99,9 @@ def main(argv: list[str]) -> None:
         print(f"mlret.data: {e}", file=sys.stderr)
         sys.exit(2)
     if _OUT.value:
-        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-        Path(_OUT.value).write_text(json.dumps(result, ensure_ascii=False))
+        out = storage.path(_OUT.value, "--out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, ensure_ascii=False))
         print(f"wrote {_OUT.value}", file=sys.stderr)
     print(format_summary(result["summary"]))
 

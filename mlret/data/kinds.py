@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from mlret import storage
 from mlret.data import datasets, readers
 from mlret.data.units import BadRecords, ParallelUnit
 from mlret.errors import DataError
@@ -61,7 +62,7 @@ def find(root: Path, name: str) -> Path | None:
     direct = root / name
     if direct.is_file():
         return direct
-    hits = sorted(root.rglob(name), key=lambda p: (len(p.parts), str(p)))
+    hits = sorted(storage.rglob(root, name), key=lambda p: (len(p.parts), str(p)))
     return hits[0] if hits else None
 
 
@@ -237,8 +238,8 @@ def _miracl_files(lang: str, split: str, files: Files) -> tuple[Path, Path, list
     got = files.get({k: ([f"{k}.miracl-v1.0-{lang}-{split}.tsv"], _MIRACL_URL.format(lang=lang, kind=k, split=split),
                          f"MIRACL {lang} {split} {k}") for k in ("topics", "qrels")})
     if files.root is not None:
-        corpus = (sorted(files.root.rglob(f"miracl-corpus-v1.0-{lang}/docs-*.jsonl*"))
-                  or sorted(files.root.rglob(f"miracl-corpus-v1.0-{lang}*.jsonl*")))
+        corpus = (sorted(storage.rglob(files.root, f"miracl-corpus-v1.0-{lang}/docs-*.jsonl*"))
+                  or sorted(storage.rglob(files.root, f"miracl-corpus-v1.0-{lang}*.jsonl*")))
     else:
         tree = files.get({"tree": ((), _MIRACL_CORPUS_TREE.format(lang=lang), "MIRACL corpus listing")})["tree"]
         listing = json.loads(tree.read_text())  # the Hub's file listing of the corpus folder
@@ -258,7 +259,7 @@ def _mrtydi_files(lang: str, split: str, files: Files) -> tuple[Path, Path, list
                     f"mrtydi-v1.1-{name}/topic.{split}.tsv"], "", f"Mr. TyDi {lang} {split} topics"),
         "qrels": ([f"qrels.mrtydi-v1.1-{lang}.{split}.txt", f"mrtydi-v1.1-{name}/qrels.{split}.txt"], "",
                   f"Mr. TyDi {lang} {split} qrels")})
-    corpus = sorted(root.root.rglob(f"mrtydi-v1.1-{name}/collection/docs.jsonl*"))
+    corpus = sorted(storage.rglob(root.root, f"mrtydi-v1.1-{name}/collection/docs.jsonl*"))
     if not corpus:
         raise DataError(f"{root.root}: no Mr. TyDi {lang} corpus (mrtydi-v1.1-{name}/collection/docs.jsonl.gz)")
     return got["topics"], got["qrels"], corpus
@@ -280,7 +281,8 @@ def _trec_reader(locate: Callable[[str, str, Files], tuple[Path, Path, list[Path
 
 def _read_jsonl(req: ReadRequest, files: Files, bad: BadRecords) -> list[ParallelUnit]:
     local = files.root
-    paths = [local] if local.is_file() else sorted([*local.rglob("*.jsonl"), *local.rglob("*.jsonl.gz")])
+    paths = [local] if local.is_file() else sorted(
+        [*storage.rglob(local, "*.jsonl"), *storage.rglob(local, "*.jsonl.gz")])
     if not paths:
         raise DataError(f"{local}: no *.jsonl or *.jsonl.gz files (source jsonl)")
     units = readers.read_units_jsonl(paths, on_bad=bad)

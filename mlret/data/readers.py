@@ -35,9 +35,9 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import IO, Any
 
+from mlret import storage
 from mlret.data import datasets
 from mlret.data.units import (
     LANG_INDEX,
@@ -61,13 +61,14 @@ PathLike = str | os.PathLike[str]
 # access
 
 def open_text(path: PathLike) -> IO[str]:
-    """Open a text file, gunzipping `*.gz` transparently; the error names the path."""
-    p = Path(path)
+    """Open a text file, local or gs:// (`mlret.storage.path`), gunzipping `*.gz` transparently; the error names
+    the path."""
+    p = storage.path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     if p.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8")
-    return open(p, encoding="utf-8")
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=p.open("rb")), encoding="utf-8")
+    return p.open("r", encoding="utf-8")
 
 
 def load_json_file(path: PathLike) -> Any:

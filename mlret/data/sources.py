@@ -16,11 +16,10 @@ This module imports nothing heavy: `mlret.config.validate` calls `validate_data`
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from mlret import storage
 from mlret.data.kinds import KINDS
 from mlret.data.schedule import parse_lang_weights
 from mlret.data.units import LANG_INDEX
@@ -74,8 +73,8 @@ def parse_source(entry: Any, data_dir: str = "", *, field: str = "config.data.so
     if weight < 0:
         raise ValueError(f"{field}.weight: {weight} is negative")
     path = str(m.get("path", "") or "")
-    if path and not os.path.isabs(path) and data_dir:
-        path = str(Path(data_dir) / path)
+    if path and data_dir:
+        path = str(storage.join(data_dir, path, f"{field}.path"))
     if kind.needs_path and not path:
         raise ValueError(f"{field}.path: a {name} source needs the path of its file or folder")
     options = tuple(sorted((k, m[k]) for k in kind.options if k in m))

@@ -20,12 +20,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mlret import storage
 from mlret.data.kinds import KINDS, Downloads, LocalFiles, ReadRequest
 from mlret.data.units import LANG_INDEX, BadRecords, LangText, ParallelUnit
 from mlret.errors import DataError
@@ -78,7 +78,7 @@ def units_config(kind: str, *, local_dir: str | os.PathLike[str] = "", split: st
                         f"{list(record.options) or 'none'})")
     if record.needs_path and not local_dir:
         raise DataError(f"source {kind}: needs a path (a .jsonl file or a folder of them)")
-    local = str(Path(local_dir).resolve()) if local_dir else ""
+    local = str(storage.path(local_dir)) if local_dir else ""
     fields = dict(kind=kind, local_dir=local, split=split, languages=tuple(sorted(languages)),
                   paragraph_context=bool(paragraph_context), max_negatives=int(max_negatives),
                   on_bad_record=on_bad_record, options=tuple(sorted(opts.items())))
@@ -143,7 +143,7 @@ def read_source_units(cfg: UnitsConfig, dl_manager: tfds.download.DownloadManage
     files, through its kind's reader (`mlret.data.kinds`). The builder calls this; tests and the schedule
     preview can call it directly."""
     kind = KINDS[cfg.kind]
-    local = Path(cfg.local_dir) if cfg.local_dir else None
+    local = storage.path(cfg.local_dir) if cfg.local_dir else None
     if local is not None and not local.exists():
         raise DataError(f"{local}: no such file or directory (source {cfg.kind}, config.data.sources[*].path)")
     if local is None and dl_manager is None:
@@ -157,8 +157,28 @@ def read_source_units(cfg: UnitsConfig, dl_manager: tfds.download.DownloadManage
 def prepare_units(cfg: UnitsConfig, tfds_dir: str | os.PathLike[str] | None) -> MlretUnits:
     """Prepare (once; later calls reuse the directory) and return the builder of a source.
 
-    `tfds_dir` None means TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
-    builder = MlretUnits(config=cfg, data_dir=None if tfds_dir is None else str(tfds_dir))
+    `tfds_dir` None means TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets). A gs:// `tfds_dir` holds
+    the prepared dataset for every host and run, and each host reads a local copy (`storage.local_mirror`;
+    ArrayRecord reads local files only): it is fetched when the bucket has it, else prepared here and uploaded."""
+    if tfds_dir is None or not storage.is_gcs(tfds_dir):
+        return _prepare_local(cfg, None if tfds_dir is None else str(storage.path(tfds_dir, "config.data.tfds_dir")))
+    remote_root = storage.path(tfds_dir, "config.data.tfds_dir")
+    local_root = storage.local_mirror(remote_root)
+    builder = MlretUnits(config=cfg, data_dir=str(local_root))
+    remote = remote_root / epath.Path(builder.data_dir).relative_to(local_root)
+    if not builder.is_prepared() and (remote / "dataset_info.json").exists():
+        log.info("fetching the prepared %s from %s", cfg.name, remote)
+        storage.download_dir(remote)
+        return _prepare_local(cfg, str(local_root))
+    builder = _prepare_local(cfg, str(local_root))
+    if not (remote / "dataset_info.json").exists():
+        log.info("uploading the prepared %s to %s", cfg.name, remote)
+        storage.sync_dir(epath.Path(builder.data_dir), remote)
+    return builder
+
+
+def _prepare_local(cfg: UnitsConfig, tfds_dir: str | None) -> MlretUnits:
+    builder = MlretUnits(config=cfg, data_dir=tfds_dir)
     if not builder.is_prepared():
         log.info("preparing %s into %s", cfg.name, builder.data_dir)
         builder.download_and_prepare(file_format="array_record")

@@ -14,12 +14,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mlret import storage
 from mlret.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,16 @@ def parse_list(value: str | Sequence[str] | None) -> list[str]:
 
 
 def write_json(path: str, data: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    """`data` as JSON at `path` (local or gs://), written whole: a reader never sees half a file."""
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=False, default=_json_default) + "\n"
+    if storage.is_gcs(target):  # an object appears only when its upload completes
+        target.write_text(text, encoding="utf-8")
+        return
+    tmp = target.parent / f"{target.name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
 
 
 def _json_default(x: Any) -> Any:
@@ -192,8 +196,10 @@ def heatmap(path: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[s
                         color="black" if m[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        fig.savefig(f, dpi=110, format=target.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 

@@ -7,31 +7,33 @@ of it, `read_corpus` the whole of it.
 
 from __future__ import annotations
 
-import glob
 import gzip
+import io
 import json
-import os
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from mlret import storage
 from mlret.errors import DataError
 
 
 def open_text(path: str) -> TextIO:
-    """A UTF-8 text file, gunzipped when its name ends in .gz."""
+    """A UTF-8 text file, local or gs:// (`mlret.storage`), gunzipped when its name ends in .gz."""
+    p = storage.path(path)
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=p.open("rb")), encoding="utf-8")
+    return p.open("r", encoding="utf-8")
 
 
 def corpus_files(path: str) -> list[str]:
-    """A .jsonl(.gz) file, or every .jsonl(.gz) shard of a folder in name order."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
+    """A .jsonl(.gz) file, or every .jsonl(.gz) shard of a folder in name order (local or gs://)."""
+    folder = storage.path(path)
+    if folder.is_dir():
+        files = sorted(str(p) for pattern in ("*.jsonl", "*.jsonl.gz") for p in folder.glob(pattern))
         if not files:
             raise FileNotFoundError(f"{path}: folder holds no .jsonl or .jsonl.gz corpus shards")
         return files
-    if not os.path.exists(path):
+    if not folder.exists():
         raise FileNotFoundError(f"{path}: corpus missing; set config.eval.<name>.corpus to a jsonl file or folder "
                                 "(with {lang} for the language)")
     return [path]

@@ -30,6 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlret import storage
 from mlret.data import datasets
 from mlret.data.readers import read_lareqa
 from mlret.errors import DataError
@@ -78,7 +79,7 @@ def load_language(path: str, lang: str, max_paragraphs: int = 0) -> LareqaLangua
     """Read one XQuAD-R / MLQA-R language file (`mlret.data.readers.read_lareqa`, the parser training uses too;
     any malformed record is an error). `max_paragraphs` > 0 keeps only the first paragraphs (in file order) and
     their questions: a fast subset for smoke runs, not the benchmark."""
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"{path}: missing; set the evaluator's data_dir (config.eval.<name>.data_dir) "
                                 "to the folder with one <lang>.json per language")
     out = LareqaLanguage(lang, path, [], [], [], [], [], np.zeros(0, np.int64))

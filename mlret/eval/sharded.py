@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from mlret import storage
 from mlret.errors import DataError
 from mlret.eval.corpus import corpus_files, corpus_record
 from mlret.eval.retrieval import (
@@ -66,7 +66,7 @@ def shard_offset(n_local: int) -> tuple[int, int]:
 
 def _file_lines(file: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) of the lines of a plain file whose first byte lies in [start, stop)."""
-    with open(file, "rb") as f:
+    with storage.path(file).open("rb") as f:
         if start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the range before
@@ -80,14 +80,14 @@ def _file_lines(file: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]
 
 def _line_number(file: str, offset: int) -> int:
     """1-based number of the line starting at byte `offset` (read only to name a bad record)."""
-    with open(file, "rb") as f:
+    with storage.path(file).open("rb") as f:
         return f.read(offset).count(b"\n") + 1
 
 
 def _gz_lines(file: str) -> Iterator[tuple[int, bytes]]:
     import gzip
 
-    with gzip.open(file, "rb") as f:
+    with storage.path(file).open("rb") as raw, gzip.GzipFile(fileobj=raw) as f:
         yield from enumerate(f, 1)
 
 
@@ -97,7 +97,7 @@ def read_corpus_shard(path: str, index: int = 0, count: int = 1,
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
     files = corpus_files(path)
-    sizes = [os.path.getsize(f) for f in files]
+    sizes = [storage.path(f).stat().length for f in files]
     total = sum(sizes)
     lo, hi = total * index // count, total * (index + 1) // count
     docids, texts = [], []
@@ -155,10 +155,10 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
 
     index, count = jax.process_index(), jax.process_count()
     np_dtype = _numpy_dtype(dtype)
-    cache = os.path.join(cache_dir, f"shard-{index:05d}-of-{count:05d}.npz") if cache_dir else None
+    cache = storage.path(cache_dir) / f"shard-{index:05d}-of-{count:05d}.npz" if cache_dir else None
     meta = json.dumps({"corpus": path, "template": passage_template, "dtype": dtype, "key": key})
-    if cache and os.path.exists(cache):
-        with np.load(cache) as z:
+    if cache and cache.exists():
+        with cache.open("rb") as f, np.load(f) as z:
             if str(z["meta"]) == meta:
                 docids = json.loads(str(z["docids"]))
                 emb = z["embeddings"].view(np_dtype) if dtype == "bfloat16" else z["embeddings"]
@@ -177,11 +177,12 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
     if len(docids) and emb.shape[0] != len(docids):
         raise ValueError(f"{path}: the embedder returned {emb.shape[0]} rows for {len(docids)} passages")
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.tmp.npz"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.parent / f"{cache.name}.tmp.npz"
         stored = emb.view(np.uint16) if dtype == "bfloat16" else emb
-        np.savez(tmp, meta=np.array(meta), docids=np.array(json.dumps(docids)), embeddings=stored)
-        os.replace(tmp, cache)
+        with tmp.open("wb") as f:
+            np.savez(f, meta=np.array(meta), docids=np.array(json.dumps(docids)), embeddings=stored)
+        tmp.replace(cache)
     return CorpusShard(docids, emb, offset, total)
 
 

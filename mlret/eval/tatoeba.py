@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from mlret import storage
 from mlret.data import datasets
 from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.retrieval import ExactIndex
@@ -30,10 +31,10 @@ def read_pair(data_dir: str, lang: str, max_sentences: int = 0) -> tuple[list[st
     paths = [os.path.join(data_dir, f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")]
     sides = []
     for p in paths:
-        if not os.path.exists(p):
+        if not storage.path(p).exists():
             raise FileNotFoundError(f"{p}: missing; check config.eval.tatoeba.data_dir and languages "
                                     "(three-letter codes such as deu, cmn)")
-        with open(p, encoding="utf-8") as f:
+        with storage.path(p).open("r", encoding="utf-8") as f:
             sides.append([line.rstrip("\n") for line in f])
     if len(sides[0]) != len(sides[1]):
         raise ValueError(f"{paths[0]} has {len(sides[0])} lines but {paths[1]} has {len(sides[1])}")

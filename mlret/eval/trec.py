@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlret import storage
 from mlret.data import datasets
 from mlret.errors import DataError
 from mlret.eval import metrics as M
@@ -104,7 +105,7 @@ class TrecEvaluator:
             return self._queries[lang]
         topics_path, qrels_path, _ = self.paths(lang)
         for p in (topics_path, qrels_path):
-            if not os.path.exists(p):
+            if not storage.path(p).exists():
                 raise FileNotFoundError(f"{p}: missing; check config.eval.{self.name}.data_dir / split / "
                                         "languages")
         topics, qrels = read_topics(topics_path), read_qrels(qrels_path)

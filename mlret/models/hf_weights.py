@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlret import storage
 from mlret.models.dual_encoder import DualEncoder, Tied, Untied
 from mlret.models.encoder import Encoder
 from mlret.models.encoder_config import EncoderConfig
@@ -71,8 +72,12 @@ def param_mapping(cfg: EncoderConfig, *, with_pooler: bool) -> list[tuple[Path_,
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local model folder as is; otherwise a hub id, downloaded (config, tokenizer, weights) to the HF cache."""
+    """A local model folder as is; a gs:// folder copied to a local cache (`mlret.storage.download_dir`: the
+    tokenizer and safetensors libraries read local files only); otherwise a hub id, downloaded (config, tokenizer,
+    weights) to the HF cache."""
     name = str(name_or_path)
+    if storage.is_gcs(name):
+        return Path(os.fspath(storage.download_dir(storage.path(name, "config.model.name"))))
     if not name:
         raise ValueError("config.model.name is empty: set it (or the MLRET_MODEL environment variable) to a "
                          "Hugging Face hub id or a local model folder")

@@ -12,7 +12,6 @@ import copy
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,8 +97,8 @@ class TextTokenizer:
 
     def save(self, out_dir: str | os.PathLike[str]) -> None:
         """Write the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) into out_dir."""
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.hf.save_pretrained(str(out_dir))
+        os.makedirs(out_dir, exist_ok=True)  # a local folder: mlret.export stages a gs:// export locally
+        self.hf.save_pretrained(os.fspath(out_dir))
 
     def __repr__(self) -> str:
         return (f"TextTokenizer({self.name_or_path!r}, query_len={self.query_len}, passage_len={self.passage_len}, "

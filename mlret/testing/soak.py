@@ -183,6 +183,37 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
     return True, during_save
 
 
+# The soak's memory criterion: the least-squares slope of resident memory after warm-up, in MiB per 1000 steps.
+# A leak of 1 MiB per 1000 steps (1 KiB a step) must fail it; tests/test_soak.py checks both sides on real RSS.
+MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
+MIB = 2**20
+
+
+def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bin_steps: int = 0) -> float:
+    """Least-squares slope of RSS against the step after `warmup_step`, in MiB per 1000 steps.
+
+    `samples` are (seconds, step, rss bytes). The fit is to the median RSS of each bin of `bin_steps` steps
+    (default: 1/50 of the span after warm-up, at least 1 step), so that the brief peaks of an evaluation or a
+    checkpoint write, which a 0.5 s sampler catches by chance, weigh like any other moment and a steady rise
+    (a leak) decides the slope."""
+    after = [(s, r) for _, s, r in samples if s > warmup_step]
+    if len(after) < 4:
+        raise ValueError(f"memory_slope: only {len(after)} samples after step {warmup_step}; run longer or sample "
+                         "more often")
+    span = after[-1][0] - warmup_step
+    width = bin_steps or max(span // 50, 1)
+    bins: dict[int, list[int]] = {}
+    for s, r in after:
+        bins.setdefault((s - warmup_step - 1) // width, []).append(r)
+    xs = [warmup_step + (k + 0.5) * width for k in sorted(bins)]
+    ys = [float(sorted(bins[k])[len(bins[k]) // 2]) for k in sorted(bins)]
+    if len(xs) < 2:
+        raise ValueError(f"memory_slope: the samples after step {warmup_step} fall in one bin of {width} steps")
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return 1000.0 * slope / MIB
+
+
 class ResourceMonitor(Hook):
     """Resident memory samples and XLA compilations of this process during a training run, as a loop hook.
 
@@ -240,7 +271,7 @@ class ResourceMonitor(Hook):
         """Resident memory after warm-up: the median of the samples in the last `window` of the steps against the
         median of the first `window` after `warmup_step` ("growth": the steady level, what a leak raises), the
         same for the largest samples ("peak_growth": evaluations and checkpoint writes come and go, and a 0.5 s
-        sampler catches their peaks only by chance), and a least-squares slope in bytes per 1000 steps."""
+        sampler catches their peaks only by chance), and `memory_slope` (the soak's criterion), MiB per 1000 steps."""
         after = [(s, r) for _, s, r in self.samples if s > warmup_step]
         if len(after) < 4:
             raise ValueError(f"ResourceMonitor: only {len(after)} samples after step {warmup_step}; run longer or "
@@ -250,13 +281,10 @@ class ResourceMonitor(Hook):
         first = sorted(r for s, r in after if s <= warmup_step + window * span) or [after[0][1]]
         last = sorted(r for s, r in after if s >= last_step - window * span)
         median = lambda xs: float(xs[len(xs) // 2])
-        steps = [float(s) for s, _ in after]
         rss = [float(r) for _, r in after]
-        ms, mr = sum(steps) / len(steps), sum(rss) / len(rss)
-        var = sum((x - ms) ** 2 for x in steps)
-        slope = sum((x - ms) * (y - mr) for x, y in zip(steps, rss)) / var if var else 0.0
         return {"baseline_bytes": median(first), "final_bytes": median(last),
                 "growth": median(last) / median(first) - 1.0,
                 "baseline_peak_bytes": float(first[-1]), "final_peak_bytes": float(last[-1]),
-                "peak_growth": last[-1] / first[-1] - 1.0, "slope_bytes_per_1000_steps": 1000.0 * slope,
+                "peak_growth": last[-1] / first[-1] - 1.0,
+                "slope_mib_per_1000_steps": memory_slope(self.samples, warmup_step),
                 "max_bytes": float(max(rss)), "samples": float(len(after))}

