@@ -53,12 +53,12 @@ SCALE_NOTES = (
     f"Batch {BATCH} pairs (paper: 100), 1 hard negative each; training lengths query {QUERY_LEN}, passage "
     f"{PASSAGE_LEN}.",
     f"{STEPS} training steps per run (the earlier study: 20; the paper trains for epochs): 36 runs plus the "
-    "zero-shot evaluation had to fit about 70 minutes of a 2-core machine shared by seven engineers (load average "
-    f"about 25). Learning rate {LR:g} (paper: 3e-5; so few steps barely move the model at 3e-5).",
+    "zero-shot evaluation were to fit about 70 minutes of a 2-core machine shared by seven engineers (load average "
+    f"25 to 62 during the runs). Learning rate {LR:g} (paper: 3e-5; so few steps barely move the model at 3e-5).",
     f"XQuAD-R: the first {MAX_PARAGRAPHS} paragraphs of each language (274 questions per language, 3x the "
     "89-question slice of the earlier study; the full set is 1,190), their 2,019 sentences as candidates.",
     f"Tatoeba: the first {MAX_SENTENCES} pairs of each of 10 languages (the earlier study: 50), to leave the "
-    "evaluation budget to XQuAD-R. TyDi QA: the 11-example offline sample.",
+    "evaluation budget to XQuAD-R. TyDi QA: the 11-example offline sample (6 with a gold passage).",
     f"VRN: lambda = {VRN_WEIGHT:g} (the VRN paper's 30 is for SimCLR from scratch at a higher temperature; "
     "untuned here), p = 2.",
 )

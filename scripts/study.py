@@ -112,8 +112,8 @@ METRICS = [
     ("xquad_r", "multi_r10", "multi R@10", True),
     ("xquad_r", "rank_distance", "lang. bias (rank dist.)", False),
     ("tatoeba", "acc", "Tatoeba acc", True),
-    ("tydiqa", "mrr", "TyDi MRR@10 (11-ex. sample)", True),
-    ("tydiqa", "acc1", "TyDi acc@1 (11-ex. sample)", True),
+    ("tydiqa", "mrr", "TyDi MRR@10 (sample, 6 q.)", True),
+    ("tydiqa", "acc1", "TyDi acc@1 (sample, 6 q.)", True),
 ]
 # Per-query values tested (name in the run file, label, higher is better).
 TESTED = [
@@ -643,7 +643,9 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
              scale_notes: Sequence[str] = ()) -> str:
     """The docs/results.md section: setup, commands, tables, tests, figures."""
     rel = os.path.relpath(docs, results_md.parent) if results_md else str(docs)
-    any_run = next((r for m in load_runs(out).values() for rs in m["runs"].values() for r in rs), None)
+    found = load_runs(out).values()
+    any_run = next((r for m in found for r in [*(r for rs in m["runs"].values() for r in rs), m["zero_shot"]] if r),
+                   None)
     cfg = any_run["config"] if any_run else None
     lines = [MARK_BEGIN, "", "## Offline study: the loss objective x hybrid batches (this CPU)", ""]
     if cfg:
@@ -674,8 +676,8 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             f"{len(ev['tatoeba']['languages'].split(','))} languages ({ev['tatoeba']['languages']}), "
             "xx→en and en→xx accuracy.",
             "- TyDi QA: only the offline 11-example sample (`tydiqa-primary-sample/tiny_dev.jsonl.gz`, one "
-            "question per language, candidates its article's passages) can be evaluated here: its MRR@10 and "
-            "acc@1 are listed, labelled as the sample, and not tested.",
+            "question per language, candidates its article's passages; the 6 with a gold passage are scored) "
+            "can be evaluated here: its MRR@10 and acc@1 are listed, labelled as the sample, and not tested.",
             "- Seeds change the data schedule (batch types, languages, units); every run starts from the same "
             "weights.",
         ]
@@ -743,9 +745,11 @@ def _two_way_tables(m: dict[str, Any]) -> list[str]:
     """One loss x batching table per metric of the question (mean ± std over seeds)."""
     rows = {(r["loss"], r["alpha"]): r for r in m["rows"] if r["loss"] is not None}
     arms = [a for a in (MONO, XY, HYBRID) if any(k[1] == a for k in rows)]
+    zero = next((r for r in m["rows"] if r["loss"] is None), None)
     lines = []
-    for _, key, label, _ in TWO_WAY:
-        lines += ["", f"**{label}** (XQuAD-R; rows: loss, columns: batching)", "",
+    for _, key, label, _ in TWO_WAY if rows else ():
+        untrained = f"; zero-shot {_cell(zero['metrics'][key][0], 0.0, 0, key)}" if zero else ""
+        lines += ["", f"**{label}** (XQuAD-R; rows: loss, columns: batching{untrained})", "",
                   "| loss | " + " | ".join(alpha_label(a) for a in arms) + " |", "|---|" + "---|" * len(arms)]
         for x in m["losses"]:
             lines.append(f"| {loss_label(x)} | " + " | ".join(
