@@ -85,8 +85,23 @@ def test_every_other_config_validates(name, arg, shared_data, monkeypatch):
     assert missing_data(c) == []
 
 
+def test_own_data_config_reads_the_given_file(shared_data, monkeypatch, tmp_path):
+    """configs/own_data.py:FILE trains on FILE (docs/own-data.md) and says so when the path is missing."""
+    monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
+    units = tmp_path / "my_units.jsonl"
+    units.write_text("")
+    c = load_config_file(CONFIGS / "own_data.py", str(units))
+    validate(c)
+    assert [(s["name"], s["path"]) for s in c.data.sources] == [("jsonl", str(units))]
+    from mlret.preflight import missing_data
+
+    assert missing_data(c) == []
+    with pytest.raises(ValueError, match="needs the path"):
+        load_config_file(CONFIGS / "own_data.py", None)
+
+
 def test_every_config_file_is_covered():
-    covered = {"paper.py", "smoke.py", "eval_xquad_r.py", "demo.py", "study.py"}
+    covered = {"paper.py", "smoke.py", "eval_xquad_r.py", "demo.py", "study.py", "own_data.py"}
     assert {p.name for p in CONFIGS.glob("*.py")} <= covered, "add the new config to tests/test_configs.py"
 
 
