@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import pathlib
 import shutil
 import socket
 import tempfile
@@ -290,8 +291,8 @@ def walk(root: epath.Path) -> Iterator[tuple[epath.Path, list[str], list[str]]]:
 def rglob(root: epath.Path, pattern: str) -> list[epath.Path]:
     """`root.rglob(pattern)` for local and gs:// folders alike (epath refuses `**` on GCS: this walks the listing
     once instead), files and folders whose path below `root` matches `pattern` (fnmatch; `/` allowed)."""
-    if not is_gcs(root):
-        return list(root.rglob(pattern))
+    if not is_gcs(root):  # epath's own rglob refuses `**` on every backend: walk the local folder with pathlib
+        return [epath.Path(p) for p in pathlib.Path(os.fspath(root)).rglob(pattern)]
     out = []
     for folder, dirs, files in walk(root):
         for name in (*dirs, *files):
