@@ -257,7 +257,8 @@ def test_packed_runs_resume_exactly_and_two_processes_equal_one(tiny_args, tmp_p
               "--config.train.grad_cache_chunk=4", "--config.train.steps=12", "--config.checkpoint.every=6"]
     whole = run(train_cmd(tmp_path / "whole", packed), timeout=600)  # a compilation per packed shape
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run(train_cmd(tmp_path / "resumed", packed), timeout=600, MLRET_TEST_SIGKILL_AFTER_STEP="8")
+    killed = run(train_cmd(tmp_path / "resumed", packed, module="mlret.testing.train"), timeout=600,
+                 MLRET_TEST_SIGKILL_AFTER_STEP="8")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = run(train_cmd(tmp_path / "resumed", packed), timeout=600)
     assert resumed.returncode == 0 and "at step 6" in resumed.stderr, resumed.stderr[-3000:]
