@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 from scale_helpers import max_abs_diff
 from scale_runs import (
+    LOSS_RTOL,
+    PARAM_TOL,
     REPO,
     SMOKE,
     STEPS,
@@ -43,9 +45,6 @@ from scale_runs import (
 from mlret import storage
 from mlret.config import ConfigError
 
-# Float32 noise of a 2-process run against a 1-process one (tests/test_multihost.py).
-LOSS_RTOL = 2e-6
-PARAM_TOL = 1e-6
 RUNS, DATA = "mlret-runs", "mlret-data"
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from scale_helpers import max_abs_diff
 from scale_runs import (
+    LOSS_RTOL,
+    PARAM_TOL,
     STEPS,
     checkpoint_params,
     free_port,
@@ -23,10 +25,6 @@ from scale_runs import (
 )
 
 from mlret.checkpoint import Checkpointer, CheckpointLayoutError, config_from_dict
-
-# Float32 noise: the gradient all-reduce sums in another order over gloo (2 processes) than inside one process.
-LOSS_RTOL = 2e-6
-PARAM_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
