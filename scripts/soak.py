@@ -15,7 +15,9 @@ step's loss with the reference.
 `memory`: one in-process run of `mlret.train.train` with periodic evaluation (XQuAD-R en/de, a few paragraphs), with
 `mlret.testing.soak.ResourceMonitor` as a loop hook: resident memory sampled every half second, and every XLA
 compilation with its step.
-Passes when RSS grows by at most 5% after warm-up (the first evaluation) and nothing compiles after it.
+Passes when the slope of RSS in MiB per 1000 steps, fitted after warm-up (the first evaluation) and over the second
+half of the run, is at most `mlret.testing.soak.MAX_SLOPE_MIB_PER_1000_STEPS` both times, and nothing compiles after
+warm-up. Live jax arrays and Python's allocated blocks are counted beside RSS.
 """
 
 from __future__ import annotations
@@ -177,9 +179,9 @@ def memory_config(model: Path, data_dir: Path, tfds_dir: Path, steps: int, eval_
     return c
 
 
-def memory_soak(config, workdir: Path, warmup_step: int) -> dict:
+def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float = 5.0) -> dict:
     """Train in this process (`mlret.train.train`) with a ResourceMonitor hook; RSS growth and compilations
-    after `warmup_step`, and the losses."""
+    after `warmup_step`, the trends of live jax arrays and Python's allocated blocks, and the losses."""
     import jax
 
     from mlret.config import validate
@@ -188,12 +190,14 @@ def memory_soak(config, workdir: Path, warmup_step: int) -> dict:
 
     validate(config, devices=jax.device_count(), processes=jax.process_count())
     t0 = time.time()
-    mon = ResourceMonitor(interval_s=0.5)
+    mon = ResourceMonitor(interval_s=0.5, counters_every_s=counters_every_s)
     result = train(config, workdir, hooks=[mon])
     growth = mon.rss_growth(warmup_step)
     # The raw samples, for a plot or a second look: (seconds, step, RSS bytes) and the compilations (seconds, step).
-    (workdir / "resources.json").write_text(json.dumps({"rss": mon.samples, "compiles": mon.compiles}))
+    (workdir / "resources.json").write_text(json.dumps({"rss": mon.samples, "compiles": mon.compiles,
+                                                         "counters": mon.counters}))
     return {"end_step": result.end_step, "losses": result.losses, "seconds": time.time() - t0, "growth": growth,
+            "counters": mon.counter_trends(warmup_step),
             "compiles_total": len(mon.compiles), "compiles_after_warmup": mon.compiles_after(warmup_step),
             "samples": mon.samples, "evals": sorted(s for s in range(1, result.end_step + 1)
                                                     if config.eval.every and s % config.eval.every == 0)}
@@ -218,14 +222,15 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
     config = memory_config(model, Path(args.data_dir), base / "tfds", args.steps, args.eval_every,
                            args.checkpoint_every, args.devices)
     out = memory_soak(config, run_dir, warmup_step=args.eval_every)
-    g = out["growth"]
-    from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS
-
-    slope = g["slope_mib_per_1000_steps"]
-    ok = (slope <= MAX_SLOPE_MIB_PER_1000_STEPS and not out["compiles_after_warmup"]
-          and out["end_step"] == args.steps)
-    summary = (f"least-squares slope of RSS after warm-up (fitted to 50 bin medians) **{slope:+.2f} MiB per 1000 "
-               f"steps** (limit {MAX_SLOPE_MIB_PER_1000_STEPS}: a leak of 1 MiB per 1000 steps fails); median RSS "
+    g, v, c = out["growth"], out["growth"]["verdict"], out["counters"]
+    ok = v["passed"] and not out["compiles_after_warmup"] and out["end_step"] == args.steps
+    summary = (f"least-squares slope of RSS (fitted to 50 bin medians) after warm-up **{v['slope_after_warmup']:+.2f}"
+               f"** and over the second half (steps {v['second_half_from'] + 1}-{out['end_step']}) "
+               f"**{v['slope_second_half']:+.2f} MiB per 1000 steps** (limit {v['limit']} for both: a leak of 1 MiB "
+               f"per 1000 steps fails); after warm-up, live jax arrays {c['live_arrays_first']:.0f} -> "
+               f"{c['live_arrays_last']:.0f} ({c['live_mib_per_1000_steps']:+.3f} MiB per 1000 steps), Python's "
+               f"allocated blocks {c['python_blocks_first']:.0f} -> {c['python_blocks_last']:.0f} "
+               f"({c['python_blocks_per_1000_steps']:+.0f} per 1000 steps); median RSS "
                f"{g['baseline_bytes'] / MIB:.0f} MiB over the first 10% of the steps after warm-up, "
                f"{g['final_bytes'] / MIB:.0f} MiB over the last 10% ({100 * g['growth']:+.2f}%); largest samples in "
                f"those windows {g['baseline_peak_bytes'] / MIB:.0f} and {g['final_peak_bytes'] / MIB:.0f} MiB, largest "
@@ -240,8 +245,9 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
             f"3 paragraphs), a checkpoint every {args.checkpoint_every} steps, with "
             "`mlret.testing.soak.ResourceMonitor` as a loop hook (RSS every 0.5 s via psutil; XLA compilations via "
             "jax.monitoring's `/jax/core/compile/backend_compile_duration`). "
-            f"Warm-up: up to the first evaluation (step {args.eval_every}). Criterion: the slope of RSS after "
-            "warm-up, no compilation after warm-up, and every step run.\n\n"
+            f"Warm-up: up to the first evaluation (step {args.eval_every}). Criterion "
+            "(`mlret.testing.soak.memory_verdict`): the slope of RSS after warm-up and over the second half of the "
+            "run both at most the limit, no compilation after warm-up, and every step run.\n\n"
             f"Result: **{'PASS' if ok else 'FAIL'}**: {out['end_step']} steps in {out['seconds']:.0f} s; {summary} "
             "(the train step traced once: the loop checks it every step). Raw samples: `<workdir>/run/"
             "resources.json`.\n\n"

@@ -1,13 +1,14 @@
 """A short soak through the same code as `scripts/soak.py memory` (the 10,000-step run is in docs/robustness.md):
 the real loop in process with periodic evaluation, watched by the `mlret.testing.soak.ResourceMonitor` hook,
-compiles nothing after the first evaluation and keeps resident memory within 5% after it."""
+compiles nothing after the first evaluation and keeps resident memory within 5% after it; and the soak's memory
+criterion (`memory_slope`, `memory_verdict`) against real leaks of resident memory."""
 
 import sys
 import time
 
 from scale_runs import REPO
 
-from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS, memory_slope
+from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS, memory_slope, memory_verdict
 
 
 def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_bert_path, shared_data,
@@ -20,7 +21,7 @@ def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_b
     steps, eval_every = 60, 20
     config = soak.memory_config(random_bert_path, shared_data, tmp_path_factory.mktemp("soak_tfds"), steps,
                                 eval_every, checkpoint_every=30)
-    out = soak.memory_soak(config, tmp_path / "run", warmup_step=eval_every)
+    out = soak.memory_soak(config, tmp_path / "run", warmup_step=eval_every, counters_every_s=0.5)
     assert out["end_step"] == steps and out["evals"] == [20, 40, 60]
     # The first evaluation compiled its encoders (and the step before it compiled); later ones reuse them.
     assert out["compiles_total"] > 0
@@ -28,28 +29,42 @@ def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_b
     assert out["growth"]["samples"] >= 4
     assert out["growth"]["growth"] <= 0.05, out["growth"]
     assert out["growth"]["slope_mib_per_1000_steps"] == memory_slope(out["samples"], eval_every)
+    assert out["growth"]["verdict"] == memory_verdict(out["samples"], eval_every)
+    assert out["counters"]["live_arrays_last"] > 0  # the exact counters were sampled during the run
 
 
-def _rss_run(steps: int, leak_bytes_per_step: int) -> list[tuple[float, int, int]]:
+def _rss_run(steps: int, leak_bytes_per_step: int, leak_from: int = 0,
+             shrink_bytes: int = 0) -> list[tuple[float, int, int]]:
     """(seconds, step, RSS) of this process over `steps` steps of allocation churn (a step's transient buffers,
-    made and freed), keeping `leak_bytes_per_step` more each step: a real leak of real memory, sampled the way
-    ResourceMonitor samples (psutil RSS). The leak takes fresh pages from the kernel (16 steps' worth at a time,
-    written through), so memory this process freed earlier cannot hide it."""
+    made and freed), keeping `leak_bytes_per_step` more each step from step `leak_from` on: a real leak of real
+    memory, sampled the way ResourceMonitor samples (psutil RSS). The leak takes fresh pages from the kernel (16
+    steps' worth at a time, written through), so memory this process freed earlier cannot hide it. With
+    `shrink_bytes`, that much resident memory is held at the start and handed back to the kernel evenly over the
+    first half of the steps (a falling warm-up transient, as allocator arenas shrink)."""
     import mmap
 
     import psutil
 
+    chunk = 2**20
+    held = []
+    for _ in range(shrink_bytes // chunk):
+        block = mmap.mmap(-1, chunk)
+        block.write(b"\x01" * chunk)
+        held.append(block)
+    release_every = max(1, (steps // 2) // max(len(held), 1))
     proc, kept, samples, t0 = psutil.Process(), [], [], time.time()
     for step in range(1, steps + 1):
         scratch = [bytearray(4096) for _ in range(16)]  # transient, like a step's host-side buffers
         del scratch
-        if leak_bytes_per_step and step % 16 == 0:
+        if held and step % release_every == 0:
+            held.pop().close()
+        if leak_bytes_per_step and step > leak_from and step % 16 == 0:
             block = mmap.mmap(-1, 16 * leak_bytes_per_step)
             block.write(b"\x01" * (16 * leak_bytes_per_step))  # resident: every page is written
             kept.append(block)
         if step % 20 == 0:
             samples.append((time.time() - t0, step, proc.memory_info().rss))
-    for block in kept:
+    for block in kept + held:
         block.close()
     return samples
 
@@ -62,3 +77,17 @@ def test_memory_criterion_fails_a_leak_of_1_mib_per_1000_steps_and_passes_none()
     assert flat <= MAX_SLOPE_MIB_PER_1000_STEPS, flat
     assert leaking > MAX_SLOPE_MIB_PER_1000_STEPS, leaking
     assert 0.8 <= leaking <= 1.3, leaking  # the fit measures the leak itself, not noise
+
+
+def test_memory_verdict_catches_a_leak_that_a_falling_warm_up_hides():
+    """RSS that falls by 64 MiB over the first half (a warm-up transient) while nothing leaks, then leaks 1 KiB a
+    step over the second half: the slope after warm-up is negative, the second half's is the leak, and the
+    verdict fails; without the leak it passes."""
+    steps, warmup = 30_000, 3_000
+    _rss_run(steps, 0)  # warm the allocator's arenas
+    hidden = memory_verdict(_rss_run(steps, 1024, leak_from=steps // 2, shrink_bytes=64 * 2**20), warmup)
+    assert hidden["slope_after_warmup"] < 0, hidden  # the whole-run fit alone would pass it
+    assert 0.8 <= hidden["slope_second_half"] <= 1.3, hidden
+    assert not hidden["passed"], hidden
+    clean = memory_verdict(_rss_run(steps, 0, shrink_bytes=64 * 2**20), warmup)
+    assert clean["slope_second_half"] <= MAX_SLOPE_MIB_PER_1000_STEPS and clean["passed"], clean

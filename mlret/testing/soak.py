@@ -22,6 +22,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -183,7 +184,9 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
     return True, during_save
 
 
-# The soak's memory criterion: the least-squares slope of resident memory after warm-up, in MiB per 1000 steps.
+# The soak's memory criterion: the least-squares slope of resident memory in MiB per 1000 steps, fitted after
+# warm-up and again over the second half of the run (`memory_verdict`): a warm-up transient that falls (allocator
+# arenas handing memory back) can pull the first slope below zero and hide a leak, never the second.
 # A leak of 1 MiB per 1000 steps (1 KiB a step) must fail it; tests/test_soak.py checks both sides on real RSS.
 MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
 MIB = 2**20
@@ -214,6 +217,18 @@ def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bi
     return 1000.0 * slope / MIB
 
 
+def memory_verdict(samples: Sequence[tuple[float, int, int]], warmup_step: int,
+                   limit: float = MAX_SLOPE_MIB_PER_1000_STEPS) -> dict[str, Any]:
+    """The soak's memory criterion on (seconds, step, rss bytes) samples: `memory_slope` fitted after
+    `warmup_step` and over the second half of the steps after it (from the midpoint between `warmup_step` and the
+    last sampled step); passes when both are at most `limit` MiB per 1000 steps."""
+    last = max((s for _, s, _ in samples), default=0)
+    mid = (warmup_step + last) // 2
+    after, half = memory_slope(samples, warmup_step), memory_slope(samples, mid)
+    return {"slope_after_warmup": after, "slope_second_half": half, "second_half_from": mid, "limit": limit,
+            "passed": after <= limit and half <= limit}
+
+
 class ResourceMonitor(Hook):
     """Resident memory samples and XLA compilations of this process during a training run, as a loop hook.
 
@@ -222,9 +237,13 @@ class ResourceMonitor(Hook):
     compilation, `step` being the loop's last dispatched step at that moment.
     """
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, counters_every_s: float = 10.0) -> None:
         self.interval_s = float(interval_s)
+        self.counters_every_s = float(counters_every_s)
         self.samples: list[tuple[float, int, int]] = []
+        # (seconds, step, live jax arrays, their bytes, Python's allocated blocks) every `counters_every_s`: exact
+        # counts where RSS is noisy, to tell a device-buffer or Python-heap leak from the allocator's own churn.
+        self.counters: list[tuple[float, int, int, int, int]] = []
         self.compiles: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -239,11 +258,19 @@ class ResourceMonitor(Hook):
             self.compiles.append((time.time() - self._t0, self._step()))
 
     def _sample(self) -> None:
+        import jax
         import psutil
 
         proc = psutil.Process()
+        next_count = 0.0
         while not self._stop.is_set():
-            self.samples.append((time.time() - self._t0, self._step(), proc.memory_info().rss))
+            now = time.time() - self._t0
+            self.samples.append((now, self._step(), proc.memory_info().rss))
+            if now >= next_count:
+                live = jax.live_arrays()
+                self.counters.append((now, self._step(), len(live), sum(a.nbytes for a in live),
+                                      sys.getallocatedblocks()))
+                next_count = now + self.counters_every_s
             self._stop.wait(self.interval_s)
 
     def begin(self, loop: Loop) -> None:
@@ -264,10 +291,27 @@ class ResourceMonitor(Hook):
             jax.monitoring.unregister_event_duration_listener(self._on_event)
             self._thread = None
 
+    def counter_trends(self, warmup_step: int) -> dict[str, float]:
+        """Least-squares slopes, per 1000 steps after `warmup_step`, of the exact counters: live jax arrays,
+        their MiB, and Python's allocated blocks (plus their first and last values)."""
+        rows = [c for c in self.counters if c[1] > warmup_step]
+        if len(rows) < 2 or rows[0][1] == rows[-1][1]:
+            return {}
+        xs = [float(c[1]) for c in rows]
+        mx = sum(xs) / len(xs)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        out: dict[str, float] = {}
+        for name, col, scale in (("live_arrays", 2, 1.0), ("live_mib", 3, MIB), ("python_blocks", 4, 1.0)):
+            ys = [c[col] / scale for c in rows]
+            my = sum(ys) / len(ys)
+            out[f"{name}_per_1000_steps"] = 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+            out[f"{name}_first"], out[f"{name}_last"] = ys[0], ys[-1]
+        return out
+
     def compiles_after(self, step: int) -> list[tuple[float, int]]:
         return [c for c in self.compiles if c[1] > step]
 
-    def rss_growth(self, warmup_step: int, window: float = 0.1) -> dict[str, float]:
+    def rss_growth(self, warmup_step: int, window: float = 0.1) -> dict[str, Any]:
         """Resident memory after warm-up: the median of the samples in the last `window` of the steps against the
         median of the first `window` after `warmup_step` ("growth": the steady level, what a leak raises), the
         same for the largest samples ("peak_growth": evaluations and checkpoint writes come and go, and a 0.5 s
@@ -287,4 +331,5 @@ class ResourceMonitor(Hook):
                 "baseline_peak_bytes": float(first[-1]), "final_peak_bytes": float(last[-1]),
                 "peak_growth": last[-1] / first[-1] - 1.0,
                 "slope_mib_per_1000_steps": memory_slope(self.samples, warmup_step),
+                "verdict": memory_verdict(self.samples, warmup_step),
                 "max_bytes": float(max(rss)), "samples": float(len(after))}
