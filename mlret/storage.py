@@ -330,11 +330,27 @@ def download_dir(src: epath.Path, cache_root: str | os.PathLike[str] | None = No
     for folder, _, files in walk(src):
         for name in files:
             f = folder / name
-            dst = local / f.relative_to(src)
-            if dst.exists() and dst.stat().length == f.stat().length:
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            part = dst.parent / f".{dst.name}.part"
-            part.write_bytes(f.read_bytes())
-            part.rename(dst)
+            _fetch(f, local / f.relative_to(src))
     return local
+
+
+def download_file(src: epath.Path, cache_root: str | os.PathLike[str] | None = None) -> epath.Path:
+    """One gs:// file copied to its `local_mirror` (as `download_dir` copies a folder's files: not fetched again
+    when the copy there has the same size). Returns the local file."""
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such file on GCS")
+    local = local_mirror(src, cache_root)
+    _fetch(src, local)
+    return local
+
+
+def _fetch(src: epath.Path, dst: epath.Path) -> None:
+    """`src` copied to `dst` unless `dst` has its size already; through a `.part` name, so that an interrupted
+    copy never stands under the final name."""
+    if dst.exists() and dst.stat().length == src.stat().length:
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.parent / f".{dst.name}.part"
+    with src.open("rb") as fin, part.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)
+    part.rename(dst)
