@@ -1,12 +1,18 @@
 """A corpus spread over the hosts: each process reads, encodes, keeps and searches only its shard.
 
-* `read_corpus_shard(path, index, count)`: the corpus (a .jsonl / .jsonl.gz file or a folder of them, see
-  `corpus.corpus_files`) is seen as the byte stream of its files in name order, cut into `count` equal ranges.
-  Process `index` streams only its range: in a plain .jsonl file a record belongs to the range holding its first
-  byte (the reader seeks to the range and skips the partial line, as Hadoop's line splits do); a .jsonl.gz file
-  cannot be split and belongs whole to the range holding its first byte (corpora published as many gz shards,
-  like MIRACL's, spread evenly). Shards are contiguous in corpus order, so `shard_offset` (an all-gather of the
-  shard sizes) turns a local row into the record's global position.
+* `read_corpus_shard(path, index, count)`: process `index` of `count` reads only its part of the corpus, in one of
+  the two forms of `mlret.eval.corpus`:
+  - jsonl (a .jsonl / .jsonl.gz file or a folder of them): the corpus is seen as the byte stream of its files in
+    name order, cut into `count` equal byte ranges, and the process streams only its range: in a plain .jsonl
+    file a record belongs to the range holding its first byte (the reader seeks to the range and skips the
+    partial line, as Hadoop's line splits do); a .jsonl.gz file cannot be split and belongs whole to the range
+    holding its first byte (corpora published as many gz shards, like MIRACL's, spread evenly). Shards are about
+    equal in bytes, not in records.
+  - ArrayRecord (a .array_record file or a folder of them): the record counts are known up front, so with n
+    records in all the process reads records [index * n // count, (index + 1) * n // count) by random access:
+    shards differ by at most one record, whatever the file layout.
+  Either way shards are contiguous in corpus order, so `shard_offset` (an all-gather of the shard sizes) turns a
+  local row into the record's global position.
 * `encode_corpus_shard`: the shard's passages through `ShardedEmbedder.local_passages` (every process encodes only
   its rows, all stepping together), kept as float32, bfloat16 or float16; with `cache_dir`, written there once
   (`<cache_dir>/shard-<index>-of-<count>.npz` with the docids and what made them) and read back on reuse.
@@ -29,7 +35,7 @@ import numpy as np
 
 from mlret import storage
 from mlret.errors import DataError
-from mlret.eval.corpus import corpus_files, corpus_record
+from mlret.eval.corpus import ArrayRecordCorpus, corpus_files, corpus_record, is_array_record
 from mlret.eval.retrieval import (
     RetrievalOptions,
     TopK,
@@ -97,6 +103,10 @@ def read_corpus_shard(path: str, index: int = 0, count: int = 1,
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
     files = corpus_files(path)
+    if is_array_record(files):
+        with ArrayRecordCorpus(files) as corpus:
+            n = len(corpus)
+            return corpus.read(n * index // count, n * (index + 1) // count, passage_template)
     sizes = [storage.path(f).stat().length for f in files]
     total = sum(sizes)
     lo, hi = total * index // count, total * (index + 1) // count
