@@ -178,8 +178,9 @@ def get_config(arg: str | None = None):
     c.eval.xquad_r.map_k = 0
     c.eval.mlqa_r.map_k = 0
     # MIRACL: topics / qrels below data_dir/miracl; the corpora are not bundled: a local copy of
-    # miracl/miracl-corpus (one folder of docs-*.jsonl.gz per language) below data_dir/miracl-corpus. Retrieval is
-    # exact up to 1M passages, ScaNN above.
+    # miracl/miracl-corpus (one folder of docs-*.jsonl.gz per language) below data_dir/miracl-corpus, or each folder
+    # converted by `python -m mlret.eval.corpus --to-array-record IN OUT --shards N` (hosts then split it by record
+    # count, exactly, instead of by gz file). Retrieval is exact up to 1M passages, ScaNN above.
     c.eval.miracl.corpus = os.path.join(data_dir, "miracl-corpus", "miracl-corpus-v1.0-{lang}")
     c.eval.miracl.split = "dev"
     # The paper's 15 MIRACL languages: the 16 known ones (not the surprise languages de, yo) without English.

@@ -11,9 +11,11 @@ File layouts (as published by Pyserini's anserini-tools, the files in ../shared/
 * MIRACL:   topics.miracl-v1.0-{lang}-{split}.tsv, qrels.miracl-v1.0-{lang}-{split}.tsv
 * Mr. TyDi: topics.mrtydi-v1.1-{lang}.{split}.txt.gz, qrels.mrtydi-v1.1-{lang}.{split}.txt
 Topics are `qid<TAB>text`; qrels are `qid Q0 docid grade`. The corpora are not in ../shared/data: the config
-names them (`corpus`, a path with `{lang}`: a .jsonl / .jsonl.gz file or a folder of such shards with one record
-per line, MIRACL's `{"docid", "title", "text"}` or Mr. TyDi's `{"id", "contents"}` (its docs.jsonl), as the
-training readers take them).
+names them (`corpus`, a path with `{lang}`, local or gs://) in either form of `mlret.eval.corpus`: a .jsonl /
+.jsonl.gz file or a folder of such shards with one record per line, MIRACL's `{"docid", "title", "text"}` or
+Mr. TyDi's `{"id", "contents"}` (its docs.jsonl), as the training readers take them; or the same records as an
+.array_record file or folder of shards (`python -m mlret.eval.corpus --to-array-record`), which each process
+reads its exact share of by record count.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ class TrecEvaluator:
 def _defaults() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.data_dir = ""  # topics + qrels; "": <data.data_dir>/{miracl,mrtydi}
-    s.corpus = ""  # jsonl(.gz) file or folder of shards per language, with {lang}; not in ../shared/data
+    s.corpus = ""  # per language, with {lang}: a jsonl(.gz) or .array_record file or folder of shards (one form)
     s.languages = ""  # "": all languages of the set
     s.split = "dev"
     s.top_k = 100
@@ -177,7 +179,7 @@ def _validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
     if sec.top_k < 100:
         raise ctx.fail("top_k", f"{sec.top_k} < 100 cannot give Recall@100 / MRR@100")
     if ctx.active and not sec.corpus:
-        raise ctx.fail("corpus", "empty; name the corpus jsonl (a path with {lang})")
+        raise ctx.fail("corpus", "empty; name the corpus jsonl or ArrayRecord file or folder (a path with {lang})")
 
 
 def _files(ev: TrecEvaluator) -> list[str]:
