@@ -1,6 +1,7 @@
 """A corpus spread over hosts: byte-range shards of a real corpus read back the whole corpus once, in order;
 sharded encoding equals the replicated encoder; 2 jax.distributed processes (127.0.0.1) give the same exact top
-k as 1 process, and ScaNN on per-host shards overlaps 1-process ScaNN on at least 99% of its entries."""
+k as 1 process (up to candidates whose scores tie to float32 noise), and ScaNN on per-host shards overlaps
+1-process ScaNN on at least 99% of its entries."""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from mlret.eval.corpus import read_corpus
 from mlret.eval.sharded import read_corpus_shard
 
 WORKER = str(REPO / "tests" / "sharded_worker.py")
+
+
+def assert_same_topk_up_to_ties(idx_a, scores_a, idx_b, scores_b, atol=1e-5):
+    """Two top-k lists agree up to float32 noise: the scores rank by rank within `atol`, and the candidates only
+    where noise can decide: a candidate in one list and not the other scores within 2 `atol` of the k-th score (a
+    tie at the cut), and one both lists hold at other ranks scores within 2 `atol` of what it is swapped with."""
+    np.testing.assert_allclose(scores_b, scores_a, atol=atol)
+    for q, (a, sa, b, sb) in enumerate(zip(idx_a, scores_a, idx_b, scores_b)):
+        score_a, score_b = dict(zip(a.tolist(), sa.tolist())), dict(zip(b.tolist(), sb.tolist()))
+        for doc in set(score_a) ^ set(score_b):
+            s = score_a.get(doc, score_b.get(doc))
+            assert abs(s - min(sa[-1], sb[-1])) <= 2 * atol, (q, doc, s, sa[-1], sb[-1])
+        for r in np.flatnonzero(a != b):
+            if a[r] in score_b and b[r] in score_a:
+                assert abs(score_a[a[r]] - score_a[b[r]]) <= 2 * atol, (q, r, a[r], b[r])
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +86,9 @@ def test_two_processes_search_like_one(random_bert_path, corpus, tmp_path):
     two, reports = _run(random_bert_path, plain, queries, tmp_path / "two.npz", 2, tmp_path, cache=tmp_path / "c")
     assert int(two["processes"]) == 2 and [r["offset"] for r in reports] == [0, reports[0]["rows"]]
     assert sum(r["rows"] for r in reports) == 1200 and min(r["rows"] for r in reports) > 500
-    # Exact search: the same global top 10 (scores to float32 noise: the shards pad to other lengths).
-    np.testing.assert_allclose(two["exact_scores"], one["exact_scores"], atol=1e-5)
-    np.testing.assert_array_equal(two["exact"], one["exact"])
+    # Exact search: the same global top 10, up to float32 noise (the shards pad to other lengths, which moves
+    # scores by ~1e-7 and can swap two candidates whose scores tie to that).
+    assert_same_topk_up_to_ties(one["exact"], one["exact_scores"], two["exact"], two["exact_scores"])
     # In one process, the shard encoder gives the replicated encoder's embeddings, row for row.
     assert float(one["vs_replicated"]) < 1e-5
     # ScaNN (a tree per host, searched in full, AH + reordering of 500): per-host shards change the trees and the
@@ -97,5 +113,4 @@ def test_two_processes_split_an_array_record_corpus_by_records(random_bert_path,
     one, _ = _run(random_bert_path, plain, queries, tmp_path / "one.npz", 1, tmp_path)
     two, reports = _run(random_bert_path, xquad_array_record, queries, tmp_path / "two.npz", 2, tmp_path)
     assert [(r["offset"], r["rows"], r["first"]) for r in reports] == [(0, 600, ["en-0"]), (600, 600, ["de-200"])]
-    np.testing.assert_allclose(two["exact_scores"], one["exact_scores"], atol=1e-5)
-    assert np.mean(two["exact"] != one["exact"]) <= 0.01
+    assert_same_topk_up_to_ties(one["exact"], one["exact_scores"], two["exact"], two["exact_scores"])
