@@ -26,7 +26,15 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._docs import cpu_summary, markdown_table, write_section  # noqa: E402
 
-START, END = "<!-- cpu-matmul:start -->", "<!-- cpu-matmul:end -->"
+
+def section_key(flags: str) -> str:
+    """One docs section per kind of CPU (bf16 matmul hardware or not): the machines this project runs on differ
+    from session to session, and the answer to "does bfloat16 help" is the hardware's."""
+    return "amx-bf16" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags else "no-bf16"
+
+
+def markers(key: str) -> tuple[str, str]:
+    return f"<!-- cpu-matmul:{key}:start -->", f"<!-- cpu-matmul:{key}:end -->"
 VARIANTS = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true",
             "--xla_cpu_use_xnnpack=true")
 _CHILD = """
@@ -54,7 +62,8 @@ def cpu_flags() -> str:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return "?"
-    return " ".join(f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f")
+    kept = " ".join(f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f")
+    return kept or "no avx512f, bf16 or amx"
 
 
 def main() -> None:
@@ -79,7 +88,7 @@ def main() -> None:
     load_end = "/".join(f"{x:.1f}" for x in os.getloadavg())
     cmd = "python benchmarks/cpu_matmul.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        "## XLA:CPU matmul throughput by dtype and XLA_FLAGS\n",
+        f"## XLA:CPU matmul throughput by dtype and XLA_FLAGS ({section_key(cpu_flags())} CPU)\n",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {cpu_summary()} (flags: {cpu_flags()}); load average {load_start} at start, {load_end} at the "
         "end  ",
@@ -90,7 +99,7 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        print(f"wrote {write_section(START, END, text)}")
+        print(f"wrote {write_section(*markers(section_key(cpu_flags())), text)}")
 
 
 if __name__ == "__main__":
