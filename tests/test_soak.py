@@ -91,3 +91,37 @@ def test_memory_verdict_catches_a_leak_that_a_falling_warm_up_hides():
     assert not hidden["passed"], hidden
     clean = memory_verdict(_rss_run(steps, 0, shrink_bytes=64 * 2**20), warmup)
     assert clean["slope_second_half"] <= MAX_SLOPE_MIB_PER_1000_STEPS and clean["passed"], clean
+
+
+def test_resource_monitor_keeps_no_array_alive():
+    """The monitor's counting of live jax arrays must not itself keep arrays alive (a list of them held across
+    samples is counted into the next one, and so on): arrays made and dropped while it samples every 10 ms are
+    freed, and its counts stay flat."""
+    import types
+
+    import jax.numpy as jnp
+
+    from mlret.testing.soak import ResourceMonitor
+
+    jnp.ones(4).block_until_ready()  # compile outside the measurement
+    baseline = len(jax_live())
+    mon = ResourceMonitor(interval_s=0.005, counters_every_s=0.0)
+    mon.begin(types.SimpleNamespace(step=0))
+    try:
+        for _ in range(300):
+            x = jnp.ones(1024) * 2.0
+            x.block_until_ready()
+            del x
+            time.sleep(0.002)
+    finally:
+        mon.close(types.SimpleNamespace(step=0))
+    counts = [c[2] for c in mon.counters]
+    assert len(counts) > 50, len(counts)
+    assert len(jax_live()) <= baseline + 1, (baseline, len(jax_live()))
+    assert max(counts) <= baseline + 3, (baseline, max(counts))
+
+
+def jax_live():
+    import jax
+
+    return jax.live_arrays()

@@ -229,6 +229,18 @@ def memory_verdict(samples: Sequence[tuple[float, int, int]], warmup_step: int,
             "passed": after <= limit and half <= limit}
 
 
+def _live_arrays() -> tuple[int, int]:
+    """(count, bytes) of the live jax arrays. The list jax returns is dropped here, before the caller goes on:
+    a list kept until the next sample would be alive during it and be counted into the next list, and so on,
+    keeping every array ever sampled alive (a leak the monitor itself would make and then measure)."""
+    import jax
+
+    live = jax.live_arrays()
+    count, nbytes = len(live), sum(a.nbytes for a in live)
+    del live
+    return count, nbytes
+
+
 class ResourceMonitor(Hook):
     """Resident memory samples and XLA compilations of this process during a training run, as a loop hook.
 
@@ -258,7 +270,6 @@ class ResourceMonitor(Hook):
             self.compiles.append((time.time() - self._t0, self._step()))
 
     def _sample(self) -> None:
-        import jax
         import psutil
 
         proc = psutil.Process()
@@ -267,9 +278,7 @@ class ResourceMonitor(Hook):
             now = time.time() - self._t0
             self.samples.append((now, self._step(), proc.memory_info().rss))
             if now >= next_count:
-                live = jax.live_arrays()
-                self.counters.append((now, self._step(), len(live), sum(a.nbytes for a in live),
-                                      sys.getallocatedblocks()))
+                self.counters.append((now, self._step(), *_live_arrays(), sys.getallocatedblocks()))
                 next_count = now + self.counters_every_s
             self._stop.wait(self.interval_s)
 
