@@ -132,6 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
     # not recompiled, by a restarted / resumed run or any later run with the same shapes and mesh ("": off;
     # JAX_COMPILATION_CACHE_DIR, when set, wins). Local path or a gs:// bucket shared by a pod's workers.
     c.train.compilation_cache_dir = "~/.cache/mlret/jax-compilation"
+    # Every this many steps, glibc's malloc_trim(0) hands the freed memory in malloc's arenas back to the kernel
+    # (mlret.hooks.TrimHostMemory: without it, resident memory creeps up over long runs while the memory in use
+    # stays flat; 0: off).
+    c.train.trim_host_memory_every = 100
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -248,6 +252,7 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     _check(t.log_level in ("warning", "info", "debug"), "train.log_level",
            f"{t.log_level!r} is not warning, info or debug")
     _check(t.log_every >= 1, "train.log_every", f"{t.log_every} must be >= 1")
+    _check(t.trim_host_memory_every >= 0, "train.trim_host_memory_every", "must be >= 0 (0: off)")
     _check(t.grad_cache_chunk >= 0, "train.grad_cache_chunk", "must be >= 0 (0: no gradient caching)")
     if t.grad_cache_chunk and config.data.global_batch % t.grad_cache_chunk:
         raise GradCacheError(f"config.train.grad_cache_chunk={t.grad_cache_chunk} does not divide "

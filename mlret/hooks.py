@@ -1,7 +1,7 @@
 """The library's loop hooks (`mlret.loop.Hook`): metric logs, the non-finite stop, periodic evaluation,
 preemption, checkpoints and the export at the end. `mlret.train.train` wires them in this order:
 
-    NonFiniteStop, Evaluation, MetricLog, Preemption, Checkpointing, Export
+    NonFiniteStop, Evaluation, MetricLog, Preemption, Checkpointing, Export, TrimHostMemory
 
 (the order matters where one hook reads what another wrote on the loop: the checkpoint is saved with the
 evaluation's metrics and forced when preemption asked to stop; the zero-shot evaluation of `Evaluation.begin`
@@ -249,3 +249,35 @@ class Export(Hook):
                          run_config=self.config)
             log.info("exported the model to %s", self.out)
         loop.export_dir = str(self.out)
+
+
+class TrimHostMemory(Hook):
+    """Every `every` steps, glibc's `malloc_trim(0)`: hand the heap pages that freed memory left in malloc's
+    arenas back to the kernel.
+
+    Why: the loop's host-side churn (batches, tokenisation, host copies, evaluations; one malloc arena per thread
+    of Grain, orbax and XLA) frees everything it allocates, but glibc keeps freed chunks in the arenas, and over
+    thousands of steps the arenas' free part grows: in a 8,000-step soak, bytes in use by malloc stayed at
+    262 MiB from step 2,000 on while the arenas' free bytes grew from 362 to 451 MiB and resident memory with
+    them (docs/robustness.md). Trimming costs milliseconds. Where the C library is not glibc there is no
+    `malloc_trim`: the hook says so once, at the start, and does nothing."""
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+        self._trim: Any = None
+
+    def begin(self, loop: Loop) -> None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            log.info("config.train.trim_host_memory_every: this C library has no malloc_trim (not glibc); "
+                     "freed host memory stays with the allocator")
+            return
+        self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def after_step(self, loop: Loop) -> None:
+        if self._trim is not None and self.every and loop.step % self.every == 0:
+            self._trim(0)

@@ -99,6 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                H.Preemption(ckpt), H.Checkpointing(ckpt, config, writer)]
     if config.export.dir:
         library.append(H.Export(tokenizer, config, workdir, evaluation))
+    if config.train.trim_host_memory_every:
+        library.append(H.TrimHostMemory(config.train.trim_host_memory_every))
     loop = run_loop(trainer, state, data_iter, start=start, total=int(config.train.steps),
                     hooks=[*library, *hooks])
     return TrainResult(start_step=start, end_step=loop.step, losses=loop.losses, preempted=loop.stop,
