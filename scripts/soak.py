@@ -15,9 +15,9 @@ step's loss with the reference.
 `memory`: one in-process run of `mlret.train.train` with periodic evaluation (XQuAD-R en/de, a few paragraphs), with
 `mlret.testing.soak.ResourceMonitor` as a loop hook: resident memory sampled every half second, and every XLA
 compilation with its step.
-Passes when the slope of RSS in MiB per 1000 steps, fitted after warm-up (the first evaluation) and over the second
-half of the run, is at most `mlret.testing.soak.MAX_SLOPE_MIB_PER_1000_STEPS` both times, and nothing compiles after
-warm-up. Live jax arrays and Python's allocated blocks are counted beside RSS.
+Passes when the slopes of RSS and of malloc's bytes in use, in MiB per 1000 steps after warm-up (the first
+evaluation), are both at most `mlret.testing.soak.MAX_SLOPE_MIB_PER_1000_STEPS`, and nothing compiles after warm-up.
+Live jax arrays and Python's allocated blocks are counted beside them.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def memory_config(model: Path, data_dir: Path, tfds_dir: Path, steps: int, eval_
     return c
 
 
-def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float = 5.0) -> dict:
+def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float = 2.0) -> dict:
     """Train in this process (`mlret.train.train`) with a ResourceMonitor hook; RSS growth and compilations
     after `warmup_step`, the trends of live jax arrays and Python's allocated blocks, and the losses."""
     import jax
@@ -224,10 +224,13 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
     out = memory_soak(config, run_dir, warmup_step=args.eval_every)
     g, v, c = out["growth"], out["growth"]["verdict"], out["counters"]
     ok = v["passed"] and not out["compiles_after_warmup"] and out["end_step"] == args.steps
-    summary = (f"least-squares slope of RSS (fitted to 50 bin medians) after warm-up **{v['slope_after_warmup']:+.2f}"
-               f"** and over the second half (steps {v['second_half_from'] + 1}-{out['end_step']}) "
-               f"**{v['slope_second_half']:+.2f} MiB per 1000 steps** (limit {v['limit']} for both: a leak of 1 MiB "
-               f"per 1000 steps fails); after warm-up, live jax arrays {c['live_arrays_first']:.0f} -> "
+    heap = v["heap_slope_after_warmup"]
+    summary = (f"least-squares slopes after warm-up (fitted to 50 bin medians; limit {v['limit']} for each: a leak of "
+               f"1 MiB per 1000 steps fails): resident memory **{v['slope_after_warmup']:+.2f}**, malloc's bytes in "
+               f"use **{'n/a (not glibc)' if heap is None else f'{heap:+.2f}'} MiB per 1000 steps**; RSS over the "
+               f"second half (steps {v['second_half_from'] + 1}-{out['end_step']}, reported, not judged) "
+               f"{v['slope_second_half']:+.2f}; malloc's bytes in use {c['heap_mib_first']:.1f} -> "
+               f"{c['heap_mib_last']:.1f} MiB, live jax arrays {c['live_arrays_first']:.0f} -> "
                f"{c['live_arrays_last']:.0f} ({c['live_mib_per_1000_steps']:+.3f} MiB per 1000 steps), Python's "
                f"allocated blocks {c['python_blocks_first']:.0f} -> {c['python_blocks_last']:.0f} "
                f"({c['python_blocks_per_1000_steps']:+.0f} per 1000 steps); median RSS "
@@ -246,8 +249,8 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
             "`mlret.testing.soak.ResourceMonitor` as a loop hook (RSS every 0.5 s via psutil; XLA compilations via "
             "jax.monitoring's `/jax/core/compile/backend_compile_duration`). "
             f"Warm-up: up to the first evaluation (step {args.eval_every}). Criterion "
-            "(`mlret.testing.soak.memory_verdict`): the slope of RSS after warm-up and over the second half of the "
-            "run both at most the limit, no compilation after warm-up, and every step run.\n\n"
+            "(`mlret.testing.soak.memory_verdict`): the slopes of RSS and of malloc's bytes in use after warm-up "
+            "both at most the limit, no compilation after warm-up, and every step run.\n\n"
             f"Result: **{'PASS' if ok else 'FAIL'}**: {out['end_step']} steps in {out['seconds']:.0f} s; {summary} "
             "(the train step traced once: the loop checks it every step). Raw samples: `<workdir>/run/"
             "resources.json`.\n\n"
