@@ -8,6 +8,7 @@ then rejects impossible combinations, naming the field, before anything compiles
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -312,7 +313,8 @@ def load_config_file(path: str | os.PathLike[str], arg: str | None = None) -> ml
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
     """Set fields from `field=value` text (`train.steps=100`, `eval.xquad_r.languages=en,de`; a leading
     `--config.` is dropped), each value parsed as the field's current type: bool from 1/true/yes (anything else
-    is False), int (also from "1e3"), float, else the string."""
+    is False), int (also from "1e3"), float, a tuple from a Python literal (`data.sources=({"name": ...},)`),
+    else the string."""
     for item in overrides:
         field, sep, value = item.removeprefix("--config.").partition("=")
         if not sep:
@@ -331,6 +333,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = int(float(value))
         elif isinstance(current, float):
             node[leaf] = float(value)
+        elif isinstance(current, (tuple, list)):  # e.g. data.sources: a Python literal, as mlret.train takes it
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as e:
+                raise ConfigError(f"config.{field}: {value!r} is not a Python literal ({e})") from None
+            if not isinstance(parsed, (tuple, list)):
+                raise ConfigError(f"config.{field}: expected a tuple, got {type(parsed).__name__} {value!r}")
+            node[leaf] = type(current)(parsed)
         else:
             node[leaf] = value
 

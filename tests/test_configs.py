@@ -154,3 +154,10 @@ def test_apply_overrides_parses_each_value_as_its_fields_type():
         apply_overrides(c, ["train.steps"])
     with pytest.raises(ConfigError, match="config.train.stepz: no such config field"):
         apply_overrides(c, ["train.stepz=3"])
+    # A tuple field (the training sources) takes a Python literal, as `python -m mlret.train` does.
+    apply_overrides(c, ['data.sources=({"name": "jsonl", "path": "mined"}, {"name": "mlqa_r", "languages": ("en",)})'])
+    assert c.data.sources == ({"name": "jsonl", "path": "mined"}, {"name": "mlqa_r", "languages": ("en",)})
+    with pytest.raises(ConfigError, match="config.data.sources: .* is not a Python literal"):
+        apply_overrides(c, ["data.sources=({name: jsonl},)"])
+    with pytest.raises(ConfigError, match="config.data.sources: expected a tuple, got dict"):
+        apply_overrides(c, ['data.sources={"name": "jsonl"}'])
