@@ -187,13 +187,16 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
     return True, during_save
 
 
-# The soak's memory criterion, in MiB per 1000 steps after warm-up: the least-squares slope of resident memory and
-# the slope of the bytes malloc has handed out and not got back (`heap_in_use`), both at most the limit
-# (`memory_verdict`). Resident memory is what the machine pays, but the allocator's retained free chunks make it
-# move by +-10 MiB from one evaluation cycle to the next; the bytes in use move by well under 1 MiB, so a leak
-# cannot hide behind an RSS transient that falls (arenas shrinking) or rises and settles (arenas filling).
-# A leak of 1 MiB per 1000 steps (1 KiB a step) must fail it; tests/test_soak.py checks both sides on real memory.
+# The soak's memory criterion, in MiB per 1000 steps after warm-up (`memory_verdict`): the least-squares slope of
+# the bytes malloc has handed out and not got back (`heap_in_use`; with PYTHONMALLOC=malloc, as scripts/soak.py
+# runs, that is every Python object too, besides native buffers and jax's CPU arrays) at most 0.5, and the slope
+# of resident memory at most 2. Resident memory is what the machine pays, but the allocator's retained free
+# chunks move it by +-10-15 MiB from one evaluation cycle to the next, so over 9,000 steps its slope is known to
+# about +-0.5-1 (three 10,000-step runs with flat bytes in use gave +0.05, +0.48 and +0.79); the bytes in use move
+# by well under 1 MiB, so a leak of 1 MiB per 1000 steps (1 KiB a step) fails the first bound. tests/test_soak.py
+# checks both sides on real memory.
 MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
+MAX_RSS_SLOPE_MIB_PER_1000_STEPS = 2.0
 MIB = 2**20
 
 
@@ -250,18 +253,20 @@ def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bi
 
 def memory_verdict(samples: Sequence[tuple[float, int, int]], warmup_step: int,
                    heap: Sequence[tuple[float, int, int]] | None = None,
-                   limit: float = MAX_SLOPE_MIB_PER_1000_STEPS) -> dict[str, Any]:
-    """The soak's memory criterion on (seconds, step, bytes) samples of RSS and, when given, of `heap_in_use`:
-    `memory_slope` of each after `warmup_step`, both at most `limit` MiB per 1000 steps. The RSS slope over the
-    second half of the steps after warm-up is reported beside them, not judged: over half a 10,000-step run the
-    cycle-to-cycle spread of RSS (+-10 MiB) makes its error larger than the limit."""
+                   limit: float = MAX_SLOPE_MIB_PER_1000_STEPS,
+                   rss_limit: float = MAX_RSS_SLOPE_MIB_PER_1000_STEPS) -> dict[str, Any]:
+    """The soak's memory criterion on (seconds, step, bytes) samples of RSS and of `heap_in_use`: `memory_slope`
+    of each after `warmup_step`; passes when the heap's is at most `limit` and RSS's at most `rss_limit` (without
+    heap samples, where the C library is not glibc, RSS is held to `limit`). The RSS slope over the second half of
+    the steps after warm-up is reported beside them, not judged: its error is larger still."""
     last = max((s for _, s, _ in samples), default=0)
     mid = (warmup_step + last) // 2
     rss, half = memory_slope(samples, warmup_step), memory_slope(samples, mid)
     heap_slope = memory_slope(heap, warmup_step) if heap else None
+    passed = rss <= limit if heap_slope is None else (heap_slope <= limit and rss <= rss_limit)
     return {"slope_after_warmup": rss, "heap_slope_after_warmup": heap_slope, "slope_second_half": half,
-            "second_half_from": mid, "limit": limit,
-            "passed": rss <= limit and (heap_slope is None or heap_slope <= limit)}
+            "second_half_from": mid, "limit": limit, "rss_limit": rss_limit if heap_slope is not None else limit,
+            "passed": passed}
 
 
 def _live_arrays() -> tuple[int, int]:
