@@ -16,9 +16,11 @@ is in `mlret.testing` and reaches the loop the same way.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -65,6 +67,43 @@ class Hook:
         pass
 
 
+class LossHistory(Mapping[int, float]):
+    """Every step's loss of a run, step -> float, for steps `start + 1`, `start + 2`, ... in order: 8 bytes a
+    step in one array (a dict of Python floats costs about 100 bytes a step, which a run of a million steps would
+    keep for nothing). Compares equal to a dict with the same items."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = int(start)
+        self._values = array.array("d")
+
+    def __setitem__(self, step: int, value: float) -> None:
+        i = step - self.start - 1
+        if i == len(self._values):
+            self._values.append(value)
+        elif 0 <= i < len(self._values):
+            self._values[i] = value
+        else:
+            raise KeyError(f"LossHistory: step {step} is not the next step ({self.start + len(self._values) + 1})")
+
+    def __getitem__(self, step: int) -> float:
+        try:
+            i = operator.index(step) - self.start - 1
+        except TypeError:
+            raise KeyError(step) from None
+        if not 0 <= i < len(self._values):
+            raise KeyError(step)
+        return self._values[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start + 1, self.start + 1 + len(self._values)))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"LossHistory({dict(self)!r})"
+
+
 @dataclasses.dataclass
 class Loop:
     """What the hooks see and change. `step` is the last dispatched step (numbered from 1, as logged) and
@@ -77,12 +116,16 @@ class Loop:
     total: int
     hooks: Sequence[Hook]
     step: int = 0
-    losses: dict[int, float] = dataclasses.field(default_factory=dict)  # every step this run ran
+    losses: LossHistory = dataclasses.field(default=None)  # type: ignore[assignment]  # every step this run ran
     stop: bool = False  # set by a hook (preemption): end the run after this step
     eval_metrics: dict[str, float] | None = None  # flat metrics of an evaluation at this step (None: none ran)
     eval_results: dict[str, Any] | None = None  # the last evaluation's results by evaluator
     export_dir: str | None = None
     _pending: tuple[int, Any, str] | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.losses is None:
+            self.losses = LossHistory(self.start)
 
     def sync(self) -> None:
         """Handle the dispatched step's metrics now (waits for it on the devices)."""

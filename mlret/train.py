@@ -22,7 +22,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -44,7 +44,7 @@ log = logging.getLogger("mlret.train")
 class TrainResult:
     start_step: int  # the step this process started from (0, or the restored checkpoint's)
     end_step: int
-    losses: dict[int, float]  # every step this process ran
+    losses: Mapping[int, float]  # every step this process ran (mlret.loop.LossHistory)
     preempted: bool = False
     eval_results: dict[str, Any] | None = None  # the last evaluation by evaluator (mlret.eval.EvalResult)
     zero_shot: dict[str, dict[str, float]] | None = None  # the step-0 evaluation's summaries (config.eval.at_start)

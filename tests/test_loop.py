@@ -86,3 +86,22 @@ def test_the_run_holds_one_copy_of_the_weights(tiny_run):
     _, _, record, param_bytes = tiny_run
     assert len(record.extra_bytes) == 3
     assert all(extra < param_bytes / 4 for extra in record.extra_bytes), (record.extra_bytes, param_bytes)
+
+
+def test_loss_history_is_a_compact_mapping_of_consecutive_steps():
+    import sys
+
+    from mlret.loop import LossHistory
+
+    h = LossHistory(start=5)
+    for step in range(6, 6 + 100_000):
+        h[step] = step / 7
+    assert len(h) == 100_000 and list(h)[:2] == [6, 7] and h[6] == 6 / 7 and h[100_005] == 100_005 / 7
+    assert h == {s: s / 7 for s in range(6, 100_006)} and sorted(h)[-1] == 100_005
+    h[6] = 1.5  # a step recorded again (the loop's last step is synced once more) replaces it
+    assert h[6] == 1.5
+    with pytest.raises(KeyError):
+        h[5]
+    with pytest.raises(KeyError, match="not the next step"):
+        h[100_010] = 0.0
+    assert sys.getsizeof(h._values) < 1.0 * 2**20  # 8 bytes a step, not a Python float and int per step
