@@ -17,7 +17,7 @@ step's loss with the reference.
 compilation with its step.
 Passes when, in MiB per 1000 steps after warm-up (the first evaluation), the slope of malloc's bytes in use is at
 most `mlret.testing.soak.MAX_SLOPE_MIB_PER_1000_STEPS` (0.5) and that of RSS at most
-`MAX_RSS_SLOPE_MIB_PER_1000_STEPS` (2: RSS moves by +-10-15 MiB between evaluation cycles), and nothing compiles
+`MAX_RSS_SLOPE_MIB_PER_1000_STEPS` (5: RSS moves by +-10-15 MiB between evaluation cycles), and nothing compiles
 after warm-up. Live jax arrays and Python's allocated blocks are counted beside them. `memory` runs itself again
 with PYTHONMALLOC=malloc, so that Python's objects are malloc's bytes too.
 """
@@ -254,7 +254,7 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
             "jax.monitoring's `/jax/core/compile/backend_compile_duration`). "
             f"Warm-up: up to the first evaluation (step {args.eval_every}). Criterion "
             "(`mlret.testing.soak.memory_verdict`): the slope of malloc's bytes in use after warm-up at most "
-            "0.5 MiB per 1000 steps and that of RSS at most 2, no compilation after warm-up, and every step run.\n\n"
+            "0.5 MiB per 1000 steps and that of RSS at most 5, no compilation after warm-up, and every step run.\n\n"
             f"Result: **{'PASS' if ok else 'FAIL'}**: {out['end_step']} steps in {out['seconds']:.0f} s; {summary} "
             "(the train step traced once: the loop checks it every step). Raw samples: `<workdir>/run/"
             "resources.json`.\n\n"

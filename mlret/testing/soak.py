@@ -189,14 +189,14 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
 
 # The soak's memory criterion, in MiB per 1000 steps after warm-up (`memory_verdict`): the least-squares slope of
 # the bytes malloc has handed out and not got back (`heap_in_use`; with PYTHONMALLOC=malloc, as scripts/soak.py
-# runs, that is every Python object too, besides native buffers and jax's CPU arrays) at most 0.5, and the slope
-# of resident memory at most 2. Resident memory is what the machine pays, but the allocator's retained free
-# chunks move it by +-10-15 MiB from one evaluation cycle to the next, so over 9,000 steps its slope is known to
-# about +-0.5-1 (three 10,000-step runs with flat bytes in use gave +0.05, +0.48 and +0.79); the bytes in use move
-# by well under 1 MiB, so a leak of 1 MiB per 1000 steps (1 KiB a step) fails the first bound. tests/test_soak.py
-# checks both sides on real memory.
+# runs, that is every Python object too, besides native buffers and jax's CPU arrays) at most 0.5, so a leak of
+# 1 MiB per 1000 steps (1 KiB a step) fails; and the slope of resident memory at most 5, a coarse bound against
+# leaks that bypass malloc. Resident memory is what the machine pays, but the allocator's retained free chunks move
+# it by +-10-15 MiB from one evaluation cycle to the next, so its slope over 9,000 steps is known only to a few MiB
+# per 1000 steps: five 10,000-step runs on 2026-12-02 with flat bytes in use gave +0.05, +0.48, +0.79, +2.13 and
+# +4.47 (the last with two other jobs on the two cores). tests/test_soak.py checks both bounds on real memory.
 MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
-MAX_RSS_SLOPE_MIB_PER_1000_STEPS = 2.0
+MAX_RSS_SLOPE_MIB_PER_1000_STEPS = 5.0
 MIB = 2**20
 
 
