@@ -18,8 +18,8 @@ compilation with its step.
 Passes when, in MiB per 1000 steps after warm-up (the first evaluation), the slope of malloc's bytes in use is at
 most `mlret.testing.soak.MAX_SLOPE_MIB_PER_1000_STEPS` (0.5) and that of RSS at most
 `MAX_RSS_SLOPE_MIB_PER_1000_STEPS` (5: RSS moves by +-10-15 MiB between evaluation cycles), and nothing compiles
-after warm-up. Live jax arrays and Python's allocated blocks are counted beside them. `memory` runs itself again
-with PYTHONMALLOC=malloc, so that Python's objects are malloc's bytes too.
+after warm-up. Live jax arrays and Python's allocated blocks (its small objects, which live in Python's own arenas,
+outside malloc's count) are counted beside them.
 """
 
 from __future__ import annotations
@@ -227,8 +227,7 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
     g, v, c = out["growth"], out["growth"]["verdict"], out["counters"]
     ok = v["passed"] and not out["compiles_after_warmup"] and out["end_step"] == args.steps
     heap = v["heap_slope_after_warmup"]
-    summary = (f"least-squares slopes after warm-up (fitted to 50 bin medians): malloc's bytes in use (every "
-               f"Python object too: PYTHONMALLOC={os.environ.get('PYTHONMALLOC', '(unset)')}) "
+    summary = (f"least-squares slopes after warm-up (fitted to 50 bin medians): malloc's bytes in use "
                f"**{'n/a (not glibc)' if heap is None else f'{heap:+.2f}'} MiB per 1000 steps** (limit "
                f"{v['limit']}: a leak of 1 MiB per 1000 steps fails), resident memory "
                f"**{v['slope_after_warmup']:+.2f}** (limit {v['rss_limit']}); RSS over the "
@@ -291,10 +290,6 @@ def main() -> None:
     args = ap.parse_args()
     args.steps = args.steps or (60 if args.mode == "kill" else 2000)
     args.checkpoint_every = args.checkpoint_every or (5 if args.mode == "kill" else 500)
-    if args.mode == "memory" and os.environ.get("PYTHONMALLOC") != "malloc":
-        # Python's small objects live in its own arenas, outside malloc's count: run again with every object
-        # from malloc, so that `heap_in_use` sees a Python leak as well as a native one.
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, PYTHONMALLOC="malloc"))
     if args.mode == "memory":
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

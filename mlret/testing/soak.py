@@ -188,13 +188,13 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
 
 
 # The soak's memory criterion, in MiB per 1000 steps after warm-up (`memory_verdict`): the least-squares slope of
-# the bytes malloc has handed out and not got back (`heap_in_use`; with PYTHONMALLOC=malloc, as scripts/soak.py
-# runs, that is every Python object too, besides native buffers and jax's CPU arrays) at most 0.5, so a leak of
-# 1 MiB per 1000 steps (1 KiB a step) fails; and the slope of resident memory at most 5, a coarse bound against
-# leaks that bypass malloc. Resident memory is what the machine pays, but the allocator's retained free chunks move
-# it by +-10-15 MiB from one evaluation cycle to the next, so its slope over 9,000 steps is known only to a few MiB
-# per 1000 steps: five 10,000-step runs on 2026-12-02 with flat bytes in use gave +0.05, +0.48, +0.79, +2.13 and
-# +4.47 (the last with two other jobs on the two cores). tests/test_soak.py checks both bounds on real memory.
+# the bytes malloc has handed out and not got back (`heap_in_use`: native buffers, jax's CPU arrays, numpy arrays
+# and Python objects over 512 bytes) at most 0.5, so a leak of 1 MiB per 1000 steps (1 KiB a step) fails; and the
+# slope of resident memory at most 5, a coarse bound on everything else (Python's small objects live in its own
+# arenas, outside malloc's count: `sys.getallocatedblocks()` is reported beside it). Resident memory is what the
+# machine pays, but the allocator's retained free chunks move it by +-10-15 MiB from one evaluation cycle to the
+# next, so its slope over 9,000 steps is known only to a few MiB per 1000 steps (docs/robustness.md lists the runs).
+# tests/test_soak.py checks both bounds on real memory.
 MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
 MAX_RSS_SLOPE_MIB_PER_1000_STEPS = 5.0
 MIB = 2**20
@@ -206,9 +206,9 @@ class _MallInfo2(ctypes.Structure):
 
 
 def heap_in_use() -> int | None:
-    """Bytes malloc has handed out and not got back (glibc `mallinfo2`: `uordblks` in the arenas + `hblkhd` in
-    mmap'd chunks), or None where the C library is not glibc >= 2.33. Python's small objects live in its own
-    mmap'd arenas and are not in it: `sys.getallocatedblocks()` counts those."""
+    """Bytes malloc has handed out and not got back (glibc `mallinfo2`, summed over its arenas: `uordblks` +
+    `hblkhd` in mmap'd chunks), or None where the C library is not glibc >= 2.33. Python's small objects live in
+    its own mmap'd arenas and are not in it: `sys.getallocatedblocks()` counts those."""
     fn = _mallinfo2()
     if fn is None:
         return None
