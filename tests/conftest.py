@@ -42,6 +42,7 @@ def minilm_path() -> Path:
 
 # A MIRACL / Mr. TyDi style corpus from real text, shared by the sharded-search and ArrayRecord corpus tests.
 from corpus_fixtures import xquad_array_record, xquad_corpus  # noqa: E402,F401
+from gcs_fixtures import gcs_url  # noqa: E402,F401
 
 # Tiny random HF checkpoints and real sentences shared by the model and export tests (one instance per session).
 from model_fixtures import random_bert_path, random_xlmr_path, xquad_sentences  # noqa: E402,F401

