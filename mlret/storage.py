@@ -303,14 +303,20 @@ def rglob(root: epath.Path, pattern: str) -> list[epath.Path]:
     return out
 
 
+def copy_file(src: epath.Path, dst: epath.Path) -> None:
+    """`src` streamed to `dst` (local or gs://, either side; `dst`'s folder made), overwriting; a GCS object
+    appears only when its upload completes."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)
+
+
 def sync_dir(local: epath.Path, target: epath.Path) -> None:
     """Copy every file below `local` to the same relative place below `target` (whole files, overwriting)."""
     for root, _, files in walk(local):
         for name in files:
             src = root / name
-            dst = target / src.relative_to(local)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(src.read_bytes())
+            copy_file(src, target / src.relative_to(local))
 
 
 def local_mirror(src: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None) -> epath.Path:
@@ -349,8 +355,6 @@ def _fetch(src: epath.Path, dst: epath.Path) -> None:
     copy never stands under the final name."""
     if dst.exists() and dst.stat().length == src.stat().length:
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.parent / f".{dst.name}.part"
-    with src.open("rb") as fin, part.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
+    copy_file(src, part)
     part.rename(dst)

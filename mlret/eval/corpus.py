@@ -275,8 +275,7 @@ def write_array_record(src: str, out_dir: str, shards: int = 1, *, progress: Tex
         out.mkdir(parents=True, exist_ok=True)
         for tmp, name in zip(temps, names):
             if remote:
-                with tmp.open("rb") as fin, (out / name).open("wb") as fout:  # a GCS object appears when closed
-                    shutil.copyfileobj(fin, fout, 1 << 24)
+                storage.copy_file(tmp, out / name)
                 tmp.unlink()
             else:
                 tmp.rename(out / name)

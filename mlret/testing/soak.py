@@ -246,9 +246,13 @@ def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bi
     ys = [float(sorted(bins[k])[len(bins[k]) // 2]) for k in sorted(bins)]
     if len(xs) < 2:
         raise ValueError(f"memory_slope: the samples after step {warmup_step} fall in one bin of {width} steps")
+    return 1000.0 * _slope(xs, ys) / MIB
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The least-squares slope of ys against xs."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return 1000.0 * slope / MIB
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def memory_verdict(samples: Sequence[tuple[float, int, int]], warmup_step: int,
@@ -350,14 +354,11 @@ class ResourceMonitor(Hook):
         if len(rows) < 2 or rows[0][1] == rows[-1][1]:
             return {}
         xs = [float(c[1]) for c in rows]
-        mx = sum(xs) / len(xs)
-        sxx = sum((x - mx) ** 2 for x in xs)
         out: dict[str, float] = {}
         for name, col, scale in (("live_arrays", 2, 1.0), ("live_mib", 3, MIB), ("python_blocks", 4, 1.0),
                                  ("heap_mib", 5, MIB)):
             ys = [c[col] / scale for c in rows]
-            my = sum(ys) / len(ys)
-            out[f"{name}_per_1000_steps"] = 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+            out[f"{name}_per_1000_steps"] = 1000.0 * _slope(xs, ys)
             out[f"{name}_first"], out[f"{name}_last"] = ys[0], ys[-1]
         return out
 
@@ -383,10 +384,10 @@ class ResourceMonitor(Hook):
         last = sorted(r for s, r in after if s >= last_step - window * span)
         median = lambda xs: float(xs[len(xs) // 2])
         rss = [float(r) for _, r in after]
+        verdict = memory_verdict(self.samples, warmup_step, self.heap_samples() or None)
         return {"baseline_bytes": median(first), "final_bytes": median(last),
                 "growth": median(last) / median(first) - 1.0,
                 "baseline_peak_bytes": float(first[-1]), "final_peak_bytes": float(last[-1]),
                 "peak_growth": last[-1] / first[-1] - 1.0,
-                "slope_mib_per_1000_steps": memory_slope(self.samples, warmup_step),
-                "verdict": memory_verdict(self.samples, warmup_step, self.heap_samples() or None),
+                "verdict": verdict, "slope_mib_per_1000_steps": verdict["slope_after_warmup"],
                 "max_bytes": float(max(rss)), "samples": float(len(after))}
