@@ -96,9 +96,10 @@ def _losses(workdir: Path) -> dict[int, float]:
 def _footer(argv: list[str]) -> str:
     import jax
 
-    return (f"Command: `python scripts/soak.py {' '.join(argv)}`; machine: {platform.machine()}, {os.cpu_count()} "
-            f"cores (shared with other jobs), {platform.system()}; jax {jax.__version__}; date "
-            f"{datetime.date.today().isoformat()}.")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX") if os.environ.get(k))
+    return (f"Command: `{env + ' ' if env else ''}python scripts/soak.py {' '.join(argv)}`; machine: "
+            f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), {platform.system()}; jax "
+            f"{jax.__version__}; date {datetime.date.today().isoformat()}.")
 
 
 def kill(args: argparse.Namespace) -> tuple[bool, str]:
@@ -217,6 +218,9 @@ def cycle_table(samples: list, eval_every: int, steps: int) -> str:
 
 
 def memory(args: argparse.Namespace) -> tuple[bool, str]:
+    from mlret.testing.soak import allocator
+
+
     base = Path(args.workdir)
     model = make_tiny_bert(base / "model")
     run_dir = base / "run"
@@ -226,9 +230,9 @@ def memory(args: argparse.Namespace) -> tuple[bool, str]:
     out = memory_soak(config, run_dir, warmup_step=args.eval_every)
     g, v, c = out["growth"], out["growth"]["verdict"], out["counters"]
     ok = v["passed"] and not out["compiles_after_warmup"] and out["end_step"] == args.steps
-    heap = v["heap_slope_after_warmup"]
-    summary = (f"least-squares slopes after warm-up (fitted to 50 bin medians): malloc's bytes in use "
-               f"**{'n/a (not glibc)' if heap is None else f'{heap:+.2f}'} MiB per 1000 steps** (limit "
+    heap, alloc = v["heap_slope_after_warmup"], allocator()
+    summary = (f"least-squares slopes after warm-up (fitted to 50 bin medians): malloc's bytes in use ({alloc}) "
+               f"**{'n/a' if heap is None else f'{heap:+.2f}'} MiB per 1000 steps** (limit "
                f"{v['limit']}: a leak of 1 MiB per 1000 steps fails), resident memory "
                f"**{v['slope_after_warmup']:+.2f}** (limit {v['rss_limit']}); RSS over the "
                f"second half (steps {v['second_half_from'] + 1}-{out['end_step']}, reported, not judged) "

@@ -106,3 +106,33 @@ def jax_live():
     import jax
 
     return jax.live_arrays()
+
+
+@pytest.mark.parametrize("name, library", [("glibc", None), ("jemalloc", "jemalloc"),
+                                           ("tcmalloc", "tcmalloc_minimal")])
+def test_heap_in_use_reads_the_allocator_that_serves_malloc(name, library):
+    """Under LD_PRELOAD'ed jemalloc or tcmalloc, glibc's mallinfo2 would count glibc's idle arenas: the count must
+    come from the allocator in use. A 64 MiB numpy buffer shows in it, and leaves it when freed."""
+    import ctypes.util
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if library is not None:
+        found = ctypes.util.find_library(library)
+        if found is None:
+            pytest.skip(f"lib{library} is not installed (Debian: libjemalloc2, libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = found
+    script = ("import json, numpy as np\n"
+              "from mlret.testing.soak import allocator, heap_in_use\n"
+              "before = heap_in_use(); x = np.ones(2**23); held = heap_in_use(); del x\n"
+              "print(json.dumps([allocator(), before, held, heap_in_use()]))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         check=True)
+    got, before, held, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == name
+    mib = 2**20
+    assert abs((held - before) / mib - 64) < 1, (before, held)
+    assert abs((after - before) / mib) < 1, (before, after)

@@ -206,24 +206,60 @@ class _MallInfo2(ctypes.Structure):
 
 
 def heap_in_use() -> int | None:
-    """Bytes malloc has handed out and not got back (glibc `mallinfo2`, summed over its arenas: `uordblks` +
-    `hblkhd` in mmap'd chunks), or None where the C library is not glibc >= 2.33. Python's small objects live in
-    its own mmap'd arenas and are not in it: `sys.getallocatedblocks()` counts those."""
-    fn = _mallinfo2()
-    if fn is None:
-        return None
-    info = fn()
-    return int(info.uordblks + info.hblkhd)
+    """Bytes the process's malloc has handed out and not got back, from the allocator that serves malloc here
+    (`allocator()`): glibc's `mallinfo2` summed over its arenas (`uordblks` + `hblkhd` in mmap'd chunks),
+    jemalloc's `stats.allocated` or tcmalloc's `generic.current_allocated_bytes` (either one preloaded with
+    LD_PRELOAD); None for any other allocator. Python's small objects live in its own mmap'd arenas and are not
+    in it: `sys.getallocatedblocks()` counts those."""
+    name, fn = _allocator()
+    return None if fn is None else int(fn())
+
+
+def allocator() -> str:
+    """Which malloc serves this process: "jemalloc" or "tcmalloc" (found through their own entry points, as
+    LD_PRELOAD puts them before the C library), "glibc" (mallinfo2, glibc >= 2.33) or "unknown"."""
+    return _allocator()[0]
 
 
 @functools.cache
-def _mallinfo2():
+def _allocator() -> tuple[str, Any]:
+    process = ctypes.CDLL(None)  # the symbols of the process as the dynamic linker resolves them
+    size = ctypes.c_size_t
+    if hasattr(process, "mallctl"):  # jemalloc: refresh its statistics ("epoch"), then read them
+        mallctl = process.mallctl
+        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(size), ctypes.c_void_p, size]
+
+        def jemalloc() -> int:
+            epoch, value, n = ctypes.c_uint64(1), size(0), size(8)
+            mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(n), ctypes.byref(epoch), 8)
+            n = size(ctypes.sizeof(size))
+            if mallctl(b"stats.allocated", ctypes.byref(value), ctypes.byref(n), None, 0):
+                raise OSError("jemalloc: mallctl('stats.allocated') failed (built without statistics?)")
+            return value.value
+
+        return "jemalloc", jemalloc
+    if hasattr(process, "MallocExtension_GetNumericProperty"):
+        get = process.MallocExtension_GetNumericProperty
+        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(size)]
+
+        def tcmalloc() -> int:
+            value = size(0)
+            if not get(b"generic.current_allocated_bytes", ctypes.byref(value)):
+                raise OSError("tcmalloc: no generic.current_allocated_bytes property")
+            return value.value
+
+        return "tcmalloc", tcmalloc
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
     except (OSError, AttributeError):
-        return None
+        return "unknown", None
     fn.restype = _MallInfo2
-    return fn
+
+    def glibc() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return "glibc", glibc
 
 
 def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bin_steps: int = 0) -> float:
@@ -261,7 +297,7 @@ def memory_verdict(samples: Sequence[tuple[float, int, int]], warmup_step: int,
                    rss_limit: float = MAX_RSS_SLOPE_MIB_PER_1000_STEPS) -> dict[str, Any]:
     """The soak's memory criterion on (seconds, step, bytes) samples of RSS and of `heap_in_use`: `memory_slope`
     of each after `warmup_step`; passes when the heap's is at most `limit` and RSS's at most `rss_limit` (without
-    heap samples, where the C library is not glibc, RSS is held to `limit`). The RSS slope over the second half of
+    heap samples, where `allocator()` is unknown, RSS is held to `limit`). The RSS slope over the second half of
     the steps after warm-up is reported beside them, not judged: its error is larger still."""
     last = max((s for _, s, _ in samples), default=0)
     mid = (warmup_step + last) // 2
