@@ -259,8 +259,8 @@ class TrimHostMemory(Hook):
     of Grain, orbax and XLA) frees everything it allocates, but glibc keeps freed chunks in the arenas, and over
     thousands of steps the arenas' free part grows: in a 8,000-step soak, bytes in use by malloc stayed at
     262 MiB from step 2,000 on while the arenas' free bytes grew from 362 to 451 MiB and resident memory with
-    them (docs/robustness.md). Trimming costs milliseconds. Where the C library is not glibc there is no
-    `malloc_trim`: the hook says so once, at the start, and does nothing."""
+    them (docs/robustness.md). Trimming costs milliseconds. Where malloc is not glibc's (`mlret.hostmem.allocator`:
+    tcmalloc or jemalloc preloaded, another C library) the hook says so once, at the start, and does nothing."""
 
     def __init__(self, every: int) -> None:
         self.every = int(every)
@@ -270,12 +270,14 @@ class TrimHostMemory(Hook):
         import ctypes
         import ctypes.util
 
-        try:
-            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            log.info("config.train.trim_host_memory_every: this C library has no malloc_trim (not glibc); "
-                     "freed host memory stays with the allocator")
+        from mlret.hostmem import allocator
+
+        name = allocator()
+        if name != "glibc":
+            log.info("config.train.trim_host_memory_every: the host allocator is %s, not glibc's malloc: it "
+                     "returns memory its own way; no malloc_trim", name)
             return
+        self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
         self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
 
     def after_step(self, loop: Loop) -> None:

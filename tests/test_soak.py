@@ -9,7 +9,8 @@ import time
 import pytest
 from scale_runs import REPO
 
-from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS, heap_in_use, memory_slope, memory_verdict
+from mlret.hostmem import heap_in_use
+from mlret.testing.soak import MAX_SLOPE_MIB_PER_1000_STEPS, memory_slope, memory_verdict
 
 
 def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_bert_path, shared_data,
@@ -126,7 +127,7 @@ def test_heap_in_use_reads_the_allocator_that_serves_malloc(name, library):
             pytest.skip(f"lib{library} is not installed (Debian: libjemalloc2, libtcmalloc-minimal4)")
         env["LD_PRELOAD"] = found
     script = ("import json, numpy as np\n"
-              "from mlret.testing.soak import allocator, heap_in_use\n"
+              "from mlret.hostmem import allocator, heap_in_use\n"
               "before = heap_in_use(); x = np.ones(2**23); held = heap_in_use(); del x\n"
               "print(json.dumps([allocator(), before, held, heap_in_use()]))")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,

@@ -15,10 +15,7 @@ that memory stays flat and nothing recompiles after warm-up.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -32,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlret.hostmem import heap_in_use
 from mlret.loop import Hook, Loop
 
 CHECKPOINTS = "checkpoints"
@@ -198,68 +196,6 @@ def _wait_and_kill(proc: subprocess.Popen, workdir: Path, mode: str, rng: random
 MAX_SLOPE_MIB_PER_1000_STEPS = 0.5
 MAX_RSS_SLOPE_MIB_PER_1000_STEPS = 5.0
 MIB = 2**20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def heap_in_use() -> int | None:
-    """Bytes the process's malloc has handed out and not got back, from the allocator that serves malloc here
-    (`allocator()`): glibc's `mallinfo2` summed over its arenas (`uordblks` + `hblkhd` in mmap'd chunks),
-    jemalloc's `stats.allocated` or tcmalloc's `generic.current_allocated_bytes` (either one preloaded with
-    LD_PRELOAD); None for any other allocator. Python's small objects live in its own mmap'd arenas and are not
-    in it: `sys.getallocatedblocks()` counts those."""
-    name, fn = _allocator()
-    return None if fn is None else int(fn())
-
-
-def allocator() -> str:
-    """Which malloc serves this process: "jemalloc" or "tcmalloc" (found through their own entry points, as
-    LD_PRELOAD puts them before the C library), "glibc" (mallinfo2, glibc >= 2.33) or "unknown"."""
-    return _allocator()[0]
-
-
-@functools.cache
-def _allocator() -> tuple[str, Any]:
-    process = ctypes.CDLL(None)  # the symbols of the process as the dynamic linker resolves them
-    size = ctypes.c_size_t
-    if hasattr(process, "mallctl"):  # jemalloc: refresh its statistics ("epoch"), then read them
-        mallctl = process.mallctl
-        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(size), ctypes.c_void_p, size]
-
-        def jemalloc() -> int:
-            epoch, value, n = ctypes.c_uint64(1), size(0), size(8)
-            mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(n), ctypes.byref(epoch), 8)
-            n = size(ctypes.sizeof(size))
-            if mallctl(b"stats.allocated", ctypes.byref(value), ctypes.byref(n), None, 0):
-                raise OSError("jemalloc: mallctl('stats.allocated') failed (built without statistics?)")
-            return value.value
-
-        return "jemalloc", jemalloc
-    if hasattr(process, "MallocExtension_GetNumericProperty"):
-        get = process.MallocExtension_GetNumericProperty
-        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(size)]
-
-        def tcmalloc() -> int:
-            value = size(0)
-            if not get(b"generic.current_allocated_bytes", ctypes.byref(value)):
-                raise OSError("tcmalloc: no generic.current_allocated_bytes property")
-            return value.value
-
-        return "tcmalloc", tcmalloc
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return "unknown", None
-    fn.restype = _MallInfo2
-
-    def glibc() -> int:
-        info = fn()
-        return info.uordblks + info.hblkhd
-
-    return "glibc", glibc
 
 
 def memory_slope(samples: Sequence[tuple[float, int, int]], warmup_step: int, bin_steps: int = 0) -> float:
