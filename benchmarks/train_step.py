@@ -381,13 +381,16 @@ def main() -> None:
 
     shutil.rmtree(tmp, ignore_errors=True)  # the prepared MLQA-R source and the 1.1 GB random XLM-R folder
 
-    cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+    from mlret.hostmem import allocator
+
+    preload = f"LD_PRELOAD={os.environ['LD_PRELOAD']} " if os.environ.get("LD_PRELOAD") else ""
+    cmd = preload + "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = "\n".join([
         f"## Train step ({args.device}, {args.models}{', ' + args.tag if args.tag else ''}): throughput and MFU "
         "against sentence-transformers\n",
         f"Command: `{cmd.strip()}`  ",
-        f"Machine: {machine()}, {jax.device_count()} x {kind} (jax {jax.__version__}); "
-        "load average (1/5/15 min) "
+        f"Machine: {machine()}, {jax.device_count()} x {kind} (jax {jax.__version__}), host allocator "
+        f"{allocator()} (both frameworks: one process); load average (1/5/15 min) "
         f"{load_start} at start, {load()} at the end  ",
         f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`  " if os.environ.get("XLA_FLAGS") else "",
         f"Date: {datetime.date.today().isoformat()}\n",

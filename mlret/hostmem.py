@@ -5,7 +5,7 @@ batch: hundreds of MiB each). glibc's malloc serves every request above 32 MiB w
 on free, so each step faults its pages in again and the kernel zeroes them; its per-thread arenas also keep freed
 chunks, so resident memory drifts up over long runs while the memory in use stays flat. tcmalloc keeps and
 reuses freed memory: on the 2-core machine of docs/benchmarks.md ("Host allocator") the padded MiniLM step at
-batch 64 took 17.4 s instead of 31.9 s, and sentence-transformers' 19.4 s instead of 49.5 s. Preloading it is the
+batch 64 took 18.4 s instead of 31.9 s, and sentence-transformers' 19.1 s instead of 49.5 s. Preloading it is the
 user's choice (`LD_PRELOAD=libtcmalloc_minimal.so.4`, Debian/Ubuntu package libtcmalloc-minimal4); mlret.train
 names the allocator it runs under at start-up.
 """

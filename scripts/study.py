@@ -10,7 +10,7 @@ written, InfoNCE with in-batch negatives, + the symmetric form with within-view 
 batching columns alpha = 1 (X-X-mono), 0 (X-Y) and 0.5 (hybrid). For each starting model (configs/study.py:me5,
 optionally :minilm) it evaluates the untrained model (the zero-shot row), then trains one run per (loss, alpha,
 seed) on MLQA-R units and evaluates it zero-shot on XQuAD-R (mono, cross, multilingual, language bias), Tatoeba
-and the offline 11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.json` (summary metrics, per-query
+and the offline 11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.json.gz` (summary metrics, per-query
 values, losses, timings); a run whose file exists is skipped, so an interrupted study resumes where it stopped.
 Progress lines give the elapsed time and an ETA.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gzip
 import json
 import logging
 import math
@@ -307,10 +308,21 @@ class ModelRunner:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, gzip'd when the name ends in .gz (a run's per-query values are 1.4 MiB of JSON,
+    180 KiB compressed: small enough to keep the finished runs in the repository, so a study resumes across
+    machines). Written atomically: a killed study never leaves a half-written run behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float))
-    os.replace(tmp, path)  # atomic: a killed study never leaves a half-written run behind
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(data, indent=None if path.suffix == ".gz" else 1, sort_keys=True, default=float)
+    if path.suffix == ".gz":
+        tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def strip_results(results: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +357,13 @@ def plan_runs(models: Sequence[str], losses: Sequence[str], alphas: Sequence[str
 
 def run_file(out: Path, run: Run) -> Path:
     model, loss, alpha, seed = run
-    return out / model / ("zero_shot.json" if loss is None else f"{run_name(loss, alpha, seed)}.json")
+    return out / model / ("zero_shot.json.gz" if loss is None else f"{run_name(loss, alpha, seed)}.json.gz")
+
+
+def finished(out: Path, run: Run) -> bool:
+    """Whether the run's file exists (gzip'd JSON, or the plain JSON of earlier versions of this script)."""
+    path = run_file(out, run)
+    return path.exists() or path.with_suffix("").exists()
 
 
 def fmt_seconds(s: float) -> str:
@@ -354,7 +372,7 @@ def fmt_seconds(s: float) -> str:
 
 
 def run_study(out: Path, runs: list[Run], overrides: Sequence[str]) -> None:
-    todo = [r for r in runs if not run_file(out, r).exists()]
+    todo = [r for r in runs if not finished(out, r)]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
     start = time.perf_counter()
     done = 0
@@ -445,8 +463,8 @@ def load_runs(out: Path) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for model_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"zero_shot": None, "runs": {}}
-        for f in sorted(model_dir.glob("*.json")):
-            run = json.loads(f.read_text())
+        for f in sorted([*model_dir.glob("*.json.gz"), *model_dir.glob("*.json")]):
+            run = read_json(f)
             if run["alpha"] is None:
                 entry["zero_shot"] = run
             else:

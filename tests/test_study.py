@@ -96,7 +96,7 @@ def test_plan_is_seed_major_and_starts_with_zero_shot(study):
     assert runs[1:7] == [("me5", "eq1", 0.5, 0), ("me5", "eq1", 1.0, 0), ("me5", "eq1", 0.0, 0),
                          ("me5", "infonce", 0.5, 0), ("me5", "infonce", 1.0, 0), ("me5", "infonce", 0.0, 0)]
     assert runs[13] == ("minilm", None, None, None) and len(runs) == 1 + 12 + 1 + 8
-    assert study.run_file(Path("o"), runs[1]) == Path("o/me5/eq1_alpha0.5_seed0.json")
+    assert study.run_file(Path("o"), runs[1]) == Path("o/me5/eq1_alpha0.5_seed0.json.gz")
     cells = study.plan_runs(["me5"], [], [], [], ["0", "1"], ["infonce:0.5", "eq1:0.5", "infonce:0"])
     assert cells[1:] == [("me5", "infonce", 0.5, 0), ("me5", "eq1", 0.5, 0), ("me5", "infonce", 0.0, 0),
                          ("me5", "infonce", 0.5, 1), ("me5", "eq1", 0.5, 1), ("me5", "infonce", 0.0, 1)]
