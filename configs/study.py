@@ -1,7 +1,7 @@
 """The offline study's base config: the paper's comparison, loss x batching, shrunk to a 2-core CPU
 (docs/results.md, "Offline study").
 
-    python scripts/study.py --out runs/study                       # every run, resumable, then the report
+    python scripts/study.py --out docs/study/runs                   # every run, resumable, then the report
     python -m mlret.train --config configs/study.py:me5 --workdir RUN --config.data.alpha=0.5   # one run alone
 
 The argument picks the starting model: `me5` (multilingual-e5-small, the real multilingual encoder available

@@ -1,8 +1,8 @@
 """The offline study: what does the contrastive objective add to hybrid batch training, for monolingual,
 cross-lingual and multilingual retrieval at once (MRR and exact-match acc@1)?
 
-    python scripts/study.py --out runs/study                 # all runs (resumable), then the report
-    python scripts/study.py --out runs/study --report_only   # the report from the finished runs
+    python scripts/study.py --out docs/study/runs                 # all runs (resumable), then the report
+    python scripts/study.py --out docs/study/runs --report_only   # the report from the finished runs
     python scripts/study.py --out runs/pilot --models me5 --losses infonce --alphas 0,1 --seeds 0 --no_report
 
 The grid is loss x batching x seed: the loss rows of configs/study.py's LOSSES (Eq. 1 of 2408.10536 as
@@ -67,7 +67,8 @@ def define_flags() -> dict[str, Any]:
     """The command line (defined only when run as a script, so that tests can import this module next to other
     absl programs without duplicate flags)."""
     return {
-        "out": flags.DEFINE_string("out", "runs/study", "where the per-run JSON files go (one folder per model)"),
+        "out": flags.DEFINE_string("out", "docs/study/runs", "where the per-run files go (one folder per model; "
+                                   "the finished runs are kept in the repository)"),
         "models": flags.DEFINE_list("models", ["me5"], "starting models (configs/study.py arguments)"),
         "losses": flags.DEFINE_list("losses", ["infonce", "eq1", "symmetric", "vrn"],
                                     "loss rows (configs/study.py LOSSES), in run order"),
