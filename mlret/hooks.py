@@ -268,16 +268,15 @@ class TrimHostMemory(Hook):
 
     def begin(self, loop: Loop) -> None:
         import ctypes
-        import ctypes.util
 
-        from mlret.hostmem import allocator
+        from mlret.hostmem import allocator, libc
 
         name = allocator()
         if name != "glibc":
             log.info("config.train.trim_host_memory_every: the host allocator is %s, not glibc's malloc: it "
                      "returns memory its own way; no malloc_trim", name)
             return
-        self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        self._trim = libc().malloc_trim
         self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
 
     def after_step(self, loop: Loop) -> None:

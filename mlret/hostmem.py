@@ -43,6 +43,12 @@ def allocator() -> str:
 
 
 @functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library (glibc's `mallinfo2` and `malloc_trim` live there)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+@functools.cache
 def _allocator() -> tuple[str, Any]:
     process = ctypes.CDLL(None)  # the symbols of the process as the dynamic linker resolves them
     size = ctypes.c_size_t
@@ -71,7 +77,7 @@ def _allocator() -> tuple[str, Any]:
 
         return "tcmalloc", tcmalloc
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+        fn = libc().mallinfo2
     except (OSError, AttributeError):
         return "unknown", None
     fn.restype = _MallInfo2
