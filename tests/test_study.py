@@ -150,6 +150,8 @@ def test_report_from_run_files(study, ngram_results, tmp_path):
                and t["loss"] == "infonce")
     assert mrr["mean_diff"] == pytest.approx(0.05, abs=0.01) and mrr["n"] == len(
         {k.split(":")[1] for k in per_query["multi_mrr"]})  # paired over questions, not (language, question)
+    assert len(mrr["seed_gaps"]) == 2 and np.mean(mrr["seed_gaps"]) == pytest.approx(mrr["mean_diff"], abs=1e-12)
+    assert all(g == pytest.approx(0.05, abs=0.01) for g in mrr["seed_gaps"])
     inter = next(t for t in m["interaction"] if t["metric"] == "multi_mrr" and t["baseline"] == "X-X-mono (α=1)")
     assert inter["losses"] == ["eq1", "infonce"] and inter["p"] < 0.01
     assert inter["mean_gaps"][1] - inter["mean_gaps"][0] == pytest.approx(0.05, abs=0.01)
@@ -163,6 +165,7 @@ def test_report_from_run_files(study, ngram_results, tmp_path):
     text = results_md.read_text()
     assert "kept text" in text and text.count(study.MARK_BEGIN) == 1 and "- a scale note" in text
     assert "| InfoNCE, in-batch | hybrid (α=0.5) | 2 |" in text and "**multi MRR** (XQuAD-R" in text
+    assert "| per seed |" in text
     assert json.loads((docs / "summary.json").read_text())["models"]["ngram"]["model_name"] == "ngram-512"
 
 
