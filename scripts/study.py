@@ -720,7 +720,7 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         f"python scripts/study.py --out {out} --report_only",
         "```",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores shared with other jobs, one jax CPU device, jax "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores, one jax CPU device, jax "
         f"{_version('jax')}, flax {_version('flax')}. " + _time_span(out),
         "",
     ]
