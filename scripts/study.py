@@ -35,7 +35,8 @@ question, the hybrid-minus-baseline gap under every loss; its statistic is the v
 gaps, its null distribution permutes the loss labels within each question (no interaction: the gaps are
 exchangeable across losses). The seeds' spread is reported next to
 it: the question-level test measures how consistently one arm beats the other across questions, not how much
-a retrained model would vary (3 seeds cannot carry a test of their own).
+a retrained model would vary (3 seeds cannot carry a test of their own), and each paired test also lists the
+gap of every seed's two runs alone (`seed_gaps`).
 """
 
 from __future__ import annotations
