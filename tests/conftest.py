@@ -45,7 +45,13 @@ from corpus_fixtures import xquad_array_record, xquad_corpus  # noqa: E402,F401
 from gcs_fixtures import gcs_url  # noqa: E402,F401
 
 # Tiny random HF checkpoints and real sentences shared by the model and export tests (one instance per session).
-from model_fixtures import random_bert_path, random_xlmr_path, xquad_sentences  # noqa: E402,F401
+from model_fixtures import (  # noqa: E402,F401
+    random_bert_path,
+    random_modernbert_path,
+    random_qwen3_path,
+    random_xlmr_path,
+    xquad_sentences,
+)
 
 # Subprocess training runs shared by the scale tests (multi-host, kill -9, faults, soak).
 from scale_runs import compile_cache, reference_run, scale_run_args  # noqa: E402,F401

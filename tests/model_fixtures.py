@@ -107,3 +107,62 @@ def xquad_sentences(shared_data) -> list[str]:
         sents = [s for art in data["data"] for p in art["paragraphs"] for s in p["sentences"]]
         out.extend(sents[:: max(1, len(sents) // 12)][:12])
     return out
+
+
+def _perturb_norms_(model, seed: int) -> None:
+    """Norm weights start at 1 (and biases at 0): randomise every 1-D parameter so a mis-mapped one would show."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _copy_wordpiece_tokenizer(minilm_path, out: Path, **tokenizer_config) -> None:
+    for f in ("tokenizer.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(Path(minilm_path) / f, out / f)
+    cfg = json.loads((Path(minilm_path) / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_config)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="session")
+def random_modernbert_path(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer ModernBERT (hidden 64): layer 0 global, layer 1 local with an 8-token window (4 on either
+    side), so texts longer than 5 tokens see the difference; MiniLM's WordPiece tokenizer (right padding)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ModernBertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0,
+        bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102, hidden_activation="gelu")
+    model = transformers.ModernBertModel(cfg).eval()
+    _perturb_norms_(model, 3)
+    out = tmp_path_factory.mktemp("random-modernbert")
+    model.save_pretrained(out, safe_serialization=True)
+    _copy_wordpiece_tokenizer(minilm_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_qwen3_path(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer Qwen3 (hidden 64, 4 query heads over 2 kv heads, head_dim 16, q / k bias-free), with
+    MiniLM's tokenizer set to pad on the left as Qwen3-Embedding's does ([SEP] plays the appended EOS)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, pad_token_id=0,
+        tie_word_embeddings=False)
+    model = transformers.Qwen3Model(cfg).eval()
+    _perturb_norms_(model, 4)
+    out = tmp_path_factory.mktemp("random-qwen3")
+    model.save_pretrained(out, safe_serialization=True)
+    _copy_wordpiece_tokenizer(minilm_path, out, padding_side="left")
+    return out

@@ -11,30 +11,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlret.models.encoder import Encoder
+from mlret.models.common import segment_positions
+from mlret.models.family import EncoderModule
 
-POOLING_MODES = ("cls", "mean", "pooler")
+# cls: the first real token; mean: the mask-weighted mean; pooler: the HF pooler on the first token (BERT);
+# last: the last real token (decoder embedders such as Qwen3-Embedding; sentence-transformers' "lasttoken").
+POOLING_MODES = ("cls", "mean", "pooler", "last")
 
 
 class Tied(nnx.Module):
-    """One encoder for both queries and passages."""
+    """One encoder (any family's module, `mlret.models.family.EncoderModule`) for both queries and passages."""
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: EncoderModule) -> None:
         self.encoder = encoder
 
     @property
-    def query(self) -> Encoder:
+    def query(self) -> EncoderModule:
         return self.encoder
 
     @property
-    def passage(self) -> Encoder:
+    def passage(self) -> EncoderModule:
         return self.encoder
 
 
 class Untied(nnx.Module):
     """Separate query and passage encoders (same architecture, own weights)."""
 
-    def __init__(self, query: Encoder, passage: Encoder) -> None:
+    def __init__(self, query: EncoderModule, passage: EncoderModule) -> None:
         self.query = query
         self.passage = passage
 
@@ -57,7 +60,11 @@ class DualEncoder(nnx.Module):
     and restored on the output ([B, G, D]).
     """
 
-    def __init__(self, towers: Tied | Untied, *, pooling: str = "mean", normalize: bool = True) -> None:
+    def __init__(self, towers: Tied | Untied, *, pooling: str = "mean", normalize: bool = True,
+                 prompt_lengths: tuple[int, int] = (0, 0)) -> None:
+        """`prompt_lengths` (query, passage): the first tokens of each text that mean pooling leaves out,
+        sentence-transformers' `include_prompt=False` (`load_dual_encoder` measures the prefixes as it does:
+        the prompt tokenised alone, less a trailing special token); (0, 0) pools every token."""
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)} (config.model.pooling)")
         if not isinstance(towers, (Tied, Untied)):
@@ -67,9 +74,17 @@ class DualEncoder(nnx.Module):
                 if enc.pooler is None:
                     raise ValueError(f"config.model.pooling='pooler' but the {name} encoder has no pooler weights "
                                      "(pooler.dense.*); use 'cls' or 'mean'")
+        if any(prompt_lengths) and pooling not in ("mean", "last"):
+            raise ValueError(f"config.model.include_prompt=False needs mean or last pooling, not {pooling!r} "
+                             "(sentence-transformers would pool the first token after the prompt)")
         self.towers = towers
         self.pooling = pooling
         self.normalize = bool(normalize)
+        self.prompt_lengths = (int(prompt_lengths[0]), int(prompt_lengths[1]))
+
+    @property
+    def include_prompt(self) -> bool:
+        return not any(self.prompt_lengths)
 
     @property
     def tied(self) -> bool:
@@ -79,52 +94,60 @@ class DualEncoder(nnx.Module):
     def embed_dim(self) -> int:
         return self.towers.query.cfg.hidden_size
 
-    def _embed(self, encoder: Encoder, ids: jax.Array, mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+    def _embed(self, encoder: EncoderModule, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None,
+               prompt_length: int = 0) -> jax.Array:
         lead = ids.shape[:-1]
         ids2, mask2 = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
         tt = None if token_type_ids is None else token_type_ids.reshape(ids2.shape)
         hidden = encoder(ids2, mask2, tt)
+        real = mask2 > 0
+        rows = jnp.arange(ids2.shape[0])
         if self.pooling == "mean":
-            emb = mean_pool(hidden, mask2)
-        elif self.pooling == "cls":
-            emb = hidden[:, 0]
+            within = jnp.cumsum(real, axis=1) - 1  # each real token's index in its text, padding on either side
+            emb = mean_pool(hidden, real & (within >= prompt_length))
+        elif self.pooling == "last":
+            last = ids2.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
+            emb = hidden[rows, last]
         else:
-            emb = encoder.pool_cls(hidden)
+            emb = hidden[rows, jnp.argmax(real, axis=1)]  # the first real token: position 0 unless left-padded
+            if self.pooling == "pooler":
+                emb = encoder.pool_first_tokens(emb)
         if self.normalize:
             emb = l2_normalize(emb)
         return emb.reshape(*lead, emb.shape[-1])
 
-    def _embed_packed(self, encoder: Encoder, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+    def _embed_packed(self, encoder: EncoderModule, ids: jax.Array, segments: jax.Array, num_texts: int,
+                      prompt_length: int = 0) -> jax.Array:
         """Embeddings [num_texts, D] of the texts packed in rows `ids` [R, T]; `segments` [R, T] holds each
         token's text index (0 .. num_texts - 1, -1 for padding), as mlret.data.packing writes them. Pooling is per
-        text: the mean of its tokens, or its first token (cls / pooler), exactly as on padded rows."""
+        text: the mean of its tokens, or its first (cls / pooler) or last token, exactly as on padded rows."""
         hidden = encoder(ids, segments >= 0, segment_ids=segments)
         flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
         text = jnp.where(segments >= 0, segments, num_texts).reshape(-1)  # padding -> a dropped extra segment
         if self.pooling == "mean":
-            sums = jax.ops.segment_sum(flat, text, num_segments=num_texts + 1)[:num_texts]
-            counts = jax.ops.segment_sum(jnp.ones_like(text, jnp.float32), text, num_segments=num_texts + 1)
+            weight = (segment_positions(segments) >= prompt_length).reshape(-1).astype(jnp.float32)
+            sums = jax.ops.segment_sum(flat * weight[:, None], text, num_segments=num_texts + 1)[:num_texts]
+            counts = jax.ops.segment_sum(weight, text, num_segments=num_texts + 1)
             emb = sums / jnp.maximum(counts[:num_texts, None], 1e-9)
         else:
             position = jnp.arange(text.shape[0], dtype=jnp.int32)
-            first = jax.ops.segment_min(position, text, num_segments=num_texts + 1)[:num_texts]
-            emb = flat[first]
+            pick = jax.ops.segment_max if self.pooling == "last" else jax.ops.segment_min
+            emb = flat[pick(position, text, num_segments=num_texts + 1)[:num_texts]]
             if self.pooling == "pooler":
                 emb = encoder.pool_first_tokens(emb)
         return l2_normalize(emb) if self.normalize else emb
 
     def encode_query_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
         """Query embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
-        return self._embed_packed(self.towers.query, ids, segments, num_texts)
+        return self._embed_packed(self.towers.query, ids, segments, num_texts, self.prompt_lengths[0])
 
     def encode_passage_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
         """Passage embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
-        return self._embed_packed(self.towers.passage, ids, segments, num_texts)
+        return self._embed_packed(self.towers.passage, ids, segments, num_texts, self.prompt_lengths[1])
 
     def encode_query(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
-        return self._embed(self.towers.query, ids, mask, token_type_ids)
+        return self._embed(self.towers.query, ids, mask, token_type_ids, self.prompt_lengths[0])
 
     def encode_passage(self, ids: jax.Array, mask: jax.Array,
                        token_type_ids: jax.Array | None = None) -> jax.Array:
-        return self._embed(self.towers.passage, ids, mask, token_type_ids)
+        return self._embed(self.towers.passage, ids, mask, token_type_ids, self.prompt_lengths[1])

@@ -1,4 +1,4 @@
-"""The Flax NNX transformer encoder (BERT / RoBERTa families), numerically equal to Hugging Face's.
+"""The BERT family's Flax NNX transformer encoder (bert, xlm-roberta, roberta), numerically equal to Hugging Face's.
 
 Post-LN blocks, exact GELU, absolute (optionally RoBERTa padding-offset) positions, token types and the
 optional pooler, as in `transformers.BertModel` / `XLMRobertaModel`. Parameters are float32 and carry logical
@@ -16,7 +16,7 @@ from flax import nnx
 from mlret.models.encoder_config import EncoderConfig
 
 # Every logical axis name a parameter can carry; sharding rules must map each of them (None = replicated).
-LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp", "pos", "type", "norm")
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv", "mlp", "pos", "type", "norm")
 
 # jax.nn.dot_product_attention's implementations: auto (jax picks; XLA today), xla, cudnn (fused, GPU, bf16/fp16).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")

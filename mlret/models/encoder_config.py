@@ -1,4 +1,4 @@
-"""The encoder's architecture, read from a Hugging Face `config.json` (BERT and RoBERTa families).
+"""The BERT family's architecture, read from a Hugging Face `config.json` (model types bert, xlm-roberta, roberta).
 
 One frozen dataclass holds every architectural number the NNX modules need; `from_hf` validates the file so
 that an unsupported checkpoint fails here, naming the file and the field, rather than deep inside a forward
@@ -8,10 +8,11 @@ pass. The raw `config.json` dict is kept so that export can write the same file 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from mlret.models.family import read_hf_config, read_raw
 
 # model_type -> (architecture written on export, RoBERTa-style padding-offset positions)
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, bool]] = {
@@ -62,24 +63,20 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike[str] | dict[str, Any], *, where: str = "") -> EncoderConfig:
-        """Read a HF config: a path to config.json, a model folder, or an already-parsed dict.
+        """Read a BERT-family HF config: a path to config.json, a model folder, or an already-parsed dict.
 
-        `where` names the origin of a dict in error messages.
+        `where` names the origin of a dict in error messages. (`mlret.models.family.read_hf_config` reads any
+        registered family's.)
         """
-        if isinstance(source, dict):
-            raw, where = dict(source), where or "config dict"
-        else:
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no config.json; point config.model.name at a Hugging Face model "
-                                        "folder (config.json + weights + tokenizer) or a hub id")
-            raw, where = json.loads(path.read_text()), str(path)
+        raw, where = read_raw(source, where)
+        return cls.read(raw, where)
 
+    @classmethod
+    def read(cls, raw: dict[str, Any], where: str) -> EncoderConfig:
+        """The BERT family's config reader (`mlret.models.bert`): validate `raw` (config.json) and keep it."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{where}: model_type {model_type!r} is not supported; mlret's encoder handles "
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported by the BERT family; it handles "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT / RoBERTa post-LN encoders)")
         act = raw.get("hidden_act", "gelu")
         if act not in _EXACT_GELU:
@@ -153,4 +150,4 @@ def local_max_length(model_name: str) -> tuple[int, str] | None:
         cfg_file = Path(cached)
     if not cfg_file.is_file():
         return None
-    return EncoderConfig.from_hf(cfg_file).max_length, str(cfg_file)
+    return read_hf_config(cfg_file).max_length, str(cfg_file)

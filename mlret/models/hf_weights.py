@@ -22,50 +22,21 @@ from flax import nnx
 
 from mlret import storage
 from mlret.models.dual_encoder import DualEncoder, Tied, Untied
-from mlret.models.encoder import Encoder
-from mlret.models.encoder_config import EncoderConfig
+from mlret.models.family import Family, ParamRow, family_of, read_hf_config
 from mlret.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-# Prefixes under which task-head checkpoints (BertForMaskedLM, XLMRobertaForMaskedLM, ...) keep the encoder.
-_PREFIXES = ("", "bert.", "roberta.", "model.")
 # Files fetched from the hub: config, tokenizer, sentence-transformers metadata and safetensors weights.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
 
 Path_ = tuple[Any, ...]
 
 
-def param_mapping(cfg: EncoderConfig, *, with_pooler: bool) -> list[tuple[Path_, str, bool]]:
-    """(our parameter path, HF tensor name without prefix, transpose) for every encoder parameter.
-
-    Linear kernels are [in, out] here and [out, in] in torch, hence `transpose`.
-    """
-    rows: list[tuple[Path_, str, bool]] = []
-
-    def linear(ours: Path_, hf: str) -> None:
-        rows.extend([((*ours, "kernel"), f"{hf}.weight", True), ((*ours, "bias"), f"{hf}.bias", False)])
-
-    def norm(ours: Path_, hf: str) -> None:
-        rows.extend([((*ours, "scale"), f"{hf}.weight", False), ((*ours, "bias"), f"{hf}.bias", False)])
-
-    rows.append((("embeddings", "word", "embedding"), "embeddings.word_embeddings.weight", False))
-    rows.append((("embeddings", "position", "embedding"), "embeddings.position_embeddings.weight", False))
-    if cfg.type_vocab_size > 0:
-        rows.append((("embeddings", "token_type", "embedding"), "embeddings.token_type_embeddings.weight", False))
-    norm(("embeddings", "norm"), "embeddings.LayerNorm")
-    for i in range(cfg.num_layers):
-        ours, hf = ("layers", i), f"encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear((*ours, "attention", name), f"{hf}.attention.self.{name}")
-        linear((*ours, "attention", "output"), f"{hf}.attention.output.dense")
-        norm((*ours, "attention_norm"), f"{hf}.attention.output.LayerNorm")
-        linear((*ours, "intermediate"), f"{hf}.intermediate.dense")
-        linear((*ours, "output"), f"{hf}.output.dense")
-        norm((*ours, "output_norm"), f"{hf}.output.LayerNorm")
-    if with_pooler:
-        linear(("pooler",), "pooler.dense")
-    return rows
+def param_mapping(cfg: Any, *, with_pooler: bool) -> list[ParamRow]:
+    """The family's table (`ParamRow`: our parameter path, HF tensor name without prefix, layout) for every
+    encoder parameter of `cfg`; the one table import and export both use."""
+    return family_of(cfg).param_rows(cfg, with_pooler)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -148,75 +119,77 @@ def _find(tensors: Mapping[str, np.ndarray], prefix: str, name: str) -> np.ndarr
     return None
 
 
-def _detect_prefix(tensors: Mapping[str, np.ndarray], source: str) -> str:
-    for prefix in _PREFIXES:
-        if f"{prefix}embeddings.word_embeddings.weight" in tensors:
+def _detect_prefix(tensors: Mapping[str, np.ndarray], source: str, family: Family) -> str:
+    for prefix in family.prefixes:
+        if f"{prefix}{family.anchor}" in tensors:
             return prefix
-    raise KeyError(f"{source}: missing tensor embeddings.word_embeddings.weight (also tried the prefixes "
-                   f"{', '.join(p for p in _PREFIXES if p)}); is this a BERT / XLM-R checkpoint?")
+    raise KeyError(f"{source}: missing tensor {family.anchor} (also tried the prefixes "
+                   f"{', '.join(p for p in family.prefixes if p)}); is this a {family.name} checkpoint "
+                   f"({family.describe or family.name})?")
 
 
 # ---------------------------------------------------------------------------------------------- import
 
 
-def encoder_from_tensors(cfg: EncoderConfig, tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint",
+def encoder_from_tensors(cfg: Any, tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint",
                          dtype: str = "float32", remat: bool = False, with_pooler: bool | None = None,
-                         attention: str = "auto") -> Encoder:
-    """Build an Encoder whose parameters are the given HF tensors (exact copies, float32).
+                         attention: str = "auto") -> Any:
+    """Build the family's encoder module for `cfg` whose parameters are the given HF tensors (exact copies,
+    float32).
 
-    with_pooler=None: keep the pooler when the checkpoint has one.
+    with_pooler=None: keep the pooler when the family has one and the checkpoint holds it.
     """
-    prefix = _detect_prefix(tensors, source)
+    family = family_of(cfg)
+    prefix = _detect_prefix(tensors, source, family)
     if with_pooler is None:
-        with_pooler = _find(tensors, prefix, "pooler.dense.weight") is not None
+        with_pooler = family.pooler_tensor is not None and _find(tensors, prefix, family.pooler_tensor) is not None
     # eval_shape: no random initialisation of weights about to be overwritten; eager sharding off so the model
     # can be built outside a mesh (the trainer places it later with nnx.get_named_sharding).
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Encoder(cfg, with_pooler=with_pooler, dtype=dtype, remat=remat,
-                                                  attention=attention, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: family.module(cfg, with_pooler=with_pooler, dtype=dtype, remat=remat,
+                                                        attention=attention, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
     mapping = param_mapping(cfg, with_pooler=with_pooler)
-    unmapped = set(variables) - {path for path, _, _ in mapping}
+    unmapped = set(variables) - {row.path for row in mapping}
     if unmapped:  # the table and the modules disagree: a bug in mlret, not in the checkpoint
         raise AssertionError(f"parameters without a HF name: {sorted(map(str, unmapped))}")
-    for path, hf_name, transpose in mapping:
-        value = _find(tensors, prefix, hf_name)
+    for row in mapping:
+        value = _find(tensors, prefix, row.hf)
         if value is None:
-            raise KeyError(f"{source}: missing tensor {prefix}{hf_name} (needed for {'/'.join(map(str, path))}; "
-                           f"config.json says {cfg.num_layers} layers, type_vocab_size={cfg.type_vocab_size})")
-        if transpose:
-            value = value.T
-        var = variables[path]
-        if tuple(value.shape) != tuple(var.shape):
-            got = value.T.shape if transpose else value.shape
-            want = var.shape[::-1] if transpose else var.shape
-            raise ValueError(f"{source}: tensor {prefix}{hf_name} has shape {tuple(got)} but config.json implies "
-                             f"{tuple(want)}")
-        var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=jnp.float32))
+            raise KeyError(f"{source}: missing tensor {prefix}{row.hf} (needed for {'/'.join(map(str, row.path))}; "
+                           f"config.json says {cfg.num_layers} layers"
+                           + (f", type_vocab_size={cfg.type_vocab_size})" if hasattr(cfg, "type_vocab_size") else ")"))
+        var = variables[row.path]
+        want = row.hf_shape(var.shape)
+        if tuple(value.shape) != want:
+            raise ValueError(f"{source}: tensor {prefix}{row.hf} has shape {tuple(value.shape)} but config.json "
+                             f"implies {want}")
+        var.set_value(jnp.asarray(np.ascontiguousarray(row.to_ours(value, var.shape)), dtype=jnp.float32))
     with nnx.use_eager_sharding(False):
         return nnx.merge(graphdef, state)
 
 
-def load_encoder(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False) -> Encoder:
-    """An Encoder with the weights of a HF model folder or hub id."""
+def load_encoder(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False) -> Any:
+    """The encoder module (any registered family) with the weights of a HF model folder or hub id."""
     model_dir = resolve_model_dir(name_or_path)
-    cfg = EncoderConfig.from_hf(model_dir)
+    cfg = read_hf_config(model_dir)
     tensors, source = read_hf_tensors(model_dir)
     return encoder_from_tensors(cfg, tensors, source=source, dtype=dtype, remat=remat)
 
 
-def encoder_to_tensors(encoder: Encoder) -> dict[str, np.ndarray]:
-    """The encoder's parameters under HF names (no prefix, torch layout), float32 numpy: BertModel's state dict."""
+def encoder_to_tensors(encoder: Any) -> dict[str, np.ndarray]:
+    """The encoder's parameters under HF names (no prefix, torch layout), float32 numpy: the state dict of the
+    family's HF model class (BertModel, ModernBertModel, Qwen3Model, ...)."""
     variables = dict(nnx.to_flat_state(nnx.state(encoder, nnx.Param)))
     out = {}
-    for path, hf_name, transpose in param_mapping(encoder.cfg, with_pooler=encoder.pooler is not None):
-        value = np.asarray(jax.device_get(variables[path].get_value()), dtype=np.float32)
-        out[hf_name] = np.ascontiguousarray(value.T if transpose else value)
+    for row in param_mapping(encoder.cfg, with_pooler=getattr(encoder, "pooler", None) is not None):
+        value = np.asarray(jax.device_get(variables[row.path].get_value()), dtype=np.float32)
+        out[row.hf] = np.ascontiguousarray(row.to_hf(value))
     return out
 
 
-def _copy_encoder(encoder: Encoder) -> Encoder:
+def _copy_encoder(encoder: Any) -> Any:
     """An independent copy with its own buffers (two towers must not share buffers that jit may donate)."""
     graphdef, state = nnx.split(encoder)
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
@@ -224,7 +197,7 @@ def _copy_encoder(encoder: Encoder) -> Encoder:
         return nnx.merge(graphdef, state)
 
 
-def check_vocab(tokenizer: TextTokenizer, cfg: EncoderConfig, where: str) -> None:
+def check_vocab(tokenizer: TextTokenizer, cfg: Any, where: str) -> None:
     """Every id the tokenizer can emit must index a row of the word-embedding matrix."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the word-embedding matrix "
@@ -253,7 +226,11 @@ def load_dual_encoder(model_config: Any, *, query_len: int | None = None,
         raise ValueError(f"config.model.param_dtype={model_config.param_dtype!r}: parameters are kept in float32 "
                          "(use config.model.compute_dtype='bfloat16' for bfloat16 activations)")
     model_dir = resolve_model_dir(model_config.name)
-    cfg = EncoderConfig.from_hf(model_dir)
+    cfg = read_hf_config(model_dir)
+    family = family_of(cfg)
+    if model_config.pooling not in family.poolings:
+        raise ValueError(f"config.model.pooling={model_config.pooling!r}: {model_dir} is a {family.name} model, "
+                         f"which pools with {', '.join(family.poolings)}")
     tokenizer = TextTokenizer(model_dir, query_len=query_len, passage_len=passage_len,
                               query_prefix=model_config.query_prefix, passage_prefix=model_config.passage_prefix)
     check_vocab(tokenizer, cfg, str(model_dir))
@@ -265,7 +242,12 @@ def load_dual_encoder(model_config: Any, *, query_len: int | None = None,
     encoder = encoder_from_tensors(cfg, tensors, source=source, dtype=model_config.compute_dtype,
                                    remat=model_config.remat, attention=model_config.get("attention", "auto"))
     towers = Tied(encoder) if model_config.tied else Untied(encoder, _copy_encoder(encoder))
-    model = DualEncoder(towers, pooling=model_config.pooling, normalize=model_config.normalize)
+    # include_prompt=False: mean pooling leaves out each prefix's tokens, measured as sentence-transformers does.
+    prompt_lengths = ((0, 0) if model_config.get("include_prompt", True) else
+                      (tokenizer.prompt_length(tokenizer.query_prefix),
+                       tokenizer.prompt_length(tokenizer.passage_prefix)))
+    model = DualEncoder(towers, pooling=model_config.pooling, normalize=model_config.normalize,
+                        prompt_lengths=prompt_lengths)
     return model, tokenizer
 
 
@@ -276,7 +258,8 @@ def _warn_pooling_mismatch(model_dir: Path, pooling: str) -> None:
         return
     st = json.loads(f.read_text())
     theirs = st.get("pooling_mode") or next(
-        (m for m, k in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens")) if st.get(k)), None)
-    ours = "cls" if pooling == "pooler" else pooling
+        (m for m, k in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                        ("lasttoken", "pooling_mode_lasttoken")) if st.get(k)), None)
+    ours = {"pooler": "cls", "last": "lasttoken"}.get(pooling, pooling)
     if theirs and theirs != ours:
         log.warning("%s pools with %r but config.model.pooling=%r", f, theirs, pooling)

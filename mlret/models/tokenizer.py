@@ -79,7 +79,11 @@ class TextTokenizer:
             raise TypeError("TextTokenizer: pass a list of strings, not one string")
         enc = self._thread_hf()(
             [prefix + t for t in texts],
+            # Right padding whatever the tokenizer's own side (Qwen3-Embedding's is left): packing copies each
+            # text's first mask-sum tokens, and the encoders count positions from a text's first real token
+            # either way (their states do not depend on the side; the export keeps the tokenizer's own).
             padding="max_length",
+            padding_side="right",
             truncation=True,
             max_length=length,
             return_tensors="np",
@@ -94,6 +98,14 @@ class TextTokenizer:
     def passages(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         ids, mask = self._encode(texts, self.passage_prefix, self.passage_len)
         return {"passage_ids": ids, "passage_mask": mask}
+
+    def prompt_length(self, prefix: str) -> int:
+        """Tokens a prefix occupies at the start of a text, as sentence-transformers measures a prompt for
+        `include_prompt=False`: the prefix tokenised alone, less a trailing special token (EOS / SEP)."""
+        if not prefix:
+            return 0
+        ids = self.hf([prefix])["input_ids"][0]
+        return len(ids) - (1 if ids and ids[-1] in set(self.hf.all_special_ids) else 0)
 
     def save(self, out_dir: str | os.PathLike[str]) -> None:
         """Write the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) into out_dir."""

@@ -1,0 +1,111 @@
+"""Pieces the encoder families share: token positions of padded and packed rows, attention masks, rotary
+position embeddings (HF's `rotate_half` convention), RMSNorm, and a projection with a per-head kernel layout.
+
+Positions are always counted within a text: from its first real token on a padded row (whichever side the
+padding is on) and from its segment's first token on a packed row, so a text's states do not depend on how it
+was batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# HF initialises with N(0, initializer_range=0.02); only used when a model is built without weights.
+init = nnx.initializers.normal(0.02)
+
+
+def axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of a parameter (the `out_sharding` metadata `mlret.parallel` maps to mesh axes)."""
+    return {"out_sharding": names}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] index of each token within its segment (a segment starts where the id differs from the previous
+    token's); padding (-1) is counted like a segment, and never used."""
+    t = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+def padded_segments(mask: jax.Array) -> jax.Array:
+    """Segment ids of padded rows: 0 on real tokens, -1 on padding (one text per row, padding on either side)."""
+    return jnp.where(mask > 0, 0, -1).astype(jnp.int32)
+
+
+def text_positions(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Position of each real token within its text: packed rows restart at each segment, padded rows count real
+    tokens from 0 (so left padding shifts nothing). Padding gets 0."""
+    if segment_ids is not None:
+        return jnp.where(segment_ids >= 0, segment_positions(segment_ids), 0)
+    real = (mask > 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0) * real
+
+
+def attention_mask(segment_ids: jax.Array, *, causal: bool = False, window: int | None = None) -> jax.Array:
+    """Boolean [B, 1, T, S]: a token attends to the keys of its own segment (padding, -1, to padding, so no row is
+    empty), only to earlier ones when `causal`, and only within distance `window` (|q - k| <= window) when given.
+    Segments are contiguous, so row distance is distance within the text."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    t = jnp.arange(segment_ids.shape[-1])
+    if causal:
+        same &= (t[None, :] <= t[:, None])[None]
+    if window is not None:
+        same &= (jnp.abs(t[:, None] - t[None, :]) <= window)[None]
+    return same[:, None]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of x [B, T, N, D] at `positions` [B, T], as HF's default rope: inverse frequencies
+    theta^(-2i/D), cos/sin computed in float32 over cat(freqs, freqs), and x*cos + rotate_half(x)*sin."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF's RMSNorm (Llama / Qwen): x / sqrt(mean(x^2) + eps) in float32, then times the scale."""
+
+    def __init__(self, size: int, *, eps: float, dtype: jnp.dtype) -> None:
+        self.scale = nnx.Param(jnp.ones((size,), jnp.float32), **axes("norm"))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.get_value().astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+class Projection(nnx.Module):
+    """x [..., n_in] -> [..., *out_shape] with kernel [n_in, *out_shape] (or, `inputs` > 1, x [..., *in_shape] ->
+    [..., n_out] with kernel [*in_shape, n_out]): the per-head layouts ([embed, heads, head_dim], [heads, head_dim,
+    embed], fused [embed, 3, heads, head_dim]) whose axes shard by head."""
+
+    def __init__(self, shape: Sequence[int], kernel_axes: Sequence[str | None], *, inputs: int = 1,
+                 bias_axes: Sequence[str | None] | None = None, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        shape = tuple(int(n) for n in shape)
+        fan_in = math.prod(shape[:inputs])
+        kernel = init(rngs.params(), (fan_in, math.prod(shape[inputs:])), jnp.float32).reshape(shape)
+        self.kernel = nnx.Param(kernel, **axes(*kernel_axes))
+        self.bias = (nnx.Param(jnp.zeros(shape[inputs:], jnp.float32), **axes(*bias_axes))
+                     if bias_axes is not None else None)
+        self.inputs, self.dtype = inputs, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel.get_value().astype(self.dtype)
+        n = self.inputs
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                                ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(self.dtype)
+        return y
