@@ -14,40 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import mlret
+from mlret import losses
+from mlret.data.kinds import KINDS
+from mlret.data.sources import parse_sources
+from mlret.eval import registry as eval_registry
 from mlret.eval.report import comparison
 
 PASSAGE_TOWER_DIR = "passage_tower"
-
-# Licence of each training-source kind's public data (config.data.sources[i].name). A model trained on a
-# non-commercial set inherits that restriction in practice: the card says so.
-SOURCE_LICENCES = {
-    "xquad_r": "CC BY-SA 4.0",
-    "mlqa_r": "CC BY-NC 4.0 (non-commercial research only; MLQA dev, withdrawn upstream)",
-    "mlqa": "CC BY-SA 3.0",
-    "squad_translate": "CC BY-SA 4.0 (SQuAD); check the translation's own terms",
-    "mmarco": "MS MARCO terms (non-commercial research only)",
-    "tydiqa_goldp": "Apache-2.0",
-    "miracl": "Apache-2.0",
-    "mrtydi": "Apache-2.0",
-    "jsonl": "your own data: not known to mlret, state it here",
-}
-NON_COMMERCIAL = ("mlqa_r", "mmarco")
-
-# How each evaluator scores (the protocol line of the card's evaluation section).
-PROTOCOLS = {
-    "lareqa": ("LAReQA answer-sentence retrieval: every question ranks candidate sentences; **mono** = the "
-               "question's own language, **cross** = one other language (macro-averaged over targets), **multi** = "
-               "the pool of all languages, where the answer sentence in every language is relevant. Exact search; "
-               "mAP over the full ranking; rank distance = in the multilingual pool, the gap between the best- and "
-               "worst-ranked relevant answers of a question (language bias, lower is better)."),
-    "tatoeba": ("Tatoeba bitext retrieval: accuracy of finding the translation, xx->en and en->xx, macro-averaged "
-                "over languages."),
-    "trec": "Passage retrieval against the topics' qrels: nDCG@10, recall@100, MRR@100 (trec_eval conventions).",
-    "tydiqa": "TyDi QA passage selection: MRR and accuracy@1 of the annotated passage.",
-}
-_PROTOCOL_OF = {"xquad_r": "lareqa", "mlqa_r": "lareqa", "tatoeba": "tatoeba", "miracl": "trec", "mrtydi": "trec",
-                "tydiqa": "tydiqa"}
-
 
 def _summary(block: Any) -> Mapping[str, Any]:
     """A results entry is either an evaluator's block (with `summary`) or its summary already."""
@@ -73,7 +46,7 @@ def _header(model: Any, tokenizer: Any, model_config: Any, role: str, run_config
     cfg = model.towers.query.cfg
     base = str(getattr(model_config, "name", "") or "unknown")
     what = "fine-tuned" if run_config is not None else "re-exported unchanged"
-    nc = run_config is not None and any(_kind(s) in NON_COMMERCIAL for s in run_config.data.sources)
+    nc = run_config is not None and any(KINDS[spec.name].non_commercial for spec in parse_sources(run_config))
     lines = [
         "---",
         "library_name: sentence-transformers",
@@ -169,15 +142,8 @@ def _usage(model: Any, tokenizer: Any, st: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _kind(source: Any) -> str:
-    return str(source["name"] if isinstance(source, Mapping) else source.name)
-
-
 def _trained_languages(run_config: Any) -> tuple[list[str], bool]:
     """(languages of the training sources, whether every source's set is known to mlret)."""
-    from mlret.data.kinds import KINDS
-    from mlret.data.sources import parse_sources
-
     langs, known = set(), True
     for spec in parse_sources(run_config):
         own = spec.languages or KINDS[spec.name].languages
@@ -187,14 +153,11 @@ def _trained_languages(run_config: Any) -> tuple[list[str], bool]:
 
 
 def _training(c: Any) -> list[str]:
-    from mlret.data.sources import parse_sources
-
     langs, known = _trained_languages(c)
     alpha = float(c.data.alpha)
     batching = ("X-X-mono (every batch monolingual)" if alpha == 1 else "X-Y (every batch cross-lingual)"
                 if alpha == 0 else f"hybrid: a batch is monolingual with probability {alpha:g}, cross-lingual "
                 "otherwise")
-    loss = c.loss
     lines = [
         "## Training",
         "",
@@ -202,12 +165,7 @@ def _training(c: Any) -> list[str]:
         "|---|---|",
         f"| start model | `{c.model.name}`{_start_model_note(c.model.name)} |",
         f"| batching (α = {alpha:g}) | {batching} |",
-        f"| loss | contrastive (InfoNCE), temperature {loss.temperature:g}"
-        + (" (learnable)" if loss.learnable_temperature else "")
-        + (", symmetric" if loss.symmetric else "")
-        + (", in-batch negatives" if loss.in_batch_positives else ", Eq. 1 of 2408.10536 (every pair's hard negatives)")
-        + (", within-view negatives" if loss.within_view else "")
-        + (f", VRN λ={loss.vrn_weight:g} p={loss.vrn_power:g}" if loss.vrn_weight else "") + " |",
+        f"| loss | {losses.describe(losses.spec(c.loss))} |",
         f"| steps | {c.train.steps} |",
         f"| global batch | {c.data.global_batch} pairs, {int(c.data.group_size) - 1} hard negative(s) each |",
         f"| optimiser | AdamW, learning rate {c.optim.learning_rate:g}, {c.optim.warmup_steps} warm-up steps, "
@@ -223,7 +181,7 @@ def _training(c: Any) -> list[str]:
     ]
     for spec in parse_sources(c):
         lines.append(f"| {spec.name} | {_short_path(spec.path)} | {', '.join(spec.languages) or 'all'} | "
-                     f"{SOURCE_LICENCES[spec.name]} |")
+                     f"{KINDS[spec.name].licence} |")
     lines.append("")
     if command := c.export.get("command", ""):
         lines += ["Trained with:", "", "```bash", command, "```", ""]
@@ -270,8 +228,9 @@ def _evaluation(results: Mapping[str, Any] | None, baseline: Mapping[str, Any] |
         step = block.get("step") if isinstance(block, Mapping) and "summary" in block else None
         table = comparison(name, summary, base.get(name), step=step)
         lines += [f"### {name}", ""]
-        if name in _PROTOCOL_OF:
-            lines += [PROTOCOLS[_PROTOCOL_OF[name]], ""]
+        if name in eval_registry.names():  # how it scores, from the evaluator's own record
+            lines += [eval_registry.get(name).protocol or "(The evaluator's record, EvaluatorSpec.protocol, does not "
+                      "describe how it scores.)", ""]
         if run_config is not None and name in run_config.eval:
             lines += [_subset(run_config, name), ""]
         if name in evaluated:

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from mlret import losses
 from mlret.data.sources import validate_data
 from mlret.errors import ConfigError, GradCacheError
 from mlret.eval import registry as eval_registry
@@ -71,22 +72,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.packing_rows_multiple = 4  # packed row counts are rounded up to a multiple of this (few shapes)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.temperature = 0.05
-    c.loss.learnable_temperature = False
-    c.loss.symmetric = False  # add the passage -> query direction
-    # True: InfoNCE with in-batch negatives (every passage of the batch). False: Eq. 1 of arXiv 2408.10536 as
-    # written (own positive + the hard negatives of every pair; other pairs' positives left out).
-    c.loss.in_batch_positives = True
-    c.loss.within_view = False  # arXiv 2506.09781's query-query (and, symmetric, passage-passage) negatives
-    # VRN (arXiv 2506.09781): vrn_weight * mean over negative pairs of |cos - delta|^vrn_power (0: off), with
-    # delta = -1/(k-1) for k = vrn_instances training instances, or vrn_delta when vrn_instances = 0.
-    c.loss.vrn_weight = 0.0
-    c.loss.vrn_power = 2.0
-    c.loss.vrn_instances = 0
-    c.loss.vrn_delta = 0.0
+    # The loss families trained with (comma-separated, mlret.losses): their sum, each weighted by its section's
+    # `weight`. Each registered family has its section config.loss.<name> (contrastive: Eq. 1, InfoNCE, symmetric,
+    # VRN); the contrastive fields are also reachable at their older names config.loss.symmetric, ... (aliases).
+    c.loss.terms = "contrastive"
+    c.loss.temperature = 0.05  # τ of every term's scores
+    c.loss.learnable_temperature = False  # τ = exp(log_temperature), trained with the model
     # How passage embeddings reach every query: "constraint" (jit + a row-sharding constraint on the scores) or
     # "shard_map" (an explicit all_gather of the passages); both give the single-device loss and gradients.
     c.loss.gather = "constraint"
+    losses.add_sections(c.loss)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-5
@@ -210,7 +205,7 @@ def validate(config: ml_collections.ConfigDict, *, devices: int | None = None, p
     """
     _validate_model(config.model)
     validate_data(config)
-    _validate_loss(config.loss)
+    losses.validate(config.loss)
     _validate_optim(config)
     _validate_train(config)
     _validate_checkpoint(config.checkpoint)
@@ -229,15 +224,6 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _check(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
            f"{m.compute_dtype!r} is not float32 or bfloat16")
     _check(m.attention in ("auto", "xla", "cudnn"), "model.attention", f"{m.attention!r} is not auto, xla or cudnn")
-
-
-def _validate_loss(loss: ml_collections.ConfigDict) -> None:
-    _check(loss.temperature > 0, "loss.temperature", "must be positive")
-    _check(loss.vrn_weight >= 0, "loss.vrn_weight", "must be >= 0 (0: no VRN term)")
-    _check(loss.vrn_power > 0, "loss.vrn_power", "must be positive")
-    _check(loss.vrn_instances == 0 or loss.vrn_instances >= 2, "loss.vrn_instances",
-           f"{loss.vrn_instances} must be 0 (use loss.vrn_delta) or >= 2 (delta = -1/(k-1))")
-    _check(loss.gather in ("constraint", "shard_map"), "loss.gather", f"{loss.gather!r} is not constraint or shard_map")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

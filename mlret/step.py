@@ -10,10 +10,12 @@ is a plain pytree (a dict), so that `jax.jit` shards it with in/out shardings, d
 
 `rng` is the run's PRNG key (from `config.seed`), saved and restored with the rest; the encoder has no dropout, so
 nothing draws from it yet. `log_temperature` exists only with `config.loss.learnable_temperature` (τ =
-exp(log_temperature), trained by the same
-optimizer, no weight decay). The step encodes the global batch, takes the contrastive loss with the score matrix
-split on its query axis over the batch mesh axes (or under `shard_map`, `config.loss.gather`), and applies AdamW
-unless the loss or the gradients are non-finite: then the update is skipped and counted (the loop stops after
+exp(log_temperature), trained by the same optimizer, no weight decay).
+
+The step reads no config: `build_train_step` freezes what it needs into a `StepSpec` once (`step_spec(config)`,
+with the loss as an `mlret.losses.LossSpec`). It encodes the embeddings the loss declares (each from its own
+batch fields, padded or packed), hands the loss exactly the batch fields it declares, and applies AdamW unless
+the loss or the gradients are non-finite: then the update is skipped and counted (the loop stops after
 `config.optim.max_nonfinite_in_row` in a row).
 """
 
@@ -32,15 +34,64 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mlret import gradcache, parallel
+from mlret import gradcache, losses, parallel
 from mlret.data import packing
-from mlret.losses import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
+from mlret.errors import ConfigError
 
 TrainState = dict[str, Any]
-# Fields of the data contract the step reads (docs/architecture.md, "Data"), padded or packed
-# (config.data.packing: mlret.data.packing turns the padded batch into these on the host).
-BATCH_FIELDS = ("query_ids", "query_mask", "passage_ids", "passage_mask", "unit_id")
-PACKED_FIELDS = ("query_ids", "query_segments", "passage_ids", "passage_segments", "unit_id")
+# The embeddings the step makes for a loss (a loss family's `embeddings`) and the batch fields each is encoded
+# from, padded or packed (config.data.packing: mlret.data.packing turns the padded batch into these on the host);
+# docs/architecture.md, "Data". Gradient caching chunks and re-encodes exactly these fields.
+ENCODED_FIELDS = {"query": ("query_ids", "query_mask"), "passage": ("passage_ids", "passage_mask")}
+PACKED_ENCODED_FIELDS = {"query": ("query_ids", "query_segments"), "passage": ("passage_ids", "passage_segments")}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the train step needs of a validated config, read once (`step_spec`); hashable."""
+
+    seed: int
+    global_batch: int  # pairs per global batch
+    group_size: int  # G: passages per pair
+    grad_cache_chunk: int  # pairs encoded at once (0: the whole batch, no gradient caching)
+    packing: bool
+    packing_rows_multiple: int
+    loss: losses.LossSpec
+
+    @property
+    def embeddings(self) -> tuple[str, ...]:
+        """The embeddings the loss reads."""
+        return losses.embeddings(self.loss)
+
+    @property
+    def encode_fields(self) -> tuple[str, ...]:
+        """The batch fields the step encodes (those of the loss's embeddings)."""
+        table = PACKED_ENCODED_FIELDS if self.packing else ENCODED_FIELDS
+        return tuple(f for e in self.embeddings for f in table[e])
+
+    @property
+    def pass_fields(self) -> tuple[str, ...]:
+        """The batch fields the loss reads as they are."""
+        return losses.fields(self.loss)
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """Every batch field the step reads: encoded, then passed through."""
+        return tuple(dict.fromkeys(self.encode_fields + self.pass_fields))
+
+
+def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
+    """The step's frozen view of a validated config."""
+    loss = losses.spec(config.loss)
+    unknown = [e for e in losses.embeddings(loss) if e not in ENCODED_FIELDS]
+    if unknown:
+        raise ConfigError(f"config.loss.terms: {config.loss.terms!r} reads the embedding(s) {', '.join(unknown)}, "
+                          f"which the train step does not make (it makes {', '.join(ENCODED_FIELDS)}: "
+                          "mlret.step.ENCODED_FIELDS)")
+    return StepSpec(seed=int(config.seed), global_batch=int(config.data.global_batch),
+                    group_size=int(config.data.group_size), grad_cache_chunk=int(config.train.grad_cache_chunk),
+                    packing=bool(config.data.packing), packing_rows_multiple=int(config.data.packing_rows_multiple),
+                    loss=loss)
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -79,14 +130,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
     return optax.chain(*parts), schedule
 
 
-def loss_options(loss: ml_collections.ConfigDict) -> LossOptions:
-    """config.loss -> the loss variant (δ = −1/(k−1) when loss.vrn_instances = k, else loss.vrn_delta)."""
-    delta = vrn_delta(int(loss.vrn_instances)) if loss.vrn_instances else float(loss.vrn_delta)
-    return LossOptions(symmetric=bool(loss.symmetric), in_batch_positives=bool(loss.in_batch_positives),
-                       within_view=bool(loss.within_view), vrn_weight=float(loss.vrn_weight), vrn_delta=delta,
-                       vrn_power=float(loss.vrn_power))
-
-
 def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
     """(graphdef, params as nnx.State of Variables, everything else). The Variables keep their logical axes."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -102,9 +145,12 @@ class Trainer:
 
     Made by `build_train_step`. It holds no weights: `init_state(params)` turns the loaded weights into a fresh
     state on the mesh, `step(state, batch)` runs one update, `abstract_state()` describes the state for orbax.
+    It reads no config: `spec` is what it needs of it, `loss` the loss function built from `spec.loss` for the
+    mesh (`mlret.losses.build`).
     """
 
-    config: ml_collections.ConfigDict
+    spec: StepSpec
+    loss: losses.LossFn
     mesh: Mesh
     rules: parallel.Rules
     graphdef: Any
@@ -127,7 +173,7 @@ class Trainer:
         not be used afterwards: pass a copy (`jax.tree.map(jnp.copy, params)`) to start twice from them."""
         params = jax.device_put(params, self.state_shardings["params"])
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
-        rng = jax.random.key_data(jax.random.key(int(self.config.seed)))
+        rng = jax.random.key_data(jax.random.key(self.spec.seed))
         scalars = {"step": jnp.int32(0), "rng": rng, "nonfinite_in_row": jnp.int32(0),
                    "nonfinite_total": jnp.int32(0)}
         scalars = jax.device_put(scalars, {k: self.state_shardings[k] for k in scalars})
@@ -144,53 +190,53 @@ class Trainer:
     def temperature(self, params: Mapping[str, Any]) -> jax.Array | float:
         if "log_temperature" in params:
             return jnp.exp(params["log_temperature"])
-        return float(self.config.loss.temperature)
+        return self.spec.loss.temperature
 
-    def embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """(query embeddings [B, D], passage embeddings [B, G, D]) of (a chunk of) the batch, padded or packed."""
+    def embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The embeddings the loss reads, of (a chunk of) the batch, padded or packed: `query` [B, D] and
+        `passage` [B, G, D]. Reads only `spec.encode_fields`."""
         model = nnx.merge(self.graphdef, params["model"], self.rest)
-        if "query_segments" not in batch:
-            q = model.encode_query(batch["query_ids"], batch["query_mask"])
-            p = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
-            return q, p
+        wanted = self.spec.embeddings
+        out = {}
+        if not self.spec.packing:
+            if "query" in wanted:
+                out["query"] = model.encode_query(batch["query_ids"], batch["query_mask"])
+            if "passage" in wanted:
+                out["passage"] = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
+            return out
         # Packed: the segments index the pairs of the chunk (the whole batch without gradient caching).
-        n, g = int(self.config.train.grad_cache_chunk) or int(self.config.data.global_batch), self.group_size
-        q = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n)
-        p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g)
-        return q, p.reshape(n, g, -1)
+        n, g = self.spec.grad_cache_chunk or self.spec.global_batch, self.spec.group_size
+        if "query" in wanted:
+            out["query"] = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n)
+        if "passage" in wanted:
+            p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g)
+            out["passage"] = p.reshape(n, g, -1)
+        return out
 
     @property
     def group_size(self) -> int:
-        return int(self.config.data.group_size)
+        return self.spec.group_size
 
     def loss_fn(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
-        """Contrastive loss of the global batch under `params` (a pure function: jit and grad it)."""
-        q, p = self.embed(params, batch)
-        return self.embedding_loss(params, (q, p), batch)
+        """The loss of the global batch under `params` (a pure function: jit and grad it)."""
+        return self.embedding_loss(params, self.embed(params, batch), batch)
 
-    def embedding_loss(self, params: Mapping[str, Any], emb: tuple[jax.Array, jax.Array],
+    def embedding_loss(self, params: Mapping[str, Any], emb: Mapping[str, jax.Array],
                        batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
-        """The contrastive loss of the whole batch's embeddings `emb = (q, p)`."""
-        q, p = emb
-        lc = self.config.loss
-        kwargs = dict(temperature=self.temperature(params), options=loss_options(lc))
-        axes = parallel.batch_axes(self.rules, self.mesh)
-        if lc.gather == "shard_map":
-            return sharded_contrastive_loss(q, p, batch["unit_id"], mesh=self.mesh, batch_axes=axes, **kwargs)
-        # Queries stay where their rows are; XLA gathers the passage embeddings to every device.
-        return contrastive_loss(q, p, batch["unit_id"], score_sharding=NamedSharding(self.mesh, P(axes, None)),
-                                **kwargs)
+        """The loss of the whole batch's embeddings `emb` (`embed`'s), given the batch fields it declares."""
+        return self.loss(emb, {f: batch[f] for f in self.spec.pass_fields}, self.temperature(params))
 
     def value_and_grad(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> tuple[
             tuple[jax.Array, dict], Any]:
-        """((loss, metrics), grads), by gradient caching (mlret/gradcache.py) if config.train.grad_cache_chunk > 0."""
-        chunk = int(self.config.train.grad_cache_chunk)
+        """((loss, metrics), grads), by gradient caching (mlret/gradcache.py) if config.train.grad_cache_chunk > 0:
+        only the encoded fields are chunked, the loss gets the whole batch's passed-through fields."""
+        chunk = self.spec.grad_cache_chunk
         if chunk > 0:
             return gradcache.value_and_grad(
-                self.embed, self.embedding_loss, params, batch, chunk=chunk,
-                embed_fields=tuple(f for f in self.batch_shardings if f != "unit_id"), mesh=self.mesh,
-                batch_axes=parallel.batch_axes(self.rules, self.mesh), grad_shardings=self.state_shardings["params"],
-                pairs=batch["unit_id"].shape[0])
+                self.embed, self.embedding_loss, params, batch, chunk=chunk, embed_fields=self.spec.encode_fields,
+                mesh=self.mesh, batch_axes=parallel.batch_axes(self.rules, self.mesh),
+                grad_shardings=self.state_shardings["params"],
+                pairs=self.spec.global_batch if self.spec.packing else None)  # padded: the rows of the batch
         return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
 
     def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -240,10 +286,14 @@ class Trainer:
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's slice of the batch -> global arrays (only the fields the step reads), packed on the
         host first with config.data.packing (mlret.data.packing: one piece per shard and gradient-cache chunk)."""
-        if self.config.data.packing:
+        if self.spec.packing:
             local = packing.pack_batch(local, self.packing_layout(), first_shard=self._first_shard(),
-                                       global_pairs=int(self.config.data.global_batch), agree=_max_over_processes)
+                                       global_pairs=self.spec.global_batch, agree=_max_over_processes)
             self.batch_shapes.add((local["query_ids"].shape, local["passage_ids"].shape))
+        missing = [k for k in self.batch_shardings if k not in local]
+        if missing:
+            raise KeyError(f"the batch has no field(s) {', '.join(missing)}, which the loss ({self.spec.loss.terms}) "
+                           f"reads; it has {', '.join(local)}")
         return parallel.make_global_batch({k: local[k] for k in self.batch_shardings}, self.mesh, self.rules)
 
     @property
@@ -252,14 +302,14 @@ class Trainer:
         return max(1, len(self.batch_shapes))
 
     def packing_layout(self) -> packing.Layout:
-        chunk = int(self.config.train.grad_cache_chunk)
+        chunk = self.spec.grad_cache_chunk
         return packing.Layout(shards=parallel.data_parallel_size(self.rules, self.mesh),
-                              chunks=int(self.config.data.global_batch) // chunk if chunk else 1,
-                              rows_multiple=int(self.config.data.packing_rows_multiple))
+                              chunks=self.spec.global_batch // chunk if chunk else 1,
+                              rows_multiple=self.spec.packing_rows_multiple)
 
     def _first_shard(self) -> int:
         """The first data-parallel shard of the batch that this process's devices hold."""
-        b = int(self.config.data.global_batch)
+        b = self.spec.global_batch
         sharding = NamedSharding(self.mesh, parallel.batch_spec(self.rules, self.mesh))
         first_row = min(idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((b,)).values())
         return first_row // (b // parallel.data_parallel_size(self.rules, self.mesh))
@@ -273,6 +323,7 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
 
     Raises `parallel.ShardingError` when a large weight would end up replicated although the rules shard it.
     """
+    spec = step_spec(config)
     rules = parallel.parse_rules(config.mesh.rules)
     graphdef, params_state, rest = split_model(model)
     replicated = NamedSharding(mesh, P())
@@ -281,8 +332,8 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
     param_logical = nnx.to_pure_dict(jax.tree.map(
         parallel.variable_logical_axes, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     params: Params = {"model": nnx.to_pure_dict(params_state)}
-    if config.loss.learnable_temperature:
-        params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
+    if spec.loss.learnable_temperature:
+        params["log_temperature"] = jnp.log(jnp.float32(spec.loss.temperature))
         param_shardings["log_temperature"] = replicated
     abstract_params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), params,
                                    param_shardings)
@@ -294,11 +345,11 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
                        "rng": replicated, "nonfinite_in_row": replicated, "nonfinite_total": replicated}
     batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
-    fields = PACKED_FIELDS if config.data.packing else BATCH_FIELDS
-    trainer = Trainer(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=jax.device_put(rest, replicated),
-                      tx=tx, schedule=schedule, state_shardings=state_shardings,
-                      batch_shardings={k: batch_sharding for k in fields}, param_logical=param_logical,
-                      abstract_params=abstract_params)
+    setup = losses.LossSetup(gather=spec.loss.gather, mesh=mesh, batch_axes=parallel.batch_axes(rules, mesh))
+    trainer = Trainer(spec=spec, loss=losses.build(spec.loss, setup), mesh=mesh, rules=rules, graphdef=graphdef,
+                      rest=jax.device_put(rest, replicated), tx=tx, schedule=schedule,
+                      state_shardings=state_shardings, batch_shardings={k: batch_sharding for k in spec.batch_fields},
+                      param_logical=param_logical, abstract_params=abstract_params)
     return trainer, jax.device_put(params, param_shardings)
 
 

@@ -270,3 +270,139 @@ def test_gradient_cached_equals_single_device(dist, name):
         _embed, _loss(opts, "shard_map", mesh), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
         batch_axes=("data",)))(params, placed)
     _close(got, _single_device(params, feats, opts))
+
+
+# ------------------------------------------------------------------------------------------- the loss registry
+
+
+def test_config_selects_the_contrastive_family_and_keeps_the_older_field_names():
+    """config.loss.terms names the family; the older flat names (configs, checkpoints, the study's run files) are
+    the same fields as the section's, and a checkpoint's saved config from before the registry still works."""
+    from mlret import losses
+    from mlret.checkpoint import config_from_dict
+
+    c = default_config()
+    assert c.loss.terms == "contrastive" and "contrastive" in losses.names()
+    c.loss.symmetric, c.loss.contrastive.vrn_weight = True, 0.3
+    assert c.loss.contrastive.symmetric and c.loss.vrn_weight == 0.3
+    c.loss.update({"in_batch_positives": False, "vrn_instances": 1000})  # the study's loss rows do this
+    (term,) = losses.spec(c.loss).terms
+    assert term == losses.TermSpec("contrastive", 1.0, LossOptions(symmetric=True, in_batch_positives=False,
+                                                                   vrn_weight=0.3, vrn_delta=vrn_delta(1000)))
+    saved = default_config().to_dict()
+    del saved["loss"]["contrastive"], saved["loss"]["terms"]  # a config saved before the registry
+    saved["loss"].update(symmetric=True, within_view=True)
+    options = losses.spec(config_from_dict(saved).loss).terms[0].options
+    assert options.symmetric and options.within_view
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("terms", "contrastive,nope", r"config.loss.terms: 'nope' is not a registered loss family \(contrastive"),
+    ("terms", " , ", "config.loss.terms: empty"),
+    ("terms", "contrastive,contrastive", "config.loss.terms: .* names a family twice"),
+    ("contrastive.weight", 0.0, "config.loss.contrastive.weight: 0.0 must be a positive number"),
+    ("contrastive.vrn_power", 0.0, "config.loss.contrastive.vrn_power: 0.0 must be positive"),
+    ("vrn_instances", 1, "config.loss.contrastive.vrn_instances: 1 must be 0"),
+    ("gather", "all_to_all", "config.loss.gather: 'all_to_all' is not one of constraint, shard_map"),
+])
+def test_bad_loss_fields_are_refused_naming_the_field(field, value, message):
+    from mlret.config import apply_overrides, validate
+    from mlret.errors import ConfigError
+
+    c = default_config()
+    apply_overrides(c, [f"loss.{field}={value}"])
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def _teacher_mse_family():
+    """A loss family defined here, as a newcomer would: the squared error between the student's scores q . p of
+    each pair's passages and a teacher's, a batch field the family declares (issue 28's distillation shape)."""
+    import ml_collections
+
+    from mlret.losses import LossFamily
+
+    def defaults():
+        s = ml_collections.ConfigDict()
+        s.scale = 1.0
+        return s
+
+    def validate(s, ctx):
+        if s.scale <= 0:
+            raise ctx.fail("scale", f"{s.scale} must be positive")
+
+    def build(options, setup):
+        def term(emb, fields, temperature):
+            assert set(emb) == {"query", "passage"} and set(fields) == {"teacher_scores"}  # exactly what it declares
+            student = jnp.einsum("bd,bgd->bg", emb["query"], emb["passage"])
+            loss = options * jnp.mean((student - fields["teacher_scores"]) ** 2)
+            return loss, {"loss": loss, "student_mean": jnp.mean(student)}
+        return term
+
+    return LossFamily("teacher_mse", defaults, lambda s, loss: float(s.scale), build,
+                      lambda scale: f"teacher MSE x{scale:g}", validate, fields=("teacher_scores",))
+
+
+@pytest.fixture()
+def teacher_mse():
+    from mlret import losses
+
+    family = losses.register(_teacher_mse_family())
+    try:
+        yield family
+    finally:
+        losses.unregister(family.name)
+
+
+def test_terms_are_summed_with_their_weights_and_get_only_their_fields(batch, teacher_mse):
+    from mlret import losses
+    from mlret.config import validate
+    from mlret.errors import ConfigError
+
+    q, p, unit = batch
+    teacher = np.random.default_rng(5).normal(size=p.shape[:2]).astype(np.float32)
+    c = default_config()
+    c.loss.terms = "contrastive,teacher_mse"
+    c.loss.symmetric, c.loss.teacher_mse.weight, c.loss.teacher_mse.scale = True, 0.25, 2.0
+    validate(c)
+    spec = losses.spec(c.loss)
+    assert losses.embeddings(spec) == ("query", "passage") and losses.fields(spec) == ("unit_id", "teacher_scores")
+    fn = losses.build(spec, losses.LossSetup())
+    loss, metrics = fn({"query": q, "passage": p}, {"unit_id": unit, "teacher_scores": teacher}, 0.07)
+    want = (reference_loss(q, p, unit, tau=0.07, opts=LossOptions(symmetric=True))
+            + 0.25 * 2.0 * np.mean((np.einsum("bd,bgd->bg", q.astype(np.float64), p) - teacher) ** 2))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert float(metrics["loss"]) == float(loss)
+    assert {"loss_contrastive", "loss_teacher_mse", "accuracy", "student_mean", "loss_p2q"} <= set(metrics)
+    assert "teacher MSE x2" in losses.describe(spec) and "0.25 x " in losses.describe(spec)
+    c.loss.teacher_mse.scale = -1.0
+    with pytest.raises(ConfigError, match="config.loss.teacher_mse.scale: -1.0 must be positive"):
+        validate(c)
+
+
+def test_step_passes_declared_fields_and_gradient_caching_encodes_only_the_encoded_ones(teacher_mse):
+    """A loss reading a per-passage teacher score trains through the real step: the step hands it the field,
+    gradient caching chunks only the token fields and still equals the plain step."""
+    from scale_helpers import max_abs_diff, tiny_batch, tiny_config, tiny_model
+
+    from mlret.step import build_train_step
+
+    batch = tiny_batch()
+    batch["teacher_scores"] = np.random.default_rng(1).normal(size=batch["unit_id"].shape + (3,)).astype(np.float32)
+    got = {}
+    for chunk in (0, 8):
+        c = tiny_config((8, 1, 1), learnable_temperature=True, symmetric=True)
+        c.loss.terms, c.loss.teacher_mse.weight = "contrastive,teacher_mse", 0.5
+        c.train.grad_cache_chunk = chunk
+        t, params = build_train_step(tiny_model(), c, parallel.make_mesh(c.mesh))
+        assert t.spec.pass_fields == ("unit_id", "teacher_scores")
+        assert t.spec.encode_fields == ("query_ids", "query_mask", "passage_ids", "passage_mask")
+        (loss, metrics), grads = t.grad_fn()(params, t.global_batch(batch))
+        got[chunk] = float(loss), float(metrics["loss_teacher_mse"]), jax.device_get(grads)
+    (plain, plain_mse, plain_grads), (cached, cached_mse, cached_grads) = got[0], got[8]
+    assert plain_mse > 1e-2 and abs(cached_mse - plain_mse) < 1e-5
+    assert abs(cached - plain) <= 1e-5 * max(1.0, abs(plain))
+    assert max_abs_diff(cached_grads, plain_grads) <= 1e-4
+    del batch["teacher_scores"]
+    with pytest.raises(KeyError, match="no field.*teacher_scores"):
+        t.global_batch(batch)

@@ -56,8 +56,10 @@ def _trainer(config, devices=None):
 
 
 def _embed(built, batch):
+    """(query embeddings, passage embeddings)."""
     trainer, params = built
-    return jax.device_get(jax.jit(trainer.embed)(params, trainer.global_batch(batch)))
+    emb = jax.device_get(jax.jit(trainer.embed)(params, trainer.global_batch(batch)))
+    return emb["query"], emb["passage"]
 
 
 def _grads(built, batch):

@@ -105,7 +105,7 @@ def test_plan_is_seed_major_and_starts_with_zero_shot(study):
 def test_loss_rows_are_configs_the_trainer_accepts(study):
     """Every loss row, on the CPU base and under the GPU preset, is a valid config with the loss it names."""
     from mlret.config import load_config_module, validate
-    from mlret.step import loss_options
+    from mlret import losses
 
     gpu = load_config_module(REPO / "configs" / "study.py").GPU_OVERRIDES
     for loss in study.LOSS_NAMES:
@@ -113,7 +113,7 @@ def test_loss_rows_are_configs_the_trainer_accepts(study):
         config = study.load_config("me5", ["train.steps=3"], loss)
         validate(config)
         assert config.train.steps == 3
-        opts = loss_options(config.loss)
+        opts = losses.spec(config.loss).terms[0].options
         assert opts.in_batch_positives == (loss != "eq1") and opts.symmetric == (loss in ("symmetric", "vrn"))
         assert (opts.vrn_weight > 0) == (loss == "vrn")
 

@@ -78,7 +78,7 @@ def test_export_at_the_end_of_training(random_bert_path, shared_data, tmp_path, 
 
 def assert_card_is_complete(card: str, c, result) -> None:
     """The model card of a trained run carries what a user of the exported folder needs (issue 19, item 3)."""
-    from mlret.card import SOURCE_LICENCES
+    from mlret.data.kinds import KINDS
     from mlret.data.sources import parse_sources
     from mlret.eval.report import comparison
 
@@ -92,7 +92,7 @@ def assert_card_is_complete(card: str, c, result) -> None:
     # Training configuration: start model, every source with its licence, alpha, loss, steps, batch, lengths.
     assert f"`{c.model.name}`" in card
     for spec in parse_sources(c):
-        assert f"| {spec.name} |" in card and SOURCE_LICENCES[spec.name] in card
+        assert f"| {spec.name} |" in card and KINDS[spec.name].licence in card
     assert f"α = {c.data.alpha:g}" in card and f"temperature {c.loss.temperature:g}" in card
     assert f"| steps | {c.train.steps} |" in card and f"| global batch | {c.data.global_batch} pairs" in card
     assert f"query {c.data.query_len}, passage {c.data.passage_len} tokens" in card

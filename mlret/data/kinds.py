@@ -2,12 +2,13 @@
 
 A record says everything mlret needs to know of a kind: its languages, its default upstream split, the extra
 keys a `config.data.sources` entry of it may carry, the local files the pre-flight looks for, where the public
-copy comes from (`origin`), and its reader. A reader gets a `ReadRequest` (what to read) and a `Files` (where the
-files are) and names each file it needs once, with its public name and its public URL: `LocalFiles` finds the name
-anywhere below a local folder, `Downloads` fetches the URL through a TFDS download manager. So the local layout and
-the download of a kind are one piece of code. A new kind is a reader here (or in a module of its own) plus one
-`register(SourceKind(...))` line; `mlret.data.sources` validates entries against the registry and the TFDS
-builder `mlret_units` (`mlret.data.tfds_builders`) prepares any registered kind.
+copy comes from (`origin`), the licence of its data (which the model card states), and its reader. A reader gets
+a `ReadRequest` (what to read) and a `Files` (where the files are) and names each file it needs once, with its
+public name and its public URL: `LocalFiles` finds the name anywhere below a local folder, `Downloads` fetches the
+URL through a TFDS download manager. So the local layout and the download of a kind are one piece of code. A new
+kind is a reader here (or in a module of its own) plus one `register(SourceKind(...))` line; `mlret.data.sources`
+validates entries against the registry and the TFDS builder `mlret_units` (`mlret.data.tfds_builders`) prepares
+any registered kind.
 
 This module imports nothing heavy (no TFDS, no jax).
 """
@@ -121,6 +122,10 @@ class SourceKind:
     needs_path: bool = False  # no public download: the entry must name a local path
     # Why the values of an entry's `options` cannot work (None: they can); part of `mlret.config.validate`.
     check: Callable[[Mapping[str, Any]], str | None] = lambda options: None
+    # The licence of the kind's data, as the model card of a model trained on it states it. Required: an entry of
+    # a kind without one is refused by `mlret.config.validate` (config.data.sources[i].name).
+    licence: str = ""
+    non_commercial: bool = False  # the data is for non-commercial research only: the card says so up front
 
 
 KINDS: Registry[SourceKind] = Registry("source kind")
@@ -300,17 +305,24 @@ def _read_jsonl(req: ReadRequest, files: Files, bad: BadRecords) -> list[Paralle
 
 for _kind in (
     SourceKind("xquad_r", _read_lareqa, datasets.XQUAD_R.origin, datasets.XQUAD_R.languages,
-               local_files=_lareqa_names),
-    SourceKind("mlqa_r", _read_lareqa, datasets.MLQA_R.origin, datasets.MLQA_R.languages, local_files=_lareqa_names),
+               local_files=_lareqa_names, licence="CC BY-SA 4.0"),
+    SourceKind("mlqa_r", _read_lareqa, datasets.MLQA_R.origin, datasets.MLQA_R.languages, local_files=_lareqa_names,
+               licence="CC BY-NC 4.0 (non-commercial research only; MLQA dev, withdrawn upstream)",
+               non_commercial=True),
     SourceKind("mlqa", _read_mlqa, datasets.MLQA.origin, datasets.MLQA.languages, split="dev", options=("passage",),
-               check=_check_passage),
+               check=_check_passage, licence="CC BY-SA 3.0"),
     SourceKind("squad_translate", _read_squad_translate, datasets.SQUAD_TRANSLATE.origin,
-               datasets.SQUAD_TRANSLATE.languages, options=("passage", "id_pattern"), check=_check_squad_translate),
+               datasets.SQUAD_TRANSLATE.languages, options=("passage", "id_pattern"), check=_check_squad_translate,
+               licence="CC BY-SA 4.0 (SQuAD); check the translation's own terms"),
     SourceKind("mmarco", _read_mmarco, datasets.MMARCO.origin, datasets.MMARCO.languages, options=("max_units",),
-               check=_check_mmarco),
-    SourceKind("tydiqa_goldp", _read_tydiqa_goldp, datasets.TYDIQA_GOLDP.origin, datasets.TYDIQA_GOLDP.languages),
-    SourceKind("miracl", _trec_reader(_miracl_files), datasets.MIRACL.origin, datasets.MIRACL.languages),
-    SourceKind("mrtydi", _trec_reader(_mrtydi_files), datasets.MRTYDI.origin, datasets.MRTYDI.languages),
-    SourceKind("jsonl", _read_jsonl, "your own parallel units (docs/architecture.md, 'Data')", needs_path=True),
+               check=_check_mmarco, licence="MS MARCO terms (non-commercial research only)", non_commercial=True),
+    SourceKind("tydiqa_goldp", _read_tydiqa_goldp, datasets.TYDIQA_GOLDP.origin, datasets.TYDIQA_GOLDP.languages,
+               licence="Apache-2.0"),
+    SourceKind("miracl", _trec_reader(_miracl_files), datasets.MIRACL.origin, datasets.MIRACL.languages,
+               licence="Apache-2.0"),
+    SourceKind("mrtydi", _trec_reader(_mrtydi_files), datasets.MRTYDI.origin, datasets.MRTYDI.languages,
+               licence="Apache-2.0"),
+    SourceKind("jsonl", _read_jsonl, "your own parallel units (docs/architecture.md, 'Data')", needs_path=True,
+               licence="your own data: not known to mlret, state it here"),
 ):
     register(_kind)

@@ -55,6 +55,9 @@ def parse_source(entry: Any, data_dir: str = "", *, field: str = "config.data.so
     if name not in KINDS:
         raise ValueError(f"{field}.name: {name!r} is not a source kind ({', '.join(KINDS)})")
     kind = KINDS[name]
+    if not kind.licence:
+        raise ValueError(f"{field}.name: the source kind {name!r} has no licence (SourceKind.licence, which the model "
+                         "card states); register it with licence=\"...\"")
     extra = set(m) - set(_BASE_KEYS) - set(kind.options)
     if extra:
         raise ValueError(f"{field}: unknown key(s) {sorted(extra)} for {name} (allowed: "

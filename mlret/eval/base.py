@@ -112,7 +112,8 @@ class EvaluatorSpec:
     - `files(evaluator)`: the local files it will read, for the pre-flight (`mlret.preflight`), `files_field`
       the config field(s) that point at them and `origin` where their public copy comes from;
     - `data_subdir`: the folder under `config.data.data_dir` used when the section's `data_dir` is empty
-      ("" when the evaluator has no `data_dir` field).
+      ("" when the evaluator has no `data_dir` field);
+    - `protocol`: how it scores, in a sentence or two (the model card's text above its table; "" says none).
     """
 
     name: str
@@ -123,6 +124,7 @@ class EvaluatorSpec:
     files_field: str = "data_dir (default: config.data.data_dir/...)"
     origin: str = ""
     data_subdir: str = ""
+    protocol: str = ""
 
 
 def embed(fn, texts: Sequence[str], what: str) -> np.ndarray:

@@ -366,7 +366,16 @@ def _spec(name: str, dataset: datasets.Dataset, subdir: str) -> EvaluatorSpec:
                                retrieval=RetrievalOptions.from_config(ctx.config.eval.retrieval))
 
     return EvaluatorSpec(name, _defaults, build, validate, data_subdir=subdir, origin=dataset.origin,
-                         files=lambda ev: [os.path.join(ev.data_dir, f"{lang}.json") for lang in ev.languages])
+                         files=lambda ev: [os.path.join(ev.data_dir, f"{lang}.json") for lang in ev.languages],
+                         protocol=PROTOCOL)
+
+
+# The model card's text above the evaluator's table.
+PROTOCOL = ("LAReQA answer-sentence retrieval: every question ranks candidate sentences; **mono** = the question's own "
+            "language, **cross** = one other language (macro-averaged over targets), **multi** = the pool of all "
+            "languages, where the answer sentence in every language is relevant. Exact search; mAP over the full "
+            "ranking; rank distance = in the multilingual pool, the gap between the best- and worst-ranked relevant "
+            "answers of a question (language bias, lower is better).")
 
 
 EVALUATORS = (

@@ -117,4 +117,6 @@ def _files(ev: TatoebaEvaluator) -> list[str]:
 
 
 EVALUATORS = (EvaluatorSpec("tatoeba", _defaults, _build, _validate, _files, data_subdir=os.path.join("tatoeba", "v1"),
-                            origin=datasets.TATOEBA.origin),)
+                            origin=datasets.TATOEBA.origin,
+                            protocol="Tatoeba bitext retrieval: accuracy of finding the translation, xx->en and "
+                                     "en->xx, macro-averaged over languages."),)

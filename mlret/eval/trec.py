@@ -194,7 +194,11 @@ def _spec(name: str, dataset: datasets.Dataset) -> EvaluatorSpec:
                              retrieval=RetrievalOptions.from_config(ctx.config.eval.retrieval))
 
     return EvaluatorSpec(name, _defaults, build, _validate, _files, data_subdir=name, origin=dataset.origin,
-                         files_field=f"data_dir / config.eval.{name}.corpus")
+                         files_field=f"data_dir / config.eval.{name}.corpus", protocol=PROTOCOL)
+
+
+# The model card's text above the evaluator's table.
+PROTOCOL = "Passage retrieval against the topics' qrels: nDCG@10, recall@100, MRR@100 (trec_eval conventions)."
 
 
 EVALUATORS = (

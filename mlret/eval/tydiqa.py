@@ -195,4 +195,5 @@ def _build(sec: ml_collections.ConfigDict, ctx: EvalContext) -> TydiQAEvaluator:
 
 
 EVALUATORS = (EvaluatorSpec("tydiqa", _defaults, _build, _validate, files=lambda ev: [ev.path], files_field="path",
-                            origin=datasets.TYDIQA.origin),)
+                            origin=datasets.TYDIQA.origin,
+                            protocol="TyDi QA passage selection: MRR and accuracy@1 of the annotated passage."),)

@@ -1,4 +1,5 @@
-"""Contrastive losses for dual encoders: pure functions of embeddings.
+"""The contrastive loss family (`config.loss.terms = "contrastive"`, section `config.loss.contrastive`): Eq. 1,
+InfoNCE, the symmetric forms and VRN, as pure functions of embeddings, and its `LossFamily` record (`LOSS`).
 
 The loss is taken over the **global** batch (t5x_retrieval's in-batch softmax): each query is scored against the
 passages of the batch, laid out `[B, G]` (index 0 of pair `i` is its positive, 1..G-1 its hard negatives) and
@@ -17,10 +18,12 @@ denominator is the variant:
 One mask holds in every variant and every direction: a column of *another* pair with the same `unit_id` (a
 translation of the same QA item, or the item drawn twice) is never a negative, passages and queries alike.
 
-Nothing here knows about models, data or meshes. The only distribution hook is `score_sharding`: the train step
-passes a sharding that keeps each score matrix split on its row axis, so each device holds `B/devices x B*G`
-scores and only embeddings travel (`sharded_contrastive_loss` does the same with an explicit `all_gather` under
-`shard_map`). Everything is computed in float32 whatever the encoder's compute dtype.
+The math knows nothing of models or data. Its only distribution hook is `score_sharding`: the term the record
+builds (`LOSS.build`, for the step's mesh) passes a sharding that keeps each score matrix split on its row axis,
+so each device holds `B/devices x B*G` scores and only embeddings travel, or, with `config.loss.gather =
+"shard_map"`, calls `sharded_contrastive_loss`, which does the same with an explicit `all_gather` under
+`shard_map`. Everything is computed in float32 whatever the encoder's compute dtype. The term reads the query
+and passage embeddings and the batch's `unit_id`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mlret.losses.base import LossContext, LossFamily, LossSetup, Term
 
 Metrics = dict[str, jax.Array]
 
@@ -215,3 +222,71 @@ def sharded_contrastive_loss(
     sums = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, P()), out_specs=P(),
                          check_vma=False)(query_emb, passage_emb, unit_id, temperature)
     return _combine(sums, n, options, temperature)
+
+
+# ------------------------------------------------------------------------------------------- the family record
+
+
+def _defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.symmetric = False  # add the passage -> query direction
+    # True: InfoNCE with in-batch negatives (every passage of the batch). False: Eq. 1 of arXiv 2408.10536 as
+    # written (own positive + the hard negatives of every pair; other pairs' positives left out).
+    s.in_batch_positives = True
+    s.within_view = False  # arXiv 2506.09781's query-query (and, symmetric, passage-passage) negatives
+    # VRN (arXiv 2506.09781): vrn_weight * mean over negative pairs of |cos - delta|^vrn_power (0: off), with
+    # delta = -1/(k-1) for k = vrn_instances training instances, or vrn_delta when vrn_instances = 0.
+    s.vrn_weight = 0.0
+    s.vrn_power = 2.0
+    s.vrn_instances = 0
+    s.vrn_delta = 0.0
+    return s
+
+
+def _validate(s: ml_collections.ConfigDict, ctx: LossContext) -> None:
+    if s.vrn_weight < 0:
+        raise ctx.fail("vrn_weight", f"{s.vrn_weight} must be >= 0 (0: no VRN term)")
+    if s.vrn_power <= 0:
+        raise ctx.fail("vrn_power", f"{s.vrn_power} must be positive")
+    if s.vrn_instances != 0 and s.vrn_instances < 2:
+        raise ctx.fail("vrn_instances", f"{s.vrn_instances} must be 0 (use vrn_delta) or >= 2 (delta = -1/(k-1))")
+
+
+def _options(s: ml_collections.ConfigDict, loss: Any) -> LossOptions:
+    """The section -> the variant (δ = −1/(k−1) when vrn_instances = k, else vrn_delta)."""
+    delta = vrn_delta(int(s.vrn_instances)) if s.vrn_instances else float(s.vrn_delta)
+    return LossOptions(symmetric=bool(s.symmetric), in_batch_positives=bool(s.in_batch_positives),
+                       within_view=bool(s.within_view), vrn_weight=float(s.vrn_weight), vrn_delta=delta,
+                       vrn_power=float(s.vrn_power))
+
+
+def _build(options: LossOptions, setup: LossSetup) -> Term:
+    """The term on `setup`'s mesh: passages gathered by a row-sharding constraint on the scores, or explicitly
+    under shard_map (`setup.gather`); without a mesh, the plain single-device loss."""
+
+    def term(emb: Any, fields: Any, temperature: Any) -> tuple[jax.Array, Metrics]:
+        q, p, unit = emb["query"], emb["passage"], fields["unit_id"]
+        if setup.mesh is not None and setup.gather == "shard_map":
+            return sharded_contrastive_loss(q, p, unit, mesh=setup.mesh, batch_axes=setup.batch_axes,
+                                            temperature=temperature, options=options)
+        # Queries stay where their rows are; XLA gathers the passage embeddings to every device.
+        sharding = NamedSharding(setup.mesh, P(setup.batch_axes, None)) if setup.mesh is not None else None
+        return contrastive_loss(q, p, unit, temperature=temperature, options=options, score_sharding=sharding)
+
+    return term
+
+
+def _describe(o: LossOptions) -> str:
+    negatives = (", in-batch negatives" if o.in_batch_positives
+                 else ", Eq. 1 of 2408.10536 (every pair's hard negatives)")
+    return ("contrastive (InfoNCE)" + (", symmetric" if o.symmetric else "") + negatives
+            + (", within-view negatives" if o.within_view else "")
+            + (f", VRN λ={o.vrn_weight:g} p={o.vrn_power:g} δ={o.vrn_delta:.4g}" if o.vrn_weight else ""))
+
+
+LOSS = LossFamily(
+    "contrastive", _defaults, _options, _build, _describe, _validate, embeddings=("query", "passage"),
+    fields=("unit_id",),
+    # config.loss.<field> before the loss registry (configs, checkpoints and the study's run files use them).
+    aliases=("symmetric", "in_batch_positives", "within_view", "vrn_weight", "vrn_power", "vrn_instances",
+             "vrn_delta"))
