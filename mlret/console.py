@@ -28,6 +28,10 @@ from mlret.eval.report import comparison, summaries_from_flat
 
 LOG_FILE = "train.log"
 HEATMAP_METRIC = "map"
+# Below this many scored queries an evaluator is a schema check, not a result: the standard error of a mean
+# reciprocal rank over n queries is about 0.4 / sqrt(n) (0.16 for the 6 scored questions of the offline TyDi QA
+# sample, 0.04 at 100), so its zero-shot -> trained change is noise. Its table is replaced by one line saying so.
+SCHEMA_CHECK_BELOW = 100
 
 
 class _OwnWarnings(logging.Filter):
@@ -58,17 +62,24 @@ def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> ep
     copy by `upload_log()` at the end of the run; a killed process, or one stopped by the pre-flight, leaves it in
     the local mirror only (nothing touches the bucket before the pre-flight has checked it).
     """
-    from absl import logging as absl_logging
-
     path = storage.path(workdir, "config.workdir") / LOG_FILE
     local = storage.local_mirror(path) if storage.is_gcs(path) else path
     local.parent.mkdir(parents=True, exist_ok=True)
     if local != path:
         local.write_text("")  # this process's lines only: they are appended to the bucket's log at exit
         _TO_UPLOAD.append((local, path))
-    to_file = logging.FileHandler(os.fspath(local), encoding="utf-8")
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    route_logging(local, level)
+    return path
+
+
+def route_logging(log_file: str | os.PathLike[str] | None, level: str = "warning") -> None:
+    """Every logger to the local file `log_file` (INFO+; None: no file) and the terminal to `level`: "warning"
+    shows mlret's own warnings and errors only, "info" (`--verbose`) every library's INFO and above. What
+    `setup_logging` does for a run directory, and what `mlret.evaluate`, `mlret.export` and `mlret.mine` do
+    for the log file beside their output. Call it before transformers is first imported: its import-time
+    advice ("PyTorch was not found ...") is printed by its own handler."""
+    from absl import logging as absl_logging
+
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if level == "warning":
@@ -79,7 +90,12 @@ def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> ep
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(to_file)
+    if log_file is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(log_file))), exist_ok=True)
+        to_file = logging.FileHandler(os.fspath(log_file), encoding="utf-8")
+        to_file.setLevel(logging.INFO)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(to_file)
     root.addHandler(terminal)
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -94,7 +110,6 @@ def setup_logging(workdir: str | os.PathLike[str], level: str = "warning") -> ep
     hf_logging.enable_propagation()
     # Python warnings (deprecations from libraries) are log records too, so they follow the same routing.
     logging.captureWarnings(True)
-    return path
 
 
 def peak_memory_bytes() -> int:
@@ -106,6 +121,23 @@ def peak_memory_bytes() -> int:
 def _fmt_seconds(s: float) -> str:
     m, sec = divmod(int(round(s)), 60)
     return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
+def sample_sizes(results: Mapping[str, Any]) -> dict[str, int]:
+    """{evaluator: scored queries} of `mlret.eval.EvalResult`s: the most rows of any of its per-query settings
+    (LAReQA's mono setting holds every language's questions; TyDi QA only the examples with a gold passage)."""
+    out = {}
+    for name, result in results.items():
+        sizes = [len(pq.ids) for pq in (getattr(result, "per_query", None) or {}).values()]
+        if sizes:
+            out[name] = max(sizes)
+    return out
+
+
+def schema_check(name: str, sizes: Mapping[str, int] | None) -> str | None:
+    """"tydiqa: schema check, 6 queries" when `name` scored fewer than SCHEMA_CHECK_BELOW queries, else None."""
+    n = (sizes or {}).get(name)
+    return f"{name}: schema check, {n} queries" if n is not None and n < SCHEMA_CHECK_BELOW else None
 
 
 def _eval_digest(name: str, summary: Mapping[str, float]) -> str:
@@ -132,16 +164,25 @@ class Console:
         if self.enabled:
             print(text, file=self.stream or sys.stdout, flush=True)
 
-    def evaluation(self, step: int, results: Mapping[str, Mapping[str, Any]], seconds: float) -> None:
+    def evaluation(self, step: int, results: Mapping[str, Mapping[str, Any]], seconds: float,
+                   sizes: Mapping[str, int] | None = None) -> None:
+        """One line: a digest per evaluator; one whose sample is too small (`sizes`: scored queries by
+        evaluator, `sample_sizes`) is named as the schema check it is."""
         label = "zero-shot (step 0)" if step == 0 else f"step {step}"
         self.print(f"eval {label} ({seconds:.0f} s): "
-                   + "; ".join(_eval_digest(name, block["summary"]) for name, block in results.items()))
+                   + "; ".join(schema_check(name, sizes) or _eval_digest(name, block["summary"])
+                               for name, block in results.items()))
 
     def final(self, results: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, float]] | None,
-              workdir: str | os.PathLike[str], *, heatmap: str | None = None) -> str:
-        """The end-of-run report: one table per benchmark, the heatmap's path, wall time and peak memory."""
+              workdir: str | os.PathLike[str], *, heatmap: str | None = None,
+              sizes: Mapping[str, int] | None = None) -> str:
+        """The end-of-run report: one table per benchmark, the heatmap's path, wall time and peak memory. A
+        benchmark that scored fewer than SCHEMA_CHECK_BELOW queries (`sizes`) gets one line instead of a table."""
         lines = []
         for name, block in results.items():
+            if small := schema_check(name, sizes):
+                lines += [f"{small} (too few for its numbers to mean anything; they are in metrics.jsonl)", ""]
+                continue
             base = (baseline or {}).get(name)
             lines += [comparison(name, block["summary"], base, step=block.get("step")).text(), ""]
         if not baseline:

@@ -18,16 +18,14 @@ plus "_files").
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlret import storage
+from mlret import cli, storage
 
 _FLAGS: dict[str, Any] = {}
 
@@ -42,6 +40,8 @@ def _define_flags() -> None:
         step=flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)"),
         out=flags.DEFINE_string("out", None, "where to write the results JSON"),
         distributed=flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host runs)"),
+        verbose=flags.DEFINE_bool("verbose", False, "library INFO messages on the terminal too; they always go to "
+                                  "the log file beside --out (F.log)"),
     )
 
 
@@ -84,6 +84,9 @@ def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = Non
         config_lib.validate(config)
     config, model, model_dir, source = load_model(config, hf, checkpoint, step)
     config_lib.validate(config)
+    from mlret.preflight import check_data
+
+    check_data(config, sources=False)  # every evaluation file there, before anything compiles
     evaluators = build_evaluators(config)  # reads nothing yet; fails on a bad field before device work
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.parse_rules(config.mesh.rules)
@@ -112,17 +115,22 @@ def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = Non
 
 def main(argv: list[str]) -> None:
     f = {k: v.value for k, v in _FLAGS.items()}
+    prog = "mlret.evaluate"
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(prog, f"unexpected arguments {argv[1:]}; overrides look like --config.eval.batch_size=64")
     if bool(f["hf"]) == bool(f["checkpoint"]):
-        raise app.UsageError("give exactly one of --hf PATH_OR_ID and --checkpoint RUN_DIR")
+        cli.fail(prog, "give exactly one of --hf PATH_OR_ID and --checkpoint RUN_DIR")
     if f["hf"] and f["config"] is None:
-        raise app.UsageError("--hf needs --config (it says how to pool, normalise and which benchmarks to run)")
+        cli.fail(prog, "--hf needs --config (it says how to pool, normalise and which benchmarks to run)")
     if f["step"] is not None and not f["checkpoint"]:
-        raise app.UsageError("--step goes with --checkpoint")
+        cli.fail(prog, "--step goes with --checkpoint")
     if not f["out"]:
-        raise app.UsageError("--out F.json is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        cli.fail(prog, "--out F.json is required")
+    cli.check_model_folder(prog, "--hf", f["hf"])
+    from mlret.console import route_logging
+
+    log_file = cli.log_path(f["out"])
+    route_logging(log_file, "info" if f["verbose"] else "warning")  # before transformers is imported
     from mlret import parallel
     from mlret.config import default_config
 
@@ -132,12 +140,17 @@ def main(argv: list[str]) -> None:
 
     # The evaluation config's field (a --checkpoint run without --config: the default cache).
     parallel.enable_compilation_cache((f["config"] or default_config()).train.compilation_cache_dir)
-    report = evaluate(f["config"], hf=f["hf"], checkpoint=f["checkpoint"], step=f["step"], out=f["out"])
-    print(format_table({name: EvalResult(block["summary"], step=block["step"])
+    which = f["config"].eval.evaluators if f["config"] is not None else "the run's evaluators"
+    print(f"evaluating {f['hf'] or f['checkpoint']} on {which}" + (f" (log {log_file})" if log_file else "") + " ...",
+          flush=True)
+    with cli.user_errors(prog):  # a missing model folder, checkpoint or data file; a field that cannot work
+        report = evaluate(f["config"], hf=f["hf"], checkpoint=f["checkpoint"], step=f["step"], out=f["out"])
+    print(format_table({name: EvalResult(block["summary"], details=block, step=block["step"])
                         for name, block in report["results"].items()}))
-    print(f"wrote {f['out']}")
+    print(f"wrote {f['out']}" + (f"; log {log_file}" if log_file else ""))
+
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("mlret.evaluate"))

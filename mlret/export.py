@@ -34,15 +34,17 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etils import epath
 from safetensors.numpy import save_file
 
 import mlret
-from mlret import storage
+from mlret import cli, storage
 from mlret.card import PASSAGE_TOWER_DIR, model_card
-from mlret.models import DualEncoder, Encoder, TextTokenizer, encoder_to_tensors
+
+if TYPE_CHECKING:
+    from mlret.models import DualEncoder, Encoder, TextTokenizer
 
 # sentence-transformers' Tanh, by the import path its Dense module accepts without trust_remote_code.
 _TANH = "torch.nn.modules.activation.Tanh"
@@ -105,6 +107,8 @@ def st_transformer_config(tokenizer: TextTokenizer, cfg: Any, lengths: tuple[int
 
 def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: epath.Path,
                   *, role: str, lengths: tuple[int, int] | None, card: Callable[..., str]) -> None:
+    from mlret.models import encoder_to_tensors
+
     out.mkdir(parents=True, exist_ok=True)
     cfg = encoder.cfg
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
@@ -195,52 +199,67 @@ def main(argv: list[str] | None = None) -> int:
                         "file of `python -m mlret.evaluate`: its per-evaluator `summary` block is used)")
     g = parser.add_argument_group("--hf only (defaults: the source folder's sentence-transformers settings, "
                                   "else mlret's config defaults)")
-    g.add_argument("--pooling", choices=("cls", "mean", "pooler"))
+    g.add_argument("--pooling", choices=("cls", "mean", "pooler", "last"))
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--query_prefix")
     g.add_argument("--passage_prefix")
     g.add_argument("--query_len", type=int, help="encode_query's truncation in the export (default: none, the "
                    "source's max_seq_length)")
     g.add_argument("--passage_len", type=int, help="encode_document's truncation (default: none)")
+    parser.add_argument("--verbose", action="store_true", help="library INFO messages on the terminal too; they "
+                        "always go to the log file beside --out (DIR.log)")
     args = parser.parse_args(argv)
+    prog = "mlret.export"
+    from mlret.console import route_logging
+
+    log_file = None
+    if argv is None:  # the command line (an in-process caller, e.g. a test, keeps its own logging)
+        log_file = cli.log_path(args.out)
+        route_logging(log_file, "info" if args.verbose else "warning")  # before transformers is imported
     results = None
     if args.results:
-        results = json.loads(storage.path(args.results, "--results").read_text())
+        with cli.user_errors(prog, "--results"):
+            results = json.loads(storage.path(args.results, "--results").read_text())
         # mlret.evaluate nests {"summary": {evaluator: {metric: value}}, "results": {...full detail...}}.
-        results = results.get("summary", results)
+        results = results.get("summary", results) if isinstance(results, dict) else results
+        if not isinstance(results, dict):
+            cli.fail(prog, f"--results {args.results}: expected the JSON object mlret.evaluate --out writes")
+    cli.check_model_folder(prog, "--hf", args.hf)
+    with cli.user_errors(prog):  # a missing model folder or checkpoint, a value that cannot work
+        out = _export(parser, args, results)
+    print(f"exported to {out}" + (f"; log {log_file}" if log_file else ""))
+    return 0
 
+
+def _export(parser: argparse.ArgumentParser, args: argparse.Namespace,
+            results: dict[str, Any] | None) -> epath.Path:
+    """The export `main` asked for: from a checkpoint or from a Hugging Face folder / hub id."""
     if args.checkpoint:
         if args.step is not None and args.step < 0:
             parser.error("--step must be >= 0")
-        try:
-            from mlret.checkpoint import restore_for_export
-        except ImportError as e:
-            print(f"mlret.export: --checkpoint needs mlret.checkpoint.restore_for_export ({e})", file=sys.stderr)
-            return 2
-        config, model, tokenizer = restore_for_export(args.checkpoint, args.step)
-        out = export_model(model, tokenizer, config.model, args.out, results=results, run_config=config)
-    else:
-        from mlret.config import default_config
-        from mlret.models import load_dual_encoder, resolve_model_dir
+        from mlret.checkpoint import restore_for_export
 
-        config = default_config()
-        model_dir = resolve_model_dir(args.hf)
-        config.model.name = str(model_dir)
-        for key, value in _st_defaults(model_dir).items():
-            config.model[key] = value
-        for key in ("pooling", "normalize", "query_prefix", "passage_prefix"):
-            if getattr(args, key) is not None:
-                config.model[key] = getattr(args, key)
-        for key in ("query_len", "passage_len"):
-            if getattr(args, key) is not None:
-                config.data[key] = getattr(args, key)
-        model, tokenizer = load_dual_encoder(config)
-        config.model.name = args.hf  # the card names what the user asked for, not the cache path
-        # Truncation for encode_query / encode_document only when asked for: an unchanged model stays the same.
-        lengths = ((tokenizer.query_len, tokenizer.passage_len) if args.query_len or args.passage_len else None)
-        out = export_model(model, tokenizer, config.model, args.out, results=results, lengths=lengths)
-    print(f"exported to {out}")
-    return 0
+        config, model, tokenizer = restore_for_export(args.checkpoint, args.step)
+        return export_model(model, tokenizer, config.model, args.out, results=results, run_config=config)
+    from mlret.config import default_config
+    from mlret.models import load_dual_encoder, resolve_model_dir
+
+    config = default_config()
+    model_dir = resolve_model_dir(args.hf)
+    config.model.name = str(model_dir)
+    for key, value in _st_defaults(model_dir).items():
+        config.model[key] = value
+    for key in ("pooling", "normalize", "query_prefix", "passage_prefix"):
+        if getattr(args, key) is not None:
+            config.model[key] = getattr(args, key)
+    for key in ("query_len", "passage_len"):
+        if getattr(args, key) is not None:
+            config.data[key] = getattr(args, key)
+    model, tokenizer = load_dual_encoder(config)
+    config.model.name = args.hf  # the card names what the user asked for, not the cache path
+    # Truncation for encode_query / encode_document only when asked for: an unchanged model stays the same.
+    lengths = ((tokenizer.query_len, tokenizer.passage_len) if args.query_len or args.passage_len else None)
+    return export_model(model, tokenizer, config.model, args.out, results=results, lengths=lengths)
 
 
 if __name__ == "__main__":

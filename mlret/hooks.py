@@ -54,29 +54,42 @@ class NonFiniteStop(Hook):
 class MetricLog(Hook):
     """Every `log_every` steps (and the first and last): one record to `writer` (mlret.metrics_log.MetricWriter:
     metrics.jsonl and TensorBoard) with the steps/s since the last record, and the progress line with the ETA on
-    `console` (mlret.console.Console; None: no line)."""
+    `console` (mlret.console.Console; None: no line). With `evaluation` (the run's `Evaluation` hook) the time
+    its evaluations take is left out of steps/s and the ETA, and the line says how many evaluations are still to
+    run and how long the last one took."""
 
-    def __init__(self, writer: Any, log_every: int, console: Any = None) -> None:
+    def __init__(self, writer: Any, log_every: int, console: Any = None, evaluation: Evaluation | None = None) -> None:
         self.writer = writer
         self.log_every = int(log_every)
         self.console = console
+        self.evaluation = evaluation
         self.progress: Any = None
+        self._excluded = 0.0  # evaluation seconds already left out of the clock
 
     def begin(self, loop: Loop) -> None:
         from mlret.metrics_log import Progress
 
         self.progress = Progress(loop.total, loop.start)  # its clock starts just before the first step
+        # The zero-shot evaluation (Evaluation.begin) ran before the clock started.
+        self._excluded = self.evaluation.seconds if self.evaluation is not None else 0.0
+        if self.console is not None and loop.start < loop.total:  # the first step compiles: a silent minute
+            self.console.print(f"step {loop.start}/{loop.total}: compiling the train step, then training "
+                               f"({loop.total - loop.start} steps) ...")
 
     def metrics(self, loop: Loop, step: int, m: Mapping[str, Any]) -> None:
         if step % self.log_every and step != loop.total and step != loop.start + 1:
             return
+        if self.evaluation is not None:  # evaluations since the last record are not step time
+            self.progress.exclude(self.evaluation.seconds - self._excluded)
+            self._excluded = self.evaluation.seconds
         rate = self.progress.update(step)
         record = {"loss": m["loss"], "batch_type": m["batch_type"], "learning_rate": m["learning_rate"],
                   "steps_per_sec": rate}
         record.update({k: v for k, v in m.items() if k not in record})
         self.writer.write(step, record)
         if self.console is not None:
-            self.console.print(self.progress.line(step, m))
+            note = self.evaluation.pending_note(step, loop.total) if self.evaluation is not None else ""
+            self.console.print(self.progress.line(step, m, note))
 
     def close(self, loop: Loop) -> None:
         self.writer.close()
@@ -114,6 +127,17 @@ class Evaluation(Hook):
         self.console = console
         self.every = int(config.eval.every)
         self.zero_shot: dict[str, dict[str, float]] | None = None
+        self.seconds = 0.0  # wall time of this run's evaluations so far (MetricLog leaves it out of the ETA)
+        self.last_seconds: float | None = None
+
+    def pending_note(self, step: int, total: int) -> str:
+        """What the step line's ETA leaves out: "+ 2 evaluations (next at step 20, the last took 45 s)"."""
+        # A step's evaluation runs after its metrics are handled: at step 20, the evaluation of step 20 is to come.
+        due = [s for s in range(step, total + 1) if s % self.every == 0 or s == total] if self.every > 0 else []
+        if not due:
+            return ""
+        took = f", the last took {self.last_seconds:.0f} s" if self.last_seconds is not None else ""
+        return (f"+ {len(due)} evaluation{'s' if len(due) > 1 else ''} (next at step {due[0]}{took})")
 
     def evaluate(self, loop: Loop, step: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(flat metrics, results) of `loop.state`'s weights, logged and printed as the evaluation of `step`."""
@@ -121,14 +145,23 @@ class Evaluation(Hook):
 
         out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{step}")
                                                   if self.workdir is not None else None)
+        if self.console is not None:  # said before it starts: an evaluation is minutes of silence on a CPU
+            took = f"; the last took {self.last_seconds:.0f} s" if self.last_seconds is not None else ""
+            self.console.print(f"eval {'zero-shot (step 0)' if step == 0 else f'step {step}'}: evaluating "
+                               f"{', '.join(e.name for e in self.evaluators)}{took} ...")
         t0 = time.perf_counter()
         results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"], self.config, step,
                                   out_dir)
         metrics = flat_metrics(results)
         seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.last_seconds = seconds
         log.info("eval at step %d (%.1f s): %s", step, seconds, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if self.console is not None:
-            self.console.evaluation(step, {name: r.block() for name, r in results.items()}, seconds)
+            from mlret.console import sample_sizes
+
+            self.console.evaluation(step, {name: r.block() for name, r in results.items()}, seconds,
+                                    sizes=sample_sizes(results))
         return metrics, results
 
     def run(self, loop: Loop, write: bool = True) -> None:

@@ -133,13 +133,20 @@ class Progress:
         self._mark_step, self._mark_time = step, now
         return self.rate
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of wall time that went to something other than steps (an evaluation) out of steps/s
+        and the ETA."""
+        self._mark_time += max(0.0, float(seconds))
+
     def eta(self, step: int) -> str:
         if not math.isfinite(self.rate) or self.rate <= 0:
             return "?"
         return str(datetime.timedelta(seconds=round((self.total - step) / self.rate)))
 
-    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    def line(self, step: int, metrics: Mapping[str, Any], note: str = "") -> str:
+        """The progress line; `note` follows the ETA (e.g. the evaluations still to run, which it leaves out)."""
         loss = metrics.get("loss", float("nan"))
         rate = f"{self.rate:.2f}" if math.isfinite(self.rate) else "-"
         return (f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%)  loss {float(loss):.4f}  "
-                f"lr {float(metrics.get('learning_rate', float('nan'))):.3g}  {rate} steps/s  ETA {self.eta(step)}")
+                f"lr {float(metrics.get('learning_rate', float('nan'))):.3g}  {rate} steps/s  ETA {self.eta(step)}"
+                + (f" {note}" if note else ""))

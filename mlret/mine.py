@@ -25,7 +25,6 @@ import datetime
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,7 +109,7 @@ def write_mined(out_dir: str, units: Sequence[ParallelUnit], provenance: dict[st
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlret.mine", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file (its data.sources are mined)")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="training run directory")
@@ -120,18 +119,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=MiningOptions.k)
     p.add_argument("--perc_pos", type=float, default=MiningOptions.perc_pos)
     p.add_argument("--max_negatives", type=int, default=MiningOptions.max_negatives)
+    p.add_argument("--verbose", action="store_true", help="library INFO messages on the terminal too; they always "
+                   "go to DIR.log beside --out")
     a, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    prog = "mlret.mine"
+    from mlret import cli, parallel, preflight
+    from mlret.console import route_logging
+
+    log_file = None
+    if argv is None:  # the command line (an in-process caller, e.g. a test, keeps its own logging)
+        log_file = cli.log_path(a.out)
+        route_logging(log_file, "info" if a.verbose else "warning")  # before transformers is imported
     from mlret import config as config_lib
-    from mlret import parallel
     from mlret.eval.encode import eval_tokenizer, make_embedder, place_model
     from mlret.evaluate import load_model
 
+    if not 0 < a.perc_pos <= 1:
+        cli.fail(prog, f"--perc_pos: {a.perc_pos} is not in (0, 1]")
+    if a.k < 1 or a.max_negatives < 0:
+        cli.fail(prog, f"--k must be >= 1 and --max_negatives >= 0 (got {a.k}, {a.max_negatives})")
+    cli.check_model_folder(prog, "--hf", a.hf)
     path, _, arg = a.config.partition(":")
-    config = config_lib.load_config_file(path, arg or None)
-    config_lib.apply_overrides(config, overrides)
-    units = source_units(config)
-    config, model_obj, model_dir, source = load_model(config, a.hf, a.checkpoint, a.step)
+    with cli.user_errors(prog, f"--config {a.config}", also=(ValueError,)):  # get_config(arg) refusing its arg
+        config = config_lib.load_config_file(path, arg or None)
+    with cli.user_errors(prog):  # an unknown or mistyped field, a missing data file, model folder or checkpoint
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+        preflight.check_data(config, evaluators=False)  # the sources' files, before any model is loaded
+        units = source_units(config)
+        config, model_obj, model_dir, source = load_model(config, a.hf, a.checkpoint, a.step)
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.parse_rules(config.mesh.rules)
     embedder = make_embedder(place_model(model_obj, mesh, rules), config, mesh, eval_tokenizer(config, model_dir))
@@ -144,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import jax
 
     if jax.process_index() == 0:
-        print(f"wrote {write_mined(a.out, mined, provenance)}: {stats}")
+        print(f"wrote {write_mined(a.out, mined, provenance)}: {stats}" + (f"; log {log_file}" if log_file else ""))
 
 
 if __name__ == "__main__":

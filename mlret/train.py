@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,9 +28,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from mlret import cli, storage
 from mlret import config as config_lib
-from mlret import storage
-from mlret.console import Console, setup_logging, upload_log, write_heatmap
+from mlret.console import Console, sample_sizes, setup_logging, upload_log, write_heatmap
 from mlret.errors import ConfigError
 
 log = logging.getLogger("mlret.train")
@@ -95,7 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     evaluation = (H.Evaluation(build_evaluators(config), config, workdir, writer, console)
                   if config.eval.every > 0 else None)
     library = [H.NonFiniteStop(config.optim.max_nonfinite_in_row, ckpt.directory),
-               *([evaluation] if evaluation else []), H.MetricLog(writer, config.train.log_every, console),
+               *([evaluation] if evaluation else []), H.MetricLog(writer, config.train.log_every, console, evaluation),
                H.Preemption(ckpt), H.Checkpointing(ckpt, config, writer)]
     if config.export.dir:
         library.append(H.Export(tokenizer, config, workdir, evaluation))
@@ -131,23 +130,9 @@ def _simulate_cpu_devices(n: int) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown `--config.<field>` override reported as one line naming the field
-    (ml_collections raises a bare AttributeError/KeyError from deep inside the parser)."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        text = str(e)
-        hint = re.search(r'Did you mean \\?"([^"\\]+)\\?"', text)
-        overrides = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]
-        # The override whose path holds the unknown key (ml_collections names the key, not the path).
-        field = next((o for o in overrides for part in o.split(".")[1:] if f"'{part}'" in text.replace("\\", "")),
-                     text)
-        print(f"mlret.train: --{field}: no such config field" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
-              + "; the schema is mlret/config.py", file=sys.stderr)
-        sys.exit(2)
-    except flags.Error as e:
-        print(f"mlret.train: {e}", file=sys.stderr)
-        sys.exit(2)
+    """absl flag parsing with a user's mistake (an unknown `--config.<field>`, a mistyped value, a config file that
+    does not load) as one line naming it (`mlret.cli.flags_parser`)."""
+    return cli.flags_parser("mlret.train")(argv)
 
 
 def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
@@ -206,7 +191,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     if result.eval_results:
         blocks = {name: r.block() for name, r in result.eval_results.items()}
         console.print("")
-        console.final(blocks, result.zero_shot, config.workdir, heatmap=write_heatmap(blocks, config.workdir))
+        console.final(blocks, result.zero_shot, config.workdir, heatmap=write_heatmap(blocks, config.workdir),
+                      sizes=sample_sizes(result.eval_results))
     if result.export_dir:
         console.print(f"exported a Hugging Face / sentence-transformers folder (with its model card) to "
                       f"{result.export_dir}")

@@ -88,3 +88,64 @@ def test_final_report_tables_heatmap_and_resources(tmp_path, capsys):
     line = console.resources()
     assert "wall time" in line and "peak memory" in line
     assert report in capsys.readouterr().out
+
+
+def test_eta_leaves_evaluations_out_and_says_when_they_run(monkeypatch):
+    """The step line's steps/s and ETA count step time only; the evaluations still to come are named beside it
+    (the demo's ETA used to jump from 0:08:07 to 0:00:38 as evaluation time entered steps/s)."""
+    import ml_collections
+
+    from mlret import hooks as H
+    from mlret import metrics_log
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_log.time, "perf_counter", lambda: clock[0])
+    lines: list[str] = []
+    console = type("C", (), {"print": lambda self, text: lines.append(text)})()
+    writer = type("W", (), {"write": lambda self, step, record: None, "close": lambda self: None})()
+    config = ml_collections.ConfigDict({"eval": {"every": 20, "output_dir": ""}})
+    evaluation = H.Evaluation([], config, None)
+    log = H.MetricLog(writer, 5, console, evaluation)
+    loop = type("L", (), {"total": 40, "start": 0})()
+    log.begin(loop)
+    m = {"loss": 1.0, "batch_type": "mono", "learning_rate": 1e-5}
+    for step in range(1, 41):
+        clock[0] += 2.0  # every step takes 2 s
+        log.metrics(loop, step, m)  # the loop hands a step's metrics over before that step's evaluation runs
+        if step in (20, 40):  # an evaluation of 60 s after steps 20 and 40 (as Evaluation.evaluate counts it)
+            clock[0] += 60.0
+            evaluation.seconds += 60.0
+            evaluation.last_seconds = 60.0
+    by_step = {int(x.split()[1].split("/")[0]): x for x in lines}
+    assert by_step[15].endswith("0.50 steps/s  ETA 0:00:50 + 2 evaluations (next at step 20)")
+    # Step 25's interval (steps 21-25) holds the 60 s evaluation after step 20: still 0.5 steps/s, 30 s to go.
+    assert by_step[25].endswith("0.50 steps/s  ETA 0:00:30 + 1 evaluation (next at step 40, the last took 60 s)")
+    assert by_step[40].endswith("ETA 0:00:00 + 1 evaluation (next at step 40, the last took 60 s)")
+    evaluation.every = 0
+    assert evaluation.pending_note(10, 40) == ""
+
+
+def test_too_small_a_sample_is_labelled_not_tabled(tmp_path, capsys):
+    """The offline TyDi QA sample scores 6 questions: its change is noise, so the report says "schema check, 6
+    queries" instead of a table (and so does the evaluation line); a benchmark of enough queries keeps its table."""
+    import numpy as np
+
+    from mlret.console import SCHEMA_CHECK_BELOW, sample_sizes
+    from mlret.eval.base import EvalResult, PerQuery
+
+    def result(n, summary):
+        pq = PerQuery([str(i) for i in range(n)], ["en"] * n, {"mrr": np.zeros(n)})
+        return EvalResult(summary, per_query={"questions": pq}, step=40)
+
+    results = {"xquad_r": result(SCHEMA_CHECK_BELOW, _lareqa_block(0.6, 40)["summary"]),
+               "tydiqa": result(6, {"mrr": 0.575, "acc1": 0.5})}
+    sizes = sample_sizes(results)
+    assert sizes == {"xquad_r": SCHEMA_CHECK_BELOW, "tydiqa": 6}
+    blocks = {name: r.block() for name, r in results.items()}
+    console = Console(stream=sys.stdout)
+    report = console.final(blocks, {"tydiqa": {"mrr": 0.471, "acc1": 0.4}}, tmp_path, sizes=sizes)
+    assert "tydiqa: schema check, 6 queries (too few" in report and "0.471" not in report
+    assert report.splitlines()[0].startswith("xquad_r (step 40")  # enough queries: the table stays
+    console.evaluation(40, blocks, 12.0, sizes=sizes)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("eval step 40 (12 s): xquad_r mAP") and line.endswith("; tydiqa: schema check, 6 queries")

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlret import storage
+from mlret import cli, storage
 from mlret.data.units import LANGUAGES, MONOLINGUAL
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an experiment config file (configs/*.py)",
@@ -25,6 +25,8 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "how many steps to preview")
 _OUT = flags.DEFINE_string("out", "", "where to write the per-step JSON (none when empty)")
 _START = flags.DEFINE_integer("start", 0, "first step")
 _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "prepare the sources and stop")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "library INFO messages (TFDS preparing a source) on the terminal too; "
+                             "with --out they always go to the log file beside it")
 
 
 def preview(config, steps: int, start: int = 0) -> dict:
@@ -80,14 +82,22 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    prog = "mlret.data"
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(prog, f"unexpected arguments {argv[1:]}; overrides look like --config.data.alpha=0.3")
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required (e.g. --config configs/smoke.py)")
-    from mlret.errors import DataError
+        cli.fail(prog, "--config is required (e.g. --config configs/smoke.py)")
+    from mlret import preflight
+    from mlret.console import route_logging
+    from mlret.data.sources import validate_data
 
-    try:
+    route_logging(cli.log_path(_OUT.value) if _OUT.value else None, "info" if _VERBOSE.value else "warning")
+
+    # A field that cannot work, a missing data file, a bad record (its file, line and field): one line each.
+    with cli.user_errors(prog):
+        validate_data(config)
+        preflight.check_data(config, evaluators=False)  # before TFDS prepares anything
         if _PREPARE_ONLY.value:
             from mlret.data.pipeline import load_sources
 
@@ -95,16 +105,13 @@ def main(argv: list[str]) -> None:
                 print(f"{name}: {len(store)} units")
             return
         result = preview(config, _STEPS.value, _START.value)
-    except DataError as e:  # a bad record: its file, line and field
-        print(f"mlret.data: {e}", file=sys.stderr)
-        sys.exit(2)
-    if _OUT.value:
-        out = storage.path(_OUT.value, "--out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, ensure_ascii=False))
-        print(f"wrote {_OUT.value}", file=sys.stderr)
+        if _OUT.value:
+            out = storage.path(_OUT.value, "--out")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, ensure_ascii=False))
+            print(f"wrote {_OUT.value}", file=sys.stderr)
     print(format_summary(result["summary"]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("mlret.data"))

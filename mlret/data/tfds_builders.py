@@ -14,8 +14,10 @@ The evaluators read their sets directly (`mlret.eval`): they need no prepared co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -181,5 +183,26 @@ def _prepare_local(cfg: UnitsConfig, tfds_dir: str | None) -> MlretUnits:
     builder = MlretUnits(config=cfg, data_dir=tfds_dir)
     if not builder.is_prepared():
         log.info("preparing %s into %s", cfg.name, builder.data_dir)
-        builder.download_and_prepare(file_format="array_record")
+        with _tfds_output_to_log():
+            builder.download_and_prepare(file_format="array_record")
     return builder
+
+
+@contextlib.contextmanager
+def _tfds_output_to_log() -> Iterator[None]:
+    """TFDS prints to stdout on purpose ("Downloading and preparing dataset Unknown size ...", "Dataset ...
+    downloaded and prepared") and draws its own tqdm bars, for a local file read in a second: its lines go to the
+    log (INFO) and its bars are off while it prepares."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        tfds.display_progress_bar(was)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.info("tfds: %s", line.strip())

@@ -113,7 +113,7 @@ class ShardedEmbedder:
         pad_ids, pad_mask = self._tokenize([""], "passage")
         out = None
         total = int(_gathered(np.array([n]))[:, 0].sum())
-        bar = tqdm(total=total, desc="encode corpus shards", unit="text", dynamic_ncols=True,
+        bar = tqdm(total=total, desc="encode corpus shards", unit="text", dynamic_ncols=True, leave=False,
                    disable=not self.progress or jax.process_index() != 0 or total == 0)
         batches = self._batches(texts, local_b, "passage")
         with jax.set_mesh(self.mesh):
@@ -174,7 +174,7 @@ class ShardedEmbedder:
         full = self.tokenizer.query_len if tower == "query" else self.tokenizer.passage_len
         pad_ids, pad_mask = self._tokenize([""], tower)  # the filler row of the last, partial batch
         out: np.ndarray | None = None
-        bar = tqdm(total=n, desc=f"encode {tower}", unit="text", dynamic_ncols=True,
+        bar = tqdm(total=n, desc=f"encode {tower}", unit="text", dynamic_ncols=True, leave=False,
                    disable=not self.progress or jax.process_index() != 0 or n == 0)
         pending: list[tuple[np.ndarray, jax.Array]] = []
 
