@@ -8,16 +8,25 @@ Each step directory `<workdir>/checkpoints/<step>/` holds three items:
 Saves are asynchronous (the step's arrays are copied off the devices, then written in the background), every
 `config.checkpoint.every` steps, on preemption, and when forced (end of run, SIGTERM). The latest
 `config.checkpoint.keep` are kept, plus the best `keep_best` by `config.checkpoint.best_metric` once evaluation
-reports metrics. Orbax writes a step to a temporary directory and renames it when complete, so a crash mid-save
-leaves no step behind; a step that is present but unreadable (truncated, corrupt) is skipped with a warning and the
-previous one restored.
+reports metrics. Orbax writes a step to a temporary directory and renames it when complete (on GCS: a
+`commit_success.txt` marks it complete), so a crash mid-save leaves no step behind.
+
+Damage after the fact (a truncated or corrupted file, a missing one) is found by `MANIFEST`: once a step is
+complete (before the next save starts, and at the end) mlret writes `<step>/mlret_manifest.json`, every file's
+size and CRC32C (on GCS read from the object metadata, locally computed). A restore checks the step against it
+first and names the step and the file that differ; a damaged step (or one that fails to read) is skipped with a
+warning naming both, and the previous one restored, or the run stops (`config.checkpoint.on_damaged="stop"`).
+Every storage operation here is bounded (`mlret.storage.bounded`: the listing, each save, the asynchronous
+commit, the restore).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +42,7 @@ from mlret import storage
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "mlret_manifest.json"
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
@@ -73,6 +83,64 @@ def _to_tuple(x: Any) -> Any:
 
 class CheckpointLayoutError(RuntimeError):
     """A checkpoint that this run's process layout cannot resume exactly; the message says why."""
+
+
+class CheckpointDamagedError(RuntimeError):
+    """The newest checkpoint step is damaged and `config.checkpoint.on_damaged` is "stop"; names step and file."""
+
+
+def _crc32c_local(f: epath.Path) -> str:
+    import google_crc32c
+
+    c = google_crc32c.Checksum()
+    with open(os.fspath(f), "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            c.update(chunk)
+    return base64.b64encode(c.digest()).decode()
+
+
+def file_digests(step_dir: epath.Path) -> dict[str, dict[str, Any]]:
+    """{path below the step: {"size", "crc32c"}} of every file of a step but the manifest (GCS: the objects'
+    metadata, nothing downloaded; local: read and summed). CRC32C base64, as GCS reports it."""
+    out = {}
+    if storage.is_gcs(step_dir):
+        fs = storage.filesystem()
+        root = os.fspath(step_dir)[len("gs://"):].rstrip("/")
+        for name, info in fs.find(root, detail=True).items():
+            rel = name[len(root) + 1:]
+            if info.get("type") == "file" and rel and rel != MANIFEST:
+                out[rel] = {"size": int(info["size"]), "crc32c": info.get("crc32c")}
+        return out
+    base = os.fspath(step_dir)
+    for folder, _, files in os.walk(base):
+        for name in files:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, base)
+            if rel != MANIFEST:
+                out[rel] = {"size": os.path.getsize(full), "crc32c": _crc32c_local(epath.Path(full))}
+    return out
+
+
+def damage(step_dir: epath.Path) -> str | None:
+    """Why a complete step differs from its manifest ("<file>: truncated ..."), or None (intact, or written before
+    manifests / killed before its manifest was written: then only reading it tells)."""
+    manifest = step_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        want = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST}: unreadable ({type(e).__name__})"
+    have = file_digests(step_dir)
+    for rel, w in sorted(want.items()):
+        h = have.get(rel)
+        if h is None:
+            return f"{rel}: missing"
+        if h["size"] != w["size"]:
+            return f"{rel}: {h['size']} bytes, {w['size']} when written (truncated or rewritten)"
+        if w.get("crc32c") and h.get("crc32c") and h["crc32c"] != w["crc32c"]:
+            return f"{rel}: CRC32C {h['crc32c']}, {w['crc32c']} when written (corrupted)"
+    return None
 
 
 def _iterator_states(data_dir: epath.Path) -> dict[int, str]:
@@ -117,7 +185,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # partial saves of a killed run
         )
         self.directory = checkpoint_dir(workdir)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.on_damaged = str(ck.get("on_damaged", "previous"))
+        self.sigterm_grace_s = float(ck.get("sigterm_grace_s", 25.0))
+        self._unsealed: int | None = None  # the last step saved, whose manifest is not written yet
+        self._commit_watch: int | None = None
+        with storage.bounded("checkpoint open", self.directory):  # lists the steps, removes partial saves
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ----------------------------------------------------------------------------------------------- save
 
@@ -126,28 +199,56 @@ class Checkpointer:
         """Save if the policy says so (or `force`); returns whether a save started. Call on every process."""
         if not force and not self.manager.should_save(step):
             return False
+        self.wait()  # the previous save complete (orbax would wait too) and sealed before this one starts
         args = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self.manager.save(step, args=ocp.args.Composite(**args),
-                                  metrics=dict(metrics) if metrics else None, force=force)
+        target = self.directory / str(step)
+        with storage.bounded("checkpoint save", target):
+            saved = self.manager.save(step, args=ocp.args.Composite(**args),
+                                      metrics=dict(metrics) if metrics else None, force=force)
         if saved:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
+            self._unsealed = step
+            # The background commit (array writes, metadata, the rename / commit marker) is bounded too.
+            self._commit_watch = storage.watch("checkpoint commit", target,
+                                               lambda: not self.manager.is_saving_in_progress())
         return saved
 
     def wait(self) -> None:
-        """Block until the pending asynchronous save is on disk."""
-        self.manager.wait_until_finished()
+        """Block until the pending asynchronous save is on disk, then write its manifest (process 0)."""
+        step = self._unsealed
+        with storage.bounded("checkpoint commit", self.directory / str(step) if step is not None
+                             else self.directory):
+            self.manager.wait_until_finished()
+        if self._commit_watch is not None:
+            storage.disarm(self._commit_watch)
+            self._commit_watch = None
+        if step is not None:
+            self._unsealed = None
+            self._seal(step)
+
+    def _seal(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        step_dir = self.directory / str(step)
+        with storage.bounded("checkpoint manifest", step_dir / MANIFEST):
+            if not step_dir.exists():  # not saved after all (a step orbax declined)
+                return
+            files = file_digests(step_dir)
+            (step_dir / MANIFEST).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self.wait()
+        with storage.bounded("checkpoint close", self.directory):
+            self.manager.close()
 
     # ----------------------------------------------------------------------------------------------- restore
 
     def steps(self) -> list[int]:
-        self.manager.reload()
-        return sorted(self.manager.all_steps())
+        with storage.bounded("checkpoint listing", self.directory):
+            self.manager.reload()
+            return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -162,6 +263,11 @@ class Checkpointer:
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
         for s in candidates:
+            with storage.bounded("checkpoint verify", self.directory / str(s)):
+                why = damage(self.directory / str(s))
+            if why is not None:
+                self._damaged(s, why, step is not None or s != candidates[-1])
+                continue
             # A step written by another number of processes (e.g. 2 hosts, resumed on 1): Grain looks for this
             # process's file (`process_i-of-n.json`) only. mlret's iterator state is a position in the sequence of
             # global steps, the same on every host, so identical states carry over to any process count; states
@@ -178,12 +284,17 @@ class Checkpointer:
                     item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
                 if data_iterator is not None and not remap:
                     args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-                restored = self.manager.restore(s, args=ocp.args.Composite(**args))
+                with storage.bounded("checkpoint restore", self.directory / str(s)):
+                    restored = self.manager.restore(s, args=ocp.args.Composite(**args))
+            except storage.StorageError as e:
+                if not _is_damage(e):
+                    raise  # the storage failed, not the step: a restart may read it
+                self._damaged(s, str(e).split(" failed: ", 1)[-1], step is not None or s != candidates[-1])
+                continue
             except Exception as e:  # orbax/tensorstore raise many types for a damaged step
                 if step is not None:
                     raise
-                log.warning("checkpoint: step %d in %s cannot be restored (%s: %s); trying the previous step",
-                            s, self.directory, type(e).__name__, e)
+                self._damaged(s, f"{type(e).__name__}: {_one_line(e)}", s != candidates[-1])
                 continue
             if remap:
                 log.info("checkpoint: step %d was written by %d processes, restored by %d; every writer's iterator "
@@ -198,9 +309,45 @@ class Checkpointer:
                         candidates)
         return None
 
+    def _damaged(self, step: int, why: str, has_previous: bool) -> None:
+        """Report a damaged step: stop (on_damaged="stop"), or move it aside to `<workdir>/checkpoints_damaged/`
+        (kept for a look; orbax would refuse to save that step again) and go on with the previous one."""
+        where = f"checkpoint step {step} in {self.directory} is damaged: {why}"
+        if self.on_damaged == "stop":
+            raise CheckpointDamagedError(f"{where}; stopping (config.checkpoint.on_damaged='stop'). Remove or "
+                                         f"move {self.directory / str(step)} to resume from the step before it")
+        aside = self.directory.parent / f"{CHECKPOINT_DIR}_damaged" / f"{step}-{uuid.uuid4().hex[:8]}"
+        log.warning("%s; moved to %s; %s", where, aside, "trying the previous step" if has_previous
+                    else "no earlier step")
+        _barrier(f"mlret-damaged-{step}-a")  # every process has looked at the step before it moves
+        if jax.process_index() == 0:
+            storage.move_dir(self.directory / str(step), aside)
+        _barrier(f"mlret-damaged-{step}-b")
+
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return config_from_dict(restored["config"])
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:500]
+
+
+def _is_damage(e: storage.StorageError) -> bool:
+    """A read that failed because the step's data is bad (tensorstore: DATA_LOSS, a checksum, a short read, a
+    missing file), not because the storage did not answer."""
+    text = str(e)
+    return any(k in text for k in ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "corrupt",
+                                    "Checksum", "checksum", "truncated", "Unexpected end", "FileNotFoundError",
+                                    "JSONDecodeError", "INVALID_ARGUMENT"))
 
 
 def restore_for_export(run_dir: str | os.PathLike[str], step: int | None = None) -> tuple[
@@ -226,6 +373,13 @@ def restore_for_export(run_dir: str | os.PathLike[str], step: int | None = None)
     sharding = jax.sharding.SingleDeviceSharding(device)
     errors = []
     for s in candidates:
+        why = damage(directory / str(s))
+        if why is not None:
+            if step is not None:
+                raise CheckpointDamagedError(f"checkpoint step {s} in {directory} is damaged: {why}")
+            log.warning("checkpoint: step %d in %s is damaged: %s; trying the previous step", s, directory, why)
+            errors.append(s)
+            continue
         try:
             config = config_from_dict(manager.restore(s, args=ocp.args.Composite(
                 config=ocp.args.JsonRestore()))["config"])

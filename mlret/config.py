@@ -141,6 +141,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.best_metric = ""
     c.checkpoint.best_mode = "max"
     c.checkpoint.keep_best = 1
+    # A damaged newest step (a file truncated, corrupted or missing against its manifest, or unreadable):
+    # "previous" resumes from the step before it (with a warning naming step and file), "stop" ends the run.
+    c.checkpoint.on_damaged = "previous"
+    # SIGTERM (a preemption notice; a TPU VM gets about 30 s): the final checkpoint and exit must be done within
+    # this many seconds, or the process exits anyway (status 143) with the last complete checkpoint kept.
+    c.checkpoint.sigterm_grace_s = 25.0
+
+    # Bounds on storage waits (mlret.storage; docs/robustness.md "Storage faults"). A request that moves no byte
+    # for request_timeout_s fails and is retried (gcsfs: 6 tries; tensorstore: up to 32); one operation of the run
+    # (a checkpoint save or commit, a restore, an upload, a copy) that outlasts op_timeout_s, retries included,
+    # ends the run with exit status 75, the operation and the path named.
+    c.storage = ml_collections.ConfigDict()
+    c.storage.request_timeout_s = 30.0
+    c.storage.op_timeout_s = 600.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # 0: no evaluation during training
@@ -209,6 +223,10 @@ def validate(config: ml_collections.ConfigDict, *, devices: int | None = None, p
     _validate_optim(config)
     _validate_train(config)
     _validate_checkpoint(config.checkpoint)
+    _check(config.storage.request_timeout_s > 0, "storage.request_timeout_s",
+           f"{config.storage.request_timeout_s} must be > 0")
+    _check(config.storage.op_timeout_s > config.storage.request_timeout_s, "storage.op_timeout_s",
+           f"{config.storage.op_timeout_s} must exceed storage.request_timeout_s ({config.storage.request_timeout_s})")
     validate_eval_config(config)
     if devices is not None:
         _validate_run(config, devices, 1 if processes is None else processes)
@@ -250,6 +268,8 @@ def _validate_checkpoint(ck: ml_collections.ConfigDict) -> None:
     _check(ck.every >= 0, "checkpoint.every", f"{ck.every} must be >= 0 (0: only at the end and on SIGTERM)")
     _check(ck.keep >= 1, "checkpoint.keep", f"{ck.keep} must be >= 1")
     _check(ck.best_mode in ("max", "min"), "checkpoint.best_mode", f"{ck.best_mode!r} is not max or min")
+    _check(ck.on_damaged in ("previous", "stop"), "checkpoint.on_damaged", f"{ck.on_damaged!r} is not previous or stop")
+    _check(ck.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", f"{ck.sigterm_grace_s} must be > 0")
 
 
 def _validate_run(config: ml_collections.ConfigDict, devices: int, processes: int) -> None:

@@ -208,6 +208,18 @@ class Preemption(Hook):
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        # A preemption gives seconds, not minutes: if the final checkpoint (or a storage wait before it) hangs,
+        # the watchdog ends the process after the grace period; the last complete checkpoint stays the newest.
+        grace = float(getattr(self.checkpointer, "sigterm_grace_s", 25.0))
+        if not getattr(self, "_grace_armed", False):
+            self._grace_armed = True
+            storage.deadline("SIGTERM", getattr(self.checkpointer, "directory", ""), grace, exit_code=128 + signum,
+                             message=lambda: (
+                                 f"SIGTERM: the final checkpoint and exit did not finish within {grace:.0f} s "
+                                 "(config.checkpoint.sigterm_grace_s)"
+                                 + "".join(f"; waiting on {w}" for w in storage.in_flight()
+                                           if not w.startswith("SIGTERM"))
+                                 + "; exiting without it: the last complete checkpoint is the one to resume from"))
 
     def after_step(self, loop: Loop) -> None:
         if self.requested or (jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(loop.step)):

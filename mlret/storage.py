@@ -19,20 +19,45 @@ can be written and deleted, and raises a ConfigError naming the field, the bucke
 
 `Staged` is a file that a writer appends to: GCS objects cannot be appended to and a gcsfs upload becomes visible
 only when it is closed, so the file is written locally and copied whole to its place on `flush()`.
+
+No storage wait is unbounded (docs/robustness.md, "Storage faults"). Two layers bound every request, one bounds
+every operation of a run:
+  - gcsfs (listings, metadata, small files, logs, data files): no bytes for `request_timeout_s` fails the request
+    (aiohttp's connect and read timeouts; gcsfs's own default is none at all), and gcsfs retries 408 / 429 / 5xx,
+    resets and timeouts 6 times in all with 1, 2, 4, 8, 16 s (+ up to 1 s) between tries;
+  - tensorstore (checkpoint arrays): curl gives up on a transfer that moves less than 1 byte/s for
+    `request_timeout_s` or does not connect within it, and tensorstore retries with its own back-off (1-32 s, up
+    to 32 tries);
+  - `bounded(op, path)` / `watch(...)`: mlret's operations (checkpoint save, commit, listing and restore, metric
+    and log uploads, file copies, downloads) have `op_timeout_s` in all, retries included. A watchdog thread ends
+    the process when one outlasts it, whatever thread is stuck: the one-line error names the operation and the
+    path, the exit status is `EXIT_STORAGE` (75, EX_TEMPFAIL: "try again"), and a checkpoint in flight is never
+    committed, so the previous one stays the newest complete step. An operation that fails (retries spent) raises
+    `StorageError`, one line with the operation and the path; `mlret.train` exits with the same status.
+`set_policy()` sets both bounds (mlret.train: from `config.storage`); `deadline()` arms the watchdog for other
+bounded waits (the SIGTERM grace period).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fnmatch
 import functools
+import itertools
+import logging
 import os
 import pathlib
+import re
 import shutil
 import socket
+import sys
 import tempfile
+import threading
+import time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from etils import epath
@@ -43,6 +68,9 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 GCS_ENDPOINT = "https://storage.googleapis.com"
 PROBE_TIMEOUT_S = 5.0
 CACHE_ENV, DEFAULT_CACHE = "MLRET_GCS_CACHE", "~/.cache/mlret/gcs"  # local copies of gs:// folders
+EXIT_STORAGE = 75  # EX_TEMPFAIL: a storage operation failed or stalled; a restart resumes from the last checkpoint
+
+log = logging.getLogger("mlret.storage")
 
 
 def is_gcs(p: str | os.PathLike[str]) -> bool:
@@ -94,14 +122,33 @@ def emulator_url() -> str | None:
 
 
 def configure() -> None:
-    """gcsfs without a listings cache; tensorstore and gcsfs pointed at STORAGE_EMULATOR_HOST when it is set.
+    """gcsfs without a listings cache and with the request timeout of `set_policy`; tensorstore's transfers
+    bounded the same way; tensorstore and gcsfs pointed at STORAGE_EMULATOR_HOST when it is set.
 
     Cheap and idempotent; a variable the user set already (TENSORSTORE_GCS_HTTP_URL, ...) is left alone."""
     url = emulator_url()
     if url is not None:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+    # tensorstore's curl transport reads these when it starts (its first request): no connection, or less than a
+    # byte a second, for this long fails the request, which tensorstore then retries (without them: no limit).
+    t = str(max(1, round(POLICY.request_timeout_s)))
+    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", t)
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", t)
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
     _configure_gcsfs(url)
+    _gcsfs_timeout(POLICY.request_timeout_s)
+
+
+@functools.cache
+def _gcsfs_timeout(seconds: float) -> None:
+    import aiohttp
+    import fsspec.config
+
+    # Not a total: a large file may take long; no byte for `seconds` (connecting or reading) is a stall. gcsfs
+    # hands this to every aiohttp request and retries the timeout like any transient error.
+    fsspec.config.conf.setdefault("gcs", {})["requests_timeout"] = aiohttp.ClientTimeout(
+        total=None, connect=seconds, sock_connect=seconds, sock_read=seconds)
 
 
 @functools.cache
@@ -128,6 +175,148 @@ def filesystem() -> Any:
     from etils.epath import backend
 
     return backend.fsspec_backend.fs("gs://")
+
+
+# ---------------------------------------------------------------------------------------------------- bounds
+
+
+@dataclasses.dataclass
+class Policy:
+    """How long storage may take (`config.storage`; docs/robustness.md)."""
+
+    request_timeout_s: float = 30.0  # one HTTP request with no byte moving (gcsfs and tensorstore), per try
+    op_timeout_s: float = 600.0  # one operation of mlret (a checkpoint save, an upload), every retry included
+
+
+POLICY = Policy()
+# tensorstore (and orbax through it) report storage failures as ValueError / RuntimeError with an absl status.
+_STATUS = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|INTERNAL|DATA_LOSS|"
+                     r"PERMISSION_DENIED|UNAUTHENTICATED|UNKNOWN|FAILED_PRECONDITION|OUT_OF_RANGE)\b")
+
+
+def set_policy(*, request_timeout_s: float | None = None, op_timeout_s: float | None = None) -> None:
+    """Set the bounds (before the first storage request: gcsfs and tensorstore read them when they start)."""
+    if request_timeout_s is not None:
+        POLICY.request_timeout_s = float(request_timeout_s)
+    if op_timeout_s is not None:
+        POLICY.op_timeout_s = float(op_timeout_s)
+    configure()
+
+
+class StorageError(OSError):
+    """A storage operation failed (its retries spent) or outlasted its bound: one line with the operation and the
+    path. `mlret.train` exits with `EXIT_STORAGE`; the last complete checkpoint is the one to resume from."""
+
+
+@dataclasses.dataclass
+class _Watch:
+    op: str
+    path: str
+    deadline: float
+    timeout: float
+    done: Callable[[], bool] | None
+    exit_code: int
+    message: str | Callable[[], str]
+
+
+class _Watchdog:
+    """One daemon thread that ends the process when a watched wait outlasts its deadline (os._exit: a thread stuck
+    in a request cannot be interrupted, and the interpreter would wait for it at exit)."""
+
+    def __init__(self) -> None:
+        self._watches: dict[int, _Watch] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, watch: _Watch) -> int:
+        with self._lock:
+            key = next(self._ids)
+            self._watches[key] = watch
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlret-storage-watchdog", daemon=True)
+                self._thread.start()
+        return key
+
+    def disarm(self, key: int) -> None:
+        with self._lock:
+            self._watches.pop(key, None)
+
+    def active(self) -> list[_Watch]:
+        with self._lock:
+            return list(self._watches.values())
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            for key, w in list(self._watches.items()):
+                try:
+                    finished = w.done is not None and w.done()
+                except Exception:  # noqa: BLE001 (a failed background operation reports itself where it is waited)
+                    finished = True
+                if finished:
+                    self.disarm(key)
+                elif now > w.deadline:
+                    _die(w)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _die(w: _Watch) -> None:
+    text = w.message() if callable(w.message) else w.message
+    text = text or (f"storage: {w.op} {w.path} did not finish within {w.timeout:.0f} s "
+                    "(config.storage.op_timeout_s); exiting: a checkpoint in flight stays uncommitted, the last "
+                    "complete checkpoint is loadable, and a restart resumes from it")
+    log.error("%s", text)
+    print(f"mlret: {text}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(w.exit_code)
+
+
+def deadline(op: str, path: str | os.PathLike[str], timeout: float, *, done: Callable[[], bool] | None = None,
+             exit_code: int = EXIT_STORAGE, message: str | Callable[[], str] = "") -> int:
+    """Arm the watchdog: unless `disarm(key)` comes first (or `done()` turns true: checked every 0.2 s), the
+    process exits with `exit_code` after `timeout` seconds, saying `message` (default: the operation, the path
+    and the bound). Returns the key for `disarm`."""
+    return _WATCHDOG.arm(_Watch(op, os.fspath(path), time.monotonic() + timeout, timeout, done, exit_code, message))
+
+
+def disarm(key: int) -> None:
+    _WATCHDOG.disarm(key)
+
+
+def in_flight() -> list[str]:
+    """'<operation> <path>' of every bounded operation in progress (for a message about a stalled exit)."""
+    return [f"{w.op} {w.path}" for w in _WATCHDOG.active()]
+
+
+@contextlib.contextmanager
+def bounded(op: str, path: str | os.PathLike[str], timeout: float | None = None) -> Iterator[None]:
+    """The block is storage operation `op` on `path`: the process exits (`EXIT_STORAGE`) if it outlasts `timeout`
+    (default `POLICY.op_timeout_s`), and an error from it becomes a one-line `StorageError` naming both."""
+    key = deadline(op, path, POLICY.op_timeout_s if timeout is None else timeout)
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, TimeoutError, RuntimeError, ValueError) as e:
+        if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            raise  # an answer, not a failure: callers handle it
+        if not isinstance(e, (OSError, TimeoutError)) and not _STATUS.search(str(e)):
+            raise  # not a storage failure (a programming error, a bad argument)
+        raise StorageError(f"storage: {op} {os.fspath(path)} failed: {_first_line(e)}") from e
+    finally:
+        disarm(key)
+
+
+def watch(op: str, path: str | os.PathLike[str], done: Callable[[], bool], timeout: float | None = None) -> int:
+    """Bound background work (an asynchronous checkpoint commit): the process exits if `done()` is not true
+    within `timeout` (default `POLICY.op_timeout_s`)."""
+    return deadline(op, path, POLICY.op_timeout_s if timeout is None else timeout, done=done)
 
 
 # ---------------------------------------------------------------------------------------------------- pre-flight
@@ -256,15 +445,18 @@ class Staged:
         if self.remote:
             self._tmp = epath.Path(tempfile.mkdtemp(prefix="mlret-staged-"))
             self.local = self._tmp / target.name
-            if keep and target.exists():
-                self.local.write_bytes(target.read_bytes())
+            if keep:
+                with bounded("read", target):
+                    if target.exists():
+                        self.local.write_bytes(target.read_bytes())
         else:
             self.local = target
         self.local.parent.mkdir(parents=True, exist_ok=True)
 
     def flush(self) -> None:
         if self.remote:
-            self.target.write_bytes(self.local.read_bytes())
+            with bounded("upload", self.target):
+                self.target.write_bytes(self.local.read_bytes())
 
     def close(self) -> None:
         """Remove the temporary staging folder (flush first: what was not flushed is lost)."""
@@ -274,9 +466,10 @@ class Staged:
 
 def append_to(target: epath.Path, data: bytes) -> None:
     """Append `data` to a file, local or gs:// (a GCS object is rewritten whole: there is no append)."""
-    old = target.read_bytes() if target.exists() else b""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(old + data)
+    with bounded("append", target):
+        old = target.read_bytes() if target.exists() else b""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(old + data)
 
 
 def walk(root: epath.Path) -> Iterator[tuple[epath.Path, list[str], list[str]]]:
@@ -306,17 +499,29 @@ def rglob(root: epath.Path, pattern: str) -> list[epath.Path]:
 def copy_file(src: epath.Path, dst: epath.Path) -> None:
     """`src` streamed to `dst` (local or gs://, either side; `dst`'s folder made), overwriting; a GCS object
     appears only when its upload completes."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
+    with bounded("copy", f"{src} -> {dst}"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with src.open("rb") as fin, dst.open("wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 24)
+
+
+def move_dir(src: epath.Path, dst: epath.Path) -> None:
+    """Move a folder (local: one rename; gs://: every object copied, then deleted), `dst`'s parent made."""
+    with bounded("move", f"{src} -> {dst}"):
+        if is_gcs(src):
+            fs = filesystem()
+            fs.mv(os.fspath(src)[len("gs://"):], os.fspath(dst)[len("gs://"):], recursive=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(os.fspath(src), os.fspath(dst))
 
 
 def sync_dir(local: epath.Path, target: epath.Path) -> None:
     """Copy every file below `local` to the same relative place below `target` (whole files, overwriting)."""
-    for root, _, files in walk(local):
-        for name in files:
-            src = root / name
-            copy_file(src, target / src.relative_to(local))
+    with bounded("listing", local):
+        todo = [root / name for root, _, files in walk(local) for name in files]
+    for src in todo:
+        copy_file(src, target / src.relative_to(local))
 
 
 def local_mirror(src: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None) -> epath.Path:
@@ -331,20 +536,21 @@ def download_dir(src: epath.Path, cache_root: str | os.PathLike[str] | None = No
     safetensors, ArrayRecord). Files already there with the same size are not fetched again. Returns the local
     folder."""
     local = local_mirror(src, cache_root)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such folder on GCS")
-    for folder, _, files in walk(src):
-        for name in files:
-            f = folder / name
-            _fetch(f, local / f.relative_to(src))
+    with bounded("listing", src):
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src}: no such folder on GCS")
+        todo = [folder / name for folder, _, files in walk(src) for name in files]
+    for f in todo:
+        _fetch(f, local / f.relative_to(src))
     return local
 
 
 def download_file(src: epath.Path, cache_root: str | os.PathLike[str] | None = None) -> epath.Path:
     """One gs:// file copied to its `local_mirror` (as `download_dir` copies a folder's files: not fetched again
     when the copy there has the same size). Returns the local file."""
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such file on GCS")
+    with bounded("read", src):
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such file on GCS")
     local = local_mirror(src, cache_root)
     _fetch(src, local)
     return local
@@ -353,8 +559,9 @@ def download_file(src: epath.Path, cache_root: str | os.PathLike[str] | None = N
 def _fetch(src: epath.Path, dst: epath.Path) -> None:
     """`src` copied to `dst` unless `dst` has its size already; through a `.part` name, so that an interrupted
     copy never stands under the final name."""
-    if dst.exists() and dst.stat().length == src.stat().length:
-        return
+    with bounded("read", src):
+        if dst.exists() and dst.stat().length == src.stat().length:
+            return
     part = dst.parent / f".{dst.name}.part"
     copy_file(src, part)
     part.rename(dst)

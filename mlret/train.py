@@ -154,7 +154,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     log_file = setup_logging(config.workdir, config.train.log_level)
     log.info("mlret.train: %s", config.export.command)
     _simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
-    storage.configure()  # STORAGE_EMULATOR_HOST -> tensorstore / gcsfs settings, before either is used
+    # STORAGE_EMULATOR_HOST -> tensorstore / gcsfs settings and the storage bounds, before either is used
+    storage.set_policy(request_timeout_s=config.storage.request_timeout_s, op_timeout_s=config.storage.op_timeout_s)
 
     import jax
 
@@ -172,6 +173,7 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
+    from mlret.checkpoint import CheckpointDamagedError
     from mlret.errors import DataError
 
     try:
@@ -180,6 +182,13 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     except DataError as e:  # bad training data: the file, line and field, not a traceback
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
+    except (storage.StorageError, CheckpointDamagedError) as e:
+        # Storage failed (retries spent) or the newest checkpoint is damaged and on_damaged="stop": one line. A
+        # thread may still hang in a request (the interpreter would wait for it at exit): leave at once.
+        log.error("%s", e)
+        print(f"mlret.train: {e}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(storage.EXIT_STORAGE if isinstance(e, storage.StorageError) else 3)
     if jax.process_index() != 0:
         return
     steps = sorted(result.losses)

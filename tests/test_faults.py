@@ -1,12 +1,19 @@
 """Faults: kill -9 at random moments (one during a checkpoint write) and restarts end with the uninterrupted run's
 parameters and losses, every restart resuming from the newest complete checkpoint; poisoned (NaN) batches are
 skipped, counted and logged while training continues, and N in a row stop the run with a clear message and the
-last good checkpoint intact. scripts/soak.py runs the 10-kill version (docs/robustness.md)."""
+last good checkpoint intact. scripts/soak.py runs the 10-kill version (docs/robustness.md). A damaged newest
+checkpoint (a corrupted or truncated file) is named with its file and skipped, or stops the run when configured; a
+full disk (a small tmpfs) fails the save with one line and keeps the last complete checkpoint."""
 
 import math
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from scale_helpers import max_abs_diff
 from scale_runs import STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
 
@@ -59,3 +66,76 @@ def test_poisoned_batches_are_skipped_then_stop_the_run(scale_run_args, compile_
     params = checkpoint_params(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert max_abs_diff(params, checkpoint_params(tmp_path, 5)) > 0
+
+
+def _largest_file(folder) -> Path:
+    return max((p for p in Path(folder).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_corrupted_latest_checkpoint_resumes_from_the_previous_step(reference_run, scale_run_args, compile_cache,
+                                                                      tmp_path):
+    # Bytes of the newest step's largest array file flipped (same size: only the manifest's CRC32C can tell): the
+    # restart names step 20 and the file, sets the step aside, resumes from 15 and ends like the uninterrupted run.
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run["workdir"], workdir)
+    victim = _largest_file(workdir / "checkpoints" / "20" / "state")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
+    victim.write_bytes(bytes(data))
+    rel = victim.relative_to(workdir / "checkpoints" / "20")
+    p = run_together([train_cmd(workdir, scale_run_args)], [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"checkpoint step 20 in {workdir}/checkpoints is damaged: {rel}: CRC32C" in p.stderr, p.stderr[-3000:]
+    assert "(corrupted)" in p.stderr
+    assert f"resumed from {workdir}/checkpoints at step 15" in p.stderr
+    assert list((workdir / "checkpoints_damaged").iterdir())  # set aside, not deleted
+    ref_losses = {int(k): v for k, v in reference_run["report"]["losses"].items()}
+    losses = logged_losses(workdir)
+    assert [losses[s] for s in range(1, STEPS + 1)] == [ref_losses[s] for s in range(1, STEPS + 1)]
+    assert max_abs_diff(checkpoint_params(workdir), reference_run["params"]) == 0.0
+
+
+def test_a_truncated_latest_checkpoint_stops_the_run_when_configured(reference_run, scale_run_args, compile_cache,
+                                                                     tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run["workdir"], workdir)
+    victim = _largest_file(workdir / "checkpoints" / "20" / "state")
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 3)
+    rel = victim.relative_to(workdir / "checkpoints" / "20")
+    p = run_together([train_cmd(workdir, scale_run_args, "--config.checkpoint.on_damaged=stop")],
+                     [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+    assert p.returncode == 3, p.stderr[-3000:]
+    line = next(x for x in p.stderr.splitlines() if x.startswith("mlret.train: "))
+    assert line.startswith(f"mlret.train: checkpoint step 20 in {workdir}/checkpoints is damaged: {rel}: "
+                           f"{size // 3} bytes, {size} when written (truncated or rewritten); stopping"), line
+    assert "traced and compiled" not in p.stderr  # stopped before the first step
+    assert complete_steps(workdir) == [5, 10, 15, 20]  # nothing moved or deleted
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(reference_run, scale_run_args, compile_cache,
+                                                                 tmp_path):
+    # The run directory on a tmpfs (a private mount namespace of an unprivileged user namespace: no root needed)
+    # that holds two checkpoints and a half: the third save fails with a one-line error naming the checkpoint and
+    # "No space left on device"; steps 5 and 10 stay complete and loadable, and the partial one is not a step.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here (unshare -rm)")
+    step_bytes = sum(p.stat().st_size for p in (reference_run["workdir"] / "checkpoints" / "5").rglob("*")
+                     if p.is_file())
+    size_kib = int(step_bytes * 2.5) // 1024 + 256  # + the logs
+    mount, kept = tmp_path / "disk", tmp_path / "kept"
+    mount.mkdir()
+    cmd = " ".join(shlex.quote(c) for c in train_cmd(mount / "run", scale_run_args))
+    script = (f"mount -t tmpfs -o size={size_kib}k tmpfs {mount} && {{ {cmd}; echo $? > {tmp_path}/code; }}; "
+              f"cp -a {mount}/run {kept}")
+    p = run_together([["unshare", "-rm", "sh", "-c", script]], [scale_env(8, compile_cache)], 600,
+                     tmp_path / "logs")[0]
+    code = int((tmp_path / "code").read_text())
+    assert code == 75, p.stderr[-3000:]
+    line = next(x for x in p.stderr.splitlines() if x.startswith("mlret.train: "))
+    assert "No space left on device" in line and f"{mount}/run/checkpoints/" in line, line
+    steps = complete_steps(kept)
+    assert steps[:2] == [5, 10] and len(steps) <= 3, steps
+    assert max_abs_diff(checkpoint_params(kept, 10), checkpoint_params(reference_run["workdir"], 10)) == 0.0
+    assert checkpoint_params(kept)  # the newest complete step loads; a partial folder is never taken for one

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from gcs_fixtures import DATA, RUNS
@@ -45,6 +47,7 @@ from scale_runs import (
 
 from mlret import storage
 from mlret.config import ConfigError
+from mlret.testing.faults import FaultProxy, FaultRule
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +78,10 @@ def bucket_args(scale_run_args: list[str], data_dir: str) -> list[str]:
 
 
 def complete_steps(workdir: str) -> list[int]:
+    """Steps orbax finished on the bucket (a step folder is complete once its commit_success.txt is written)."""
     d = storage.path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()) \
+        if d.exists() else []
 
 
 def assert_no_local_gs_folder(*where: Path) -> None:
@@ -110,26 +115,132 @@ def test_training_on_the_bucket_equals_training_on_local_files(reference_run, gc
     assert_no_local_gs_folder()
 
 
-def test_sigkill_after_a_checkpoint_resumes_from_the_bucket(gcs_url, gcs_reference, bucket_data, scale_run_args,
-                                                            tmp_path):
-    workdir = f"gs://{RUNS}/killed"
-    args = bucket_args(scale_run_args, bucket_data)
-    env = gcs_env(gcs_url, tmp_path / "cache")  # a host that has not seen the data: it fetches the prepared copy
+@pytest.fixture
+def fault_proxy(gcs_url):
+    """mlret.testing.faults.FaultProxy in front of the session's emulator, no rules yet."""
+    with FaultProxy(gcs_url) as proxy:
+        yield proxy
+
+
+# Bursts of every fault kind at each point of a run (seeded; every burst shorter than the retry budget).
+def _bursts(workdir: str) -> list[FaultRule]:
+    run = workdir[len("gs://"):].split("/", 1)[1]
+    rules = []
+    for point, method in (("checkpoints/(10|15|20)/state/", "POST|PUT"),  # checkpoint save (tensorstore, gcsfs)
+                          (f"{run}/metrics.jsonl", "POST|PUT"),  # metric upload
+                          ("checkpoints/15/", "GET"),  # restore
+                          (f"{DATA}/o.*tfds", "GET")):  # data reads (the prepared MLQA-R fetched from the bucket)
+        # Spaced out (`after`) so that each burst meets fresh requests, not the retries of the previous one.
+        rules += [FaultRule("status", point, method, status=503, count=2),
+                  FaultRule("status", point, method, status=429, count=1, after=2),
+                  FaultRule("reset", point, method, count=1, after=4),
+                  FaultRule("slow", point, method, delay_s=1.5, count=1, after=6)]
+    return rules
+
+
+def test_rotating_checkpoints_survive_kill9_and_storage_faults(gcs_url, gcs_reference, bucket_data, scale_run_args,
+                                                               fault_proxy, tmp_path):
+    # More saves (5, 10, 15, 20) than checkpoint.keep=2, a SIGKILL after step 17 (after the first rotation), and
+    # through the fault proxy bursts of 503 / 429 / resets / slow answers on checkpoint writes, metric uploads,
+    # the restore and the data reads: the end is the uninterrupted run's, bit for bit.
+    workdir = f"gs://{RUNS}/rotating"
+    args = [*bucket_args(scale_run_args, bucket_data), "--config.checkpoint.keep=2",
+            "--config.storage.request_timeout_s=10"]
+    fault_proxy.set_rules(_bursts(workdir), seed=29)
+    env = gcs_env(fault_proxy.url, tmp_path / "cache")  # a host that has not seen the data: it fetches the copy
     (killed,) = run_together([train_cmd(workdir, args, module="mlret.testing.train")],
-                             [dict(env, MLRET_TEST_SIGKILL_AFTER_STEP="12")], 600,
-                             tmp_path / "killed")
+                             [dict(env, MLRET_TEST_SIGKILL_AFTER_STEP="17")], 600, tmp_path / "killed")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
-    assert complete_steps(workdir) == [5, 10]
+    assert complete_steps(workdir) == [10, 15]  # step 5 rotated out
     assert "fetching the prepared mlqa_r" in killed.stderr
-    (resumed,) = run_together([train_cmd(workdir, args)], [env], 600, tmp_path / "resumed")
+    fault_proxy.set_rules(_bursts(workdir), seed=30)  # fresh bursts for the restarted run
+    (resumed,) = run_together([train_cmd(workdir, args)], [dict(env, MLRET_GCS_CACHE=str(tmp_path / "cache2"))], 600,
+                              tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {workdir}/checkpoints at step 10" in resumed.stderr
-    assert "(loaded from the persistent compilation cache)" in resumed.stderr  # the cache on the bucket
+    assert f"resumed from {workdir}/checkpoints at step 15" in resumed.stderr
     ours, ref = logged_losses(workdir), {int(k): v for k, v in gcs_reference["report"]["losses"].items()}
-    assert sorted(ours) == list(range(1, STEPS + 1))  # steps 11-12 of the killed run dropped, then rerun
+    assert sorted(ours) == list(range(1, STEPS + 1))  # steps 16-17 of the killed run dropped, then rerun
     assert [ours[s] for s in sorted(ours)] == [ref[s] for s in sorted(ours)]
+    assert complete_steps(workdir) == [15, 20]
     assert max_abs_diff(checkpoint_params(workdir), gcs_reference["params"]) == 0.0
+    fired = {(e[3], re.sub(r"\d+", "N", e[2])) for e in fault_proxy.faults()}
+    kinds = {k for k, _ in fired}
+    assert kinds == {"status", "reset", "slow"}, fired
+    points = {p for _, p in fired}
+    for want in ("checkpoints/N/state", "metrics.jsonl", "tfds"):
+        assert any(want in p for p in points), (want, points)
     assert_no_local_gs_folder(tmp_path)
+
+
+def test_a_truncated_checkpoint_on_the_bucket_is_named_and_skipped(gcs_reference, caplog):
+    # A copy of the reference run's checkpoints whose newest step lost the end of its largest object (as an
+    # interrupted upload tool would leave it): the restore names step and object and reads step 15 instead.
+    from mlret.checkpoint import restore_for_export
+
+    fs = storage.filesystem()
+    src = f"{gcs_reference['workdir'][len('gs://'):]}/checkpoints"
+    dst = f"{RUNS}/damaged/checkpoints"
+    for name in fs.find(src):
+        fs.pipe_file(dst + name[len(src):], fs.cat_file(name))
+    objects = fs.find(f"{dst}/20/state", detail=True)
+    victim = max(objects, key=lambda n: objects[n]["size"])
+    size = objects[victim]["size"]
+    fs.pipe_file(victim, fs.cat_file(victim)[: size // 3])
+    rel = victim[len(f"{dst}/20/"):]
+    with caplog.at_level("WARNING", logger="mlret.checkpoint"):
+        _, model, _ = restore_for_export(f"gs://{RUNS}/damaged")
+    assert (f"step 20 in gs://{dst} is damaged: {rel}: {size // 3} bytes, {size} when written (truncated or "
+            "rewritten); trying the previous step") in caplog.text
+    from flax import nnx
+
+    want = checkpoint_params(gcs_reference["workdir"], 15)
+    assert max_abs_diff(jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))), want) == 0.0
+
+
+@pytest.mark.parametrize("point", ["metrics_upload", "checkpoint_save_sigterm"])
+def test_a_stalled_bucket_ends_the_run_within_its_bound(point, gcs_url, bucket_data, scale_run_args, fault_proxy,
+                                                        tmp_path):
+    # The proxy accepts the request and never answers. metrics_upload: the first upload of metrics.jsonl (at the
+    # step-5 checkpoint) stalls; the watchdog ends the run after config.storage.op_timeout_s, naming the upload.
+    # checkpoint_save_sigterm: the step-10 checkpoint's writes stall and a SIGTERM (a preemption notice) arrives;
+    # the run ends within config.checkpoint.sigterm_grace_s. Either way step 5 stays complete and loadable.
+    workdir = f"gs://{RUNS}/stall-{point}"
+    op_timeout, grace = (8, 60) if point == "metrics_upload" else (120, 4)
+    args = [*bucket_args(scale_run_args, bucket_data), "--config.storage.request_timeout_s=2",
+            f"--config.storage.op_timeout_s={op_timeout}", f"--config.checkpoint.sigterm_grace_s={grace}"]
+    run = workdir[len("gs://"):].split("/", 1)[1]
+    target = f"{run}/metrics.jsonl" if point == "metrics_upload" else f"{run}/checkpoints/10/"
+    fault_proxy.set_rules([FaultRule("stall", target, "POST|PUT")])
+    env = gcs_env(fault_proxy.url, tmp_path / "cache")
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    with open(log_dir / "err", "w+") as err:
+        p = subprocess.Popen(train_cmd(workdir, args), stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+        try:
+            assert fault_proxy.stalled.wait(300), "the proxy never stalled a request"
+            t0 = time.monotonic()
+            if point == "checkpoint_save_sigterm":
+                p.send_signal(signal.SIGTERM)
+            code = p.wait(timeout=op_timeout + grace + 60)
+            elapsed = time.monotonic() - t0
+        finally:
+            if p.poll() is None:
+                p.kill()  # by pid: only the process this test started
+                p.wait(timeout=30)
+        err.seek(0)
+        stderr = err.read()
+    if point == "metrics_upload":
+        assert code == storage.EXIT_STORAGE, stderr[-4000:]
+        assert f"storage: upload {workdir}/metrics.jsonl did not finish within {op_timeout} s" in stderr, stderr[-3000:]
+        assert elapsed < op_timeout + 5, elapsed
+    else:
+        assert code == 128 + signal.SIGTERM, stderr[-4000:]
+        assert f"SIGTERM: the final checkpoint and exit did not finish within {grace} s" in stderr, stderr[-3000:]
+        assert re.search(f"waiting on checkpoint [a-z]+ {workdir}/checkpoints/10", stderr), stderr[-3000:]
+        assert elapsed < grace + 3, elapsed
+    fault_proxy.release.set()  # the stalled connection goes; the bucket answers again
+    assert complete_steps(workdir) == [5]
+    assert checkpoint_params(workdir, 5)  # the last complete checkpoint loads
 
 
 def _wait_for(path: Path, text: str, procs: list[subprocess.Popen], timeout: float) -> None:
