@@ -132,9 +132,9 @@ def _bursts(workdir: str) -> list[FaultRule]:
                           (f"{DATA}/o.*tfds", "GET")):  # data reads (the prepared MLQA-R fetched from the bucket)
         # Spaced out (`after`) so that each burst meets fresh requests, not the retries of the previous one.
         rules += [FaultRule("status", point, method, status=503, count=2),
-                  FaultRule("status", point, method, status=429, count=1, after=2),
-                  FaultRule("reset", point, method, count=1, after=4),
-                  FaultRule("slow", point, method, delay_s=1.5, count=1, after=6)]
+                  FaultRule("status", point, method, status=429, count=1, after=3),
+                  FaultRule("reset", point, method, count=1, after=6),
+                  FaultRule("slow", point, method, delay_s=1.5, count=1, after=9)]
     return rules
 
 
