@@ -3,8 +3,10 @@
     python -m mlret.evaluate --config configs/eval_xquad_r.py --hf <model folder or hub id> --out F.json
 
 Defaults match all-MiniLM-L6-v2 as sentence-transformers runs it: mean pooling, L2-normalised, no prefixes,
-256 tokens at most (its max_seq_length). For multilingual-e5 models add
-`--config.model.query_prefix="query: " --config.model.passage_prefix="passage: "`.
+256 tokens at most (its max_seq_length). A sentence-transformers folder given to `--hf` replaces them with its
+own (pooling, normalisation, prompts, max_seq_length; `--config.*` flags override the folder). For a plain
+transformers folder of multilingual-e5 add `--config.model.query_prefix="query: "
+--config.model.passage_prefix="passage: "`.
 """
 
 import os

@@ -7,6 +7,7 @@ possible but imperfect), plus distractors. The evaluator's summary must equal py
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -19,7 +20,7 @@ from mlret.config import default_config, validate
 from mlret.errors import ConfigError, DataError
 from mlret.eval import build_evaluators
 from mlret.eval.base import NgramEmbedder
-from mlret.eval.retrieval import RetrievalOptions
+from mlret.eval.retrieval import RecallError, RetrievalOptions
 from mlret.eval.tatoeba import TatoebaEvaluator, read_pair
 from mlret.eval.trec import TrecEvaluator, read_qrels, read_topics
 from mlret.eval.tydiqa import TydiQAEvaluator, read_examples
@@ -84,7 +85,8 @@ def test_trec_evaluator_equals_pytrec_eval(layout, lang, split, shared_data, tmp
 def test_trec_approximate_search_reports_its_recall(shared_data, tmp_path, caplog):
     """Ranked through ScaNN, the evaluator measures recall@100 against exact search (here on every topic, so it
     must equal the overlap with the exact evaluator's run), puts its worst language in the summary (what
-    metrics.jsonl and TensorBoard log at each evaluation) and warns below the floor."""
+    metrics.jsonl and TensorBoard log at each evaluation); below the floor it warns and, by
+    config.eval.retrieval.on_low_recall, searches again exactly (the run is then the exact run) or stops."""
     data_dir = str(shared_data / "mrtydi")
     probe = TrecEvaluator("mrtydi", "mrtydi", data_dir, "unused", ["sw"], split="test", max_queries=60)
     topics, qrels = probe.queries("sw")
@@ -93,16 +95,26 @@ def test_trec_approximate_search_reports_its_recall(shared_data, tmp_path, caplo
     emb = NgramEmbedder(dim=64)
     exact_run, _ = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60,
                                  retrieval=RetrievalOptions(method="exact")).retrieve(emb, "sw")
-    opts = RetrievalOptions(method="scann", num_leaves=20, leaves_to_search=8, recall_sample=1000, recall_floor=0.999)
+    opts = RetrievalOptions(method="scann", num_leaves=20, leaves_to_search=2, recall_sample=1000, recall_floor=0.0)
     ev = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60, retrieval=opts)
-    with caplog.at_level(logging.WARNING, logger="mlret.eval.retrieval"):
-        result = ev.run(emb)
-    run, info = ev.retrieve(emb, "sw")  # a new ScaNN build (scann takes no seed): the same call's run and recall
+    run, info = ev.retrieve(emb, "sw")  # scann takes no seed: the same call's run and recall
     overlap = np.mean([len(set(docs) & set(exact_run[q])) / 100 for q, docs in run.items()])
     assert info["recall_vs_exact"] == pytest.approx(overlap) and overlap < 0.999
-    assert 0 < result.summary["search_recall_min"] < 0.999
-    assert result.details["search"]["sw"]["recall_sample"] == len(topics)
-    assert any("below config.eval.retrieval.recall_floor" in r.getMessage() for r in caplog.records)
+    assert info["recall_sample"] == len(topics) and all(len(docs) == 100 for docs in run.values())
+    floor = dataclasses.replace(opts, recall_floor=0.999)
+    ev = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60, retrieval=floor)
+    with caplog.at_level(logging.WARNING, logger="mlret.eval.retrieval"):
+        result = ev.run(emb)
+    assert 0 < result.summary["search_recall_min"] < 0.999 and result.summary["search_exact_fallbacks"] == 1
+    assert result.details["search"]["sw"]["method"] == "exact"
+    assert result.details["index"].startswith("exact (fell back from ScaNN")
+    assert any("below config.eval.retrieval.recall_floor" in r.getMessage() and "searching again exactly"
+               in r.getMessage() for r in caplog.records)
+    assert ev.retrieve(emb, "sw")[0] == exact_run  # the fallback's run is the exact run, score for score
+    fail = dataclasses.replace(floor, on_low_recall="fail")
+    ev = TrecEvaluator("mrtydi", "mrtydi", data_dir, corpus, ["sw"], split="test", max_queries=60, retrieval=fail)
+    with pytest.raises(RecallError, match="on_low_recall=fail"):
+        ev.run(emb)
 
 
 def test_trec_readers_name_the_line(tmp_path, shared_data):

@@ -34,7 +34,7 @@ def test_lareqa_through_per_language_scann_reports_recall(xquad):
     emb = NgramEmbedder(dim=256)
     langs = ["en", "de", "zh"]
     opts = RetrievalOptions(method="scann", per_language_index=True, rank_with_index=True, rank_k=20,
-                            num_leaves=8, leaves_to_search=4, recall_sample=500)
+                            num_leaves=8, leaves_to_search=4, recall_sample=500, recall_floor=0.0)
     full = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=12, plots=False, settings=("multi",)).run(emb)
     via = LareqaEvaluator("xquad_r", xquad, langs, max_paragraphs=12, plots=False, settings=("multi",),
                           retrieval=opts).run(emb)

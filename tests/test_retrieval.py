@@ -3,6 +3,7 @@ recall against exact search, and the pool-size switch between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -12,13 +13,18 @@ from mlret.config import default_config, validate
 from mlret.eval.retrieval import (
     ExactIndex,
     PerLanguageIndex,
+    RecallError,
     RetrievalOptions,
     ScannIndex,
+    TopK,
     build_index,
+    describe_search,
     exact_topk_scores,
     merge_topk,
     recall_by_language,
     relevant_ranks,
+    scann_shape,
+    search_summary,
     search_topk,
 )
 
@@ -189,3 +195,77 @@ def test_quantised_reordering_rescores_the_final_k(clustered):
     c.eval.retrieval.reorder_dtype = "float8"
     with pytest.raises(ValueError, match="reorder_dtype"):
         validate(c)
+
+
+@pytest.mark.parametrize("reorder_dtype", ["float32", "bfloat16", "int8"])
+def test_scann_never_returns_its_padding(clustered, reorder_dtype):
+    """A tiny pool over many leaves, one searched: ScaNN reaches fewer than k candidates and pads (index 0, NaN).
+    The index searches those queries again on more leaves: every list holds k distinct candidates, each list is
+    exact search on its own candidates (float32 scores, sorted by score then index), whatever the reorder dtype."""
+    queries, cands = clustered[0][:60], clustered[1][:400]
+    index = ScannIndex(cands, 100, RetrievalOptions(num_leaves=40, leaves_to_search=1, reorder_dtype=reorder_dtype))
+    top = index.search(queries, 100)
+    assert top.info["retried_queries"] > 0 and top.info["short_queries"] == 0  # it padded, and nothing was kept
+    assert (top.found == 100).all() and all(len(set(row)) == 100 for row in top.indices.tolist())
+    for q, row, scores in zip(queries, top.indices, top.scores):
+        exact = ExactIndex(cands[row]).search(q[None], 100)
+        np.testing.assert_allclose(scores, exact.scores[0], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.sort(row), np.sort(row[exact.indices[0]]))
+
+
+def test_padding_sorts_last_and_short_lists_never_cut_others():
+    """Merged lists of different lengths keep every query's results: a short list pads only itself."""
+    idx_a = np.array([[4, 2, -1], [7, 1, 0]])
+    val_a = np.array([[0.9, 0.5, -np.inf], [0.8, 0.7, 0.1]], dtype=np.float32)
+    idx_b = np.array([[-1, -1, -1], [9, -1, -1]])
+    val_b = np.array([[-np.inf] * 3, [0.75, -np.inf, -np.inf]], dtype=np.float32)
+    idx, val = merge_topk([idx_a, idx_b], [val_a, val_b], 3)
+    np.testing.assert_array_equal(idx, [[4, 2, -1], [7, 9, 1]])
+    assert np.isneginf(val[0, 2]) and np.isfinite(val[1]).all()
+    top = TopK(idx, val, {})
+    np.testing.assert_array_equal(top.found, [2, 3])
+
+
+def test_default_shape_reaches_the_reordered_candidates():
+    for n in (50, 800, 3_000, 20_000, 1_000_000, 30_000_000):
+        for k in (10, 100):
+            leaves, searched, reorder = scann_shape(n, k, RetrievalOptions())
+            assert 1 <= searched <= leaves <= n and reorder == max(100, 4 * k)
+            assert searched == leaves or searched * n / leaves >= 2 * reorder, (n, k, leaves, searched)
+            assert searched >= leaves / 10
+    assert scann_shape(10_000, 10, RetrievalOptions(num_leaves=7, leaves_to_search=3)) == (7, 3, 100)
+
+
+def test_spherical_trees_for_unit_vectors(clustered):
+    queries, cands = clustered
+    assert ScannIndex(cands[:2000], 10, RetrievalOptions()).params["spherical"] is True
+    assert ScannIndex(cands[:2000] * 3, 10, RetrievalOptions()).params["spherical"] is False
+    assert ScannIndex(cands[:2000] * 3, 10, RetrievalOptions(spherical="true")).params["spherical"] is True
+    c = default_config()
+    c.eval.retrieval.spherical = "yes"
+    with pytest.raises(ValueError, match="eval.retrieval.spherical"):
+        validate(c)
+
+
+def test_per_language_index_without_languages_is_an_error(clustered):
+    with pytest.raises(ValueError, match="per_language_index is set but this search was given no"):
+        build_index(clustered[1][:500], 10, RetrievalOptions(method="scann", per_language_index=True))
+
+
+def test_recall_below_the_floor_searches_exactly_or_fails(caplog):
+    """A single tree over a multilingual pool, a few leaves searched: recall below the floor. By default the
+    search is done again exactly (the lists are exact search's, and say where they came from); `fail` stops."""
+    queries, cands, langs = multilingual_pool(per_lang=1500)
+    low = RetrievalOptions(method="scann", num_leaves=60, leaves_to_search=2, recall_sample=100, recall_floor=0.99)
+    with caplog.at_level(logging.WARNING, logger="mlret.eval.retrieval"):
+        top = search_topk(queries, cands, 50, low, name="pool", languages=langs)
+    exact = ExactIndex(cands).search(queries, 50)
+    assert top.info["method"] == "exact" and top.info["fallback"]["recall_vs_exact"] < 0.99
+    np.testing.assert_array_equal(top.indices, exact.indices)
+    assert any("searching again exactly" in r.getMessage() for r in caplog.records)
+    assert search_summary([top.info]) == {"search_recall_min": pytest.approx(
+        min([top.info["fallback"]["recall_vs_exact"], *top.info["fallback"]["recall_by_language"].values()])),
+        "search_exact_fallbacks": 1, "search_short_queries": 0}
+    assert describe_search([top.info]).startswith("exact (fell back from ScaNN")
+    with pytest.raises(RecallError, match="on_low_recall=fail"):
+        search_topk(queries, cands, 50, dataclasses.replace(low, on_low_recall="fail"), languages=langs)

@@ -1,7 +1,8 @@
 """A corpus spread over hosts: byte-range shards of a real corpus read back the whole corpus once, in order;
 sharded encoding equals the replicated encoder; 2 jax.distributed processes (127.0.0.1) give the same exact top
 k as 1 process (up to candidates whose scores tie to float32 noise), and ScaNN on per-host shards overlaps
-1-process ScaNN on at least 99% of its entries."""
+1-process ScaNN on at least 99% of its entries; ScaNN trees that must pad give, in one process and two, full lists
+that equal exact search on the candidates they hold."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_shard_errors_name_the_line(tmp_path):
         read_corpus_shard(str(bad), 1, 2)
 
 
-def _run(model, corpus, queries, out, processes, tmp_path, cache=None, dtype="float32"):
+def _run(model, corpus, queries, out, processes, tmp_path, cache=None, dtype="float32", pad_check=False):
     port = free_port()
     cmds = []
     for i in range(processes):
@@ -70,6 +71,8 @@ def _run(model, corpus, queries, out, processes, tmp_path, cache=None, dtype="fl
             cmd += ["--coordinator", f"127.0.0.1:{port}", "--processes", str(processes), "--process-id", str(i)]
         if cache:
             cmd += ["--cache", str(cache)]
+        if pad_check:
+            cmd += ["--pad-check"]
         cmds.append(cmd)
     procs = run_together(cmds, [scale_env(8 // processes)] * processes, 600, tmp_path / f"logs{processes}")
     for i, p in enumerate(procs):
@@ -114,3 +117,24 @@ def test_two_processes_split_an_array_record_corpus_by_records(random_bert_path,
     two, reports = _run(random_bert_path, xquad_array_record, queries, tmp_path / "two.npz", 2, tmp_path)
     assert [(r["offset"], r["rows"], r["first"]) for r in reports] == [(0, 600, ["en-0"]), (600, 600, ["de-200"])]
     assert_same_topk_up_to_ties(one["exact"], one["exact_scores"], two["exact"], two["exact_scores"])
+
+
+def test_scann_lists_that_must_pad_equal_exact_search_on_what_they_found(minilm_path, corpus, tmp_path):
+    """Real all-MiniLM-L6-v2 embeddings of 1,200 XQuAD-R sentences; ScaNN with 40 leaves per host, one searched,
+    k = 100: the first search reaches fewer than 100 candidates and ScaNN pads (index 0, NaN). For every reordering
+    dtype, in 1 process and 2: no list is cut or padded (every query keeps 100 results, no duplicates), and each
+    list is exact search on its own candidates: its scores are the float32 dot products, sorted descending."""
+    plain, _, _ = corpus
+    queries = plain.parent / "queries.json"
+    one, _ = _run(minilm_path, plain, queries, tmp_path / "one.npz", 1, tmp_path, pad_check=True)
+    two, _ = _run(minilm_path, plain, queries, tmp_path / "two.npz", 2, tmp_path, pad_check=True)
+    p, q = one["passages"].astype(np.float64), one["queries"].astype(np.float64)
+    for run in (one, two):
+        for rd in ("float32", "bfloat16", "int8"):
+            idx, scores = run[f"pad_{rd}"], run[f"pad_{rd}_scores"]
+            assert int(run[f"pad_{rd}_retried"].sum()) > 0, (rd, "ScaNN never had to pad: the test does not test it")
+            assert int(run[f"pad_{rd}_short"]) == 0 and (idx >= 0).all() and idx.shape == (len(q), 100), rd
+            assert all(len(set(row)) == 100 for row in idx.tolist()), rd
+            exact = np.einsum("qd,qkd->qk", q, p[idx])
+            np.testing.assert_allclose(scores, exact, atol=2e-5, err_msg=rd)
+            assert (np.diff(scores, axis=1) <= 0).all(), rd

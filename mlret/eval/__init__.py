@@ -23,7 +23,7 @@ from typing import Any
 from mlret.errors import ConfigError
 from mlret.eval import registry
 from mlret.eval.base import Embedder, EvalContext, EvalResult, Evaluator, EvaluatorSpec, parse_list
-from mlret.eval.retrieval import REORDER_DTYPES
+from mlret.eval.retrieval import ON_LOW_RECALL, REORDER_DTYPES, SPHERICAL
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ def validate_eval_config(config: Any) -> None:
               f"{ev.retrieval.reorder_dtype!r} is not one of {', '.join(REORDER_DTYPES)}")
     if ev.retrieval.corpus_dtype not in ("float32", "bfloat16", "float16"):
         _fail("eval.retrieval.corpus_dtype", f"{ev.retrieval.corpus_dtype!r} is not one of float32, bfloat16, float16")
+    if ev.retrieval.spherical not in SPHERICAL:
+        _fail("eval.retrieval.spherical", f"{ev.retrieval.spherical!r} is not one of {', '.join(SPHERICAL)}")
+    if ev.retrieval.on_low_recall not in ON_LOW_RECALL:
+        _fail("eval.retrieval.on_low_recall",
+              f"{ev.retrieval.on_low_recall!r} is not one of {', '.join(ON_LOW_RECALL)}")
     if not 0.0 <= ev.retrieval.recall_floor <= 1.0:
         _fail("eval.retrieval.recall_floor", f"{ev.retrieval.recall_floor} is not in [0, 1]")
     if ev.retrieval.rank_k < 1:
@@ -104,13 +109,29 @@ def flat_metrics(results: dict[str, EvalResult]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, EvalResult]) -> str:
-    """A plain-text table: one block per evaluator, one line per summary metric."""
+    """A plain-text table: one block per evaluator, one line per summary metric; then, where the details have
+    them, the index that searched (`details["index"]`) and one line per language (`details["languages"]` as
+    {language: {metric: value}}, as MIRACL / Mr. TyDi and TyDi QA report)."""
     lines = []
     for name, result in results.items():
         lines.append(f"{name}" + (f"  (step {result.step})" if result.step is not None else ""))
         for k, v in result.summary.items():
-            lines.append(f"  {k:<24} {'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'}")
+            lines.append(f"  {k:<24} {_number(v)}")
+        if result.details.get("index"):
+            lines.append(f"  search: {result.details['index']}")
+        per_lang = result.details.get("languages")
+        if isinstance(per_lang, dict) and per_lang and all(isinstance(m, dict) for m in per_lang.values()):
+            keys = list(next(iter(per_lang.values())))
+            lines.append("  " + f"{'language':<10}" + "".join(f"{k:>12}" for k in keys))
+            for lang, m in per_lang.items():
+                lines.append("  " + f"{lang:<10}" + "".join(f"{_number(m.get(k)):>12}" for k in keys))
     return "\n".join(lines)
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
 def _process_index() -> int:

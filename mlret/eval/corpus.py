@@ -3,7 +3,9 @@ read it (all of it here, one process's shard in `mlret.eval.sharded`).
 
 A corpus takes one of two forms, local or gs://:
 * jsonl: a .jsonl / .jsonl.gz file or a folder of such shards (name order), one record per line: MIRACL's
-  `{"docid", "title"?, "text"}` or Mr. TyDi's `{"id", "contents"}`. Errors name `file:line`.
+  `{"docid", "title"?, "text"}` or Mr. TyDi's `{"id", "contents"}`, either with an optional `"lang"` (the
+  passage's language, which the per-language index needs in a corpus that mixes languages: every record or
+  none carries it). Errors name `file:line`.
 * ArrayRecord: a .array_record file or a folder of such shards (name order), each record the UTF-8 JSON of one
   such record. Record counts are known up front, so a process reads its records by random access
   (`read_records(files, lo, hi)`). ArrayRecord reads local files only: a gs:// corpus is copied once to its
@@ -107,6 +109,27 @@ def corpus_record(rec: Any, where: str | Callable[[], str],
     return str(docid), passage_template.format(title=rec.get("title") or "", text=text).strip()
 
 
+def corpus_language(rec: Any, where: str | Callable[[], str]) -> str | None:
+    """The record's `"lang"` (a non-empty string), or None when it has none."""
+    lang = rec.get("lang") if isinstance(rec, dict) else None
+    if lang is not None and (not isinstance(lang, str) or not lang):
+        where = where() if callable(where) else where
+        raise DataError(f"{where}: 'lang' must be a non-empty string (a language code), got {lang!r}")
+    return lang
+
+
+def check_languages(langs: Sequence[str | None], path: str) -> list[str] | None:
+    """The records' languages when every record carries one, None when none does; a mix is an error naming the
+    corpus and the first record without one."""
+    missing = [i for i, x in enumerate(langs) if x is None]
+    if not missing:
+        return list(langs) if langs else None
+    if len(missing) == len(langs):
+        return None
+    raise DataError(f"{path}: {len(missing)} of {len(langs)} corpus records have no 'lang' (the first is record "
+                    f"{missing[0]} of this part); give every record a 'lang' or none")
+
+
 def read_corpus(path: str, passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
     """(docids, passage texts) of the whole corpus, either form (see `corpus_record`)."""
     files = corpus_files(path)
@@ -207,14 +230,19 @@ class ArrayRecordCorpus:
                     yield self.files[j], i, rec
             lo, j = self.starts[j + 1], j + 1
 
-    def read(self, lo: int, hi: int, passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
-        """(docids, passage texts) of the corpus's records [lo, hi)."""
+    def read(self, lo: int, hi: int, passage_template: str = "{title} {text}",
+             languages: list[str | None] | None = None) -> tuple[list[str], list[str]]:
+        """(docids, passage texts) of the corpus's records [lo, hi); each record's `corpus_language` is appended
+        to `languages` when given."""
         docids, texts = [], []
         for file, i, data in self.records(lo, hi):
             where = lambda file=file, i=i: f"{file}[{i}]"
-            docid, text = corpus_record(_json(data, where), where, passage_template)
+            rec = _json(data, where)
+            docid, text = corpus_record(rec, where, passage_template)
             docids.append(docid)
             texts.append(text)
+            if languages is not None:
+                languages.append(corpus_language(rec, where))
         return docids, texts
 
 

@@ -101,7 +101,7 @@ class ShardedEmbedder:
         agrees on the padded length and on when every process is done."""
         from jax.experimental import multihost_utils
 
-        from mlret.eval.sharded import _gathered
+        from mlret.eval.sharded import gathered
 
         texts = list(texts)
         n, procs = len(texts), jax.process_count()
@@ -112,7 +112,7 @@ class ShardedEmbedder:
         full = self.tokenizer.passage_len
         pad_ids, pad_mask = self._tokenize([""], "passage")
         out = None
-        total = int(_gathered(np.array([n]))[:, 0].sum())
+        total = int(gathered(np.array([n]))[:, 0].sum())
         bar = tqdm(total=total, desc="encode corpus shards", unit="text", dynamic_ncols=True, leave=False,
                    disable=not self.progress or jax.process_index() != 0 or total == 0)
         batches = self._batches(texts, local_b, "passage")
@@ -120,7 +120,7 @@ class ShardedEmbedder:
             while True:
                 rows, ids, mask = next(batches, (np.zeros(0, np.int64), None, None))
                 longest = int(mask.sum(axis=1).max()) if len(rows) else 0
-                agreed = _gathered(np.array([len(rows), longest]))
+                agreed = gathered(np.array([len(rows), longest]))
                 if agreed[:, 0].max() == 0:
                     break
                 length = bucket_length(int(agreed[:, 1].max()), full) if self.length_buckets else full

@@ -47,7 +47,7 @@ from mlret.eval.base import (
     parse_list,
     write_json,
 )
-from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
+from mlret.eval.retrieval import RetrievalOptions, describe_search, full_ranks, index_ranks, search_summary
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
                 if not keep:
                     continue
                 rel = [[golds[y][langs[x].question_ids[i]]] for i in keep]
-                ranks = rank(qx[keep], cand_emb[y], rel)
+                ranks = rank(qx[keep], cand_emb[y], rel, [y] * len(cand_emb[y]))
                 values = _per_query(ranks, np.ones(len(keep)), map_k, multi=False)
                 m = _means(values)
                 m["queries"] = len(keep)
@@ -201,10 +201,9 @@ def evaluate_embeddings(langs: dict[str, LareqaLanguage], query_emb: dict[str, n
     result["candidates"] = {x: len(langs[x].sentences) for x in order}
     result["candidates_total"] = len(all_cands)
     summary = summarize(result, map_k)
-    recalls = [min(i["recall_vs_exact"], *i.get("recall_by_language", {}).values()) for i in result.get("search", [])
-               if "recall_vs_exact" in i]
-    if recalls:  # approximate search: its worst recall against exact (overall or in a candidate language)
-        summary["search_recall_min"] = min(recalls)
+    summary.update(search_summary(result.get("search", [])))  # approximate search: recall, fallbacks, short lists
+    if "search" in result:
+        result["index"] = describe_search(result["search"])
     return EvalResult(summary=summary, details=result,
                       per_query={s: PerQuery.concat(parts) for s, parts in rows.items() if parts})
 

@@ -6,17 +6,29 @@ passes on TPUs) and are comparable between runs and machines.
 
 * `ExactIndex.search` returns the top k of every query by chunked `queries @ candidates.T`; ties are broken by
   candidate index (lower first), so the result is deterministic.
-* `ScannIndex.search` builds a ScaNN searcher (k-means tree + anisotropic asymmetric hashing + exact
-  reordering); its output is re-sorted by (score desc, index asc) so that ties at least inside the returned list
-  follow the same rule. The scann builder takes no seed, and the same embeddings and options give slightly
-  different neighbours in different processes (identical within one).
+* `ScannIndex.search` builds a ScaNN searcher (k-means tree, spherical for normalised embeddings, + anisotropic
+  asymmetric hashing + reordering). A result is never padding: ScaNN fills a query that reached fewer than k
+  candidates with index 0 and a NaN score; those slots become index -1 / score -inf, the query is searched again
+  on more leaves (doubling up to all of them), and one still short is counted (`info["short_queries"]`). Every
+  candidate found is re-scored exactly in float32 from the candidates (whatever the reordering copy's dtype) and
+  the list sorted by (score desc, index asc), so each list equals exact search on the candidates it holds. The
+  scann builder takes no seed, and the same embeddings and options give slightly different neighbours in
+  different processes (identical within one).
+* Defaults follow the pool size n (`scann_shape`): about sqrt(n) leaves, and enough leaves searched that they
+  hold on average at least twice the candidates reordered (max(100, 4 k)), and at least a tenth of the leaves.
 * `PerLanguageIndex` (option `per_language_index`) builds one index per candidate language, searches each for the
   top k and merges them. A single tree over a multilingual pool has leaves that follow the language of the text
   (docs/benchmarks.md), so searching a tenth of the leaves drops most relevant candidates in the other
-  languages; one index per language cannot drop a language.
+  languages; one index per language cannot drop a language. Asked for without the candidates' languages, it is
+  an error, never ignored.
+* Lists are [Q, k] arrays padded with index -1 and score -inf where a query has fewer than k results (a pool
+  smaller than k, or ScaNN's misses); `TopK.found` counts each query's real entries.
 * `build_index(candidates, RetrievalOptions)` picks exact search up to `scann_threshold` candidates and ScaNN
   above it (per language when asked and the languages are given); `search_topk` also measures the approximate
-  index's recall@k against exact search on a sample of queries (overall and per candidate language) and logs it.
+  index's recall@k against exact search on a sample of queries (overall and per candidate language), logs it,
+  and gates on it: below `recall_floor` the search is done again exactly (`on_low_recall="exact"`, the default)
+  or fails (`"fail"`), and says so. `search_summary` turns the searches' info into the summary keys the
+  evaluators report (`search_recall_min`, `search_exact_fallbacks`, `search_short_queries`).
 * `merge_topk` merges top-k lists of disjoint candidate sets (languages, or the shards of `mlret.eval.sharded`)
   into the top k of their union, with the same tie rule.
 * `relevant_ranks` gives the exact 1-based rank of every relevant candidate in the *full* ranking (1 + the
@@ -36,6 +48,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 REORDER_DTYPES = ("float32", "bfloat16", "int8")
+SPHERICAL = ("auto", "true", "false")
+ON_LOW_RECALL = ("exact", "fail")
 
 # Score-matrix elements held at once (float32: 128 MiB); the comparison masks in relevant_ranks add as much.
 DEFAULT_CHUNK_ELEMENTS = 2**25
@@ -47,16 +61,18 @@ class RetrievalOptions:
 
     method: str = "auto"  # auto | exact | scann
     scann_threshold: int = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
-    num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
-    leaves_to_search: int = 0  # 0: num_leaves // 10 (at least 1)
+    num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(pool size) (`scann_shape`)
+    leaves_to_search: int = 0  # 0: from the pool size, so that k candidates are reachable (`scann_shape`)
     reorder: int = 0  # candidates re-scored exactly; 0: 4 * k (at least 100)
     reorder_dtype: str = "float32"  # ScaNN's copy for re-scoring: float32 | bfloat16 | int8 (final k: float32)
+    spherical: str = "auto"  # spherical k-means tree: auto (when the candidates are unit vectors) | true | false
     per_language_index: bool = False  # one index per candidate language, searched each and merged
     training_sample_size: int = 250_000
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
     recall_sample: int = 1000  # queries on which ScaNN recall@k against exact search is measured; 0: skip
-    recall_floor: float = 0.95  # a measured recall below it is logged as a warning
+    recall_floor: float = 0.95  # a measured recall below it: a warning, and the on_low_recall action
+    on_low_recall: str = "exact"  # below recall_floor: exact (search again exactly) | fail (stop with an error)
     rank_with_index: bool = False  # LAReQA / TyDi QA: ranks from the index's top k instead of the full ranking
     rank_k: int = 100  # rank_with_index: length of the searched list (relevant items beyond it: unranked)
     corpus_dtype: str = "float32"  # corpus embeddings kept per host (mlret.eval.sharded): float32|bfloat16|float16
@@ -73,11 +89,34 @@ class RetrievalOptions:
 
 @dataclasses.dataclass
 class TopK:
-    """Search result: candidate indices and scores, [Q, k], best first. `info` says how it was found."""
+    """Search result: candidate indices and scores, [Q, k], best first, padded with index -1 and score -inf
+    where a query has fewer than k results. `info` says how it was found."""
 
     indices: np.ndarray
     scores: np.ndarray
     info: dict
+
+    @property
+    def found(self) -> np.ndarray:
+        """[Q] int: how many real results each query has (the padding is at the end of its row)."""
+        return (self.indices >= 0).sum(axis=1)
+
+
+class RecallError(RuntimeError):
+    """Approximate search whose measured recall against exact search is below the floor (on_low_recall=fail)."""
+
+
+def rescore(queries: np.ndarray, candidates: np.ndarray, indices: np.ndarray,
+            rows_per_chunk: int = 1024) -> np.ndarray:
+    """[Q, k] float32 exact scores of the listed candidates (-inf where the index is -1), in chunks of queries so
+    that the gathered [rows, k, D] candidates stay small."""
+    out = np.full(indices.shape, -np.inf, dtype=np.float32)
+    for s in range(0, len(indices), rows_per_chunk):
+        idx = indices[s:s + rows_per_chunk]
+        got = candidates[np.maximum(idx, 0)].astype(np.float32, copy=False)
+        val = np.einsum("qd,qkd->qk", queries[s:s + rows_per_chunk], got)
+        out[s:s + rows_per_chunk] = np.where(idx >= 0, val, -np.inf)
+    return out
 
 
 def check_embeddings(x: np.ndarray, what: str, low_precision: bool = False) -> np.ndarray:
@@ -129,7 +168,7 @@ def merge_topk(indices: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: i
     """The top k of the union of several [Q, k_i] top-k lists over disjoint candidate sets (global indices), by
     score descending, then index ascending: since each list holds its set's best, the union's best k are among
     them. Exact for ties too when each list broke its ties by global index (a set whose rows are in ascending
-    global order, as languages and shards are)."""
+    global order, as languages and shards are). Padding (index -1, score -inf) sorts last and stays padding."""
     idx, val = _sort_desc(np.concatenate(indices, axis=1), np.concatenate(scores, axis=1))
     return idx[:, :k], val[:, :k]
 
@@ -171,8 +210,26 @@ class ExactIndex:
         return TopK(idx, val, {"method": "exact", "pool": n})
 
 
+def scann_shape(n: int, k: int, opts: RetrievalOptions) -> tuple[int, int, int]:
+    """(num_leaves, leaves_to_search, reorder) for a pool of n candidates and top k, each from `opts` when set:
+    about sqrt(n) leaves; leaves searched so that they hold on average at least twice the reordered candidates
+    (max(100, 4 k)), and at least a tenth of the leaves (all of them for pools of a few thousand)."""
+    reorder = opts.reorder or max(100, 4 * k)
+    num_leaves = opts.num_leaves or max(1, int(round(math.sqrt(n))))
+    num_leaves = min(num_leaves, n)
+    reach = math.ceil(2 * reorder * num_leaves / max(n, 1))
+    leaves_to_search = opts.leaves_to_search or max(1, math.ceil(num_leaves / 10), reach)
+    return num_leaves, min(leaves_to_search, num_leaves), reorder
+
+
+def is_unit_norm(x: np.ndarray, tol: float = 1e-3) -> bool:
+    """Whether every row of x has L2 norm 1 within `tol` (normalised embeddings)."""
+    return bool(len(x)) and bool(np.all(np.abs(np.linalg.norm(x, axis=1) - 1.0) <= tol))
+
+
 class ScannIndex:
-    """ScaNN searcher: k-means tree, anisotropic asymmetric hashing, exact float32 reordering."""
+    """ScaNN searcher: k-means tree (spherical for unit vectors), anisotropic asymmetric hashing, reordering; the
+    final lists re-scored exactly, never padded with ScaNN's fill (see the module docstring)."""
 
     method = "scann"
 
@@ -182,19 +239,18 @@ class ScannIndex:
         self.candidates = check_embeddings(candidates, "candidate embeddings")
         n = len(self.candidates)
         self.k = min(k, n)
-        self.num_leaves = opts.num_leaves or max(1, int(round(math.sqrt(n))))
-        self.leaves_to_search = opts.leaves_to_search or max(1, self.num_leaves // 10)
-        self.reorder = opts.reorder or max(100, 4 * self.k)
+        self.num_leaves, self.leaves_to_search, self.reorder = scann_shape(n, self.k, opts)
         sample = min(n, opts.training_sample_size)
         self.reorder_dtype = opts.reorder_dtype
+        spherical = opts.spherical == "true" or (opts.spherical == "auto" and is_unit_norm(self.candidates))
         self.params = {"num_leaves": self.num_leaves, "leaves_to_search": self.leaves_to_search,
                        "reorder": self.reorder, "reorder_dtype": self.reorder_dtype, "training_sample_size": sample,
-                       "dims_per_block": opts.dims_per_block,
+                       "spherical": spherical, "dims_per_block": opts.dims_per_block,
                        "anisotropic_quantization_threshold": opts.anisotropic_quantization_threshold}
         self.searcher = (
             scann.scann_ops_pybind.builder(self.candidates, self.k, "dot_product")
             .tree(num_leaves=self.num_leaves, num_leaves_to_search=self.leaves_to_search,
-                  training_sample_size=sample)
+                  training_sample_size=sample, spherical=spherical)
             .score_ah(opts.dims_per_block,
                       anisotropic_quantization_threshold=opts.anisotropic_quantization_threshold)
             .reorder(self.reorder, quantize=_reorder_type(self.reorder_dtype))
@@ -204,27 +260,43 @@ class ScannIndex:
     def __len__(self) -> int:
         return len(self.candidates)
 
-    def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
-               reorder: int | None = None) -> TopK:
-        """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call. With a
-        quantised reordering copy, the final k are re-scored in float32 from the candidates."""
-        queries = check_embeddings(queries, "query embeddings")
-        k = min(k, len(self.candidates))
+    def _raw(self, queries: np.ndarray, k: int, leaves: int, reorder: int) -> np.ndarray:
+        """ScaNN's [Q, k] indices, -1 where it padded (its fill: index 0 with a NaN score)."""
         idx, val = self.searcher.search_batched_parallel(queries, final_num_neighbors=k,
                                                          pre_reorder_num_neighbors=reorder,
-                                                         leaves_to_search=leaves_to_search)
+                                                         leaves_to_search=leaves)
         idx = np.asarray(idx, dtype=np.int64)
-        if idx.shape[1] < k:
-            raise RuntimeError(f"ScaNN returned {idx.shape[1]} neighbours for k={k}: raise "
-                               f"config.eval.retrieval.leaves_to_search (now {self.leaves_to_search})")
-        if self.reorder_dtype == "float32":
-            val = np.asarray(val, dtype=np.float32)
-        else:
-            val = np.einsum("qd,qkd->qk", queries, self.candidates[idx])
+        if idx.shape != (len(queries), k):
+            raise RuntimeError(f"ScaNN returned shape {idx.shape} for {len(queries)} queries and k={k}")
+        return np.where(np.isfinite(np.asarray(val, dtype=np.float32)), idx, -1)
+
+    def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
+               reorder: int | None = None) -> TopK:
+        """Top k per query; `leaves_to_search` / `reorder` override the build-time values for this call. A query
+        that reaches fewer than k candidates is searched again on twice the leaves, up to all of them; the final
+        lists are re-scored in float32 from the candidates and sorted (score desc, index asc)."""
+        queries = check_embeddings(queries, "query embeddings")
+        k = min(k, len(self.candidates))
+        leaves = leaves_to_search or self.leaves_to_search
+        reorder = reorder or self.reorder
+        idx = self._raw(queries, k, leaves, reorder)
+        short = np.flatnonzero((idx < 0).any(axis=1))
+        retried, wider = len(short), leaves
+        while len(short) and wider < self.num_leaves:
+            wider = min(2 * wider, self.num_leaves)
+            again = self._raw(queries[short], k, wider, max(reorder, k))
+            better = (again >= 0).sum(axis=1) > (idx[short] >= 0).sum(axis=1)
+            idx[short[better]] = again[better]
+            short = short[(idx[short] < 0).any(axis=1)]
+        val = rescore(queries, self.candidates, idx)
         idx, val = _sort_desc(idx, val)
+        idx[~np.isfinite(val)] = -1  # padding sorted last stays padding
         info = {"method": "scann", "pool": len(self.candidates), **self.params}
-        info["leaves_to_search"] = leaves_to_search or self.leaves_to_search
-        info["reorder"] = reorder or self.reorder
+        info.update(leaves_to_search=leaves, reorder=reorder, retried_queries=retried,
+                    short_queries=len(short))
+        if len(short):
+            log.warning("ScaNN found fewer than %d candidates for %d of %d queries even on all %d leaves",
+                        k, len(short), len(queries), self.num_leaves)
         return TopK(idx, val, info)
 
 
@@ -264,19 +336,25 @@ class PerLanguageIndex:
         indices, scores, info = [], [], {}
         for lang, rows, index in self.parts:
             top = index.search(queries, k, **overrides) if index.method == "scann" else index.search(queries, k)
-            indices.append(rows[top.indices])
+            indices.append(np.where(top.indices >= 0, rows[np.maximum(top.indices, 0)], -1))
             scores.append(top.scores)
             info[lang] = top.info
         idx, val = merge_topk(indices, scores, k)
-        return TopK(idx, val, {"method": "per_language", "pool": len(self.candidates), "languages": info})
+        short = int((idx < 0).any(axis=1).sum())
+        return TopK(idx, val, {"method": "per_language", "pool": len(self.candidates), "languages": info,
+                               "short_queries": short})
 
 
 def build_index(candidates: np.ndarray, k: int, opts: RetrievalOptions | None = None,
                 languages: Sequence[str] | None = None):
     """Exact search up to `opts.scann_threshold` candidates (or when method == "exact"), ScaNN above; with
-    `opts.per_language_index` and the candidates' `languages`, one such index per language (`PerLanguageIndex`)."""
+    `opts.per_language_index`, one such index per language of the candidates' `languages` (`PerLanguageIndex`;
+    without them, an error: the option is never ignored)."""
     opts = opts or RetrievalOptions()
-    if opts.per_language_index and languages is not None:
+    if opts.per_language_index:
+        if languages is None:
+            raise ValueError("config.eval.retrieval.per_language_index is set but this search was given no "
+                             "candidate languages")
         return PerLanguageIndex(candidates, languages, k, opts)
     use_scann = opts.method == "scann" or (opts.method == "auto" and len(candidates) > opts.scann_threshold)
     if use_scann:
@@ -330,13 +408,20 @@ def is_approximate(index) -> bool:
     return index.method == "scann"
 
 
-def warn_low_recall(recall: float, opts: RetrievalOptions, name: str, k: int) -> None:
-    """Log a warning when a measured recall@k against exact search is below `opts.recall_floor`."""
-    if recall < opts.recall_floor:
-        log.warning("%s: approximate search recall@%d against exact search is %.4f, below "
-                    "config.eval.retrieval.recall_floor=%.3f: raise config.eval.retrieval.leaves_to_search / "
-                    "reorder (or per_language_index for a multilingual pool)", name or "search", k, recall,
-                    opts.recall_floor)
+def warn_low_recall(recall: float, opts: RetrievalOptions, name: str, k: int) -> bool:
+    """Whether a measured recall@k against exact search is below `opts.recall_floor`: then log a warning saying
+    what happens next (`opts.on_low_recall`: exact search, or `RecallError`)."""
+    if recall >= opts.recall_floor:
+        return False
+    what = f"{name or 'search'}: approximate search recall@{k} against exact search is {recall:.4f}, below " \
+           f"config.eval.retrieval.recall_floor={opts.recall_floor:.3f}"
+    if opts.on_low_recall == "fail":
+        raise RecallError(f"{what} (config.eval.retrieval.on_low_recall=fail): raise "
+                          "config.eval.retrieval.leaves_to_search / reorder, or set per_language_index for a "
+                          "multilingual pool")
+    log.warning("%s: searching again exactly (config.eval.retrieval.on_low_recall=exact); raise "
+                "leaves_to_search / reorder (or per_language_index for a multilingual pool) to keep ScaNN", what)
+    return True
 
 
 def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
@@ -345,7 +430,9 @@ def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
     """Top k candidates per query with the index the options pick (`build_index`; `languages`: the candidates'
     language, for the per-language index and the per-language recall). For an approximate index, recall@k
     against exact search on `opts.recall_sample` queries is measured, logged and returned in
-    `info["recall_vs_exact"]` (and `info["recall_by_language"]` when the languages are given)."""
+    `info["recall_vs_exact"]` (and `info["recall_by_language"]` when the languages are given); below
+    `opts.recall_floor` (overall or in a language) the search is done again exactly (`info["fallback"]` holds the
+    approximate search's info) or raises `RecallError`, as `opts.on_low_recall` says."""
     opts = opts or RetrievalOptions()
     queries = check_embeddings(queries, "query embeddings")
     index = build_index(candidates, k, opts, languages)
@@ -359,8 +446,58 @@ def search_topk(queries: np.ndarray, candidates: np.ndarray, k: int,
         log.info("%s: %s recall@%d against exact search on %d queries: %.4f (pool %d)", name or "search",
                  "ScaNN" if index.method == "scann" else "per-language index", k, rec["queries"], rec["recall"],
                  len(candidates))
-        warn_low_recall(min(rec["recall"], rec.get("min_language", 1.0)), opts, name, k)
+        if warn_low_recall(min(rec["recall"], rec.get("min_language", 1.0)), opts, name, k):
+            exact = ExactIndex(index.candidates, opts.chunk_elements).search(queries, k)
+            exact.info["fallback"] = out.info
+            return exact
     return out
+
+
+def search_summary(infos: Sequence[dict]) -> dict[str, float]:
+    """The summary keys of an evaluator's searches (their `TopK.info`s): `search_recall_min` (the worst measured
+    recall of an approximate search against exact search, overall or in a language, fallbacks included),
+    `search_exact_fallbacks` (searches done again exactly below the floor) and `search_short_queries` (queries
+    left with fewer than k results by an approximate index); only the keys that apply."""
+    recalls, fallbacks, short = [], 0, 0
+    for info in infos:
+        approx = info.get("fallback", info)
+        fallbacks += "fallback" in info
+        if "recall_vs_exact" in approx:
+            recalls.append(min([approx["recall_vs_exact"], *approx.get("recall_by_language", {}).values()]))
+        if approx.get("method") != "exact" and "fallback" not in info:
+            short += _short(approx)
+    out: dict[str, float] = {}
+    if recalls:
+        out["search_recall_min"] = min(recalls)
+        out["search_exact_fallbacks"] = fallbacks
+        out["search_short_queries"] = short
+    return out
+
+
+def _short(info: dict) -> int:
+    if "short_queries" in info:
+        return int(info["short_queries"])
+    return sum(_short(part) for part in info.get("languages", {}).values())
+
+
+def describe_search(infos: Sequence[dict]) -> str:
+    """One line naming the index that ran (for the printed summary and the JSON details)."""
+    kinds = []
+    for info in infos:
+        method = info.get("method", "exact")
+        if method == "per_language":
+            parts = info.get("languages", {})
+            inner = sorted({p.get("method", "exact") for p in parts.values()})
+            text = f"one index per language ({len(parts)}: {'/'.join(inner)})"
+        elif method == "scann":
+            text = f"ScaNN ({info.get('num_leaves')} leaves, {info.get('leaves_to_search')} searched" \
+                   f"{', spherical' if info.get('spherical') else ''})"
+        else:
+            text = "exact"
+        if "fallback" in info:
+            text = f"exact (fell back from {describe_search([info['fallback']])}: recall below the floor)"
+        kinds.append(text)
+    return "; ".join(dict.fromkeys(kinds)) or "exact"
 
 
 def topk_positions(indices: np.ndarray, relevant: Sequence[Sequence[int]]) -> np.ndarray:
@@ -369,7 +506,7 @@ def topk_positions(indices: np.ndarray, relevant: Sequence[Sequence[int]]) -> np
     width = max((len(r) for r in relevant), default=1) or 1
     out = np.full((len(relevant), width), np.inf)
     for qi, rel in enumerate(relevant):
-        pos = {int(c): j + 1 for j, c in enumerate(indices[qi])}
+        pos = {int(c): j + 1 for j, c in enumerate(indices[qi]) if c >= 0}
         out[qi, : len(rel)] = [pos.get(int(r), np.inf) for r in rel]
     return np.sort(out, axis=1)
 

@@ -35,7 +35,14 @@ import numpy as np
 
 from mlret import storage
 from mlret.errors import DataError
-from mlret.eval.corpus import ArrayRecordCorpus, corpus_files, corpus_record, is_array_record
+from mlret.eval.corpus import (
+    ArrayRecordCorpus,
+    check_languages,
+    corpus_files,
+    corpus_language,
+    corpus_record,
+    is_array_record,
+)
 from mlret.eval.retrieval import (
     RetrievalOptions,
     TopK,
@@ -51,7 +58,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _gathered(x: np.ndarray) -> np.ndarray:
+def gathered(x: np.ndarray) -> np.ndarray:
     """[processes, *x.shape]: every process's `x` (the same shape everywhere), on every process."""
     import jax
 
@@ -66,7 +73,7 @@ def shard_offset(n_local: int) -> tuple[int, int]:
     """(global position of this process's first record, corpus size) from every process's shard size."""
     import jax
 
-    sizes = _gathered(np.array([n_local], dtype=np.int64))[:, 0]
+    sizes = gathered(np.array([n_local], dtype=np.int64))[:, 0]
     return int(sizes[: jax.process_index()].sum()), int(sizes.sum())
 
 
@@ -97,16 +104,17 @@ def _gz_lines(file: str) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, 1)
 
 
-def read_corpus_shard(path: str, index: int = 0, count: int = 1,
-                      passage_template: str = "{title} {text}") -> tuple[list[str], list[str]]:
-    """(docids, passage texts) of shard `index` of `count` (see the module docstring), streamed."""
+def read_corpus_shard(path: str, index: int = 0, count: int = 1, passage_template: str = "{title} {text}",
+                      languages: list[str | None] | None = None) -> tuple[list[str], list[str]]:
+    """(docids, passage texts) of shard `index` of `count` (see the module docstring), streamed; each record's
+    `"lang"` (or None) is appended to `languages` when given."""
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
     files = corpus_files(path)
     if is_array_record(files):
         with ArrayRecordCorpus(files) as corpus:
             n = len(corpus)
-            return corpus.read(n * index // count, n * (index + 1) // count, passage_template)
+            return corpus.read(n * index // count, n * (index + 1) // count, passage_template, languages)
     sizes = [storage.path(f).stat().length for f in files]
     total = sum(sizes)
     lo, hi = total * index // count, total * (index + 1) // count
@@ -130,18 +138,22 @@ def read_corpus_shard(path: str, index: int = 0, count: int = 1,
             docid, text = corpus_record(rec, where, passage_template)
             docids.append(docid)
             texts.append(text)
+            if languages is not None:
+                languages.append(corpus_language(rec, where))
         pos += size
     return docids, texts
 
 
 @dataclasses.dataclass
 class CorpusShard:
-    """This process's rows of a corpus: docids, embeddings [n_local, D] and the global row of the first."""
+    """This process's rows of a corpus: docids, embeddings [n_local, D], the global row of the first, the corpus
+    size, and the records' languages (their `"lang"`; None when the records carry none)."""
 
     docids: list[str]
     embeddings: np.ndarray
     offset: int
     total: int
+    languages: list[str] | None = None
 
 
 def _numpy_dtype(name: str):
@@ -169,14 +181,17 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
     meta = json.dumps({"corpus": path, "template": passage_template, "dtype": dtype, "key": key})
     if cache and cache.exists():
         with cache.open("rb") as f, np.load(f) as z:
-            if str(z["meta"]) == meta:
+            if str(z["meta"]) == meta and "languages" in z:
                 docids = json.loads(str(z["docids"]))
+                langs = json.loads(str(z["languages"]))
                 emb = z["embeddings"].view(np_dtype) if dtype == "bfloat16" else z["embeddings"]
                 offset, total = shard_offset(len(docids))
                 log.info("corpus shard %d/%d from %s (%d passages)", index, count, cache, len(docids))
-                return CorpusShard(docids, emb, offset, total)
+                return CorpusShard(docids, emb, offset, total, langs)
         log.info("%s was made by other settings: encoding again", cache)
-    docids, texts = read_corpus_shard(path, index, count, passage_template)
+    record_langs: list[str | None] = []
+    docids, texts = read_corpus_shard(path, index, count, passage_template, record_langs)
+    langs = check_languages(record_langs, path)
     offset, total = shard_offset(len(docids))
     log.info("corpus shard %d/%d of %s: passages %d to %d of %d", index, count, path, offset,
              offset + len(docids), total)
@@ -191,9 +206,10 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
         tmp = cache.parent / f"{cache.name}.tmp.npz"
         stored = emb.view(np.uint16) if dtype == "bfloat16" else emb
         with tmp.open("wb") as f:
-            np.savez(f, meta=np.array(meta), docids=np.array(json.dumps(docids)), embeddings=stored)
+            np.savez(f, meta=np.array(meta), docids=np.array(json.dumps(docids)), embeddings=stored,
+                     languages=np.array(json.dumps(langs)))
         tmp.replace(cache)
-    return CorpusShard(docids, emb, offset, total)
+    return CorpusShard(docids, emb, offset, total, langs)
 
 
 def _global_options(opts: RetrievalOptions, pool: int) -> RetrievalOptions:
@@ -206,17 +222,19 @@ def _global_options(opts: RetrievalOptions, pool: int) -> RetrievalOptions:
 
 def _local_then_merged(queries: np.ndarray, shard: np.ndarray, offset: int, k: int, opts: RetrievalOptions,
                        languages: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Each process's top k of its shard (global rows), all-gathered and merged: [Q, k] with index -1 / score
+    -inf where a query has fewer than k results (each query keeps all it has: a short list never cuts another)."""
     idx = np.full((len(queries), k), -1, dtype=np.int64)
     val = np.full((len(queries), k), -np.inf, dtype=np.float32)  # padding (a shard smaller than k) sorts last
     info: dict[str, Any] = {"method": opts.method}
     if len(shard):
         top = build_index(shard, k, opts, languages).search(queries, k)
-        idx[:, : top.indices.shape[1]] = top.indices + offset
-        val[:, : top.scores.shape[1]] = top.scores
+        width = top.indices.shape[1]
+        idx[:, :width] = np.where(top.indices >= 0, top.indices + offset, -1)
+        val[:, :width] = top.scores
         info = top.info
-    merged_idx, merged_val = merge_topk(list(_gathered(idx)), list(_gathered(val)), k)
-    keep = np.isfinite(merged_val).all(axis=0)  # the columns every query fills (all of them when k <= pool)
-    return merged_idx[:, keep], merged_val[:, keep], info
+    merged_idx, merged_val = merge_topk(list(gathered(idx)), list(gathered(val)), k)
+    return merged_idx, merged_val, info
 
 
 def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
@@ -224,35 +242,48 @@ def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
                  name: str = "") -> TopK:
     """The global top k of `queries` (the same on every process) over all processes' shards: each searches its
     `shard` (rows `offset`...) with the index the options pick for the whole pool, the lists are all-gathered and
-    merged. `languages`: this shard's candidates' (per-language index). For an approximate index, recall@k
-    against exact sharded search on `opts.recall_sample` queries is in `info["recall_vs_exact"]`, with a warning
-    below `opts.recall_floor`."""
+    merged ([Q, min(k, pool)], padded with -1 / -inf only where a query has fewer results; `TopK.found`).
+    `languages`: this shard's candidates' (the per-language index needs them). For an approximate index, recall@k
+    against exact sharded search on `opts.recall_sample` queries is in `info["recall_vs_exact"]`; below
+    `opts.recall_floor` the search is done again exactly (`info["fallback"]`) or raises `RecallError`
+    (`opts.on_low_recall`): the merged lists and the recall are the same on every host, so they all decide alike."""
     opts = opts or RetrievalOptions()
     queries = check_embeddings(queries, "query embeddings")
-    sizes = _gathered(np.array([len(shard)], dtype=np.int64))[:, 0]
-    opts = _global_options(opts, int(sizes.sum()))
+    sizes = gathered(np.array([len(shard)], dtype=np.int64))[:, 0]
+    pool = int(sizes.sum())
+    k = min(k, pool)
+    opts = _global_options(opts, pool)
+    if opts.method == "exact":  # one exact index or one per language: the same lists
+        opts = dataclasses.replace(opts, per_language_index=False)
     idx, val, info = _local_then_merged(queries, shard, offset, k, opts, languages)
-    info = {**info, "pool": int(sizes.sum()), "shards": len(sizes)}
+    short = int((idx < 0).any(axis=1).sum())
+    info = {**info, "pool": pool, "shards": len(sizes), "short_queries": short}
     approximate = opts.method == "scann"
+    if short:
+        log.warning("%s: %d of %d queries have fewer than %d results", name or "search", short, len(queries), k)
     if approximate and opts.recall_sample > 0:
+        exact_opts = dataclasses.replace(opts, method="exact", per_language_index=False)
         rng = np.random.default_rng(opts.seed)
         pick = np.sort(rng.choice(len(queries), size=min(opts.recall_sample, len(queries)), replace=False))
-        exact = _local_then_merged(queries[pick], shard, offset, k, dataclasses.replace(opts, method="exact"),
-                                   None)[0]
+        exact = _local_then_merged(queries[pick], shard, offset, k, exact_opts, None)[0]
         info["recall_vs_exact"] = topk_recall(idx[pick], exact)
         info["recall_sample"] = len(pick)
-        warn_low_recall(info["recall_vs_exact"], opts, name, k)
+        if warn_low_recall(info["recall_vs_exact"], opts, name, k):
+            idx, val, exact_info = _local_then_merged(queries, shard, offset, k, exact_opts, None)
+            info = {**exact_info, "pool": pool, "shards": len(sizes), "short_queries": 0, "fallback": info}
     return TopK(idx, val, info)
 
 
 def global_docids(indices: np.ndarray, shard: CorpusShard) -> list[list[str]]:
-    """The docids of global rows [Q, k]: each process fills in its shard's, all-gathered (every host gets all)."""
-    mine = (indices >= shard.offset) & (indices < shard.offset + len(shard.docids))
+    """The docids of global rows [Q, k]: each process fills in its shard's, all-gathered (every host gets all).
+    Each query's list holds its real results only (its -1 padding, at the end of the row, is left out)."""
+    mine = (indices >= shard.offset) & (indices < shard.offset + len(shard.docids))  # -1 (no result): nobody's
     encoded = {int(i): shard.docids[int(i) - shard.offset].encode("utf-8") for i in np.unique(indices[mine])}
-    width = int(_gathered(np.array([max(map(len, encoded.values()), default=1)]))[:, 0].max())
+    width = int(gathered(np.array([max(map(len, encoded.values()), default=1)]))[:, 0].max())
     buf = np.zeros((*indices.shape, width), dtype=np.uint8)
     for (q, j), i in zip(np.argwhere(mine), indices[mine]):
         b = encoded[int(i)]
         buf[q, j, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    full = _gathered(buf).max(axis=0)  # one process owns each entry; the others left zeros
-    return [[bytes(row).rstrip(b"\0").decode("utf-8") for row in q] for q in full]
+    full = gathered(buf).max(axis=0)  # one process owns each entry; the others left zeros
+    return [[bytes(row).rstrip(b"\0").decode("utf-8") for row, i in zip(q, rows) if i >= 0]
+            for q, rows in zip(full, indices)]

@@ -16,6 +16,13 @@ names them (`corpus`, a path with `{lang}`, local or gs://) in either form of `m
 Mr. TyDi's `{"id", "contents"}` (its docs.jsonl), as the training readers take them; or the same records as an
 .array_record file or folder of shards (`python -m mlret.eval.corpus --to-array-record`), which each process
 reads its exact share of by record count.
+
+A corpus path without `{lang}` is shared by the topic languages and encoded once per evaluation. With
+`config.eval.retrieval.per_language_index` and approximate search, the index is built per passage language: the
+records' `"lang"` field, or, when the records carry none, the topic language for a per-language corpus (a path
+with `{lang}`); a shared corpus without `"lang"` fields cannot honour the option and is an error (exact search
+needs no languages: one exact index per language gives the same lists). A language whose qrels name no
+docid of the corpus is logged as a warning naming both files (its scores would be silent zeros).
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from mlret.errors import DataError
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.corpus import open_text
-from mlret.eval.retrieval import RetrievalOptions
-from mlret.eval.sharded import encode_corpus_shard, global_docids, sharded_topk
+from mlret.eval.retrieval import RetrievalOptions, describe_search, search_summary
+from mlret.eval.sharded import CorpusShard, encode_corpus_shard, gathered, global_docids, sharded_topk
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +124,66 @@ class TrecEvaluator:
         self._queries[lang] = kept, {q: qrels[q] for q in kept}
         return self._queries[lang]
 
-    def retrieve(self, embedder: Embedder, lang: str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    def shared_corpus(self) -> bool:
+        """Whether every topic language searches the same corpus (a path without `{lang}` / `{split}` per lang)."""
+        return len({self.paths(lang)[2] for lang in self.languages}) == 1 and len(self.languages) > 1
+
+    def _shard(self, embedder: Embedder, path: str, shards: dict[str, CorpusShard]) -> CorpusShard:
+        """This host's encoded shard of the corpus at `path`, encoded once per evaluation (kept in `shards` while
+        another language still needs it)."""
+        if path not in shards:
+            shards[path] = encode_corpus_shard(embedder, path, passage_template=self.passage_template,
+                                               dtype=self.retrieval.corpus_dtype)
+        return shards[path]
+
+    def _candidate_languages(self, shard: CorpusShard, lang: str, path: str) -> list[str] | None:
+        """The passages' languages for the per-language index (None without it, or for exact search, where one
+        index per language gives the same lists; see the module docstring)."""
+        opts = self.retrieval
+        exact = opts.method == "exact" or (opts.method == "auto" and shard.total <= opts.scann_threshold)
+        if not opts.per_language_index or exact:
+            return None
+        tagged = gathered(np.array([shard.languages is not None or not shard.docids], dtype=bool))
+        if tagged.all():
+            return shard.languages or []
+        if self.shared_corpus():
+            raise DataError(f"{path}: config.eval.retrieval.per_language_index is set, but this corpus is shared by "
+                            f"the topic languages ({', '.join(self.languages)}) and its records carry no 'lang' "
+                            "field: add one to every record, or unset per_language_index")
+        return [lang] * len(shard.docids)  # a per-language corpus: its passages are in the topic language
+
+    def _check_qrels(self, lang: str, shard: CorpusShard) -> float:
+        """Share of the judged docids (of the kept topics) found in the corpus; none at all is a warning."""
+        _, qrels = self.queries(lang)
+        judged = {d for q in qrels.values() for d in q}
+        local = len(judged & set(shard.docids))
+        found = int(gathered(np.array([local], dtype=np.int64)).sum())
+        if judged and not found:
+            topics, qrels_path, corpus = self.paths(lang)
+            log.warning("%s/%s: none of the %d docids judged in %s is in the corpus %s: every score of this "
+                        "language is zero; check that the qrels and the corpus belong together", self.name, lang,
+                        len(judged), qrels_path, corpus)
+        return found / len(judged) if judged else float("nan")
+
+    def retrieve(self, embedder: Embedder, lang: str, shards: dict[str, CorpusShard] | None = None,
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """The run {qid: {docid: score}} of the top k passages per topic, and how it was searched.
 
         The corpus is spread over the processes (`mlret.eval.sharded`): each reads, encodes and searches its
-        shard only, and the hosts' top k are merged; in one process the shard is the whole corpus."""
+        shard only, and the hosts' top k are merged; in one process the shard is the whole corpus. `shards`
+        keeps encoded corpora between the languages of one evaluation."""
 
         topics, _ = self.queries(lang)
         _, _, corpus_path = self.paths(lang)
         q = embed(embedder.queries, list(topics.values()), f"{self.name}/{lang} topics")
-        shard = encode_corpus_shard(embedder, corpus_path, passage_template=self.passage_template,
-                                    dtype=self.retrieval.corpus_dtype)
+        shard = self._shard(embedder, corpus_path, {} if shards is None else shards)
         log.info("%s/%s: %d topics against %d passages (%d on this host)", self.name, lang, len(topics),
                  shard.total, len(shard.docids))
-        top = sharded_topk(q, shard.embeddings, shard.offset, self.top_k, self.retrieval, name=f"{self.name}/{lang}")
+        top = sharded_topk(q, shard.embeddings, shard.offset, self.top_k, self.retrieval,
+                           languages=self._candidate_languages(shard, lang, corpus_path), name=f"{self.name}/{lang}")
         docids = global_docids(top.indices, shard)
         run = {qid: {d: float(s) for d, s in zip(docids[i], top.scores[i])} for i, qid in enumerate(topics)}
-        return run, top.info
+        return run, {**top.info, "qrels_docids_in_corpus": self._check_qrels(lang, shard)}
 
     def run(self, embedder: Embedder, output_dir: str | None = None) -> EvalResult:
         """Summary: macro means over languages; per query: setting "queries", one row per scored topic."""
@@ -141,8 +191,12 @@ class TrecEvaluator:
         per_lang: dict[str, dict[str, float]] = {}
         search: dict[str, Any] = {}
         rows = []
-        for lang in self.languages:
-            run, info = self.retrieve(embedder, lang)
+        shards: dict[str, CorpusShard] = {}
+        for i, lang in enumerate(self.languages):
+            run, info = self.retrieve(embedder, lang, shards)
+            later = {self.paths(x)[2] for x in self.languages[i + 1:]}
+            for path in [p for p in shards if p not in later]:  # no later language searches it: free it
+                del shards[path]
             _, qrels = self.queries(lang)
             per_query = M.trec_metrics(run, qrels, ndcg_k=(10,), recall_k=(100,), rr_k=(100,))
             means = M.mean_metrics(per_query)
@@ -152,11 +206,9 @@ class TrecEvaluator:
             search[lang] = info
         summary = {k: macro_mean({x: m[k] for x, m in per_lang.items()}) for k in names}
         summary["mrr"] = summary["mrr100"]
-        recalls = [info["recall_vs_exact"] for info in search.values() if "recall_vs_exact" in info]
-        if recalls:  # approximate search: its worst language's recall against exact search, logged every time
-            summary["search_recall_min"] = min(recalls)
+        summary.update(search_summary(list(search.values())))
         return EvalResult(summary=summary, details={
-            "languages": per_lang, "search": search,
+            "languages": per_lang, "search": search, "index": describe_search(list(search.values())),
             "options": {"data_dir": self.data_dir, "corpus": self.corpus, "split": self.split, "top_k": self.top_k,
                         "max_queries": self.max_queries}}, per_query={"queries": PerQuery.concat(rows)})
 

@@ -30,7 +30,7 @@ from mlret.data import datasets
 from mlret.errors import DataError
 from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
-from mlret.eval.retrieval import RetrievalOptions, full_ranks, index_ranks
+from mlret.eval.retrieval import RetrievalOptions, describe_search, full_ranks, index_ranks, search_summary
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class TydiQAEvaluator:
             kept, copy = unique_texts([passages[c] for c in cols])
             local = np.cumsum([0] + [len(examples[i]["passages"]) for i in idx])
             rel = [sorted({int(copy[local[j] + g]) for g in examples[i]["gold"]}) for j, i in enumerate(idx)]
-            r = rank(q[idx], p[cols[kept]], rel)
+            r = rank(q[idx], p[cols[kept]], rel, [examples[idx[0]]["lang"]] * len(kept))
             ranks[idx, : r.shape[1]] = r
             pool[idx] = len(kept)
         mrr = M.reciprocal_rank(ranks, k=self.mrr_k or None)
@@ -153,13 +153,12 @@ class TydiQAEvaluator:
                               "mean_candidates": float(pool[sel].mean())}
         summary = {"mrr": macro_mean({x: m["mrr"] for x, m in per_lang.items()}),
                    "acc1": macro_mean({x: m["acc1"] for x, m in per_lang.items()})}
-        recalls = [i["recall_vs_exact"] for i in search.get(self.name, []) if "recall_vs_exact" in i]
-        if recalls:
-            summary["search_recall_min"] = min(recalls)
+        summary.update(search_summary(search.get(self.name, [])))
         questions = PerQuery([ex["id"] for ex in examples], [ex["lang"] for ex in examples],
                              {"mrr": np.asarray(mrr, np.float64), "acc1": np.asarray(acc1, np.float64)})
         return EvalResult(summary=summary, details={
             "languages": per_lang, "skipped": skipped, "search": search.get(self.name, []),
+            **({"index": describe_search(search[self.name])} if search.get(self.name) else {}),
             "options": {"path": self.path, "candidates": self.candidates, "mrr_k": self.mrr_k,
                         "max_examples": self.max_examples, "min_votes": self.min_votes}},
             per_query={"questions": questions})
