@@ -4,8 +4,10 @@
 #
 #   launch/tpu_pod.sh --tpu NAME [--zone Z] [--project P] [options] [--] TRAIN_ARGS...
 #
-# Three steps, each one `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...`, so every worker does
-# the same thing at the same time:
+# First, on this machine, `python -m mlret.compile --topology T TRAIN_ARGS` compiles the run's train step for the
+# pod's topology with the XLA:TPU compiler (libtpu, no TPU): a config that cannot fit in HBM or that the compiler
+# rejects stops here, before anything reaches the pod (--skip-compile-check skips it). Then three steps, each one
+# `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...`, so every worker does the same thing at once:
 #   1. code: the local working tree (tracked and untracked-but-not-ignored files, `git ls-files`) is packed and
 #      copied to every worker (`tpu-vm scp --worker=all`), or, with --repo URL, every worker clones URL and checks
 #      out one commit (--ref; default: the local HEAD commit, which must be pushed), never a moving branch;
@@ -23,6 +25,9 @@
 #   --remote-dir DIR    where the code goes on each worker, relative to the home directory (default: mlret)
 #   --repo URL [--ref REF]   ship the code by git clone instead of copying the local tree
 #   --python PY         the worker's Python >= 3.11 that creates the virtualenv (default: python3)
+#   --topology T (or MLRET_TPU_TOPOLOGY)  the pod's TPU topology for the compile check, e.g. v5e:4x4, v4:2x2x2
+#   --num-slices N      slices of a multi-slice run (default 1; the config's mesh.dcn_data must match)
+#   --skip-compile-check   do not compile locally first (the local Python is $PYTHON, default python, with libtpu)
 #   --skip-setup        only train (code and virtualenv already on the workers)
 #   --setup-only        only ship the code and install
 #   --detach            train under nohup, logs in DIR/train.log on each worker; the ssh session may end
@@ -43,6 +48,9 @@ remote_dir=mlret
 repo=""
 ref=""
 python=python3
+topology=${MLRET_TPU_TOPOLOGY:-}
+num_slices=1
+compile_check=1
 do_setup=1
 do_train=1
 detach=0
@@ -58,6 +66,9 @@ while (($#)); do
         --repo) repo=${2:?--repo needs a git URL}; shift ;;
         --ref) ref=${2:?--ref needs a commit or tag}; shift ;;
         --python) python=${2:?--python needs an interpreter}; shift ;;
+        --topology) topology=${2:?--topology needs a topology such as v5e:4x4}; shift ;;
+        --num-slices) num_slices=${2:?--num-slices needs a number}; shift ;;
+        --skip-compile-check) compile_check=0 ;;
         --skip-setup) do_setup=0 ;;
         --setup-only) do_train=0 ;;
         --detach) detach=1 ;;
@@ -88,6 +99,18 @@ on_workers() {
 }
 
 q() { printf '%q' "$1"; }
+
+# The compile check: the run's train step compiled here for the pod's topology; nothing is shipped if it fails.
+if ((do_train && compile_check)); then
+    [[ -n $topology ]] || mlret_die "no --topology: pass the pod's topology (e.g. --topology v5e:4x4) for the local \
+compile check, or --skip-compile-check"
+    if ! run_local "${PYTHON:-python}" -m mlret.compile --topology "$topology" --num_slices "$num_slices" --no_eval "$@"
+    then
+        mlret_die "the compile check for $topology failed (above): nothing was copied to the pod; fix the config, or \
+pass --skip-compile-check"
+    fi
+fi
+
 dir=$(q "$remote_dir")
 
 if ((stop)); then

@@ -775,6 +775,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--grad_cache_per_device", type=int, default=32,
                    help="--find_max_batch: gradient-cache chunk in pairs per data-parallel device (default 32)")
     p.add_argument("--max_batch_limit", type=int, default=1 << 17, help="--find_max_batch: stop searching here")
+    # mlret.train's own flags, so that a run's arguments can be passed as they are (launch/tpu_pod.sh does).
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:

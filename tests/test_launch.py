@@ -447,15 +447,18 @@ def gcloud_calls(env: dict) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("source", ["copy", "git"])
-def test_tpu_pod_sets_up_and_trains_on_every_worker(pod, source):
-    env = pod["env"]
-    opts = ["--tpu", "pod-1", "--zone", "us-central2-b"]
+def test_tpu_pod_sets_up_and_trains_on_every_worker(pod, fakes, source):
+    env = dict(pod["env"], PYTHON=fakes["python"])  # the local Python of the compile check
+    opts = ["--tpu", "pod-1", "--zone", "us-central2-b", "--topology", "v5e:4x4"]
     if source == "git":
         opts += ["--repo", str(pod["repo"])]  # a clone URL every (fake) worker reaches
     dry = run([pod["sh"], "--dry-run", *opts, "--", *TPU_TRAIN_ARGS], env)
     assert dry.returncode == 0, dry.stderr
     assert not gcloud_calls(env), "a dry run called gcloud"
     lines = dry_lines(dry.stdout)
+    # First, before anything is shipped: the run's train step compiled here for the pod's topology.
+    assert lines[0] == ("local", [fakes["python"], "-m", "mlret.compile", "--topology", "v5e:4x4", "--num_slices",
+                                  "1", "--no_eval", *TPU_TRAIN_ARGS])
     ssh = [words for label, words in lines if label == "local" and words[:5] == ["gcloud", "compute", "tpus",
                                                                                "tpu-vm", "ssh"]]
     for words in ssh:
@@ -473,6 +476,8 @@ def test_tpu_pod_sets_up_and_trains_on_every_worker(pod, source):
 
     real = run([pod["sh"], *opts, "--", *TPU_TRAIN_ARGS], env)
     assert real.returncode == 0, real.stderr
+    [check] = events(Path(env["FAKE_LOG"]), "start")
+    assert check["argv"] == lines[0][1][1:]
     assert [flag(c, "command") for c in gcloud_calls(env) if c[3] == "ssh"] == commands
     for w in pod["workers"]:
         tree = w / "mlret"
@@ -492,6 +497,23 @@ def test_tpu_pod_sets_up_and_trains_on_every_worker(pod, source):
         assert start["env"]["MLRET_MODEL"] == "intfloat/multilingual-e5-base"
         # exec keeps the shell's pid, so the pid file that --stop reads names the training process itself.
         assert (tree / ".mlret-train.pid").read_text().strip() == str(start["pid"])
+
+
+def test_tpu_pod_ships_nothing_when_the_compile_check_fails(pod, tmp_path):
+    failing = write_exe(tmp_path / "compile-fails", "#!/bin/sh\necho 'mlret.compile: does not fit' >&2\nexit 3\n")
+    env = dict(pod["env"], PYTHON=str(failing))
+    out = run([pod["sh"], "--tpu", "pod-1", "--topology", "v5e:4x4", "--", *TPU_TRAIN_ARGS], env)
+    assert out.returncode != 0
+    assert "does not fit" in out.stderr and "compile check for v5e:4x4 failed" in out.stderr
+    assert not gcloud_calls(env), "the pod was touched although the compile check failed"
+
+
+def test_tpu_pod_needs_a_topology_or_the_skip_flag(pod):
+    out = run([pod["sh"], "--tpu", "pod-1", "--dry-run", "--", *TPU_TRAIN_ARGS], pod["env"])
+    assert out.returncode != 0 and "--topology" in out.stderr and "--skip-compile-check" in out.stderr
+    out = run([pod["sh"], "--tpu", "pod-1", "--dry-run", "--skip-compile-check", "--", *TPU_TRAIN_ARGS], pod["env"])
+    assert out.returncode == 0, out.stderr
+    assert not any("mlret.compile" in words for _, words in dry_lines(out.stdout))
 
 
 def test_tpu_pod_refuses_an_old_python(pod, tmp_path):

@@ -1,0 +1,225 @@
+"""The paper's models compiled for real TPU topologies on this CPU machine (mlret.compile): HBM per chip, fits or
+not, FLOPs, collectives and the roofline bound of a step, for docs/benchmarks.md.
+
+    python benchmarks/tpu_compile.py --budget_s 420          # compile the next rows not yet measured, for 7 min
+    python benchmarks/tpu_compile.py --write                 # the table from what is measured so far
+
+Rows are measured in priority order (XLM-R base padded first, then LaBSE, then packed) and appended to
+benchmarks/tpu_compile.jsonl as they finish, so a run under a time budget resumes where the last stopped; each row
+is one XLA:TPU compilation (35-120 s on the two cores here). Settings: configs/paper.py (hybrid batches, bf16
+compute, lengths 64/256, G = 2, no remat), the architectures from `--model_config builtin` (no weights here), and:
+
+- the paper's batch of 100 where it divides the data-parallel size (v4-8: 4 chips), else the next multiple of it
+  (the step splits the batch evenly over the chips: mlret.parallel.validate_mesh);
+- pod batches 1,024 / 4,096 / 16,384, with gradient caching in chunks of 32 pairs per chip where that makes more
+  than one chunk, then (lower priority) without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only TPU devices come from libtpu, not a backend
+
+from benchmarks._docs import cpu_summary, markdown_table, write_section  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "tpu_compile.jsonl"
+START, END = "<!-- tpu_compile:start -->", "<!-- tpu_compile:end -->"
+# (label, topology, slices, chips): v4-8 and v5p-128 count TensorCores, v5e / v6e names count chips.
+TOPOLOGIES = [("v4-8", "v4:2x2x1", 1, 4), ("v5e-16", "v5e:4x4", 1, 16), ("v5e-256", "v5e:16x16", 1, 256),
+              ("v5p-128", "v5p:4x4x4", 1, 64), ("2 x v6e-16", "v6e:4x4", 2, 32)]
+MODELS = [("xlmr_base", "XLM-R base"), ("labse", "LaBSE")]
+PER_CHIP_CHUNK = 32
+
+
+def rows() -> list[dict]:
+    """Every row of the table, most important first: the paper's batch and the gradient-cached pod batches of
+    both models, padded then packed, on every pod; then the pod batches without gradient caching."""
+    out = []
+    for tier in (0, 1):
+        for packing in (False, True):
+            for model, _ in MODELS:
+                for label, topo, slices, _ in TOPOLOGIES:
+                    batches = [("paper", None, False), *((f"{b:,} GC", b, True) for b in (1024, 4096, 16384))]
+                    if tier:
+                        batches = [(f"{b:,}", b, False) for b in (1024, 4096, 16384)]
+                    for name, b, gc in batches:
+                        out.append({"model": model, "pod": label, "topology": topo, "slices": slices,
+                                    "batch_label": name, "batch": b, "grad_cache": gc, "packing": packing})
+    return out
+
+
+def key(r: dict) -> tuple:
+    return (r["model"], r["topology"], r["slices"], r["batch_label"], r["packing"])
+
+
+def resolve(row: dict, chips: int) -> tuple[int, int] | None:
+    """(global batch, gradient-cache chunk) of a row on `chips` data-parallel chips; None for a gradient-cached
+    row whose chunk of 32 pairs per chip would be the whole batch (nothing to cache)."""
+    b = row["batch"] if row["batch"] is not None else -(-100 // chips) * chips
+    if not row["grad_cache"]:
+        return b, 0
+    chunk = PER_CHIP_CHUNK * chips
+    return (b, chunk) if chunk < b and b % chunk == 0 else None
+
+
+def measured() -> dict[tuple, dict]:
+    if not RESULTS.exists():
+        return {}
+    return {key(r): r for r in map(json.loads, RESULTS.read_text().splitlines())}
+
+
+def measure(row: dict, devices_cache: dict) -> dict | None:
+    from mlret import compile as C
+
+    tk = (row["topology"], row["slices"])
+    if tk not in devices_cache:
+        devices_cache[tk] = C.topology_devices(row["topology"], row["slices"])
+    settings = resolve(row, len(devices_cache[tk]))
+    if settings is None:
+        return None
+    row = dict(row, global_batch=settings[0], grad_cache_chunk=settings[1])
+    overrides = [f"data.global_batch={row['global_batch']}", f"train.grad_cache_chunk={row['grad_cache_chunk']}",
+                 f"data.packing={row['packing']}", f"mesh.dcn_data={row['slices']}"]
+    config = C.load_config(str(REPO / "configs" / "paper.py") + f":{row['model']},hybrid", overrides)
+    t0 = time.perf_counter()
+    out = dict(row, load=os.getloadavg()[0], date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
+    try:
+        r = C.check(config, row["topology"], num_slices=row["slices"], model_config="builtin", eval_step=False,
+                    devices=devices_cache[tk])
+        r["collectives"].pop("ops")
+        out["report"] = r
+    except C.DoesNotFit as e:
+        out["does_not_fit"] = str(e)
+    except C.ConfigError as e:
+        out["error"] = str(e)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(results: dict[tuple, dict]) -> str:
+    header = ["model", "pod (topology)", "batch", "layout", "HBM/chip GiB (args+temp)", "of HBM", "fits",
+              "FLOPs/step compiler (formula)", "collectives per step", "loss gather", "step bound ms",
+              "pairs/s bound", "MFU at bound", "compile s"]
+    lines = []
+    for row in rows():
+        r = results.get(key(row))
+        if r is None:
+            continue
+        name = dict(MODELS)[row["model"]]
+        pod = f"{row['pod']} ({row['topology']}{' x2' if row['slices'] == 2 else ''})"
+        layout = "packed" if row["packing"] else "padded"
+        batch = f"{r['global_batch']:,}" + (f" GC {r['grad_cache_chunk']}" if r["grad_cache_chunk"] else "")
+        if "report" not in r:
+            why = "no: compiler out of HBM" if "does_not_fit" in r else f"error: {r['error'][:80]}"
+            need = ""
+            if "does_not_fit" in r and "needed" in r["does_not_fit"]:
+                need = r["does_not_fit"].split("(XLA: ")[1].split(")")[0]
+            lines.append([name, pod, batch, layout, need or "-", "-", why, "-", "-", "-", "-", "-", "-", r["seconds"]])
+            continue
+        rep = r["report"]
+        mem, fl, roof = rep["memory"], rep["flops"], rep["roofline"]
+        colls = ", ".join(f"{k} {v['count']}x {v['bytes_per_step'] / 2**20:.0f} MiB"
+                          for k, v in rep["collectives"]["by_kind"].items())
+        lg = rep["loss_gather"]
+        gather = (f"{lg['embedding_gathers_per_step']}x {', '.join(lg['embedding_gather_shapes'])}"
+                  + (f"; other: {lg['other_gathers_per_step']}" if lg["other_gathers_per_step"] else ""))
+        flops = (f"{fl['compiler_total']:.2e}" + ("*" if fl.get("loops_counted_once") else "")
+                 + f" ({fl['formula_total']:.2e})")
+        lines.append([name, pod, batch, layout,
+                      f"{_gib(mem['total_bytes'])} ({_gib(mem['argument_bytes'])}+{_gib(mem['temp_bytes'])})",
+                      f"{mem['fraction_of_hbm']:.0%}", "yes" if mem["fits"] else "no (headroom)", flops, colls,
+                      gather, f"{roof['step_seconds_lower_bound'] * 1e3:.1f}",
+                      f"{roof['examples_per_second_upper_bound']:,.0f}", f"{roof['mfu_at_bound']:.0%}",
+                      rep["compile_seconds"]])
+    return markdown_table(header, lines)
+
+
+def write(results: dict[tuple, dict]) -> None:
+    chips = {t: c for _, t, _, c in TOPOLOGIES}
+    planned = [r for r in rows() if resolve(r, chips[r["topology"]]) is not None]
+    total, done = len(planned), sum(key(r) in results for r in planned)
+    loads = [r["load"] for r in results.values()]
+    dates = sorted(r["date"] for r in results.values())
+    text = f"""## TPU ahead-of-time compilation: the paper's models on real topologies (mlret.compile)
+
+Command: `python benchmarks/tpu_compile.py --budget_s 420` (repeated; rows resume from
+benchmarks/tpu_compile.jsonl), then `python benchmarks/tpu_compile.py --write`. Each row is
+`python -m mlret.compile --config configs/paper.py:MODEL,hybrid --model_config builtin --topology T [--num_slices 2]
+--no_eval --config.data.global_batch=B --config.train.grad_cache_chunk=C --config.data.packing=P`, compiled by
+libtpu 0.0.42.1 (jax 0.10.2) on {cpu_summary()}, load average {min(loads):.1f}-{max(loads):.1f} (other sessions
+share the two cores), {dates[0]} to {dates[-1]} UTC. {done} of {total} planned rows measured (the rest were not
+reached in the session's time: see the list below the table).
+
+Settings: configs/paper.py (bf16 compute, float32 weights and AdamW state, lengths 64/256, G = 2, no remat,
+`loss.gather=constraint`, pure data parallelism), architectures from the hub config.json files
+(`mlret.compile.BUILTIN_MODEL_CONFIGS`: no weights here). "paper" is the paper's batch of 100 where it divides
+the chips (v4-8), else the next multiple of the chip count (the step splits the batch evenly). "GC C": gradient
+caching in chunks of C pairs (32 per chip). Packed rows assume texts fill half their static length
+(`--pack_fill 0.5`). HBM per chip: the compiler's argument + output - aliased + temporary + generated-code bytes;
+"fits": within the chip's HBM less 10% headroom (`--headroom`); "compiler out of HBM": XLA:TPU refused to compile
+(the bytes it needed beside). FLOPs: the compiler's count (all chips) beside mlret/flops.py's matmul count;
+\\* marks gradient-caching rows, where XLA's cost analysis counts each scan body once (so it reads about 1/k of the
+encoder's work for k chunks; the bound then uses the formula x 4/3). Collectives: per step, by kind, with the
+bytes each chip receives; "loss gather": the all-gathers of embeddings (shape per chip after the gather).
+
+The step bound is max(FLOPs per chip / peak bf16 FLOP/s, HBM bytes accessed per chip / HBM bandwidth) with the
+chip figures of `mlret.compile.CHIPS` (Cloud TPU docs). It leaves out: collective time on ICI and DCN (the
+gradient all-reduce of 1-2 GiB of float32 gradients per step is the largest: about 1.1 GiB for XLM-R base over
+v5e's 400 GB/s bidirectional ICI is ~5 ms at best, and across slices it goes over the data-center network),
+imperfect overlap of communication with compute, the host input pipeline, kernel launch gaps, and the compiler's
+scheduling quality; the peak FLOP/s is a data-sheet number that matmuls reach only at large tiles. A real step
+takes longer; the MFU at the bound is therefore an upper bound on the MFU a run can reach.
+
+{table(results)}
+"""
+    chips = {t: c for _, t, _, c in TOPOLOGIES}
+    missing = [r for r in rows() if key(r) not in results and resolve(r, chips[r["topology"]]) is not None]
+    if missing:
+        text += "\nNot measured yet: " + "; ".join(
+            f"{dict(MODELS)[r['model']]} {r['pod']} {r['batch_label']} {'packed' if r['packing'] else 'padded'}"
+            for r in missing) + ".\n"
+    write_section(START, END, text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget_s", type=float, default=0, help="measure rows until this many seconds have passed")
+    p.add_argument("--only", default="", help="measure only rows whose pod label contains this")
+    p.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
+    args = p.parse_args()
+    done = measured()
+    t0, devices = time.perf_counter(), {}
+    for row in rows():
+        if time.perf_counter() - t0 >= args.budget_s:
+            break
+        if key(row) in done or (args.only and args.only not in row["pod"]):
+            continue
+        r = measure(row, devices)
+        if r is None:
+            continue
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(r, default=str) + "\n")
+        done[key(row)] = r
+        status = ("fits" if r["report"]["memory"]["fits"] else "over headroom") if "report" in r else (
+            "does not fit" if "does_not_fit" in r else "error: " + r["error"][:200])
+        print(f"{row['model']} {row['pod']} {row['batch_label']} packing={row['packing']}: {status} "
+              f"({r['seconds']} s)", flush=True)
+    if args.write:
+        write(done)
+
+
+if __name__ == "__main__":
+    main()
