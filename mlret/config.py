@@ -274,7 +274,8 @@ def _validate_checkpoint(ck: ml_collections.ConfigDict) -> None:
 
 def _validate_run(config: ml_collections.ConfigDict, devices: int, processes: int) -> None:
     """What a training run on `devices` devices in `processes` processes needs beyond valid fields."""
-    # Imported here, not at the top: the field checks above stay free of jax, flax and the file system.
+    # Imported here, not at the top: the field checks above stay free of flax (mlret.models) and of the storage
+    # and pre-flight modules.
     from mlret import parallel
     from mlret.models.encoder_config import local_max_length
     from mlret.preflight import check_data, check_storage

@@ -10,6 +10,7 @@ runs before `MetricLog.begin` starts the steps/s clock).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -20,9 +21,18 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from mlret import storage
+from mlret.console import sample_sizes, zero_shot_from_log
+from mlret.eval import flat_metrics, run_evaluators
+from mlret.eval.encode import eval_tokenizer, make_embedder
+from mlret.export import export_model
+from mlret.hostmem import allocator, libc
 from mlret.loop import Hook, Loop
+from mlret.metrics_log import Progress, read_metrics
+from mlret.models import resolve_model_dir
 
 log = logging.getLogger("mlret.train")
 
@@ -67,8 +77,6 @@ class MetricLog(Hook):
         self._excluded = 0.0  # evaluation seconds already left out of the clock
 
     def begin(self, loop: Loop) -> None:
-        from mlret.metrics_log import Progress
-
         self.progress = Progress(loop.total, loop.start)  # its clock starts just before the first step
         # The zero-shot evaluation (Evaluation.begin) ran before the clock started.
         self._excluded = self.evaluation.seconds if self.evaluation is not None else 0.0
@@ -99,12 +107,6 @@ def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, config
                     step: int, output_dir: str | None = None) -> dict[str, Any]:
     """Run `evaluators` on the model with `params` (the state's `params["model"]`) on the trainer's mesh; every
     host must call it (same evaluators, same order). Returns {evaluator name: result}."""
-    from flax import nnx
-
-    from mlret.eval import run_evaluators
-    from mlret.eval.encode import eval_tokenizer, make_embedder
-    from mlret.models import resolve_model_dir
-
     model = nnx.merge(trainer.graphdef, params, trainer.rest)
     tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
     embedder = make_embedder(model, config, trainer.mesh, tokenizer)
@@ -141,8 +143,6 @@ class Evaluation(Hook):
 
     def evaluate(self, loop: Loop, step: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(flat metrics, results) of `loop.state`'s weights, logged and printed as the evaluation of `step`."""
-        from mlret.eval import flat_metrics
-
         out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{step}")
                                                   if self.workdir is not None else None)
         if self.console is not None:  # said before it starts: an evaluation is minutes of silence on a CPU
@@ -158,8 +158,6 @@ class Evaluation(Hook):
         self.last_seconds = seconds
         log.info("eval at step %d (%.1f s): %s", step, seconds, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if self.console is not None:
-            from mlret.console import sample_sizes
-
             self.console.evaluation(step, {name: r.block() for name, r in results.items()}, seconds,
                                     sizes=sample_sizes(results))
         return metrics, results
@@ -183,9 +181,6 @@ class Evaluation(Hook):
             self.run(loop)
 
     def end(self, loop: Loop) -> None:
-        from mlret.console import zero_shot_from_log
-        from mlret.metrics_log import read_metrics
-
         if (self.zero_shot is None and self.config.eval.at_start and self.writer is not None and self.writer.enabled
                 and self.writer.path.is_file()):
             self.zero_shot = zero_shot_from_log(read_metrics(self.writer.path.parent),
@@ -272,18 +267,12 @@ class Export(Hook):
         self.evaluation = evaluation
 
     def end(self, loop: Loop) -> None:
-        from flax import nnx
-
-        from mlret.export import export_model
-
         if loop.stop:
             return
         if self.evaluation is not None and loop.eval_results is None:
             self.evaluation.run(loop, write=False)  # a finished run started again: evaluate what is exported
         params = loop.state["params"]["model"]
         if jax.process_count() > 1:  # sharded across hosts: every process takes part in the gather
-            from jax.experimental import multihost_utils
-
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
             model = nnx.merge(loop.trainer.graphdef, jax.device_get(params), loop.trainer.rest)
@@ -312,10 +301,6 @@ class TrimHostMemory(Hook):
         self._trim: Any = None
 
     def begin(self, loop: Loop) -> None:
-        import ctypes
-
-        from mlret.hostmem import allocator, libc
-
         name = allocator()
         if name != "glibc":
             log.info("config.train.trim_host_memory_every: the host allocator is %s, not glibc's malloc: it "

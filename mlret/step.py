@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -357,6 +358,4 @@ def _max_over_processes(x: np.ndarray) -> np.ndarray:
     """Elementwise max of `x` over the processes (a small host collective; the identity in one process)."""
     if jax.process_count() == 1:
         return x
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)

@@ -1,5 +1,7 @@
-"""No import cycle among mlret's modules, counting every import: top-level, function-local (which can hide a
-cycle from Python until the function runs) and relative. Reads the sources with `ast`; imports nothing."""
+"""mlret's import structure, counting every import: top-level, function-local (which can hide a cycle from Python
+until the function runs) and relative. No cycle; no module imports one of a higher layer (`LAYERS`, bottom up);
+and the boundaries of the design hold (`BOUNDARIES`: losses know nothing of models, models nothing of data,
+evaluators nothing of training). Reads the sources with `ast`; imports nothing."""
 
 from __future__ import annotations
 
@@ -8,6 +10,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mlret"
+
+# mlret's layers, bottom up: a module imports modules of its own layer or of layers below, never above. A name
+# stands for that module and, with ".*", for a package and everything in it; the most specific entry wins. A new
+# module goes where its imports put it (the test names any module that has no layer).
+LAYERS = (
+    ("base", ("mlret", "mlret.errors", "mlret.registry", "mlret.hostmem", "mlret.cli")),
+    ("infrastructure", ("mlret.storage", "mlret.metrics_log", "mlret.parallel")),
+    ("parts", ("mlret.data.*", "mlret.models.*", "mlret.losses.*", "mlret.gradcache", "mlret.loop", "mlret.flops")),
+    ("evaluation", ("mlret.eval.*", "mlret.splits")),
+    ("config", ("mlret.config", "mlret.preflight")),
+    ("run parts", ("mlret.step", "mlret.checkpoint", "mlret.card", "mlret.console")),
+    ("commands", ("mlret.export", "mlret.hooks", "mlret.train", "mlret.evaluate", "mlret.mine", "mlret.compile",
+                  "mlret.data.__main__", "mlret.testing.*")),
+)
+# Packages that must not import each other's modules, whatever their layers (docs/architecture.md).
+BOUNDARIES = {
+    "mlret.losses": ("mlret.models", "mlret.data", "mlret.eval"),  # losses: pure functions of embeddings
+    "mlret.models": ("mlret.data", "mlret.losses", "mlret.eval"),
+    "mlret.data": ("mlret.models", "mlret.losses", "mlret.eval"),
+    "mlret.eval": ("mlret.losses", "mlret.gradcache", "mlret.step", "mlret.loop"),  # evaluators: nothing of training
+}
 
 
 def module_name(path: Path) -> str:
@@ -85,3 +108,58 @@ def test_the_walker_sees_local_and_relative_imports():
 def test_no_import_cycle_among_mlret_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of `module`'s layer: an exact entry, else the longest "pkg.*" holding it."""
+    best, best_len = None, -1
+    for i, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            if entry == module:
+                return i
+            if entry.endswith(".*"):
+                pkg = entry[:-2]
+                if (module == pkg or module.startswith(pkg + ".")) and len(pkg) > best_len:
+                    best, best_len = i, len(pkg)
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer, as 'a (layer) imports b (layer)'."""
+    out = []
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            la, lb = layer_of(a), layer_of(b)
+            if la is not None and lb is not None and lb > la:
+                out.append(f"{a} ({LAYERS[la][0]}) imports {b} ({LAYERS[lb][0]})")
+    return out
+
+
+def boundary_crossings(graph: dict[str, set[str]]) -> list[str]:
+    inside = lambda m, pkg: m == pkg or m.startswith(pkg + ".")
+    return [f"{a} imports {b}" for a in sorted(graph) for b in sorted(graph[a]) for pkg, banned in BOUNDARIES.items()
+            if inside(a, pkg) and any(inside(b, x) for x in banned)]
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("mlret.data.pipeline") == layer_of("mlret.data") < layer_of("mlret.config")
+    assert layer_of("mlret.data.__main__") == len(LAYERS) - 1  # the exact entry beats mlret.data.*
+    assert upward_imports({"mlret.data.pipeline": {"mlret.config"}}) == [
+        "mlret.data.pipeline (parts) imports mlret.config (config)"]
+    assert boundary_crossings({"mlret.losses.x": {"mlret.models.y", "mlret.errors"}}) == [
+        "mlret.losses.x imports mlret.models.y"]
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in modules() if layer_of(m) is None]
+    assert not missing, f"add these modules to LAYERS in tests/test_imports.py: {missing}"
+
+
+def test_no_module_imports_a_higher_layer():
+    bad = upward_imports(import_graph())
+    assert not bad, "imports that reach up a layer:\n" + "\n".join(bad)
+
+
+def test_the_design_boundaries_hold():
+    bad = boundary_crossings(import_graph())
+    assert not bad, "imports across a boundary of docs/architecture.md:\n" + "\n".join(bad)

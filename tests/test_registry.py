@@ -129,3 +129,64 @@ def test_a_registered_toy_evaluator_runs_through_the_evaluate_cli(tmp_path, rand
         assert missing.files == (str(tmp_path / "nowhere.txt"),) and missing.field == "config.eval.toy_self.path"
     finally:
         registry.unregister("toy_self")
+
+
+# ------------------------------------------------- plug-ins bring their own card text: licence and protocol
+
+
+def _read_toy_units(req, files, bad):
+    """A training-source kind defined here: MLQA-R's answer-sentence files (by their public names) read under
+    the kind's own name."""
+    from mlret.data import readers
+
+    paths = files.get({lang: ([f"{lang}.json"], "", f"toy {lang} file") for lang in req.languages})
+    return readers.read_squad_sentences(paths, source=req.kind, paragraph_context=False,
+                                        max_negatives=req.max_negatives, on_bad=bad)
+
+
+TOY_LICENCE = "toy licence: the test's own copy, no rights granted"
+TOY_PROTOCOL = "Toy protocol: each sentence, as a query, must retrieve itself among all of them as passages."
+
+
+def test_a_registered_source_kind_and_evaluator_bring_their_licence_and_protocol_to_the_card(
+        random_bert_path, shared_data, xquad_sentences, tmp_path):
+    import dataclasses
+
+    import jax
+    import pytest
+    from test_train_export import tiny_config
+
+    from mlret.config import validate
+    from mlret.data.kinds import KINDS, SourceKind
+    from mlret.data.kinds import register as register_kind
+    from mlret.errors import ConfigError
+    from mlret.eval import registry
+    from mlret.train import train
+
+    kind = register_kind(SourceKind("toy_units", _read_toy_units, "the test's copy of MLQA-R", ("de", "en", "es"),
+                                    local_files=lambda langs, split: [f"{x}.json" for x in langs],
+                                    licence=TOY_LICENCE))
+    unlicensed = register_kind(dataclasses.replace(kind, name="toy_unlicensed", licence=""))
+    registry.register(dataclasses.replace(TOY, name="toy_card", protocol=TOY_PROTOCOL))
+    try:
+        sentences = tmp_path / "sentences.txt"
+        sentences.write_text("\n".join(xquad_sentences) + "\n", encoding="utf-8")
+        c = tiny_config(random_bert_path, shared_data, tmp_path / "tfds")  # default_config() after the registrations
+        c.data.sources = ({"name": "toy_unlicensed", "path": "mlqa-r"},)
+        # A kind without a licence is refused before anything runs, naming the entry (not a KeyError at export).
+        with pytest.raises(ConfigError, match=r"config.data.sources\[0\].name: the source kind 'toy_unlicensed' has "
+                                              r"no licence \(SourceKind.licence"):
+            validate(c)
+        c.data.sources = ({"name": "toy_units", "path": "mlqa-r"},)
+        c.train.steps, c.eval.every, c.eval.at_start = 2, 2, False
+        c.eval.evaluators, c.eval.toy_card.path, c.eval.toy_card.max_sentences = "toy_card", str(sentences), 24
+        validate(c, devices=jax.device_count(), processes=1)
+        result = train(c, tmp_path / "run")
+        assert result.end_step == 2 and result.eval_results["toy_card"].summary["sentences"] == 24
+        card = (tmp_path / "run" / "export" / "README.md").read_text()
+        assert f"| toy_units | data/mlqa-r | all | {TOY_LICENCE} |" in card  # the training-data table's row
+        assert "### toy_card\n\n" + TOY_PROTOCOL in card
+    finally:
+        registry.unregister("toy_card")
+        for k in (kind, unlicensed):
+            KINDS.pop(k.name)

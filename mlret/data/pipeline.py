@@ -31,7 +31,6 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from mlret.config import validate
 from mlret.data import tfds_builders
 from mlret.data.schedule import (
     STREAM_NEGATIVES,
@@ -43,7 +42,7 @@ from mlret.data.schedule import (
     random_order,
     text_hash,
 )
-from mlret.data.sources import SourceSpec, parse_sources
+from mlret.data.sources import SourceSpec, parse_sources, validate_data
 from mlret.data.units import LANGUAGES, ParallelUnit
 from mlret.errors import DataError
 
@@ -165,8 +164,9 @@ def schedule_spec(config: Any) -> ScheduleSpec:
 
 
 def make_schedule(config: Any, sources: Sources | None = None) -> tuple[HybridSchedule, Sources]:
-    """The hybrid schedule of a config (preparing its sources unless given)."""
-    validate(config)
+    """The hybrid schedule of a config (preparing its sources unless given); checks the config's data section
+    (`mlret.config.validate` checks the rest)."""
+    validate_data(config)
     sources = sources if sources is not None else load_sources(config)
     schedule = HybridSchedule(build_index(sources), schedule_spec(config))
     log.info("%s", schedule.describe())

@@ -210,18 +210,15 @@ def load_dual_encoder(model_config: Any, *, query_len: int | None = None,
     """DualEncoder and TextTokenizer from `config.model` (name, pooling, normalize, tied, prefixes, dtypes, remat).
 
     Also accepts the whole config, in which case the static lengths come from `config.data`; with `config.model`
-    alone, pass `query_len` / `passage_len` (defaults: the schema defaults of config.data).
+    alone, pass `query_len` / `passage_len`.
     """
     if "model" in model_config and "data" in model_config:
         query_len = model_config.data.query_len if query_len is None else query_len
         passage_len = model_config.data.passage_len if passage_len is None else passage_len
         model_config = model_config.model
-    if query_len is None or passage_len is None:
-        from mlret.config import default_config
-
-        defaults = default_config().data
-        query_len = defaults.query_len if query_len is None else query_len
-        passage_len = defaults.passage_len if passage_len is None else passage_len
+    if query_len is None or passage_len is None:  # the models know nothing of the config schema's defaults
+        raise ValueError("load_dual_encoder(config.model): pass query_len= and passage_len=, or the whole config "
+                         "(its config.data has them)")
     if model_config.param_dtype != "float32":
         raise ValueError(f"config.model.param_dtype={model_config.param_dtype!r}: parameters are kept in float32 "
                          "(use config.model.compute_dtype='bfloat16' for bfloat16 activations)")
