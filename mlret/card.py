@@ -100,7 +100,10 @@ def _header(model: Any, tokenizer: Any, model_config: Any, role: str, run_config
 def _usage(model: Any, tokenizer: Any, st: Mapping[str, Any]) -> list[str]:
     qp, pp = json.dumps(tokenizer.query_prefix), json.dumps(tokenizer.passage_prefix)
     pool = {"mean": "mean pooling over the attention mask", "cls": "the [CLS] vector",
-            "pooler": "`pooler_output`"}[model.pooling]
+            "pooler": "`pooler_output`", "last": "the last token's vector"}[model.pooling]
+    if not getattr(model, "include_prompt", True):  # mlret.models.DualEncoder.prompt_lengths
+        pool += (f" (leaving out the first {model.prompt_lengths[0]} / {model.prompt_lengths[1]} tokens of a query / "
+                 "passage: the prompt, as sentence-transformers' include_prompt=False)")
     lines = [
         "## Usage",
         "",
@@ -136,6 +139,9 @@ def _usage(model: Any, tokenizer: Any, st: Mapping[str, Any]) -> list[str]:
                   "emb = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)"]
     elif model.pooling == "cls":
         lines.append("emb = out.last_hidden_state[:, 0]")
+    elif model.pooling == "last":  # the last real token, whichever side the tokenizer pads
+        lines += ["last = batch[\"attention_mask\"].flip(1).argmax(1)",
+                  "emb = out.last_hidden_state[torch.arange(len(last)), -1 - last]"]
     else:
         lines.append("emb = out.pooler_output")
     if model.normalize:

@@ -36,7 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # A Hugging Face hub id or a local folder; MLRET_MODEL fills it when set.
     c.model.name = os.environ.get("MLRET_MODEL", "")
-    c.model.pooling = "mean"  # cls | mean | pooler
+    c.model.pooling = "mean"  # cls | mean | pooler | last (decoder embedders, e.g. Qwen3); the family says which apply
+    # False: mean pooling leaves out the prefix tokens (sentence-transformers' Pooling include_prompt, exported as such)
+    c.model.include_prompt = True
     c.model.normalize = True  # L2-normalise pooled embeddings
     c.model.query_prefix = ""  # the paper: "Query: "
     c.model.passage_prefix = ""  # the paper: "Passage: "
@@ -109,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("embed", "fsdp"),
         ("heads", "tensor"),
-        ("kv", None),
+        ("kv", "tensor"),  # key / value heads of grouped-query attention (Qwen3); replicated where they don't divide
         ("mlp", "tensor"),
         ("pos", None),
         ("type", None),
@@ -238,7 +240,10 @@ def _check(ok: bool, field: str, why: str) -> None:
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
-    _check(m.pooling in ("cls", "mean", "pooler"), "model.pooling", f"{m.pooling!r} is not one of cls, mean, pooler")
+    _check(m.pooling in ("cls", "mean", "pooler", "last"), "model.pooling",
+           f"{m.pooling!r} is not one of cls, mean, pooler, last")
+    _check(m.include_prompt or m.pooling in ("mean", "last"), "model.include_prompt",
+           f"False needs pooling mean or last, not {m.pooling!r}")
     _check(m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
            f"{m.compute_dtype!r} is not float32 or bfloat16")
     _check(m.attention in ("auto", "xla", "cudnn"), "model.attention", f"{m.attention!r} is not auto, xla or cudnn")

@@ -126,6 +126,9 @@ def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder
         "pooling_mode_mean_tokens": model.pooling == "mean",
         "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_lasttoken": model.pooling == "last",
+        # False: the prompt's tokens (query / document prefix) are left out of the pooling, as mlret pooled.
+        "include_prompt": model.include_prompt,
     })
     if model.pooling == "pooler":
         tensors = encoder_to_tensors(encoder)
@@ -168,9 +171,13 @@ def _st_defaults(model_dir: epath.Path) -> dict[str, Any]:
         p = json.loads(pooling.read_text())
         mode = p.get("pooling_mode")
         if mode is None:
-            mode = "cls" if p.get("pooling_mode_cls_token") else "mean" if p.get("pooling_mode_mean_tokens") else None
-        if mode in ("cls", "mean"):
+            mode = next((m for m, k in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                                        ("lasttoken", "pooling_mode_lasttoken")) if p.get(k)), None)
+        mode = "last" if mode == "lasttoken" else mode
+        if mode in ("cls", "mean", "last"):
             out["pooling"] = mode
+        if p.get("include_prompt") is False:
+            out["include_prompt"] = False
     modules = model_dir / "modules.json"
     if modules.is_file():
         types = [m.get("type", "") for m in json.loads(modules.read_text())]
