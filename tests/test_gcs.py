@@ -205,7 +205,9 @@ def test_a_stalled_bucket_ends_the_run_within_its_bound(point, gcs_url, bucket_d
     # checkpoint_save_sigterm: the step-10 checkpoint's writes stall and a SIGTERM (a preemption notice) arrives;
     # the run ends within config.checkpoint.sigterm_grace_s. Either way step 5 stays complete and loadable.
     workdir = f"gs://{RUNS}/stall-{point}"
-    op_timeout, grace = (8, 60) if point == "metrics_upload" else (120, 4)
+    # op_timeout: long enough for a checkpoint save through the proxy on 2 loaded cores (8 s was not), short
+    # enough for a test.
+    op_timeout, grace = (25, 60) if point == "metrics_upload" else (120, 4)
     args = [*bucket_args(scale_run_args, bucket_data), "--config.storage.request_timeout_s=2",
             f"--config.storage.op_timeout_s={op_timeout}", f"--config.checkpoint.sigterm_grace_s={grace}"]
     run = workdir[len("gs://"):].split("/", 1)[1]
@@ -217,7 +219,9 @@ def test_a_stalled_bucket_ends_the_run_within_its_bound(point, gcs_url, bucket_d
     with open(log_dir / "err", "w+") as err:
         p = subprocess.Popen(train_cmd(workdir, args), stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
         try:
-            assert fault_proxy.stalled.wait(300), "the proxy never stalled a request"
+            deadline = time.monotonic() + 300
+            while not fault_proxy.stalled.wait(0.2):
+                assert p.poll() is None and time.monotonic() < deadline, "the proxy never stalled a request"
             t0 = time.monotonic()
             if point == "checkpoint_save_sigterm":
                 p.send_signal(signal.SIGTERM)
