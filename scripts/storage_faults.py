@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from mlret.testing.faults import FaultProxy, FaultRule  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-OP_TIMEOUT, GRACE = 15, 5
+OP_TIMEOUT, GRACE = 30, 5
 BEGIN, END = "<!-- storage_faults:begin -->", "<!-- storage_faults:end -->"
 
 
