@@ -235,7 +235,7 @@ def _validate(sec: ml_collections.ConfigDict, ctx: EvalContext) -> None:
 
 
 def _files(ev: TrecEvaluator) -> list[str]:
-    return [f for lang in ev.languages for f in ev.paths(lang)]
+    return list(dict.fromkeys(f for lang in ev.languages for f in ev.paths(lang)))  # a shared corpus once
 
 
 def _spec(name: str, dataset: datasets.Dataset) -> EvaluatorSpec:
