@@ -179,9 +179,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.retrieval.method = "auto"  # auto | exact | scann
     c.eval.retrieval.scann_threshold = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
     c.eval.retrieval.num_leaves = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
-    c.eval.retrieval.leaves_to_search = 0  # 0: num_leaves // 10
+    # 0: from the pool size: leaves holding on average twice the reordered candidates, at least a tenth of them
+    c.eval.retrieval.leaves_to_search = 0
     c.eval.retrieval.reorder = 0  # exactly re-scored candidates; 0: max(100, 4 k)
     c.eval.retrieval.reorder_dtype = "float32"  # ScaNN's re-scoring copy: float32 | bfloat16 | int8 (less memory)
+    c.eval.retrieval.spherical = "auto"  # spherical k-means tree: auto (for unit-vector embeddings) | true | false
     # One index per candidate language, each searched and merged: a tree over a multilingual pool has leaves that
     # follow the language, so searching a few leaves drops the other languages (docs/benchmarks.md).
     c.eval.retrieval.per_language_index = False
@@ -190,7 +192,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.retrieval.rank_with_index = False
     c.eval.retrieval.rank_k = 100
     c.eval.retrieval.training_sample_size = 250_000
-    c.eval.retrieval.recall_floor = 0.95  # a lower measured recall (overall or in a language) logs a warning
+    # A lower measured recall against exact search (overall or in a language) is a warning and, by on_low_recall,
+    # a search done again exactly ("exact") or an error that stops the evaluation ("fail").
+    c.eval.retrieval.recall_floor = 0.95
+    c.eval.retrieval.on_low_recall = "exact"
     c.eval.retrieval.corpus_dtype = "float32"  # corpus embeddings kept per host: float32 | bfloat16 | float16
     c.eval.retrieval.recall_sample = 1000  # queries on which ScaNN recall@k against exact search is logged
     # One section per registered evaluator (mlret.eval.registry), each with its own module's defaults.

@@ -74,11 +74,14 @@ def mine_units(units: Sequence[ParallelUnit], embedder: Embedder, opts: MiningOp
         log.info("mining %s: %d queries against %d passages", lang, len(members), len(pool))
         p = embed(embedder.passages, pool, f"mine/{lang} passages")
         q = embed(embedder.queries, [u.texts[lang].query for u in members], f"mine/{lang} queries")
-        top = search_topk(q, p, opts.k, retrieval or RetrievalOptions(), name=f"mine/{lang}")
+        top = search_topk(q, p, opts.k, retrieval or RetrievalOptions(), name=f"mine/{lang}",
+                          languages=[lang] * len(pool))
         positive = np.einsum("qd,qd->q", q, p[[where[u.texts[lang].positive] for u in members]])
         for i, u in enumerate(members):
             negatives = []
             for j, s in zip(top.indices[i], top.scores[i]):
+                if j < 0:  # no more results for this query
+                    break
                 text = pool[j]
                 if text in own[u.id]:
                     stats["same_unit"] += 1
