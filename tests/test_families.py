@@ -111,6 +111,37 @@ def test_modernbert_matches_transformers(random_modernbert_path, modernbert):
     assert max(hdiff, pdiff, cdiff) <= TOL
 
 
+@pytest.mark.parametrize("family", ["modernbert", "qwen3"])
+def test_bias_flags_match_transformers(family, random_modernbert_path, random_qwen3_path, tmp_path):
+    """The same checkpoints with every bias the config flags allow (ModernBERT norm / attention / MLP biases,
+    Qwen3 attention biases), randomised: the fused and per-head bias layouts map as the kernels do."""
+    from model_fixtures import _perturb_norms_
+
+    src = random_modernbert_path if family == "modernbert" else random_qwen3_path
+    cls = transformers.ModernBertModel if family == "modernbert" else transformers.Qwen3Model
+    raw = json.loads((src / "config.json").read_text())
+    raw.update(attention_bias=True)
+    if family == "modernbert":
+        raw.update(norm_bias=True, mlp_bias=True)
+    torch.manual_seed(1)
+    ref = cls(cls.config_class.from_dict(raw)).eval()
+    _perturb_norms_(ref, 5)  # biases are 1-D: randomised too
+    folder = tmp_path / family
+    ref.save_pretrained(folder, safe_serialization=True)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json"):
+            shutil.copy(f, folder / f.name)
+    model, tok = load_dual_encoder(model_config(folder, normalize=False), query_len=16, passage_len=48)
+    cfg = model.towers.query.cfg
+    assert cfg.attention_bias and (family == "qwen3" or (cfg.norm_bias and cfg.mlp_bias))
+    b = tok.passages(TEXTS)
+    real = b["passage_mask"].astype(bool)
+    diff = np.abs(np.asarray(_hidden(model, b["passage_ids"], b["passage_mask"]))
+                  - _hf_hidden(ref, b["passage_ids"], b["passage_mask"]))[real].max()
+    print(f"{family} with biases vs transformers: hidden {diff:.2e}")
+    assert diff <= TOL
+
+
 def test_modernbert_local_attention_is_local(random_modernbert_path, modernbert, tmp_path):
     """Read from an old-style config (the pattern from global_attn_every_n_layers), the states are the same; read
     with every layer global, the long text's differ beyond the parity tolerance while the short one's (all within
