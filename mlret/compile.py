@@ -636,7 +636,12 @@ def _loss_gather(colls: list[dict[str, Any]]) -> dict[str, Any]:
     gathers = [c for c in colls if c["kind"] == "all-gather"]
     emb = [c for c in gathers if "embeddings" in c.get("what", "")]
     other = [c for c in gathers if c not in emb]
-    return {"embedding_gathers_per_step": sum(c["runs_per_step"] for c in emb),
+    # Packed batches pool by segment sums over the whole batch: XLA all-reduces those instead of gathering, and
+    # the gradient of a gather comes back as an all-reduce too.
+    reduces = [c for c in colls if c["kind"] == "all-reduce" and "embeddings" in c.get("what", "")]
+    return {"embedding_all_reduces_per_step": sum(c["runs_per_step"] for c in reduces),
+            "embedding_all_reduce_shapes": sorted({c["shape"] for c in reduces}),
+            "embedding_gathers_per_step": sum(c["runs_per_step"] for c in emb),
             "embedding_gather_shapes": sorted({c["shape"] for c in emb}),
             "other_gathers_per_step": sum(c["runs_per_step"] for c in other),
             "other_gather_shapes": sorted({f"{c['shape']} ({c['what']})" for c in other})}
@@ -664,7 +669,8 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
                    headroom: float = 0.1, pack_fill: float = 0.5, grad_cache_per_device: int = 0,
                    limit: int = 1 << 17, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The largest global batch (a multiple of the data-parallel size; with gradient caching, of the chunk) whose
-    train step fits in HBM with `headroom`, by compiling: doubling from one unit, then bisecting. With
+    train step fits in HBM with `headroom`, by compiling: from the configured batch, doubling (or halving), then
+    bisecting. With
     `grad_cache_per_device` > 0 the chunk is that many pairs per data-parallel device."""
     devices = topology_devices(topology, num_slices)
     from mlret import parallel
@@ -675,29 +681,39 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
     chunk = grad_cache_per_device * dp if grad_cache_per_device else 0
     config.train.grad_cache_chunk = chunk
     unit = chunk or dp
-    best, best_report, n = 0, None, 1
-    hi = None
     log(f"{topology}: largest global batch, multiples of {unit}" + (f" (gradient cache chunk {chunk})" if chunk
                                                                        else " (no gradient caching)"))
-    while n * unit <= limit:
+    reports: dict[int, dict | None] = {}
+
+    def fits(n: int) -> bool:
         config.data.global_batch = n * unit
-        ok, r = _fits(config, topology, devices, num_slices, model_config, headroom, pack_fill, log)
-        if not ok:
-            hi = n
-            break
-        best, best_report = n, r
-        n *= 2
-    if hi is not None and best:
-        lo = best
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            config.data.global_batch = mid * unit
-            ok, r = _fits(config, topology, devices, num_slices, model_config, headroom, pack_fill, log)
-            if ok:
-                lo, best_report = mid, r
+        ok, reports[n] = _fits(config, topology, devices, num_slices, model_config, headroom, pack_fill, log)
+        return ok
+
+    # From the configured batch: double while it fits (to `limit`), or halve until it does; then bisect.
+    n = max(1, int(config.data.global_batch) // unit)
+    lo, hi = 0, None
+    if fits(n):
+        lo = n
+        while hi is None and 2 * lo * unit <= limit:
+            if fits(2 * lo):
+                lo *= 2
             else:
-                hi = mid
-        best = lo
+                hi = 2 * lo
+    else:
+        hi = n
+        while hi > 1 and lo == 0:
+            if fits(hi // 2):
+                lo = hi // 2
+            else:
+                hi //= 2
+    while lo and hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    best, best_report = lo, reports.get(lo)
     return {"topology": topology, "grad_cache_chunk": chunk, "unit": unit, "headroom": headroom,
             "max_global_batch": best * unit, "hit_search_limit": hi is None and best > 0, "limit": limit,
             "memory": best_report["memory"] if best_report else None}
@@ -737,7 +753,8 @@ def format_report(r: dict[str, Any]) -> str:
                                                for k, v in r["collectives"]["by_kind"].items()) or "none"),
         f"loss gather: {r['loss_gather']['embedding_gathers_per_step']} all-gather(s) of embeddings "
         f"{r['loss_gather']['embedding_gather_shapes']}; other all-gathers: "
-        f"{r['loss_gather']['other_gather_shapes'] or 'none'}",
+        f"{r['loss_gather']['other_gather_shapes'] or 'none'}; all-reduces of embeddings (gradients, packed pooling): "
+        f"{r['loss_gather']['embedding_all_reduce_shapes'] or 'none'}",
         f"roofline: step >= {roof['step_seconds_lower_bound'] * 1e3:.1f} ms ({roof['bound_by']}), "
         f"<= {roof['examples_per_second_upper_bound']:.0f} pairs/s, MFU at the bound {roof['mfu_at_bound']:.1%} "
         f"(leaves out {roof['leaves_out']})",
