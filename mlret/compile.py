@@ -70,7 +70,33 @@ CHIPS = {
 TOPOLOGY_RE = re.compile(r"^([a-zA-Z0-9_ ]+)[=_:]([0-9x]+)(_twisted|_untwisted)?$")
 
 
-def chip_of(topology: str) -> Chip:
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets, by the target config's device name (HBM size and
+# bandwidth come from the target config itself).
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def gpu_chip(target_config: str) -> Chip:
+    """The Chip of a GpuTargetConfigProto text (benchmarks/gpu_specs/*.txtpb)."""
+    def field(name: str) -> str:
+        m = re.search(rf"\b{name}:\s*\"?([^\"\n]+)\"?", target_config)
+        if not m:
+            raise ConfigError(f"--gpu_target_config: no {name} in the GPU target config")
+        return m.group(1).strip()
+
+    name = field("device_description_str")
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    if peak is None:
+        raise ConfigError(f"--gpu_target_config: no peak FLOP/s for {name!r} in mlret.compile.GPU_PEAK_BF16")
+    return Chip(name, int(field("device_memory_size")), peak, float(field("memory_bandwidth")),
+                "the GPU target config; peak bf16 from NVIDIA's data sheet")
+
+
+def chip_of(topology: str, gpu_target_config: str | None = None) -> Chip:
+    if topology.startswith("gpu:"):
+        if not gpu_target_config:
+            raise ConfigError(f"--topology {topology}: a GPU topology needs --gpu_target_config FILE "
+                              "(e.g. benchmarks/gpu_specs/h100_sxm.txtpb)")
+        return gpu_chip(Path(gpu_target_config).read_text())
     m = TOPOLOGY_RE.match(topology)
     if not m:
         raise ConfigError(f"--topology {topology!r}: not a topology name; write GENERATION:SHAPE, e.g. v4:2x2x1, "
@@ -184,20 +210,41 @@ def abstract_model_fn(config: Any, arch: Any) -> Callable[[], Any]:
 # Topology, mesh, train step.
 
 
-def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
-    """Compile-only devices of `topology` (x `num_slices`), from libtpu; nothing runs on them."""
+def topology_devices(topology: str, num_slices: int = 1, gpu_target_config: str | None = None) -> list[Any]:
+    """Compile-only devices of `topology` (x `num_slices`), from libtpu; nothing runs on them. `gpu:SxHxD`
+    (slices x hosts x GPUs per host) with `gpu_target_config` gives compile-only CUDA devices instead (jax's
+    deviceless GPU compile: the CUDA plugin, no GPU)."""
     import importlib.util
 
+    chip_of(topology, gpu_target_config)
+    if num_slices < 1:
+        raise ConfigError(f"--num_slices {num_slices}: must be >= 1")
+    from jax.experimental import topologies
+
+    if topology.startswith("gpu:"):
+        if importlib.util.find_spec("jax_plugins.xla_cuda13") is None and importlib.util.find_spec(
+                "jax_plugins.xla_cuda12") is None:
+            raise ConfigError("no CUDA plugin for jax: pip install jax-cuda13-plugin jax-cuda13-pjrt (the same "
+                              "version as jax; no GPU or CUDA libraries needed to compile)")
+        try:
+            topo = topologies.get_topology_desc(platform="cuda", target_config=Path(gpu_target_config).read_text(),
+                                                topology=topology.split(":", 1)[1])
+        except Exception as e:
+            raise ConfigError(f"--topology {topology}: the CUDA plugin refused it ({' '.join(str(e).split())[:300]})"
+                              ) from None
+        return list(topo.devices)
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu], the XLA:TPU compiler; no "
                           "TPU needed)")
-    from jax.experimental import topologies
-
-    chip_of(topology)
-    if num_slices < 1:
-        raise ConfigError(f"--num_slices {num_slices}: must be >= 1")
+    # Compile-only use needs no exclusive TPU: without this, a second process (a test's subprocess, two checks at
+    # once) fails on libtpu's /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # v4 and v5p chips have two TensorCores that jax drives as one "megacore" device (one device per chip, as on
+    # the real pod); without it the topology has a device per core, which jax's mesh construction refuses.
+    generation = TOPOLOGY_RE.match(topology).group(1).lower()
+    kwargs = {"chip_config_name": "megacore"} if generation in ("v4", "v5p") else {}
     try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices)
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices, **kwargs)
     except Exception as e:  # the plugin's message, on one line
         raise ConfigError(f"--topology {topology}: libtpu refused it ({' '.join(str(e).split())[:300]})") from None
     return list(topo.devices)
@@ -531,13 +578,15 @@ def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, f
 
 def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str | None = None,
           headroom: float = 0.1, pack_fill: float = 0.5, eval_step: bool = True,
-          devices: Sequence[Any] | None = None, hlo_out: str | None = None) -> dict[str, Any]:
+          devices: Sequence[Any] | None = None, hlo_out: str | None = None,
+          gpu_target_config: str | None = None) -> dict[str, Any]:
     """Compile the run's train step (and the evaluation encoder) for `topology`; the report as a dict.
 
     Raises `DoesNotFit` (naming the fields to change) when the step needs more HBM than the chip has, and
     ConfigError for a config the topology cannot run."""
-    chip = chip_of(topology)
-    devices = list(devices) if devices is not None else topology_devices(topology, num_slices)
+    chip = chip_of(topology, gpu_target_config)
+    devices = (list(devices) if devices is not None
+               else topology_devices(topology, num_slices, gpu_target_config))
     dp = check_run(config, devices, num_slices)
     raw, where = model_config_json(config, model_config)
     t0 = time.perf_counter()
@@ -777,8 +826,12 @@ def format_report(r: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file[:arg], e.g. configs/paper.py:xlmr_base,hybrid")
-    p.add_argument("--topology", required=True, help="TPU topology, e.g. v4:2x2x1, v5e:4x4, v5p:4x4x4, v6e:16x16")
+    p.add_argument("--topology", required=True,
+                   help="TPU topology, e.g. v4:2x2x1, v5e:4x4, v5p:4x4x4, v6e:16x16; or gpu:1x1x8 with "
+                        "--gpu_target_config")
     p.add_argument("--num_slices", type=int, default=1, help="slices joined over the DCN (config.mesh.dcn_data)")
+    p.add_argument("--gpu_target_config", default=None,
+                   help="--topology gpu:SxHxD: the GPU's target config (benchmarks/gpu_specs/h100_sxm.txtpb)")
     p.add_argument("--model_config", default=None,
                    help="config.json (or folder) of the model's architecture, or 'builtin' for the paper's models")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -836,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             report = check(config, args.topology, num_slices=args.num_slices, model_config=args.model_config,
                            headroom=args.headroom, pack_fill=args.pack_fill, eval_step=not args.no_eval,
-                           hlo_out=args.hlo_out)
+                           hlo_out=args.hlo_out, gpu_target_config=args.gpu_target_config)
             print(format_report(report), flush=True)
     except DoesNotFit as e:
         print(f"{PROG}: {e}", file=sys.stderr, flush=True)
