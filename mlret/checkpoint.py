@@ -323,6 +323,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             storage.move_dir(self.directory / str(step), aside)
         _barrier(f"mlret-damaged-{step}-b")
+        with storage.bounded("checkpoint listing", self.directory):
+            self.manager.reload()  # the manager's own list of steps still holds the moved one
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
