@@ -129,6 +129,7 @@ def scenario(name: str, trial: int, url: str, data: str, model: Path, tmp: Path)
     base = [f"--workdir={workdir}", f"--config.model.name={model}", f"--config.data.data_dir={data}",
             "--config.data.tfds_dir=gs://data/tfds", "--config.data.global_batch=8", "--config.data.query_len=16",
             "--config.data.passage_len=32", "--config.train.log_every=1", "--config.checkpoint.every=5",
+            "--config.optim.warmup_steps=2",
             "--config.checkpoint.keep=10", "--config.mesh.simulated_cpu_devices=8",
             "--config.storage.request_timeout_s=3", f"--config.storage.op_timeout_s={OP_TIMEOUT}",
             f"--config.checkpoint.sigterm_grace_s={GRACE}", "--config.train.compilation_cache_dir="
@@ -200,7 +201,11 @@ def main() -> None:
         rows = []
         for name in a.only.split(","):
             for trial in range(a.trials):
-                r = scenario(name, trial, url, data, model, tmp)
+                try:
+                    r = scenario(name, trial, url, data, model, tmp)
+                except AssertionError as e:  # a set-up run failed: record it, go on with the others
+                    r = {"scenario": name, "trial": trial, "code": None, "seconds": None,
+                         "line": f"set-up failed: {str(e).strip().splitlines()[-1][:200]}", "complete": []}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
                 if a.json:
