@@ -158,6 +158,7 @@ def test_rotating_checkpoints_survive_kill9_and_storage_faults(gcs_url, gcs_refe
                               tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {workdir}/checkpoints at step 15" in resumed.stderr
+    assert "(loaded from the persistent compilation cache)" in resumed.stderr  # the cache on the bucket
     ours, ref = logged_losses(workdir), {int(k): v for k, v in gcs_reference["report"]["losses"].items()}
     assert sorted(ours) == list(range(1, STEPS + 1))  # steps 16-17 of the killed run dropped, then rerun
     assert [ours[s] for s in sorted(ours)] == [ref[s] for s in sorted(ours)]
