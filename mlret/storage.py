@@ -133,11 +133,15 @@ def configure() -> None:
     # tensorstore's curl transport reads these when it starts (its first request): no connection, or less than a
     # byte a second, for this long fails the request, which tensorstore then retries (without them: no limit).
     t = str(max(1, round(POLICY.request_timeout_s)))
-    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", t)
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", t)
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+    for key, value in (("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", t), ("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", t),
+                       ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")):
+        if os.environ.get(key) in (None, _SET_BY_US.get(key)):  # the user's own setting wins; ours follows the policy
+            os.environ[key] = _SET_BY_US[key] = value
     _configure_gcsfs(url)
     _gcsfs_timeout(POLICY.request_timeout_s)
+
+
+_SET_BY_US: dict[str, str] = {}
 
 
 @functools.cache
