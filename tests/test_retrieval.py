@@ -230,10 +230,10 @@ def test_default_shape_reaches_the_reordered_candidates():
     for n in (50, 800, 3_000, 20_000, 1_000_000, 30_000_000):
         for k in (10, 100):
             leaves, searched, reorder = scann_shape(n, k, RetrievalOptions())
-            assert 1 <= searched <= leaves <= n and reorder == max(100, 4 * k)
-            assert searched == leaves or searched * n / leaves >= 2 * reorder, (n, k, leaves, searched)
+            assert 1 <= searched <= leaves <= n and reorder == max(200, 10 * k)
+            assert searched == leaves or searched * n / leaves >= 4 * reorder, (n, k, leaves, searched)
             assert searched >= leaves / 10
-    assert scann_shape(10_000, 10, RetrievalOptions(num_leaves=7, leaves_to_search=3)) == (7, 3, 100)
+    assert scann_shape(10_000, 10, RetrievalOptions(num_leaves=7, leaves_to_search=3)) == (7, 3, 200)
 
 
 def test_spherical_trees_for_unit_vectors(clustered):

@@ -14,8 +14,10 @@ passes on TPUs) and are comparable between runs and machines.
   the list sorted by (score desc, index asc), so each list equals exact search on the candidates it holds. The
   scann builder takes no seed, and the same embeddings and options give slightly different neighbours in
   different processes (identical within one).
-* Defaults follow the pool size n (`scann_shape`): about sqrt(n) leaves, and enough leaves searched that they
-  hold on average at least twice the candidates reordered (max(100, 4 k)), and at least a tenth of the leaves.
+* Defaults follow the pool size n (`scann_shape`): about sqrt(n) leaves; max(200, 10 k) candidates reordered
+  (re-scored exactly); leaves searched holding on average at least four times that many, and at least a tenth of
+  the leaves. A pool of a few thousand is then searched whole and reordered whole (exact but for the tree's
+  cost); the tree prunes only where the top k is a small share of the pool.
 * `PerLanguageIndex` (option `per_language_index`) builds one index per candidate language, searches each for the
   top k and merges them. A single tree over a multilingual pool has leaves that follow the language of the text
   (docs/benchmarks.md), so searching a tenth of the leaves drops most relevant candidates in the other
@@ -63,7 +65,7 @@ class RetrievalOptions:
     scann_threshold: int = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
     num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(pool size) (`scann_shape`)
     leaves_to_search: int = 0  # 0: from the pool size, so that k candidates are reachable (`scann_shape`)
-    reorder: int = 0  # candidates re-scored exactly; 0: 4 * k (at least 100)
+    reorder: int = 0  # candidates re-scored exactly; 0: max(200, 10 k)
     reorder_dtype: str = "float32"  # ScaNN's copy for re-scoring: float32 | bfloat16 | int8 (final k: float32)
     spherical: str = "auto"  # spherical k-means tree: auto (when the candidates are unit vectors) | true | false
     per_language_index: bool = False  # one index per candidate language, searched each and merged
@@ -212,12 +214,13 @@ class ExactIndex:
 
 def scann_shape(n: int, k: int, opts: RetrievalOptions) -> tuple[int, int, int]:
     """(num_leaves, leaves_to_search, reorder) for a pool of n candidates and top k, each from `opts` when set:
-    about sqrt(n) leaves; leaves searched so that they hold on average at least twice the reordered candidates
-    (max(100, 4 k)), and at least a tenth of the leaves (all of them for pools of a few thousand)."""
-    reorder = opts.reorder or max(100, 4 * k)
+    about sqrt(n) leaves; max(200, 10 k) candidates reordered; leaves searched so that they hold on average at
+    least four times the reordered candidates, and at least a tenth of the leaves (all of them for pools of a few
+    thousand). Measured against exact search in docs/benchmarks.md ("ScaNN inside the evaluators")."""
+    reorder = opts.reorder or max(200, 10 * k)
     num_leaves = opts.num_leaves or max(1, int(round(math.sqrt(n))))
     num_leaves = min(num_leaves, n)
-    reach = math.ceil(2 * reorder * num_leaves / max(n, 1))
+    reach = math.ceil(4 * reorder * num_leaves / max(n, 1))
     leaves_to_search = opts.leaves_to_search or max(1, math.ceil(num_leaves / 10), reach)
     return num_leaves, min(leaves_to_search, num_leaves), reorder
 
