@@ -185,13 +185,40 @@ takes longer; the MFU at the bound is therefore an upper bound on the MFU a run 
 
 {table(results)}
 """
-    chips = {t: c for _, t, _, c in TOPOLOGIES}
-    missing = [r for r in rows() if key(r) not in results and resolve(r, chips[r["topology"]]) is not None]
+    missing = [r for r in planned if key(r) not in results]
     if missing:
         text += "\nNot measured yet: " + "; ".join(
             f"{dict(MODELS)[r['model']]} {r['pod']} {r['batch_label']} {'packed' if r['packing'] else 'padded'}"
             for r in missing) + ".\n"
+    gpu = sorted(REPO.glob("benchmarks/gpu_compile_*.json"))
+    if gpu:
+        text += GPU_TEXT + "\n" + markdown_table(
+            ["GPUs", "batch", "HBM/GPU GiB", "of HBM", "FLOPs/step compiler (formula)", "collectives per step",
+             "step bound ms", "compile s"],
+            [gpu_row(json.loads(f.read_text())) for f in gpu]) + "\n"
     write_section(START, END, text)
+
+
+GPU_TEXT = """
+**GPU, without a GPU.** jax's deviceless GPU compile works here: the CUDA plugin wheels alone
+(`pip install --no-deps jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2`, no CUDA libraries, no GPU) and a
+`GpuTargetConfigProto` text give compile-only CUDA devices, and XLA:GPU compiles the real step for them. No GPU was
+lent to read the target config from one, so benchmarks/gpu_specs/h100_sxm.txtpb is XLA's own H100 SXM spec file
+(`xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb`; it has no cuDNN version). Command:
+`python -m mlret.compile --config configs/paper.py:xlmr_base,hybrid --model_config builtin --topology gpu:1x1xN
+--gpu_target_config benchmarks/gpu_specs/h100_sxm.txtpb --no_eval --config.data.global_batch=B` (B = 100; 104 on 8,
+the next multiple of 8). XLA:GPU reports no generated-code bytes, and its temporaries are its buffer assignment
+without the runtime's cuBLAS / cuDNN workspaces; peak 989 TFLOP/s bf16 dense, HBM bandwidth from the spec.
+"""
+
+
+def gpu_row(r: dict) -> list:
+    mem, fl, roof = r["memory"], r["flops"], r["roofline"]
+    colls = ", ".join(f"{k} {v['count']}x {v['bytes_per_step'] / 2**20:.0f} MiB"
+                      for k, v in r["collectives"]["by_kind"].items()) or "none"
+    return [f"{r['chips']} x {r['chip']['name']}", r["settings"]["global_batch"], _gib(mem["total_bytes"]),
+            f"{mem['fraction_of_hbm']:.0%}", f"{fl['compiler_total']:.2e} ({fl['formula_total']:.2e})", colls,
+            f"{roof['step_seconds_lower_bound'] * 1e3:.1f}", r["compile_seconds"]]
 
 
 def main() -> None:
