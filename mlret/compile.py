@@ -439,8 +439,8 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_shapes: set[tuple[int, ...]]
-                     ) -> None:
+def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_shapes: set[tuple[int, ...]],
+                     dp: int = 1) -> None:
     """Label each collective by what it moves: a weight (or its gradient), activations (an axis of a text
     length), or embeddings (last axis the hidden size, no length axis: the loss's gather). The design says a
     step gathers embeddings only, unless mesh.fsdp shards the weights."""
@@ -448,14 +448,18 @@ def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_
     lengths = {int(config.data.query_len), int(config.data.passage_len)}
     for c in colls:
         dims = tuple(c["dims"])
+        # Embeddings are [n, D], [B, G, D], or [dp, rows per shard, D] (packed pooling); checked before the
+        # length axes, since a row count may equal a length (the smoke config: B x G = query_len = 32).
+        embedding = dims and dims[-1] == d and (len(dims) == 2 or dims[:2] == (b, g)
+                                                or (len(dims) == 3 and dims[0] == dp and dims[1] not in lengths))
         if dims in param_shapes:
             c["what"] = "weights" if c["kind"] == "all-gather" else "weights or gradients"
-        elif any(x in lengths for x in dims[:-1]) or (len(dims) > 1 and dims[-1] in lengths):
-            c["what"] = "activations"
-        elif dims and dims[-1] == d:
+        elif embedding:
             n = math.prod(dims[:-1])
             c["what"] = ("passage embeddings" if n >= b * g else "query embeddings" if n >= b
                          else "embeddings (part of the batch)")
+        elif any(x in lengths for x in dims[:-1]) or (len(dims) > 1 and dims[-1] in lengths):
+            c["what"] = "activations"
         else:
             c["what"] = "other"
 
@@ -625,7 +629,7 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
     param_shapes = {tuple(x.shape) for x in _leaves(built.state["params"])}
     param_shapes |= {tuple(s.shard_shape(tuple(x.shape))) for x in _leaves(built.state["params"])
                      for s in [x.sharding]}
-    classify_gathers(colls, config, built.arch, param_shapes)
+    classify_gathers(colls, config, built.arch, param_shapes, dp)
     n = len(devices)
     model_flops = formula_flops(config, built.arch, built.rows)
     compiler_total = c["flops"] * n  # cost_analysis is of one device's program
@@ -872,6 +876,9 @@ def load_config(spec: str, overrides: Sequence[str]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server here: do not wait for one
+    # Compile-only devices need no backend: on the CPU, jax does not try to start the CUDA plugin for real (which
+    # fails without cuDNN and then refuses the deviceless GPU topology) nor to claim a TPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         config = load_config(args.config, overrides)
         if args.find_max_batch:
