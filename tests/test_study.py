@@ -166,12 +166,12 @@ def test_loss_rows_are_configs_the_trainer_accepts(study):
 
 def test_report_from_run_files(study, ngram_results, tmp_path):
     """Fake runs (the n-gram results, shifted per cell, with a little noise per run) go through the whole report:
-    Eq. 1 is 0.03 above InfoNCE in every block, hybrid's gap to X-X-mono is 0.05 under InfoNCE and 0 under Eq. 1,
+    Eq. 1 is 0.08 above InfoNCE (0.03 at hybrid), hybrid's gap to X-X-mono is 0.05 under InfoNCE and 0 under Eq. 1,
     so the loss test, the batching main effect and the interaction must each find what was put in."""
     results, per_query = ngram_results
     rng = np.random.default_rng(3)
     out = tmp_path / "runs"
-    shifts = {(loss, alpha): base + (0.03 if loss == "eq1" else 0.0) + (gap if alpha == 0.5 else 0.0)
+    shifts = {(loss, alpha): base + (0.08 if loss == "eq1" else 0.0) + (gap if alpha == 0.5 else 0.0)
               for loss, gap in (("eq1", 0.0), ("infonce", 0.05)) for alpha, base in ((1.0, 0.0), (0.0, 0.02), (0.5, 0))}
     cells = [(None, None, 0.0)] + [(loss, alpha, shift) for (loss, alpha), shift in shifts.items()]
     for loss, alpha, shift in cells:
@@ -199,7 +199,7 @@ def test_report_from_run_files(study, ngram_results, tmp_path):
     assert m["repaired"] == 16
     fam = m["inference"]["families"]
     loss = study._find(fam["loss"], "mono_mrr")
-    assert loss["estimate"] == pytest.approx(0.03, abs=0.002) and loss["same_sign"] == 9
+    assert loss["estimate"] == pytest.approx((0.03 + 0.08 + 0.08) / 3, abs=0.002) and loss["same_sign"] == 9
     assert loss["exact"]["p"] == pytest.approx(2 / 512) and loss["p_primary"] == loss["exact"]["p"]
     main = study._find(fam["batching"], "mono_mrr", contrast="hybrid − X-X-mono (α=1)")
     assert main["estimate"] == pytest.approx(0.025, abs=0.003) and main["exact"]["p"] == pytest.approx(0.1)
