@@ -6,7 +6,7 @@ not, FLOPs, collectives and the roofline bound of a step, for docs/benchmarks.md
 
 Rows are measured in priority order (XLM-R base padded first, then LaBSE, then packed) and appended to
 benchmarks/tpu_compile.jsonl as they finish, so a run under a time budget resumes where the last stopped; each row
-is one XLA:TPU compilation (35-120 s on the two cores here). Settings: configs/paper.py (hybrid batches, bf16
+is one XLA:TPU compilation (35-200 s on the two shared cores here). Settings: configs/paper.py (hybrid batches, bf16
 compute, lengths 64/256, G = 2, no remat), the architectures from `--model_config builtin` (no weights here), and:
 
 - the paper's batch of 100 where it divides the data-parallel size (v4-8: 4 chips), else the next multiple of it
@@ -196,6 +196,8 @@ takes longer; the MFU at the bound is therefore an upper bound on the MFU a run 
             ["GPUs", "batch", "HBM/GPU GiB", "of HBM", "FLOPs/step compiler (formula)", "collectives per step",
              "step bound ms", "compile s"],
             [gpu_row(json.loads(f.read_text())) for f in gpu]) + "\n"
+    else:
+        text += GPU_PENDING
     write_section(START, END, text)
 
 
@@ -209,6 +211,20 @@ lent to read the target config from one, so benchmarks/gpu_specs/h100_sxm.txtpb 
 --gpu_target_config benchmarks/gpu_specs/h100_sxm.txtpb --no_eval --config.data.global_batch=B` (B = 100; 104 on 8,
 the next multiple of 8). XLA:GPU reports no generated-code bytes, and its temporaries are its buffer assignment
 without the runtime's cuBLAS / cuDNN workspaces; peak 989 TFLOP/s bf16 dense, HBM bandwidth from the spec.
+"""
+
+
+GPU_PENDING = """
+**GPU, without a GPU.** jax's deviceless GPU compile works on this machine: with the CUDA plugin wheels alone
+(`pip install --no-deps jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2`: no CUDA libraries, no GPU),
+`JAX_PLATFORMS=cpu` and a `GpuTargetConfigProto` text, `jax.experimental.topologies.get_topology_desc(platform="cuda",
+target_config=..., topology="1x1x8")` gives 8 compile-only "NVIDIA H100 80GB HBM3" devices and XLA:GPU compiles
+a sharded toy program for them (0.1-0.2 s; its sum became an all-reduce over the 8). Without `JAX_PLATFORMS=cpu` the
+plugin tries to start for real, fails to load cuDNN, and then answers "topology not implemented for cuda".
+No GPU was lent, so the target config is XLA's own H100 SXM spec file (`xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb`,
+in benchmarks/gpu_specs/; it carries no cuDNN version), not one read from a GPU. `python -m mlret.compile
+--topology gpu:1x1x8 --gpu_target_config benchmarks/gpu_specs/h100_sxm.txtpb` runs the train step through it; its
+rows were not measured in this session (the shared cores' queue), so there is no GPU row yet.
 """
 
 
