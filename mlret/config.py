@@ -179,9 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.retrieval.method = "auto"  # auto | exact | scann
     c.eval.retrieval.scann_threshold = 1_000_000  # auto: exact search up to this many candidates, ScaNN above
     c.eval.retrieval.num_leaves = 0  # ScaNN tree leaves; 0: about sqrt(pool size)
-    # 0: from the pool size: leaves holding on average twice the reordered candidates, at least a tenth of them
+    # 0: from the pool size: leaves holding on average 4x the reordered candidates, at least a tenth of them
     c.eval.retrieval.leaves_to_search = 0
-    c.eval.retrieval.reorder = 0  # exactly re-scored candidates; 0: max(100, 4 k)
+    c.eval.retrieval.reorder = 0  # exactly re-scored candidates; 0: max(200, 10 k)
     c.eval.retrieval.reorder_dtype = "float32"  # ScaNN's re-scoring copy: float32 | bfloat16 | int8 (less memory)
     c.eval.retrieval.spherical = "auto"  # spherical k-means tree: auto (for unit-vector embeddings) | true | false
     # One index per candidate language, each searched and merged: a tree over a multilingual pool has leaves that
