@@ -4,8 +4,12 @@
         --out results/minilm.json [--config.eval.xquad_r.candidate_context=paragraph ...]
     python -m mlret.evaluate --config configs/x.py --checkpoint RUN_DIR [--step N] --out F.json
 
-`--hf` loads a model folder or hub id through `mlret.models.load_dual_encoder` with `config.model`'s pooling,
-normalisation and prefixes. `--checkpoint` restores a training run (`mlret.checkpoint.restore_for_export`, the
+`--hf` loads a model folder or hub id through `mlret.models.load_dual_encoder`. A sentence-transformers folder
+supplies its own settings, as sentence-transformers would use them: pooling, normalisation, the `query` and
+`document` prompts (as `config.model.query_prefix` / `passage_prefix`) and `max_seq_length` (as the query and
+passage lengths, at most the model's positions); a `--config.model.*` / `--config.data.*_len` flag on the command
+line overrides the folder, and what was taken from it is logged. A plain transformers folder uses `config.model`.
+`--checkpoint` restores a training run (`mlret.checkpoint.restore_for_export`, the
 latest step unless `--step`); the run's own config supplies the model, and `--config` (optional then) supplies
 the `eval` section. Every evaluator option is a config field (`config.eval.*`), overridable on the command line.
 
@@ -18,7 +22,9 @@ plus "_files").
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -67,8 +73,42 @@ def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | 
     config = default_config() if config is None else config
     config.model.name = hf
     model_dir = str(resolve_model_dir(hf))
+    apply_st_settings(config, model_dir, flags_given(sys.argv))
     model, _ = load_dual_encoder(config)
     return config, model, model_dir, {"hf": hf}
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The config fields set by `--config.<field>=...` flags on the command line ("model.query_prefix", ...)."""
+    return {a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}
+
+
+def apply_st_settings(config: Any, model_dir: str, given: set[str] = frozenset()) -> dict[str, Any]:
+    """Set `config.model`'s pooling, normalisation and prefixes and `config.data`'s lengths from a
+    sentence-transformers folder (`export.st_settings`, `max_seq_length` of sentence_bert_config.json), except
+    the fields in `given` (set on the command line). Returns what was applied (also logged)."""
+    import json
+
+    from mlret.export import st_settings
+    from mlret.models.encoder_config import local_max_length
+
+    folder = storage.path(model_dir)
+    applied = {f"model.{k}": v for k, v in st_settings(folder).items()}
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        length = json.loads(st_config.read_text()).get("max_seq_length")
+        if length:
+            limit = local_max_length(model_dir)
+            length = min(int(length), limit[0]) if limit else int(length)
+            applied.update({"data.query_len": length, "data.passage_len": length})
+    applied = {k: v for k, v in applied.items() if k not in given}
+    for key, value in applied.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    if applied:
+        logging.getLogger(__name__).info("%s: sentence-transformers settings %s", model_dir,
+                                         ", ".join(f"{k}={v!r}" for k, v in applied.items()))
+    return applied
 
 
 def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = None, step: int | None = None,

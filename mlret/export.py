@@ -163,8 +163,9 @@ def _write_json(path: epath.Path, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _st_defaults(model_dir: epath.Path) -> dict[str, Any]:
-    """Pooling, normalisation and prompts of a sentence-transformers folder, to keep them when re-exporting."""
+def st_settings(model_dir: epath.Path) -> dict[str, Any]:
+    """Pooling, normalisation and prompts of a sentence-transformers folder as `config.model` fields (what
+    re-exporting keeps and `mlret.evaluate --hf` uses); empty for a plain transformers folder."""
     out: dict[str, Any] = {}
     pooling = model_dir / "1_Pooling" / "config.json"
     if pooling.is_file():
@@ -254,7 +255,7 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace,
     config = default_config()
     model_dir = resolve_model_dir(args.hf)
     config.model.name = str(model_dir)
-    for key, value in _st_defaults(model_dir).items():
+    for key, value in st_settings(model_dir).items():
         config.model[key] = value
     for key in ("pooling", "normalize", "query_prefix", "passage_prefix"):
         if getattr(args, key) is not None:
