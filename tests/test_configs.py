@@ -100,8 +100,30 @@ def test_own_data_config_reads_the_given_file(shared_data, monkeypatch, tmp_path
         load_config_file(CONFIGS / "own_data.py", None)
 
 
+@pytest.mark.parametrize("layout", ["mrtydi", "miracl"])
+def test_eval_trec_config_needs_its_corpus_and_names_its_layouts(layout, shared_data, monkeypatch, tmp_path):
+    """configs/eval_trec.py:LAYOUT validates once the corpus is named (the README's command sets it), reads the
+    published topics / qrels names from data_dir, and says which layouts exist."""
+    monkeypatch.setenv("MLRET_DATA_DIR", str(shared_data))
+    c = load_config_file(CONFIGS / "eval_trec.py", layout)
+    assert c.eval.evaluators == layout and c.eval.retrieval.per_language_index
+    with pytest.raises(ConfigError, match=f"config.eval.{layout}.corpus"):
+        validate(c)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"id": "d1", "contents": "x"}\n')
+    c.eval[layout].corpus = str(corpus)
+    c.eval[layout].languages = "sw"
+    c.eval[layout].split = "dev"
+    validate(c)
+    from mlret.preflight import missing_data
+
+    assert missing_data(c) == []  # the shared data's sw topics and qrels, and the corpus
+    with pytest.raises(ConfigError, match="the layout is one of mrtydi, miracl"):
+        load_config_file(CONFIGS / "eval_trec.py", "trec")
+
+
 def test_every_config_file_is_covered():
-    covered = {"paper.py", "smoke.py", "eval_xquad_r.py", "demo.py", "study.py", "own_data.py"}
+    covered = {"paper.py", "smoke.py", "eval_xquad_r.py", "eval_trec.py", "demo.py", "study.py", "own_data.py"}
     assert {p.name for p in CONFIGS.glob("*.py")} <= covered, "add the new config to tests/test_configs.py"
 
 
