@@ -488,6 +488,7 @@ def memory_report(compiled: Any, chip: Chip, headroom: float) -> dict[str, Any]:
 def cost(compiled: Any) -> dict[str, float]:
     c = compiled.cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
+    c = c or {}  # XLA:GPU's compile-only executables have no cost analysis (None): the formula stands alone
     return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0)),
             "optimal_seconds": float(c.get("optimal_seconds", 0.0))}
 
