@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from etils import epath
 from scale_helpers import max_abs_diff
 from scale_runs import (
     LOSS_RTOL,
@@ -24,7 +25,7 @@ from scale_runs import (
     worker_cmd,
 )
 
-from mlret.checkpoint import Checkpointer, CheckpointLayoutError, config_from_dict
+from mlret.checkpoint import MANIFEST, Checkpointer, CheckpointLayoutError, config_from_dict, file_digests
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,8 @@ def test_differing_host_data_positions_fail_with_a_reason(two_process_run, tmp_p
     shutil.copytree(workdir / "checkpoints" / "10", tmp_path / "checkpoints" / "10")
     other = tmp_path / "checkpoints" / "10" / "data" / "process_1-of-2.json"
     other.write_text(json.dumps({"next_index": 11}))  # hosts that disagree on where the data stands
+    step_dir = epath.Path(tmp_path / "checkpoints" / "10")  # as written, not damaged: its manifest agrees
+    (step_dir / MANIFEST).write_text(json.dumps({"step": 10, "files": file_digests(step_dir)}, sort_keys=True))
     saved = json.loads((tmp_path / "checkpoints" / "10" / "config" / "metadata").read_text())
     ck = Checkpointer(tmp_path, config_from_dict(saved))
     try:

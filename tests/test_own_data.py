@@ -22,7 +22,7 @@ DOC = REPO / "docs" / "own-data.md"
 # Cheap settings appended to the doc's commands (the doc's are the real run's).
 TINY = ["--config.train.steps=2", "--config.optim.warmup_steps=1", "--config.eval.every=2",
         "--config.checkpoint.every=2", "--config.data.global_batch=4", "--config.eval.evaluators=xquad_r",
-        "--config.eval.xquad_r.languages=en,de", "--config.eval.xquad_r.max_paragraphs=1",
+        "--config.eval.xquad_r.languages=en,de", "--config.eval.xquad_r.max_paragraphs=4",
         "--config.eval.progress=false", "--config.train.compilation_cache_dir="]
 
 
