@@ -92,19 +92,11 @@ class CachedEmbedder:
 
 
 def embedder(model_path: str, query_prefix: str, passage_prefix: str, cache: Path | None = None):
-    from mlret import parallel
-    from mlret.config import default_config
-    from mlret.eval.encode import ShardedEmbedder, place_model
-    from mlret.models import load_dual_encoder
+    from benchmarks.eval import placed_model
+    from mlret.eval.encode import ShardedEmbedder
 
-    c = default_config()
-    c.model.name = model_path
-    c.model.query_prefix, c.model.passage_prefix = query_prefix, passage_prefix
-    model, tok = load_dual_encoder(c.model, query_len=64, passage_len=256)
-    mesh = parallel.make_mesh(c.mesh)
-    rules = parallel.parse_rules(c.mesh.rules)
-    return CachedEmbedder(ShardedEmbedder(place_model(model, mesh, rules), tok, mesh, rules, batch_size=128,
-                                          progress=False), cache)
+    model, tok, mesh, rules = placed_model(model_path, query_prefix, passage_prefix)
+    return CachedEmbedder(ShardedEmbedder(model, tok, mesh, rules, batch_size=128, progress=False), cache)
 
 
 def model_paths(names: list[str], data_dir: Path) -> list[tuple[str, str, str, str]]:

@@ -212,7 +212,7 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
     return CorpusShard(docids, emb, offset, total, langs)
 
 
-def _global_options(opts: RetrievalOptions, pool: int) -> RetrievalOptions:
+def global_options(opts: RetrievalOptions, pool: int) -> RetrievalOptions:
     """`method = auto` decided on the whole pool, so that every host builds the same kind of index (and takes
     part in the same collectives) whatever its shard's size."""
     if opts.method != "auto":
@@ -252,7 +252,7 @@ def sharded_topk(queries: np.ndarray, shard: np.ndarray, offset: int, k: int,
     sizes = gathered(np.array([len(shard)], dtype=np.int64))[:, 0]
     pool = int(sizes.sum())
     k = min(k, pool)
-    opts = _global_options(opts, pool)
+    opts = global_options(opts, pool)
     if opts.method == "exact":  # one exact index or one per language: the same lists
         opts = dataclasses.replace(opts, per_language_index=False)
     idx, val, info = _local_then_merged(queries, shard, offset, k, opts, languages)

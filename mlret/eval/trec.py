@@ -42,7 +42,14 @@ from mlret.eval import metrics as M
 from mlret.eval.base import Embedder, EvalContext, EvalResult, EvaluatorSpec, PerQuery, embed, macro_mean, parse_list
 from mlret.eval.corpus import open_text
 from mlret.eval.retrieval import RetrievalOptions, describe_search, search_summary
-from mlret.eval.sharded import CorpusShard, encode_corpus_shard, gathered, global_docids, sharded_topk
+from mlret.eval.sharded import (
+    CorpusShard,
+    encode_corpus_shard,
+    gathered,
+    global_docids,
+    global_options,
+    sharded_topk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +146,7 @@ class TrecEvaluator:
     def _candidate_languages(self, shard: CorpusShard, lang: str, path: str) -> list[str] | None:
         """The passages' languages for the per-language index (None without it, or for exact search, where one
         index per language gives the same lists; see the module docstring)."""
-        opts = self.retrieval
-        exact = opts.method == "exact" or (opts.method == "auto" and shard.total <= opts.scann_threshold)
-        if not opts.per_language_index or exact:
+        if not self.retrieval.per_language_index or global_options(self.retrieval, shard.total).method == "exact":
             return None
         tagged = gathered(np.array([shard.languages is not None or not shard.docids], dtype=bool))
         if tagged.all():
