@@ -83,6 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
     # How passage embeddings reach every query: "constraint" (jit + a row-sharding constraint on the scores) or
     # "shard_map" (an explicit all_gather of the passages); both give the single-device loss and gradients.
     c.loss.gather = "constraint"
+    # Matryoshka embeddings (sentence-transformers' MatryoshkaLoss): "" off, or nested dimensions "384,256,128,64":
+    # the terms are also taken on each embedding's first d components, and the sums at every d are added, weighted
+    # by matryoshka_weights (comma-separated, one per dimension; "": all 1). matryoshka_normalize L2-normalises each
+    # prefix (cosine scores, as sentence-transformers' truncate_dim users compute them).
+    c.loss.matryoshka_dims = ""
+    c.loss.matryoshka_weights = ""
+    c.loss.matryoshka_normalize = True
     losses.add_sections(c.loss)
 
     c.optim = ml_collections.ConfigDict()

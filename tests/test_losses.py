@@ -406,3 +406,108 @@ def test_step_passes_declared_fields_and_gradient_caching_encodes_only_the_encod
     del batch["teacher_scores"]
     with pytest.raises(KeyError, match="no field.*teacher_scores"):
         t.global_batch(batch)
+
+
+# ------------------------------------------------------------------------- Matryoshka (issue 28, item 1)
+
+MATRYOSHKA = ((16, 1.0), (8, 0.5), (4, 0.25))
+
+
+def matryoshka_reference(q, p, unit, *, tau, opts, dims=MATRYOSHKA) -> float:
+    """Σ_d w_d · the loss of the first d components, each prefix L2-normalised (sentence-transformers'
+    MatryoshkaLoss around a cosine loss), in float64."""
+    unit_norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, p = np.asarray(q, np.float64), np.asarray(p, np.float64)
+    return sum(w * reference_loss(unit_norm(q[:, :d]), unit_norm(p[..., :d]), unit, tau=tau, opts=opts)
+               for d, w in dims)
+
+
+def _matryoshka_spec(opts, dims=MATRYOSHKA, gather="constraint"):
+    from mlret import losses
+
+    return losses.LossSpec(terms=(losses.TermSpec("contrastive", 1.0, opts),), gather=gather, matryoshka=dims)
+
+
+@pytest.mark.parametrize("name", ["eq1", "symmetric_within_view", "vrn"])
+def test_matryoshka_matches_float64_reference(batch, name):
+    from mlret import losses
+
+    q, p, unit = batch
+    opts, tau = VARIANTS[name], 0.07
+    fn = losses.build(_matryoshka_spec(opts), losses.LossSetup())
+    f = lambda q, p: fn({"query": q, "passage": p}, {"unit_id": unit}, tau)
+    (loss, metrics), (gq, gp) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(q), jnp.asarray(p))
+    np.testing.assert_allclose(float(loss), matryoshka_reference(q, p, unit, tau=tau, opts=opts), rtol=1e-5)
+    for d, _ in MATRYOSHKA:  # each dimension's own loss, unweighted
+        np.testing.assert_allclose(float(metrics[f"loss_dim{d}"]),
+                                   matryoshka_reference(q, p, unit, tau=tau, opts=opts, dims=((d, 1.0),)), rtol=1e-5)
+    rng = np.random.default_rng(2)
+    vq, vp = rng.normal(size=q.shape), rng.normal(size=p.shape)
+    h = 1e-5
+    ref = lambda t: matryoshka_reference(q + t * vq, p + t * vp, unit, tau=tau, opts=opts)
+    np.testing.assert_allclose(float(np.sum(gq * vq) + np.sum(gp * vp)), (ref(h) - ref(-h)) / (2 * h), rtol=1e-3,
+                               atol=1e-5)
+    # A dimension d sees the first d components only: alone, it gives the others no gradient.
+    small = losses.build(_matryoshka_spec(opts, dims=((4, 1.0),)), losses.LossSetup())
+    g4 = jax.grad(lambda q: small({"query": q, "passage": p}, {"unit_id": unit}, tau)[0])(jnp.asarray(q))
+    assert float(jnp.abs(g4[:, 4:]).max()) == 0.0 and float(jnp.abs(g4[:, :4]).max()) > 1e-3
+
+
+def test_matryoshka_dimension_larger_than_the_embedding_is_refused(batch):
+    from mlret import losses
+    from mlret.errors import ConfigError
+
+    q, p, unit = batch
+    fn = losses.build(_matryoshka_spec(LossOptions(), dims=((32, 1.0),)), losses.LossSetup())
+    with pytest.raises(ConfigError, match="config.loss.matryoshka_dims: 32 exceeds the embedding size 16"):
+        fn({"query": q, "passage": p}, {"unit_id": unit}, 0.05)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("matryoshka_dims", "64,x", "config.loss.matryoshka_dims: '64,x' is not a comma-separated list"),
+    ("matryoshka_dims", "64,64", "config.loss.matryoshka_dims: '64,64' must be distinct positive"),
+    ("matryoshka_weights", "1", "config.loss.matryoshka_weights: 1 weight.s. for 2 dimension.s."),
+    ("matryoshka_weights", "1,-1", "config.loss.matryoshka_weights: '1,-1' must be positive"),
+])
+def test_bad_matryoshka_fields_are_refused_naming_the_field(field, value, message):
+    from mlret.config import validate
+    from mlret.errors import ConfigError
+
+    c = default_config()
+    c.loss.matryoshka_dims = "64,32"
+    c.loss[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+@pytest.mark.parametrize("name", ["symmetric_within_view", "vrn"])  # every coupling: queries, passages, VRN's cos
+@pytest.mark.parametrize("gather", ["constraint", "shard_map", "grad_cache"])
+def test_matryoshka_sharded_and_cached_equal_single_device(dist, name, gather):
+    """Both gather paths on the 8-device mesh, and gradient caching (two chunks, shard_map inside), give the
+    single-device Matryoshka loss and gradients (the embeddings are 8-dimensional here: prefixes 8, 4, 2)."""
+    from mlret import losses
+
+    feats, params, mesh = dist
+    dims = ((8, 1.0), (4, 0.5), (2, 0.25))
+    single = losses.build(_matryoshka_spec(VARIANTS[name], dims), losses.LossSetup())
+    dist_gather = "shard_map" if gather == "grad_cache" else gather
+    sharded = losses.build(_matryoshka_spec(VARIANTS[name], dims, dist_gather),
+                           losses.LossSetup(dist_gather, mesh, ("data",)))
+
+    def loss_fn(fn):
+        def f(pr, emb, b):
+            q, p = emb
+            return fn({"query": q, "passage": p}, {"unit_id": b["unit_id"]}, jnp.exp(pr["log_tau"]))
+        return f
+
+    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
+    want = jax.jit(plain(single))(params, feats)
+    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
+    if gather == "grad_cache":
+        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
+            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
+            batch_axes=("data",)))(params, placed)
+    else:
+        got = jax.jit(plain(sharded))(params, placed)
+    _close(got, want)
+    assert abs(float(want[1]["log_tau"])) > 1e-3 and float(np.abs(want[1]["w"]).max()) > 1e-2

@@ -6,7 +6,8 @@ by its section's `weight` (`config.loss.<name>.weight`, default 1). The registry
 on the set of families: the `config.loss.<name>` sections of the schema (`add_sections`, used by
 `mlret.config.default_config`), their validation (`validate`, part of `mlret.config.validate`), the frozen
 `LossSpec` the step runs (`spec`), the embeddings and batch fields the step hands the loss (`embeddings`,
-`fields`), the loss function itself (`build`) and the model card's sentence (`describe`).
+`fields`), the loss function itself (`build`) and the model card's sentence (`describe`). Matryoshka dimensions
+(`config.loss.matryoshka_dims`) wrap whatever the terms are: `build` sums them again on each embedding prefix.
 
 A new family is one module that exports `LOSS = LossFamily(...)` plus its line in `_BUILTIN` below; code outside
 mlret (a test, a config file) calls `register(family)` before `default_config()`. docs/architecture.md, "Adding a
@@ -19,6 +20,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from mlret.errors import ConfigError
@@ -28,8 +30,8 @@ from mlret.losses.contrastive import LossOptions, contrastive_loss, sharded_cont
 from mlret.registry import Registry
 
 __all__ = ["LossContext", "LossFamily", "LossOptions", "LossSetup", "LossSpec", "Term", "TermSpec", "add_sections",
-           "build", "contrastive_loss", "describe", "embeddings", "fields", "get", "names", "register", "sections",
-           "sharded_contrastive_loss", "spec", "unregister", "validate", "vrn_delta"]
+           "build", "contrastive_loss", "describe", "embeddings", "fields", "get", "names", "parse_matryoshka",
+           "register", "sections", "sharded_contrastive_loss", "spec", "unregister", "validate", "vrn_delta"]
 
 GATHERS = ("constraint", "shard_map")
 
@@ -85,10 +87,34 @@ def add_sections(loss: ml_collections.ConfigDict) -> None:
             loss[field] = section.get_ref(field)
 
 
+def parse_matryoshka(loss: Any) -> tuple[tuple[int, float], ...]:
+    """config.loss.matryoshka_dims / matryoshka_weights -> ((dim, weight), ...); raises ConfigError naming the
+    field."""
+    try:
+        dims = [int(x) for x in parse_terms(loss.matryoshka_dims)]
+    except ValueError:
+        raise ConfigError(f"config.loss.matryoshka_dims: {loss.matryoshka_dims!r} is not a comma-separated list of "
+                          "whole numbers (e.g. \"384,256,128,64\")") from None
+    try:
+        weights = [float(x) for x in parse_terms(loss.matryoshka_weights)] or [1.0] * len(dims)
+    except ValueError:
+        raise ConfigError(f"config.loss.matryoshka_weights: {loss.matryoshka_weights!r} is not a comma-separated "
+                          "list of numbers") from None
+    _check(all(d > 0 for d in dims) and len(set(dims)) == len(dims), "matryoshka_dims",
+           f"{loss.matryoshka_dims!r} must be distinct positive dimensions")
+    _check(len(weights) == len(dims), "matryoshka_weights",
+           f"{len(weights)} weight(s) for {len(dims)} dimension(s) in config.loss.matryoshka_dims; give one per "
+           "dimension, or none (all 1)")
+    _check(all(math.isfinite(w) and w > 0 for w in weights), "matryoshka_weights",
+           f"{loss.matryoshka_weights!r} must be positive numbers")
+    return tuple(zip(dims, weights, strict=True))
+
+
 def validate(loss: Any) -> None:
     """Check config.loss: the loss-wide fields, the terms, and every registered family's section."""
     _check(loss.temperature > 0, "temperature", "must be positive")
     _check(loss.gather in GATHERS, "gather", f"{loss.gather!r} is not one of {', '.join(GATHERS)}")
+    parse_matryoshka(loss)
     terms = parse_terms(loss.terms)
     _check(bool(terms), "terms", "empty; name at least one loss family (e.g. contrastive)")
     _check(len(set(terms)) == len(terms), "terms", f"{loss.terms!r} names a family twice")
@@ -117,7 +143,8 @@ def spec(loss: Any) -> LossSpec:
     terms = tuple(TermSpec(name, float(loss[name].weight), get(name).options(loss[name], loss))
                   for name in parse_terms(loss.terms))
     return LossSpec(terms=terms, temperature=float(loss.temperature),
-                    learnable_temperature=bool(loss.learnable_temperature), gather=str(loss.gather))
+                    learnable_temperature=bool(loss.learnable_temperature), gather=str(loss.gather),
+                    matryoshka=parse_matryoshka(loss), matryoshka_normalize=bool(loss.matryoshka_normalize))
 
 
 def embeddings(loss: LossSpec) -> tuple[str, ...]:
@@ -139,10 +166,11 @@ def build(loss: LossSpec, setup: LossSetup) -> LossFn:
 
     Metrics: one term (weight 1) returns its own metrics unchanged. Several: `loss` is the weighted sum,
     `loss_<name>` each term's unweighted loss, and every other metric keeps its name unless an earlier term has
-    it, then it is `<name>/<metric>`."""
+    it, then it is `<name>/<metric>`. With Matryoshka dimensions the sum is taken at each (`loss_dim<d>`, the
+    unweighted sum at dimension d; `loss`, their weighted sum) and the other metrics are the first dimension's."""
     built = [(t, _REGISTRY[t.name], _REGISTRY[t.name].build(t.options, setup)) for t in loss.terms]
 
-    def loss_fn(emb: Mapping[str, Any], batch_fields: Mapping[str, Any], temperature: Any) -> tuple[Any, dict]:
+    def terms(emb: Mapping[str, Any], batch_fields: Mapping[str, Any], temperature: Any) -> tuple[Any, dict]:
         total, metrics = None, {}
         for t, family, term in built:
             value, m = term({e: emb[e] for e in family.embeddings}, {f: batch_fields[f] for f in family.fields},
@@ -157,7 +185,30 @@ def build(loss: LossSpec, setup: LossSetup) -> LossFn:
         metrics["loss"] = total
         return total, metrics
 
-    return loss_fn
+    if not loss.matryoshka:
+        return terms
+
+    def matryoshka(emb: Mapping[str, Any], batch_fields: Mapping[str, Any], temperature: Any) -> tuple[Any, dict]:
+        total, metrics = None, {}
+        for i, (dim, weight) in enumerate(loss.matryoshka):
+            value, m = terms({k: _prefix(v, dim, loss.matryoshka_normalize) for k, v in emb.items()}, batch_fields,
+                             temperature)
+            total = weight * value if total is None else total + weight * value
+            if i == 0:
+                metrics.update(m)
+            metrics[f"loss_dim{dim}"] = value
+        metrics["loss"] = total
+        return total, metrics
+
+    return matryoshka
+
+
+def _prefix(x: Any, dim: int, normalize: bool) -> Any:
+    """The first `dim` components of embeddings `x` [..., D] (L2-normalised again with `normalize`), in float32."""
+    if dim > x.shape[-1]:
+        raise ConfigError(f"config.loss.matryoshka_dims: {dim} exceeds the embedding size {x.shape[-1]}")
+    y = x[..., :dim].astype(jnp.float32)
+    return y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), 1e-12) if normalize else y
 
 
 def describe(loss: LossSpec) -> str:
@@ -166,4 +217,9 @@ def describe(loss: LossSpec) -> str:
     if len(parts) > 1 or loss.terms[0].weight != 1.0:
         parts = [f"{t.weight:g} x {p}" for t, p in zip(loss.terms, parts, strict=True)]
     tau = f"temperature {loss.temperature:g}" + (" (learnable)" if loss.learnable_temperature else "")
-    return " + ".join(parts) + f"; {tau}"
+    out = " + ".join(parts) + f"; {tau}"
+    if loss.matryoshka:
+        dims = ", ".join(f"{d}" + (f" (x{w:g})" if w != 1.0 else "") for d, w in loss.matryoshka)
+        out += (f"; Matryoshka: at the first {dims} dimensions of every embedding"
+                + (", each prefix L2-normalised" if loss.matryoshka_normalize else ""))
+    return out

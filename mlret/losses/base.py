@@ -82,10 +82,16 @@ class TermSpec:
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """The loss of a run, frozen from a validated `config.loss` (`mlret.losses.spec`): hashable, so the step's
-    jit treats it as a constant. The loss is the weighted sum of `terms`; `temperature` is τ (the start value of
-    the learnable one with `learnable_temperature`); `gather` is config.loss.gather."""
+    jit treats it as a constant. The loss is the weighted sum of `terms` (at each Matryoshka dimension, weighted
+    again); `temperature` is τ (the start value of the learnable one with `learnable_temperature`); `gather` is
+    config.loss.gather."""
 
     terms: tuple[TermSpec, ...]
     temperature: float = 0.05
     learnable_temperature: bool = False
     gather: str = "constraint"
+    # Matryoshka (Kusupati et al. 2022; sentence-transformers' MatryoshkaLoss): ((dim, weight), ...); the terms are
+    # taken on the first `dim` components of every embedding (re-normalised with `matryoshka_normalize`) and
+    # summed with the weights. (): the full embeddings only.
+    matryoshka: tuple[tuple[int, float], ...] = ()
+    matryoshka_normalize: bool = True
