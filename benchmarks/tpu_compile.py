@@ -4,10 +4,11 @@ not, FLOPs, collectives and the roofline bound of a step, for docs/benchmarks.md
     python benchmarks/tpu_compile.py --budget_s 420          # compile the next rows not yet measured, for 7 min
     python benchmarks/tpu_compile.py --write                 # the table from what is measured so far
 
-Rows are measured in priority order (XLM-R base padded first, then LaBSE, then packed) and appended to
-benchmarks/tpu_compile.jsonl as they finish, so a run under a time budget resumes where the last stopped; each row
-is one XLA:TPU compilation (35-200 s on the two shared cores here). Settings: configs/paper.py (hybrid batches, bf16
-compute, lengths 64/256, G = 2, no remat), the architectures from `--model_config builtin` (no weights here), and:
+Rows are measured in priority order (padded first: the paper's batch of both models on every pod, then the gradient-
+cached pod batches; then packed) and appended to benchmarks/tpu_compile.jsonl as they finish, so a run under a time
+budget resumes where the last stopped; each row is one XLA:TPU compilation (35-200 s on the two shared cores here).
+Settings: configs/paper.py (hybrid batches, bf16 compute, lengths 64/256, G = 2, no remat), the architectures from
+`--model_config builtin` (no weights here), and:
 
 - the paper's batch of 100 where it divides the data-parallel size (v4-8: 4 chips), else the next multiple of it
   (the step splits the batch evenly over the chips: mlret.parallel.validate_mesh);
@@ -41,17 +42,18 @@ PER_CHIP_CHUNK = 32
 
 
 def rows() -> list[dict]:
-    """Every row of the table, most important first: the paper's batch and the gradient-cached pod batches of
-    both models, padded then packed, on every pod; then the pod batches without gradient caching."""
+    """Every row of the table, most important first: padded, then packed; within each, the paper's batch of
+    both models on every pod, then each gradient-cached pod batch; last the pod batches without gradient
+    caching."""
     out = []
     for tier in (0, 1):
+        batches = [("paper", None, False), *((f"{b:,} GC", b, True) for b in (1024, 4096, 16384))]
+        if tier:
+            batches = [(f"{b:,}", b, False) for b in (1024, 4096, 16384)]
         for packing in (False, True):
-            for model, _ in MODELS:
-                for label, topo, slices, _ in TOPOLOGIES:
-                    batches = [("paper", None, False), *((f"{b:,} GC", b, True) for b in (1024, 4096, 16384))]
-                    if tier:
-                        batches = [(f"{b:,}", b, False) for b in (1024, 4096, 16384)]
-                    for name, b, gc in batches:
+            for name, b, gc in batches:
+                for model, _ in MODELS:
+                    for label, topo, slices, _ in TOPOLOGIES:
                         out.append({"model": model, "pod": label, "topology": topo, "slices": slices,
                                     "batch_label": name, "batch": b, "grad_cache": gc, "packing": packing})
     return out
@@ -193,8 +195,8 @@ takes longer; the MFU at the bound is therefore an upper bound on the MFU a run 
     gpu = sorted(REPO.glob("benchmarks/gpu_compile_*.json"))
     if gpu:
         text += GPU_TEXT + "\n" + markdown_table(
-            ["GPUs", "batch", "HBM/GPU GiB", "of HBM", "FLOPs/step compiler (formula)", "collectives per step",
-             "step bound ms", "compile s"],
+            ["GPUs", "batch", "HBM/GPU GiB (args+temp)", "of HBM", "FLOPs/step (formula)", "collectives per step",
+             "loss gather", "step bound ms (compute)", "pairs/s bound", "compile s"],
             [gpu_row(json.loads(f.read_text())) for f in gpu]) + "\n"
     else:
         text += GPU_PENDING
@@ -210,7 +212,12 @@ lent to read the target config from one, so benchmarks/gpu_specs/h100_sxm.txtpb 
 `python -m mlret.compile --config configs/paper.py:xlmr_base,hybrid --model_config builtin --topology gpu:1x1xN
 --gpu_target_config benchmarks/gpu_specs/h100_sxm.txtpb --no_eval --config.data.global_batch=B` (B = 100; 104 on 8,
 the next multiple of 8). XLA:GPU reports no generated-code bytes, and its temporaries are its buffer assignment
-without the runtime's cuBLAS / cuDNN workspaces; peak 989 TFLOP/s bf16 dense, HBM bandwidth from the spec.
+without the runtime's cuBLAS / cuDNN workspaces. Its compile-only executables have no cost analysis (no FLOP or
+HBM-traffic count), so the FLOPs are mlret/flops.py's and the bound is the compute time alone at 989 TFLOP/s bf16
+dense: a weaker bound than the TPU rows' (which also count HBM traffic), and an MFU "at the bound" of 100% by
+construction, hence not shown. On 8 GPUs the loss's gather moves the passage embeddings in float32 laid out
+[D, B x G] (XLA:GPU keeps float32 where XLA:TPU gathers bf16), and its backward is a reduce-scatter (an all-reduce
+on TPU).
 """
 
 
@@ -229,12 +236,16 @@ rows were not measured in this session (the shared cores' queue), so there is no
 
 
 def gpu_row(r: dict) -> list:
-    mem, fl, roof = r["memory"], r["flops"], r["roofline"]
-    colls = ", ".join(f"{k} {v['count']}x {v['bytes_per_step'] / 2**20:.0f} MiB"
+    mem, fl, roof, lg = r["memory"], r["flops"], r["roofline"], r["loss_gather"]
+    colls = ", ".join(f"{k} {v['count']}x {v['bytes_per_step'] / 2**20:.1f} MiB"
                       for k, v in r["collectives"]["by_kind"].items()) or "none"
-    return [f"{r['chips']} x {r['chip']['name']}", r["settings"]["global_batch"], _gib(mem["total_bytes"]),
-            f"{mem['fraction_of_hbm']:.0%}", f"{fl['compiler_total']:.2e} ({fl['formula_total']:.2e})", colls,
-            f"{roof['step_seconds_lower_bound'] * 1e3:.1f}", r["compile_seconds"]]
+    gather = (f"{lg['embedding_gathers_per_step']}x {', '.join(lg['embedding_gather_shapes'])}"
+              if lg["embedding_gathers_per_step"] else "none (one GPU)" if r["chips"] == 1 else "none")
+    return [f"{r['chips']} x {r['chip']['name']}", r["settings"]["global_batch"],
+            f"{_gib(mem['total_bytes'])} ({_gib(mem['argument_bytes'])}+{_gib(mem['temp_bytes'])})",
+            f"{mem['fraction_of_hbm']:.0%}", f"{fl['formula_total']:.2e}", colls, gather,
+            f"{roof['step_seconds_lower_bound'] * 1e3:.1f}", f"{roof['examples_per_second_upper_bound']:,.0f}",
+            r["compile_seconds"]]
 
 
 def main() -> None:

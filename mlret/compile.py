@@ -450,16 +450,20 @@ def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_
         dims = tuple(c["dims"])
         # Embeddings are [n, D], [B, G, D], or [dp, rows per shard, D] (packed pooling); checked before the
         # length axes, since a row count may equal a length (the smoke config: B x G = query_len = 32).
+        # XLA:GPU may lay a gathered [n, D] out as [D, n] (the score matmul's operand layout).
+        transposed = len(dims) == 2 and dims[0] == d and dims[1] != d and dims[1] not in lengths
         embedding = dims and dims[-1] == d and (len(dims) == 2 or dims[:2] == (b, g)
                                                 or (len(dims) == 3 and dims[0] == dp and dims[1] not in lengths))
         if dims in param_shapes:
             c["what"] = "weights" if c["kind"] == "all-gather" else "weights or gradients"
-        elif embedding:
-            n = math.prod(dims[:-1])
+        elif embedding or transposed:
+            n = dims[1] if transposed else math.prod(dims[:-1])
             c["what"] = ("passage embeddings" if n >= b * g else "query embeddings" if n >= b
                          else "embeddings (part of the batch)")
         elif any(x in lengths for x in dims[:-1]) or (len(dims) > 1 and dims[-1] in lengths):
             c["what"] = "activations"
+        elif dims in ((b,), (b * g,)):
+            c["what"] = "per-pair values"  # e.g. the positives' scores or the unit ids, a scalar per text
         else:
             c["what"] = "other"
 
@@ -488,7 +492,8 @@ def memory_report(compiled: Any, chip: Chip, headroom: float) -> dict[str, Any]:
 def cost(compiled: Any) -> dict[str, float]:
     c = compiled.cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
-    c = c or {}  # XLA:GPU's compile-only executables have no cost analysis (None): the formula stands alone
+    if not c:  # XLA:GPU's compile-only executables have no cost analysis (None): the formula stands alone
+        return {"flops": None, "bytes_accessed": None, "optimal_seconds": None}
     return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0)),
             "optimal_seconds": float(c.get("optimal_seconds", 0.0))}
 
@@ -633,19 +638,21 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
     classify_gathers(colls, config, built.arch, param_shapes, dp)
     n = len(devices)
     model_flops = formula_flops(config, built.arch, built.rows)
-    compiler_total = c["flops"] * n  # cost_analysis is of one device's program
+    compiler_total = None if c["flops"] is None else c["flops"] * n  # cost_analysis: one device's program
     # XLA's cost analysis counts a while loop's body once, whatever its trip count: with gradient caching (two
     # scans over the chunks) the compiler's figure misses most of the encoder. The matmul count the design
     # implies (formula x expected ratio) is then the larger, and still a lower bound.
     design = model_flops * expected_compiler_ratio(config) / n
-    t_compute = max(c["flops"], design) / chip.peak_bf16_flops
-    t_memory = c["bytes_accessed"] / chip.hbm_bytes_per_s
-    bound = max(t_compute, t_memory)
+    t_compute = max(c["flops"] or 0.0, design) / chip.peak_bf16_flops
+    # Without the compiler's HBM traffic (GPU) the bound is the compute time alone.
+    t_memory = None if c["bytes_accessed"] is None else c["bytes_accessed"] / chip.hbm_bytes_per_s
+    bound = max(t_compute, t_memory or 0.0)
     report.update({
         "compile_seconds": round(seconds, 2),
         "memory": mem,
         "flops": {"compiler_per_chip": c["flops"], "compiler_total": compiler_total, "formula_total": model_flops,
-                  "compiler_over_formula": compiler_total / model_flops if model_flops else None,
+                  "compiler_over_formula": (compiler_total / model_flops if model_flops and compiler_total is not None
+                                            else None),
                   "expected_ratio": expected_compiler_ratio(config),
                   "loops_counted_once": int(config.train.grad_cache_chunk) > 0,
                   "bytes_accessed_per_chip": c["bytes_accessed"]},
@@ -653,7 +660,8 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
             {k: v for k, v in x.items() if k != "dims"} for x in colls]},
         "loss_gather": _loss_gather(colls),
         "roofline": {"compute_seconds": t_compute, "memory_seconds": t_memory, "step_seconds_lower_bound": bound,
-                     "bound_by": "compute" if t_compute >= t_memory else "hbm bandwidth",
+                     "bound_by": ("compute" if t_memory is not None and t_compute >= t_memory else "hbm bandwidth"
+                                  if t_memory is not None else "compute (no HBM traffic figure from the compiler)"),
                      "examples_per_second_upper_bound": int(config.data.global_batch) / bound if bound else None,
                      "mfu_at_bound": model_flops / (n * chip.peak_bf16_flops * bound) if bound else None,
                      "leaves_out": "collective time (ICI / DCN), host input, kernel launch and overlap limits"},
@@ -801,8 +809,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"{_gib(mem['generated_code_bytes'])}; total {_gib(mem['total_bytes'])} (peak {_gib(mem['peak_bytes'])}) of "
         f"{_gib(mem['hbm_bytes'])} HBM",
         f"verdict: {r['verdict']}",
-        f"FLOPs per step: compiler {fl['compiler_total']:.3e} (all chips), mlret.flops {fl['formula_total']:.3e}, "
-        f"ratio {fl['compiler_over_formula']:.3f} (remat / gradient caching imply {fl['expected_ratio']:.3f})",
+        (f"FLOPs per step: compiler {fl['compiler_total']:.3e} (all chips), mlret.flops {fl['formula_total']:.3e}, "
+         f"ratio {fl['compiler_over_formula']:.3f} (remat / gradient caching imply {fl['expected_ratio']:.3f})"
+         if fl["compiler_total"] is not None else
+         f"FLOPs per step: mlret.flops {fl['formula_total']:.3e} (the compiler gives no cost analysis for this "
+         "target: XLA:GPU's compile-only executables have none)"),
         "collectives per step: " + (", ".join(f"{k} x{v['count']} {v['bytes_per_step'] / 2**20:.1f} MiB"
                                                for k, v in r["collectives"]["by_kind"].items()) or "none"),
         f"loss gather: {r['loss_gather']['embedding_gathers_per_step']} all-gather(s) of embeddings "
