@@ -205,12 +205,14 @@ class Trainer:
             if "passage" in wanted:
                 out["passage"] = model.encode_passage(batch["passage_ids"], batch["passage_mask"])
             return out
-        # Packed: the segments index the pairs of the chunk (the whole batch without gradient caching).
+        # Packed: the segments index the pairs of the chunk (the whole batch without gradient caching), and each
+        # data-parallel shard's rows hold its own pairs (mlret.data.packing), so each shard pools on its own.
         n, g = self.spec.grad_cache_chunk or self.spec.global_batch, self.spec.group_size
+        shards = parallel.data_parallel_size(self.rules, self.mesh)
         if "query" in wanted:
-            out["query"] = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n)
+            out["query"] = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n, shards)
         if "passage" in wanted:
-            p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g)
+            p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g, shards)
             out["passage"] = p.reshape(n, g, -1)
         return out
 

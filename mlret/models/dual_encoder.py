@@ -117,33 +117,49 @@ class DualEncoder(nnx.Module):
         return emb.reshape(*lead, emb.shape[-1])
 
     def _embed_packed(self, encoder: EncoderModule, ids: jax.Array, segments: jax.Array, num_texts: int,
-                      prompt_length: int = 0) -> jax.Array:
+                      prompt_length: int = 0, shards: int = 1) -> jax.Array:
         """Embeddings [num_texts, D] of the texts packed in rows `ids` [R, T]; `segments` [R, T] holds each
         token's text index (0 .. num_texts - 1, -1 for padding), as mlret.data.packing writes them. Pooling is per
-        text: the mean of its tokens, or its first (cls / pooler) or last token, exactly as on padded rows."""
+        text: the mean of its tokens, or its first (cls / pooler) or last token, exactly as on padded rows.
+
+        `shards` > 1 states mlret.data.packing's layout: the rows are `shards` equal blocks (one per data-parallel
+        shard) and block d holds exactly texts d * n .. (d + 1) * n - 1 (n = num_texts / shards). Pooling then runs
+        per block on block-local text indices, so under a batch sharding it stays on each device: each device
+        pools its own texts, and the loss's gather is the only collective the embeddings meet (pooling over global
+        indices makes XLA all-reduce a [num_texts, D] sum instead)."""
+        if ids.shape[0] % shards or num_texts % shards:
+            raise ValueError(f"packed encoding: {ids.shape[0]} rows and {num_texts} texts do not split into "
+                             f"{shards} shards")
         hidden = encoder(ids, segments >= 0, segment_ids=segments)
-        flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
-        text = jnp.where(segments >= 0, segments, num_texts).reshape(-1)  # padding -> a dropped extra segment
-        if self.pooling == "mean":
-            weight = (segment_positions(segments) >= prompt_length).reshape(-1).astype(jnp.float32)
-            sums = jax.ops.segment_sum(flat * weight[:, None], text, num_segments=num_texts + 1)[:num_texts]
-            counts = jax.ops.segment_sum(weight, text, num_segments=num_texts + 1)
-            emb = sums / jnp.maximum(counts[:num_texts, None], 1e-9)
-        else:
+        per = num_texts // shards
+        flat = hidden.reshape(shards, -1, hidden.shape[-1]).astype(jnp.float32)
+        local = segments.reshape(shards, -1) - per * jnp.arange(shards, dtype=segments.dtype)[:, None]
+        text = jnp.where(segments.reshape(shards, -1) >= 0, local, per)  # padding -> a dropped extra segment
+        weight = (segment_positions(segments) >= prompt_length).reshape(shards, -1).astype(jnp.float32)
+
+        def pool(flat: jax.Array, text: jax.Array, weight: jax.Array) -> jax.Array:  # one block's texts [per, D]
+            if self.pooling == "mean":
+                sums = jax.ops.segment_sum(flat * weight[:, None], text, num_segments=per + 1)[:per]
+                counts = jax.ops.segment_sum(weight, text, num_segments=per + 1)
+                return sums / jnp.maximum(counts[:per, None], 1e-9)
             position = jnp.arange(text.shape[0], dtype=jnp.int32)
             pick = jax.ops.segment_max if self.pooling == "last" else jax.ops.segment_min
-            emb = flat[pick(position, text, num_segments=num_texts + 1)[:num_texts]]
-            if self.pooling == "pooler":
-                emb = encoder.pool_first_tokens(emb)
+            return flat[pick(position, text, num_segments=per + 1)[:per]]
+
+        emb = jax.vmap(pool)(flat, text, weight).reshape(num_texts, -1)
+        if self.pooling == "pooler":
+            emb = encoder.pool_first_tokens(emb)
         return l2_normalize(emb) if self.normalize else emb
 
-    def encode_query_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+    def encode_query_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int,
+                            shards: int = 1) -> jax.Array:
         """Query embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
-        return self._embed_packed(self.towers.query, ids, segments, num_texts, self.prompt_lengths[0])
+        return self._embed_packed(self.towers.query, ids, segments, num_texts, self.prompt_lengths[0], shards)
 
-    def encode_passage_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int) -> jax.Array:
+    def encode_passage_packed(self, ids: jax.Array, segments: jax.Array, num_texts: int,
+                              shards: int = 1) -> jax.Array:
         """Passage embeddings [num_texts, D] from packed rows (see `_embed_packed`)."""
-        return self._embed_packed(self.towers.passage, ids, segments, num_texts, self.prompt_lengths[1])
+        return self._embed_packed(self.towers.passage, ids, segments, num_texts, self.prompt_lengths[1], shards)
 
     def encode_query(self, ids: jax.Array, mask: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
         return self._embed(self.towers.query, ids, mask, token_type_ids, self.prompt_lengths[0])
