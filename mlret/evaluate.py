@@ -84,9 +84,11 @@ def flags_given(argv: list[str]) -> set[str]:
 
 
 def apply_st_settings(config: Any, model_dir: str, given: set[str] = frozenset()) -> dict[str, Any]:
-    """Set `config.model`'s pooling, normalisation and prefixes and `config.data`'s lengths from a
-    sentence-transformers folder (`export.st_settings`, `max_seq_length` of sentence_bert_config.json), except
-    the fields in `given` (set on the command line). Returns what was applied (also logged)."""
+    """Set `config.model`'s pooling, normalisation and prefixes, `config.data`'s lengths and the trained Matryoshka
+    dimensions (`config.loss.matryoshka_dims`, which `config.eval.dims="auto"` reports) from a sentence-transformers
+    folder (`export.st_settings`, `max_seq_length` of sentence_bert_config.json, `matryoshka_dims` of
+    config_sentence_transformers.json), except the fields in `given` (set on the command line). Returns what was
+    applied (also logged)."""
     import json
 
     from mlret.export import st_settings
@@ -101,6 +103,10 @@ def apply_st_settings(config: Any, model_dir: str, given: set[str] = frozenset()
             limit = local_max_length(model_dir)
             length = min(int(length), limit[0]) if limit else int(length)
             applied.update({"data.query_len": length, "data.passage_len": length})
+    st_model = folder / "config_sentence_transformers.json"
+    if st_model.is_file() and (dims := json.loads(st_model.read_text()).get("matryoshka_dims")):
+        # The dimensions an mlret export says it trained: config.eval.dims="auto" reports the metrics at each.
+        applied["loss.matryoshka_dims"] = ",".join(str(int(d)) for d in dims)
     applied = {k: v for k, v in applied.items() if k not in given}
     for key, value in applied.items():
         section, field = key.split(".")

@@ -42,6 +42,7 @@ from safetensors.numpy import save_file
 import mlret
 from mlret import cli, storage
 from mlret.card import PASSAGE_TOWER_DIR, model_card
+from mlret.losses import parse_matryoshka
 
 if TYPE_CHECKING:
     from mlret.models import DualEncoder, Encoder, TextTokenizer
@@ -81,6 +82,7 @@ def export_model(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any
         towers.append(("passage", model.towers.passage, out / PASSAGE_TOWER_DIR))
     for role, encoder, folder in towers:
         _write_folder(encoder, tokenizer, model, model_config, folder, role=role, lengths=lengths,
+                      run_config=run_config,
                       card=functools.partial(model_card, model, tokenizer, model_config, role=role, results=results,
                                              baseline=baseline, run_config=run_config))
     return out
@@ -106,7 +108,8 @@ def st_transformer_config(tokenizer: TextTokenizer, cfg: Any, lengths: tuple[int
 
 
 def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: epath.Path,
-                  *, role: str, lengths: tuple[int, int] | None, card: Callable[..., str]) -> None:
+                  *, role: str, lengths: tuple[int, int] | None, card: Callable[..., str],
+                  run_config: Any = None) -> None:
     from mlret.models import encoder_to_tensors
 
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +154,18 @@ def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder
                     "passage": tokenizer.passage_prefix},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if model.normalize else "dot",
+        # The Matryoshka dimensions the run trained (config.loss.matryoshka_dims), largest first: the values of
+        # `SentenceTransformer(..., truncate_dim=)` that were trained. sentence-transformers ignores the key.
+        **({"matryoshka_dims": dims} if (dims := matryoshka_dims(run_config)) else {}),
     })
     (out / "README.md").write_text(card(st_config=st_config))
+
+
+def matryoshka_dims(run_config: Any) -> list[int]:
+    """The Matryoshka dimensions a run trained, largest first ([] for none or an unchanged re-export)."""
+    if run_config is None:
+        return []
+    return sorted((d for d, _ in parse_matryoshka(run_config.loss)), reverse=True)
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:

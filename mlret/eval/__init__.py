@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlret.errors import ConfigError
-from mlret.eval import registry
+from mlret.eval import dims, registry
 from mlret.eval.base import Embedder, EvalContext, EvalResult, Evaluator, EvaluatorSpec, parse_list
+from mlret.eval.report import by_dimension
 from mlret.eval.retrieval import ON_LOW_RECALL, REORDER_DTYPES, SPHERICAL
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def validate_eval_config(config: Any) -> None:
         _fail("eval.retrieval.rank_k", "must be positive")
     if ev.retrieval.scann_threshold < 1:
         _fail("eval.retrieval.scann_threshold", "must be positive")
+    dims.validate(config)
     registry.validate(config)
     best = config.checkpoint.best_metric if "checkpoint" in config else ""
     if best:
@@ -79,8 +81,9 @@ def _fail(field: str, why: str) -> None:
 
 def build_evaluators(config: Any, names: Sequence[str] | None = None) -> list[Evaluator]:
     """The evaluators named in config.eval.evaluators (or `names`), configured from their config.eval sections;
-    the config must be valid (`mlret.config.validate`)."""
-    return registry.build(config, names)
+    the config must be valid (`mlret.config.validate`). With `config.eval.dim` or by-dimension reporting
+    (`config.eval.dims`, `mlret.eval.dims`) each is wrapped to search and report at those dimensions."""
+    return dims.wrap(registry.build(config, names), config)
 
 
 def run_evaluators(evaluators: Sequence[Evaluator], embedder: Embedder, step: int | None = None,
@@ -104,8 +107,14 @@ def run_evaluators(evaluators: Sequence[Evaluator], embedder: Embedder, step: in
 
 
 def flat_metrics(results: dict[str, EvalResult]) -> dict[str, float]:
-    """{"<evaluator>/<summary key>": value} over all evaluators (what training logs and best_metric names)."""
-    return {f"{name}/{k}": float(v) for name, result in results.items() for k, v in result.summary.items()}
+    """{"<evaluator>/<summary key>": value} over all evaluators (what training logs and best_metric names); with
+    evaluation by dimension also "<evaluator>@<d>/<key>" for the `dim_metrics` at every other dimension d."""
+    out = {f"{name}/{k}": float(v) for name, result in results.items() for k, v in result.summary.items()}
+    for name, result in results.items():
+        for d, summary in result.by_dim.items():
+            if d != result.dim:
+                out.update({f"{name}@{d}/{k}": float(summary[k]) for k in result.dim_metrics if k in summary})
+    return out
 
 
 def format_table(results: dict[str, EvalResult]) -> str:
@@ -125,6 +134,10 @@ def format_table(results: dict[str, EvalResult]) -> str:
             lines.append("  " + f"{'language':<10}" + "".join(f"{k:>12}" for k in keys))
             for lang, m in per_lang.items():
                 lines.append("  " + f"{lang:<10}" + "".join(f"{_number(m.get(k)):>12}" for k in keys))
+        by_dim = result.by_dim or result.details.get("by_dim")
+        if by_dim:
+            metrics = result.dim_metrics or result.details.get("dim_metrics", ())
+            lines += ["  " + x for x in by_dimension(name, by_dim, metrics).text().splitlines()]
     return "\n".join(lines)
 
 

@@ -72,10 +72,20 @@ class EvalResult:
     per_query: dict[str, PerQuery] = dataclasses.field(default_factory=dict)
     step: int | None = None
     seconds: float | None = None
+    # {dimension: summary} when evaluated at several embedding dimensions (`mlret.eval.dims`), the searched one
+    # included; `dim_metrics` are the summary keys the by-dimension table shows.
+    by_dim: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    dim_metrics: tuple[str, ...] = ()
+    dim: int | None = None  # the dimension searched (the summary's) when by_dim is filled
 
     def block(self) -> dict[str, Any]:
-        """The JSON block of `python -m mlret.evaluate --out` (summary, details, step, seconds; no per-query)."""
-        return {"summary": self.summary, **self.details, "step": self.step, "seconds": self.seconds}
+        """The JSON block of `python -m mlret.evaluate --out` (summary, details, step, seconds; no per-query;
+        `by_dim` {"d": summary} and `dim_metrics` when evaluated by dimension)."""
+        out = {"summary": self.summary, **self.details, "step": self.step, "seconds": self.seconds}
+        if self.by_dim:
+            out["by_dim"] = {str(d): s for d, s in self.by_dim.items()}
+            out["dim_metrics"], out["dim"] = list(self.dim_metrics), self.dim
+        return out
 
 
 @runtime_checkable

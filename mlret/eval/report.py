@@ -28,6 +28,7 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[str, ...]
     cells: tuple[tuple[tuple[float, float | None] | None, ...], ...]
+    row_title: str = "setting"  # the markdown header of the row names
 
     def _cells(self, row: Sequence[tuple[float, float | None] | None]) -> list[str]:
         return [_cell(c, 1 if title == RANK_DISTANCE[0] else 3) for title, c in zip(self.columns, row)]
@@ -42,7 +43,7 @@ class Table:
 
     def markdown(self) -> list[str]:
         """A markdown table (the model card)."""
-        head = ["| setting | " + " | ".join(self.columns) + " |", "|---" * (len(self.columns) + 1) + "|"]
+        head = [f"| {self.row_title} | " + " | ".join(self.columns) + " |", "|---" * (len(self.columns) + 1) + "|"]
         return head + [f"| {r} | " + " | ".join(self._cells(row)) + " |" for r, row in zip(self.rows, self.cells)]
 
 
@@ -93,3 +94,19 @@ def summaries_from_flat(metrics: Mapping[str, float], names: Sequence[str] | Non
         if sep and (names is None or name in names) and isinstance(value, (int, float)):
             out.setdefault(name, {})[metric] = float(value)
     return out
+
+
+# The by-dimension table's column titles for the summary keys config.eval.dim_metrics usually names.
+DIM_TITLES = {"mono_map": "mono mAP", "cross_map": "cross mAP", "multi_map": "multi mAP",
+              "multi_rank_distance": RANK_DISTANCE[0], "rank_distance": RANK_DISTANCE[0], "ndcg10": "nDCG@10",
+              "recall100": "R@100", "mrr": "MRR", "acc": "accuracy", "acc1": "acc@1"}
+
+
+def by_dimension(name: str, by_dim: Mapping[int | str, Mapping[str, float]], metrics: Sequence[str]) -> Table:
+    """The compact table of an evaluation by embedding dimension (`mlret.eval.dims`): one row per dimension,
+    largest first, one column per metric of `metrics` the summaries have."""
+    rows = sorted(by_dim.items(), key=lambda kv: -int(kv[0]))
+    keys = [k for k in metrics if any(k in s for _, s in rows)]
+    cells = tuple(tuple((float(s[k]), None) if k in s else None for k in keys) for _, s in rows)
+    return Table(f"{name} by embedding dimension", tuple(DIM_TITLES.get(k, k) for k in keys),
+                 tuple(str(d) for d, _ in rows), cells, row_title="dimension")
