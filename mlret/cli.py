@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from absl import flags
+
 from mlret.errors import ConfigError, DataError
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -80,8 +82,6 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
     """absl's flag parsing for `app.run(main, flags_parser=...)`, with the user's mistakes as one line: an unknown
     `--config.<field>` override (ml_collections raises a bare AttributeError/KeyError from deep inside its parser)
     with the suggestion ml_collections makes, a value of the wrong type, a config file that does not load."""
-    from absl import flags
-
     def parse(argv: list[str]) -> list[str]:
         try:
             rest = flags.FLAGS(argv)
@@ -107,8 +107,6 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
 
 def _check_config_loaded(prog: str) -> None:
     """A config file that failed to load is a placeholder that raises on first use: say why now."""
-    from absl import flags
-
     for name in ("config",):
         if name in flags.FLAGS:
             try:

@@ -24,7 +24,9 @@ naming the config fields to change.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +37,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlret.errors import ConfigError
+import huggingface_hub
+
+from mlret.data.packing import round_up
+from mlret.errors import ConfigError, GradCacheError
+
+# jax, and every module that imports it (mlret.config, .parallel, .models, .step, .flops, .eval.encode), is imported
+# inside the functions that use it ("# lazy: jax after JAX_PLATFORMS"): `main` sets JAX_PLATFORMS=cpu before jax
+# starts (the CUDA plugin otherwise refuses a deviceless topology), and --help and the one-line errors of a config
+# that does not load come before it.
 
 PROG = "mlret.compile"
 
@@ -153,8 +163,6 @@ def model_config_json(config: Any, model_config: str | None) -> tuple[dict[str, 
             raise ConfigError(f"config.model.name={name}: the folder has no config.json")
         return json.loads((path / "config.json").read_text()), str(path / "config.json")
     try:
-        import huggingface_hub
-
         cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
     except Exception:  # not a repo id, or no hub library
         cached = None
@@ -166,23 +174,15 @@ def model_config_json(config: Any, model_config: str | None) -> tuple[dict[str, 
 
 
 def _read_architecture(raw: dict[str, Any], where: str) -> Any:
-    """The encoder family's config of a config.json dict (mlret.models.family where it exists)."""
-    try:
-        from mlret.models.family import read_hf_config
-    except ImportError:  # the one-family tree
-        from mlret.models.encoder_config import EncoderConfig
+    """The encoder family's config of a config.json dict (mlret.models.family)."""
+    from mlret.models.family import read_hf_config  # lazy: jax after JAX_PLATFORMS
 
-        return EncoderConfig.from_hf(raw, where=where)
     return read_hf_config(raw, where=where)
 
 
 def _encoder_module(cfg: Any, **kwargs: Any) -> Any:
-    try:
-        from mlret.models.family import family_of
-    except ImportError:
-        from mlret.models.encoder import Encoder
+    from mlret.models.family import family_of  # lazy: jax after JAX_PLATFORMS
 
-        return Encoder(cfg, **kwargs)
     return family_of(cfg).module(cfg, **kwargs)
 
 
@@ -190,9 +190,9 @@ def abstract_model_fn(config: Any, arch: Any) -> Callable[[], Any]:
     """A function that builds the run's DualEncoder (random weights, never materialised: call it under
     `jax.eval_shape`) as `mlret.models.load_dual_encoder` assembles it, minus the weights. The pooler exists
     when config.model.pooling is 'pooler' (a checkpoint's pooler weights are not read here)."""
-    from flax import nnx
+    from flax import nnx  # lazy: jax after JAX_PLATFORMS
 
-    from mlret.models import DualEncoder, Tied, Untied
+    from mlret.models import DualEncoder, Tied, Untied  # lazy: jax after JAX_PLATFORMS
 
     m = config.model
 
@@ -214,12 +214,10 @@ def topology_devices(topology: str, num_slices: int = 1, gpu_target_config: str 
     """Compile-only devices of `topology` (x `num_slices`), from libtpu; nothing runs on them. `gpu:SxHxD`
     (slices x hosts x GPUs per host) with `gpu_target_config` gives compile-only CUDA devices instead (jax's
     deviceless GPU compile: the CUDA plugin, no GPU)."""
-    import importlib.util
-
     chip_of(topology, gpu_target_config)
     if num_slices < 1:
         raise ConfigError(f"--num_slices {num_slices}: must be >= 1")
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # lazy: jax after JAX_PLATFORMS
 
     if topology.startswith("gpu:"):
         if importlib.util.find_spec("jax_plugins.xla_cuda13") is None and importlib.util.find_spec(
@@ -265,9 +263,8 @@ class Built:
 def check_run(config: Any, devices: Sequence[Any], num_slices: int) -> int:
     """The checks `mlret.config.validate(devices=...)` makes of the mesh and the batch split, for the topology's
     devices and hosts; returns the data-parallel size."""
-    from mlret import config as config_lib
-    from mlret import parallel
-    from mlret.errors import GradCacheError
+    from mlret import config as config_lib  # lazy: jax after JAX_PLATFORMS
+    from mlret import parallel  # lazy: jax after JAX_PLATFORMS
 
     config_lib.validate(config)
     if num_slices > 1 and int(config.mesh.dcn_data) != num_slices:
@@ -287,8 +284,6 @@ def packed_rows(config: Any, dp: int, fill: float) -> tuple[int, int]:
     average: each (shard, chunk) piece of mlret.data.packing gets ceil(texts x fill) rows, rounded up to
     config.data.packing_rows_multiple. The real count depends on the batch's texts (first-fit decreasing of
     their lengths); `fill` stands for it."""
-    from mlret.data.packing import round_up
-
     b, g = int(config.data.global_batch), int(config.data.group_size)
     chunk = int(config.train.grad_cache_chunk)
     chunks = b // chunk if chunk else 1
@@ -319,12 +314,12 @@ def build(config: Any, devices: Sequence[Any], dp: int, raw_model: dict[str, Any
           fill: float) -> Built:
     """The run's trainer over `devices`, built abstractly: `build_train_step` runs under `jax.eval_shape`, so the
     model's random initialisation is traced, never computed, and nothing is placed on the (compile-only) devices."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    import jax  # lazy: jax after JAX_PLATFORMS
+    import jax.numpy as jnp  # lazy: jax after JAX_PLATFORMS
+    from flax import nnx  # lazy: jax after JAX_PLATFORMS
 
-    from mlret import parallel
-    from mlret.step import build_train_step
+    from mlret import parallel  # lazy: jax after JAX_PLATFORMS
+    from mlret.step import build_train_step  # lazy: jax after JAX_PLATFORMS
 
     try:
         arch = _read_architecture(raw_model, where)
@@ -501,7 +496,7 @@ def cost(compiled: Any) -> dict[str, float]:
 def formula_flops(config: Any, arch: Any, rows: dict[str, int]) -> int:
     """mlret.flops' matmul count of one step (forward + backward, the loss's score matrix) for the rows the
     encoder runs: B queries and B x G passages padded, or the packed batch's rows."""
-    from mlret import flops
+    from mlret import flops  # lazy: jax after JAX_PLATFORMS
 
     b, g = int(config.data.global_batch), int(config.data.group_size)
     fwd = (flops.encoder_forward_flops(arch, rows["query"], int(config.data.query_len))
@@ -559,12 +554,12 @@ def compile_step(built: Built) -> tuple[Any, float]:
 def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, float, int]:
     """The evaluation passage encoder (`mlret.eval.encode`'s jitted function) over the trained weights, at
     config.eval.batch_size (rounded up to the data-parallel size as the embedder does) and the eval length."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    import jax  # lazy: jax after JAX_PLATFORMS
+    import jax.numpy as jnp  # lazy: jax after JAX_PLATFORMS
+    from flax import nnx  # lazy: jax after JAX_PLATFORMS
 
-    from mlret import parallel
-    from mlret.eval.encode import _encode_fn
+    from mlret import parallel  # lazy: jax after JAX_PLATFORMS
+    from mlret.eval.encode import _encode_fn  # lazy: jax after JAX_PLATFORMS
 
     rules = parallel.parse_rules(config.mesh.rules)
     mesh = devices_mesh
@@ -689,7 +684,7 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
 
 
 def _leaves(tree: Any) -> list[Any]:
-    import jax
+    import jax  # lazy: jax after JAX_PLATFORMS
 
     return jax.tree.leaves(tree)
 
@@ -735,7 +730,7 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
     bisecting. With
     `grad_cache_per_device` > 0 the chunk is that many pairs per data-parallel device."""
     devices = topology_devices(topology, num_slices)
-    from mlret import parallel
+    from mlret import parallel  # lazy: jax after JAX_PLATFORMS
 
     _, fsdp, tensor = parallel.mesh_shape(config.mesh, len(devices))
     dp = len(devices) // (fsdp * tensor)
@@ -782,8 +777,6 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
 
 
 def _unlocked_copy(config: Any) -> Any:
-    import copy
-
     return copy.deepcopy(config)
 
 
@@ -872,7 +865,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def load_config(spec: str, overrides: Sequence[str]) -> Any:
-    from mlret import config as config_lib
+    from mlret import config as config_lib  # lazy: jax after JAX_PLATFORMS
 
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():

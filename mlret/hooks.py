@@ -6,11 +6,18 @@ preemption, checkpoints and the export at the end. `mlret.train.train` wires the
 (the order matters where one hook reads what another wrote on the loop: the checkpoint is saved with the
 evaluation's metrics and forced when preemption asked to stop; the zero-shot evaluation of `Evaluation.begin`
 runs before `MetricLog.begin` starts the steps/s clock).
+
+The hooks read no config: `hook_specs(config, workdir)` freezes what each needs into small dataclasses once, right
+after validation (`HookSpecs`: `EvalSpec`, `ExportSpec`, scalars). The one whole config a hook holds is
+`HookSpecs.record`, a private copy recorded as data (the checkpoint's config item, the model card's training
+description), never read for behaviour.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import dataclasses
 import logging
 import signal
 import threading
@@ -27,7 +34,7 @@ from jax.experimental import multihost_utils
 from mlret import storage
 from mlret.console import sample_sizes, zero_shot_from_log
 from mlret.eval import flat_metrics, run_evaluators
-from mlret.eval.encode import eval_tokenizer, make_embedder
+from mlret.eval.encode import EmbedSpec, embed_spec
 from mlret.export import export_model
 from mlret.hostmem import allocator, libc
 from mlret.loop import Hook, Loop
@@ -35,6 +42,62 @@ from mlret.metrics_log import Progress, read_metrics
 from mlret.models import resolve_model_dir
 
 log = logging.getLogger("mlret.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What the `Evaluation` hook needs of a validated config (config.eval, the start model's name)."""
+
+    every: int  # config.eval.every: evaluate every `every` steps and at the last one
+    at_start: bool = False  # config.eval.at_start: evaluate the start model of a run that starts at step 0
+    output_dir: str = ""  # config.eval.output_dir ("": <workdir>/eval/step_<n>)
+    model_name: str = ""  # config.model.name: the folder or hub id whose tokenizer evaluation uses
+    embed: EmbedSpec | None = None  # lengths, prefixes, batch size, rules (mlret.eval.encode.embed_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """What the `Export` hook needs of a validated config: where to write, and what to record.
+
+    `model_config` (config.model) and `run_config` (the whole config) are data the exported folder records (its
+    model card's training description and lengths, mlret.export.export_model), not settings of the hook."""
+
+    out: Any  # config.export.dir (relative: under the workdir) as an epath.Path (mlret.storage.join)
+    model_config: Any
+    run_config: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class HookSpecs:
+    """What the library's hooks need of a validated config, read once (`hook_specs`)."""
+
+    max_nonfinite_in_row: int  # config.optim.max_nonfinite_in_row
+    log_every: int  # config.train.log_every
+    evaluation: EvalSpec | None  # None: config.eval.every == 0
+    export: ExportSpec | None  # None: no config.export.dir
+    trim_host_memory_every: int  # config.train.trim_host_memory_every (0: never)
+    # The validated config as data to record (a private copy: the checkpoint's config item, the model card);
+    # no hook reads it for behaviour.
+    record: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+
+def eval_spec(config: ml_collections.ConfigDict) -> EvalSpec:
+    """The evaluation's frozen view of a validated config (also for `evaluate_params` outside a run)."""
+    return EvalSpec(every=int(config.eval.every), at_start=bool(config.eval.at_start),
+                    output_dir=str(config.eval.output_dir or ""), model_name=str(config.model.name),
+                    embed=embed_spec(config))
+
+
+def hook_specs(config: ml_collections.ConfigDict, workdir: str | Path) -> HookSpecs:
+    """The hooks' frozen view of a validated config (`mlret.config.validate`) for a run in `workdir`."""
+    record = copy.deepcopy(config)
+    evaluation = eval_spec(config) if config.eval.every > 0 else None
+    export = (ExportSpec(out=storage.join(workdir, config.export.dir, "config.export.dir"),
+                         model_config=record.model, run_config=record)
+              if config.export.dir else None)
+    return HookSpecs(max_nonfinite_in_row=int(config.optim.max_nonfinite_in_row),
+                     log_every=int(config.train.log_every), evaluation=evaluation, export=export,
+                     trim_host_memory_every=int(config.train.trim_host_memory_every or 0), record=record)
 
 
 class NonFiniteError(RuntimeError):
@@ -103,31 +166,32 @@ class MetricLog(Hook):
         self.writer.close()
 
 
-def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, config: ml_collections.ConfigDict,
-                    step: int, output_dir: str | None = None) -> dict[str, Any]:
-    """Run `evaluators` on the model with `params` (the state's `params["model"]`) on the trainer's mesh; every
-    host must call it (same evaluators, same order). Returns {evaluator name: result}."""
+def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, spec: EvalSpec, step: int,
+                    output_dir: str | None = None) -> dict[str, Any]:
+    """Run `evaluators` on the model with `params` (the state's `params["model"]`) on the trainer's mesh, as
+    `spec` says (`hook_specs(config, ...).evaluation`); every host must call it (same evaluators, same order).
+    Returns {evaluator name: result}."""
     model = nnx.merge(trainer.graphdef, params, trainer.rest)
-    tokenizer = eval_tokenizer(config, str(resolve_model_dir(config.model.name)))
-    embedder = make_embedder(model, config, trainer.mesh, tokenizer)
+    tokenizer = spec.embed.tokenizer(str(resolve_model_dir(spec.model_name)))
+    embedder = spec.embed.embedder(model, trainer.mesh, tokenizer)
     return run_evaluators(evaluators, embedder, step, output_dir)
 
 
 class Evaluation(Hook):
-    """Every `config.eval.every` steps and at the last step: run the evaluators on the current weights, write
-    their flat metrics to `writer`, print them on `console` and leave them on the loop (`eval_metrics` for the
-    checkpoint's best metric, `eval_results`). Matrices go to `config.eval.output_dir`, else
-    `<workdir>/eval/step_<n>`. With `config.eval.at_start`, a run that starts from step 0 is evaluated first
+    """Every `spec.every` steps (config.eval.every) and at the last step: run the evaluators on the current
+    weights, write their flat metrics to `writer`, print them on `console` and leave them on the loop
+    (`eval_metrics` for the checkpoint's best metric, `eval_results`). Matrices go to `spec.output_dir`, else
+    `<workdir>/eval/step_<n>`. With `spec.at_start`, a run that starts from step 0 is evaluated first
     (`zero_shot`: the summaries of the start model; a resumed run reads them back from metrics.jsonl)."""
 
-    def __init__(self, evaluators: Sequence[Any], config: ml_collections.ConfigDict, workdir: str | Path | None,
+    def __init__(self, evaluators: Sequence[Any], spec: EvalSpec, workdir: str | Path | None,
                  writer: Any = None, console: Any = None) -> None:
         self.evaluators = list(evaluators)
-        self.config = config
+        self.spec = spec
         self.workdir = storage.path(workdir, "config.workdir") if workdir is not None else None
         self.writer = writer
         self.console = console
-        self.every = int(config.eval.every)
+        self.every = int(spec.every)
         self.zero_shot: dict[str, dict[str, float]] | None = None
         self.seconds = 0.0  # wall time of this run's evaluations so far (MetricLog leaves it out of the ETA)
         self.last_seconds: float | None = None
@@ -143,14 +207,14 @@ class Evaluation(Hook):
 
     def evaluate(self, loop: Loop, step: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(flat metrics, results) of `loop.state`'s weights, logged and printed as the evaluation of `step`."""
-        out_dir = self.config.eval.output_dir or (str(self.workdir / "eval" / f"step_{step}")
+        out_dir = self.spec.output_dir or (str(self.workdir / "eval" / f"step_{step}")
                                                   if self.workdir is not None else None)
         if self.console is not None:  # said before it starts: an evaluation is minutes of silence on a CPU
             took = f"; the last took {self.last_seconds:.0f} s" if self.last_seconds is not None else ""
             self.console.print(f"eval {'zero-shot (step 0)' if step == 0 else f'step {step}'}: evaluating "
                                f"{', '.join(e.name for e in self.evaluators)}{took} ...")
         t0 = time.perf_counter()
-        results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"], self.config, step,
+        results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"], self.spec, step,
                                   out_dir)
         metrics = flat_metrics(results)
         seconds = time.perf_counter() - t0
@@ -169,7 +233,7 @@ class Evaluation(Hook):
             self.writer.write(loop.step, loop.eval_metrics)
 
     def begin(self, loop: Loop) -> None:
-        if self.config.eval.at_start and loop.start == 0:
+        if self.spec.at_start and loop.start == 0:
             metrics, results = self.evaluate(loop, 0)
             if self.writer is not None:
                 self.writer.write(0, metrics)
@@ -181,7 +245,7 @@ class Evaluation(Hook):
             self.run(loop)
 
     def end(self, loop: Loop) -> None:
-        if (self.zero_shot is None and self.config.eval.at_start and self.writer is not None and self.writer.enabled
+        if (self.zero_shot is None and self.spec.at_start and self.writer is not None and self.writer.enabled
                 and self.writer.path.is_file()):
             self.zero_shot = zero_shot_from_log(read_metrics(self.writer.path.parent),
                                                 [e.name for e in self.evaluators])
@@ -233,15 +297,18 @@ class Preemption(Hook):
 class Checkpointing(Hook):
     """Save state + data iterator + config through `checkpointer` (mlret.checkpoint.Checkpointer) on its
     schedule, and always at the last step, on a stop and with an evaluation's metrics (for the best-metric
-    ranking); `close` waits for the last asynchronous write."""
+    ranking); `close` waits for the last asynchronous write.
 
-    def __init__(self, checkpointer: Any, config: ml_collections.ConfigDict, writer: Any = None) -> None:
+    `record` is the validated config (`HookSpecs.record`), saved with every checkpoint as data (a resumed or
+    exported run reads it back); the hook reads nothing in it."""
+
+    def __init__(self, checkpointer: Any, record: ml_collections.ConfigDict, writer: Any = None) -> None:
         self.checkpointer = checkpointer
-        self.config = config
+        self.record = record
         self.writer = writer  # its logs are flushed to the run directory with every checkpoint (gs://: copied)
 
     def after_step(self, loop: Loop) -> None:
-        saved = self.checkpointer.save(loop.step, loop.state, loop.batches, self.config, metrics=loop.eval_metrics,
+        saved = self.checkpointer.save(loop.step, loop.state, loop.batches, self.record, metrics=loop.eval_metrics,
                                        force=loop.step == loop.total or loop.stop or loop.eval_metrics is not None)
         if saved and self.writer is not None:
             loop.sync()  # this step's metrics line first: the logs in the run directory reach the checkpoint
@@ -256,14 +323,14 @@ class Checkpointing(Hook):
 
 class Export(Hook):
     """At the end of a run that was not stopped: the trained model as a Hugging Face + sentence-transformers
-    folder in `config.export.dir` (relative: under the workdir), the last evaluation's summaries in its card (a
-    finished run started again evaluates first). Process 0 writes; every process takes part in the gather."""
+    folder in `spec.out` (config.export.dir; relative: under the workdir), the last evaluation's summaries in its
+    card (a finished run started again evaluates first). Process 0 writes; every process takes part in the
+    gather. The spec's `model_config` and `run_config` are what the card records of the run."""
 
-    def __init__(self, tokenizer: Any, config: ml_collections.ConfigDict, workdir: str | Path,
-                 evaluation: Evaluation | None = None) -> None:
+    def __init__(self, tokenizer: Any, spec: ExportSpec, evaluation: Evaluation | None = None) -> None:
         self.tokenizer = tokenizer
-        self.config = config
-        self.out = storage.join(workdir, config.export.dir, "config.export.dir")
+        self.spec = spec
+        self.out = spec.out
         self.evaluation = evaluation
 
     def end(self, loop: Loop) -> None:
@@ -279,8 +346,8 @@ class Export(Hook):
             results = loop.eval_results
             blocks = {name: r.block() for name, r in results.items()} if results else None
             baseline = self.evaluation.zero_shot if self.evaluation is not None else None
-            export_model(model, self.tokenizer, self.config.model, self.out, results=blocks, baseline=baseline,
-                         run_config=self.config)
+            export_model(model, self.tokenizer, self.spec.model_config, self.out, results=blocks,
+                         baseline=baseline, run_config=self.spec.run_config)
             log.info("exported the model to %s", self.out)
         loop.export_dir = str(self.out)
 

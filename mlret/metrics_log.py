@@ -56,7 +56,7 @@ class MetricWriter:
         if self._staged.local.exists():
             self._truncate_after(resume_step)
         self._file = self._staged.local.open("a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # lazy: heavy (1.4 s to import); the jax-free CLIs import this module
 
         # TensorBoard writes its event files into a local folder that flush() copies to <workdir>/tensorboard.
         self._tb_target = self.path.parent / TENSORBOARD_DIR

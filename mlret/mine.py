@@ -20,6 +20,7 @@ ones) and `DIR/provenance.json` (model, sources, date, options, counts); train o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -30,9 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from mlret import cli, preflight
+from mlret.console import route_logging
+from mlret.data import tfds_builders
+from mlret.data.sources import parse_sources
 from mlret.data.units import LangText, ParallelUnit, dumps_unit
 from mlret.eval.base import Embedder, embed
 from mlret.eval.retrieval import RetrievalOptions, search_topk
+from mlret.evaluate import load_model
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,6 @@ class MiningOptions:
 
 def source_units(config: Any) -> list[ParallelUnit]:
     """Every unit of config.data.sources, read by the sources' readers (no TFDS preparation)."""
-    from mlret.data import tfds_builders
-    from mlret.data.sources import parse_sources
-
     units: list[ParallelUnit] = []
     for spec in parse_sources(config):
         cfg = tfds_builders.units_config(spec.name, local_dir=spec.path, split=spec.split, languages=spec.languages,
@@ -110,8 +113,6 @@ def write_mined(out_dir: str, units: Sequence[ParallelUnit], provenance: dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m mlret.mine", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file (its data.sources are mined)")
     model = p.add_mutually_exclusive_group(required=True)
@@ -126,16 +127,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "go to DIR.log beside --out")
     a, overrides = p.parse_known_args(argv)
     prog = "mlret.mine"
-    from mlret import cli, parallel, preflight
-    from mlret.console import route_logging
-
     log_file = None
     if argv is None:  # the command line (an in-process caller, e.g. a test, keeps its own logging)
         log_file = cli.log_path(a.out)
         route_logging(log_file, "info" if a.verbose else "warning")  # before transformers is imported
-    from mlret import config as config_lib
-    from mlret.eval.encode import eval_tokenizer, make_embedder, place_model
-    from mlret.evaluate import load_model
+    # lazy: jax (and transformers) after route_logging; --help and argument errors before jax starts
+    from mlret import config as config_lib  # lazy: jax-free start-up (above)
+    from mlret import parallel  # lazy: jax-free start-up
+    from mlret.eval.encode import embed_spec, place_model  # lazy: jax-free start-up
 
     if not 0 < a.perc_pos <= 1:
         cli.fail(prog, f"--perc_pos: {a.perc_pos} is not in (0, 1]")
@@ -153,14 +152,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, model_obj, model_dir, source = load_model(config, a.hf, a.checkpoint, a.step)
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.parse_rules(config.mesh.rules)
-    embedder = make_embedder(place_model(model_obj, mesh, rules), config, mesh, eval_tokenizer(config, model_dir))
+    spec = embed_spec(config)
+    embedder = spec.embedder(place_model(model_obj, mesh, rules), mesh, spec.tokenizer(model_dir))
     opts = MiningOptions(a.k, a.perc_pos, a.max_negatives)
     retrieval = RetrievalOptions.from_config(config.eval.retrieval)
     mined, stats = mine_units(units, embedder, opts, retrieval)
     provenance = {"model": source, "sources": [dict(s) for s in config.data.sources],
                   "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "options": dataclasses.asdict(opts), "retrieval": dataclasses.asdict(retrieval), "counts": stats}
-    import jax
+    import jax  # lazy: jax-free start-up (already imported by now)
 
     if jax.process_index() == 0:
         print(f"wrote {write_mined(a.out, mined, provenance)}: {stats}" + (f"; log {log_file}" if log_file else ""))

@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlret import storage
 from mlret.errors import ShardingError
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,6 @@ def enable_compilation_cache(path: str) -> str | None:
         return os.environ["JAX_COMPILATION_CACHE_DIR"]  # jax read it at import
     if not path:
         return None
-    from mlret import storage
-
     where = storage.path(path, "config.train.compilation_cache_dir")  # jax reads and writes gs:// through epath
     where.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(where))
@@ -251,8 +251,6 @@ def variable_logical_axes(variable: Any) -> tuple[str | None, ...] | None:
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for an `nnx.State` (leaves: Variables) from their logical names; unannotated leaves are
     replicated. The result has the state's structure with plain NamedSharding leaves."""
-    from flax import nnx
-
     def one(path, v):
         if isinstance(v, nnx.Variable):
             logical = variable_logical_axes(v)

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlret.data.readers import read_lareqa
 from mlret.errors import DataError
+from mlret.eval.lareqa import LareqaEvaluator, LareqaLanguage, load
 
 Paragraph = tuple[int, int]  # (article index, paragraph index within the article), as read_lareqa numbers them
 
@@ -133,8 +134,6 @@ def stratified_paragraphs(data_dir: str, n: int, seed: int, lang: str = "en") ->
 def subset_language(lang: Any, keep: set[Paragraph]) -> Any:
     """A LareqaLanguage (mlret.eval.lareqa) holding only the paragraphs `keep`: their sentences as candidates and
     their questions, the gold indices renumbered."""
-    from mlret.eval.lareqa import LareqaLanguage
-
     kept = [i for i, (a, p, _) in enumerate(lang.keys) if (a, p) in keep]
     new_index = {old: new for new, old in enumerate(kept)}
     q_keep = [j for j, g in enumerate(lang.gold.tolist()) if g in new_index]
@@ -148,8 +147,6 @@ def lareqa_subset(name: str, data_dir: str, languages: Sequence[str], keep: dict
                   **options: Any) -> Any:
     """A LAReQA evaluator (mlret.eval.lareqa.LareqaEvaluator) over the paragraphs `keep` of each language only,
     reported under `name`; `options` are the evaluator's (settings, candidate_context, ...)."""
-    from mlret.eval.lareqa import LareqaEvaluator, load
-
     class LareqaSubset(LareqaEvaluator):
         @property
         def langs(self):  # noqa: ANN202 - the parent's property

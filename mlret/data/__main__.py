@@ -16,7 +16,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlret import cli, storage
+from mlret import cli, preflight, storage
+from mlret.console import route_logging
+from mlret.data.sources import validate_data
 from mlret.data.units import LANGUAGES, MONOLINGUAL
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an experiment config file (configs/*.py)",
@@ -31,7 +33,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "library INFO messages (TFDS prep
 
 def preview(config, steps: int, start: int = 0) -> dict:
     """The schedule of `steps` steps as JSON-able data, plus a summary."""
-    from mlret.data.pipeline import make_schedule
+    from mlret.data.pipeline import make_schedule  # lazy: jax-free start-up (grain imports jax)
 
     schedule, sources = make_schedule(config)
     ids = [u.id for _, store in sources for s in range(0, len(store), 4096)
@@ -88,10 +90,6 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         cli.fail(prog, "--config is required (e.g. --config configs/smoke.py)")
-    from mlret import preflight
-    from mlret.console import route_logging
-    from mlret.data.sources import validate_data
-
     route_logging(cli.log_path(_OUT.value) if _OUT.value else None, "info" if _VERBOSE.value else "warning")
 
     # A field that cannot work, a missing data file, a bad record (its file, line and field): one line each.
@@ -99,7 +97,7 @@ def main(argv: list[str]) -> None:
         validate_data(config)
         preflight.check_data(config, evaluators=False)  # before TFDS prepares anything
         if _PREPARE_ONLY.value:
-            from mlret.data.pipeline import load_sources
+            from mlret.data.pipeline import load_sources  # lazy: jax-free start-up (grain imports jax)
 
             for name, store in load_sources(config):
                 print(f"{name}: {len(store)} units")

@@ -29,7 +29,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
 from mlret.data import tfds_builders
 from mlret.data.schedule import (
@@ -119,8 +122,6 @@ def load_sources(config: Any) -> Sources:
                         "({'name': 'mlqa_r', 'path': 'mlqa-r'},) with config.data.data_dir set")
     multi = _process_count() > 1
     if multi:
-        from jax.experimental import multihost_utils
-
         if _process_index() != 0:
             multihost_utils.sync_global_devices("mlret.data: sources prepared by process 0")
     sources = [prepare_source(spec, config) for spec in specs]
@@ -130,18 +131,10 @@ def load_sources(config: Any) -> Sources:
 
 
 def _process_count() -> int:
-    import sys
-
-    if "jax" not in sys.modules:  # jax.distributed cannot be up without jax imported; do not import it here
-        return 1
-    import jax
-
     return jax.process_count()
 
 
 def _process_index() -> int:
-    import jax
-
     return jax.process_index()
 
 
@@ -290,8 +283,6 @@ def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = Non
                  process_count: int | None = None, sources: Sources | None = None) -> grain.IterDataset:
     """The Grain IterDataset behind `make_train_iterator` (element t = this host's slice of step t)."""
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     schedule, sources = make_schedule(config, sources)
     assembler = BatchAssembler(schedule, sources, tokenizer, process_index=process_index,
@@ -302,8 +293,6 @@ def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = Non
     if d.worker_count > 0:
         # Grain workers read absl flags, which raise UnparsedFlagAccessError in a plain script
         # (google/grain#1362).
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,

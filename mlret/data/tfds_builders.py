@@ -26,6 +26,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from mlret import storage
 from mlret.data.kinds import KINDS, Downloads, LocalFiles, ReadRequest
@@ -193,8 +194,6 @@ def _tfds_output_to_log() -> Iterator[None]:
     """TFDS prints to stdout on purpose ("Downloading and preparing dataset Unknown size ...", "Dataset ...
     downloaded and prepared") and draws its own tqdm bars, for a local file read in a second: its lines go to the
     log (INFO) and its bars are off while it prepares."""
-    from tensorflow_datasets.core.utils import tqdm_utils
-
     was = getattr(tqdm_utils, "_active", True)
     tfds.display_progress_bar(False)
     printed = io.StringIO()

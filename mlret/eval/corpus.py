@@ -36,6 +36,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordWriter
+
 from mlret import storage
 from mlret.errors import DataError
 
@@ -185,8 +188,6 @@ class ArrayRecordCorpus:
     that an error names the file and its record): `len()` is the corpus size, known before anything is read."""
 
     def __init__(self, files: Sequence[str]) -> None:
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
         self.files = list(files)
         self.sources = []
         for file in self.files:
@@ -254,8 +255,6 @@ def write_array_record(src: str, out_dir: str, shards: int = 1, *, progress: Tex
     shards > 1). Each file is written under a temporary name and renamed (uploaded, for gs://) only once all are
     complete, so that a crash never leaves a partial file under a final name. Prints a progress line to
     `progress` (True: stderr; False: none) at most every `every_s` seconds. Returns the files written."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     progress = sys.stderr if progress is True else progress or None
     if shards < 1:
         raise ValueError(f"--shards {shards}: must be at least 1")

@@ -11,6 +11,7 @@ collectives require. A tqdm bar with an ETA runs on process 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,11 +19,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from mlret import parallel
+from mlret.eval.sharded import gathered
+from mlret.models import TextTokenizer
 
 # One jitted function per (graph structure, tower, mesh): periodic evaluations reuse the compiled encoder
 # instead of re-tracing a new closure every time.
@@ -99,10 +103,6 @@ class ShardedEmbedder:
         Each global batch is `batch_size / processes` rows of every process (padded where a process has run
         out), batch-sharded in and out, so a process reads back only its rows; one small all-gather per batch
         agrees on the padded length and on when every process is done."""
-        from jax.experimental import multihost_utils
-
-        from mlret.eval.sharded import gathered
-
         texts = list(texts)
         n, procs = len(texts), jax.process_count()
         local_b = self.batch_size // procs
@@ -206,18 +206,47 @@ class ShardedEmbedder:
         return out
 
 
-def eval_tokenizer(config: Any, model_dir: str):
-    """The TextTokenizer evaluation uses: config.eval lengths / prefixes where set, else the training ones."""
-    from mlret.models import TextTokenizer
+@dataclasses.dataclass(frozen=True)
+class EmbedSpec:
+    """How evaluation tokenizes and encodes, read once from a validated config (`embed_spec`): config.eval's
+    lengths and prefixes where set, else the training ones (config.data, config.model), its batch size, progress
+    bar and length buckets, and config.mesh.rules."""
 
+    query_len: int
+    passage_len: int
+    query_prefix: str
+    passage_prefix: str
+    batch_size: int
+    progress: bool
+    length_buckets: bool
+    rules: parallel.Rules
+
+    def tokenizer(self, model_dir: str) -> TextTokenizer:
+        """The TextTokenizer of the model folder `model_dir` with these lengths and prefixes."""
+        return TextTokenizer(model_dir, query_len=self.query_len, passage_len=self.passage_len,
+                             query_prefix=self.query_prefix, passage_prefix=self.passage_prefix)
+
+    def embedder(self, model: nnx.Module, mesh: Mesh, tokenizer: Any) -> ShardedEmbedder:
+        """A ShardedEmbedder of `model` (placed on `mesh`) with these settings."""
+        return ShardedEmbedder(model, tokenizer, mesh, self.rules, batch_size=self.batch_size,
+                               progress=self.progress, length_buckets=self.length_buckets)
+
+
+def embed_spec(config: Any) -> EmbedSpec:
+    """Evaluation's frozen view of a validated config."""
     ev = config.eval
-    return TextTokenizer(
-        model_dir,
-        query_len=ev.query_len or config.data.query_len,
-        passage_len=ev.passage_len or config.data.passage_len,
+    return EmbedSpec(
+        query_len=int(ev.query_len or config.data.query_len),
+        passage_len=int(ev.passage_len or config.data.passage_len),
         query_prefix=config.model.query_prefix if ev.query_prefix is None else ev.query_prefix,
         passage_prefix=config.model.passage_prefix if ev.passage_prefix is None else ev.passage_prefix,
-    )
+        batch_size=int(ev.batch_size), progress=bool(ev.progress), length_buckets=bool(ev.length_buckets),
+        rules=parallel.parse_rules(config.mesh.rules))
+
+
+def eval_tokenizer(config: Any, model_dir: str) -> TextTokenizer:
+    """The TextTokenizer evaluation uses: config.eval lengths / prefixes where set, else the training ones."""
+    return embed_spec(config).tokenizer(model_dir)
 
 
 def place_model(model: nnx.Module, mesh: Mesh, rules: parallel.Rules) -> nnx.Module:
@@ -231,6 +260,4 @@ def place_model(model: nnx.Module, mesh: Mesh, rules: parallel.Rules) -> nnx.Mod
 
 def make_embedder(model: nnx.Module, config: Any, mesh: Mesh, tokenizer: Any) -> ShardedEmbedder:
     """A ShardedEmbedder configured from config.eval (batch size, progress) and config.mesh.rules."""
-    return ShardedEmbedder(model, tokenizer, mesh, parallel.parse_rules(config.mesh.rules),
-                           batch_size=config.eval.batch_size, progress=config.eval.progress,
-                           length_buckets=config.eval.length_buckets)
+    return embed_spec(config).embedder(model, mesh, tokenizer)

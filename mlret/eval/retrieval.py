@@ -237,7 +237,7 @@ class ScannIndex:
     method = "scann"
 
     def __init__(self, candidates: np.ndarray, k: int, opts: RetrievalOptions):
-        import scann  # imported here: only large pools need it
+        import scann  # lazy: optional and heavy (only large pools need it)
 
         self.candidates = check_embeddings(candidates, "candidate embeddings")
         n = len(self.candidates)
@@ -304,7 +304,7 @@ class ScannIndex:
 
 
 def _reorder_type(dtype: str):
-    from scann.scann_ops.py.scann_builder import ReorderType
+    from scann.scann_ops.py.scann_builder import ReorderType  # lazy: optional (scann)
 
     return {"float32": ReorderType.FLOAT32, "bfloat16": ReorderType.BFLOAT16, "int8": ReorderType.INT8}[dtype]
 

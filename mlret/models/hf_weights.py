@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from mlret import storage
@@ -57,8 +59,6 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         return path
     if path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"config.model.name={name!r} is not a model folder (and not a hub id)")
-    import huggingface_hub
-
     try:
         local = Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):
@@ -76,14 +76,12 @@ def read_hf_tensors(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.nda
     d = Path(model_dir)
     single, index, pickle = d / "model.safetensors", d / "model.safetensors.index.json", d / "pytorch_model.bin"
     if single.is_file() or index.is_file():
-        from safetensors.numpy import load_file
-
         files = [single] if single.is_file() else sorted(
             {d / f for f in json.loads(index.read_text())["weight_map"].values()})
         tensors: dict[str, np.ndarray] = {}
         for f in files:
             try:
-                tensors.update(load_file(str(f)))
+                tensors.update(safetensors.numpy.load_file(str(f)))
             except Exception as e:  # bf16 tensors cannot be read as numpy: go through torch if it is there
                 if "bfloat16" not in str(e) and "bf16" not in str(e).lower():
                     raise
@@ -91,7 +89,7 @@ def read_hf_tensors(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.nda
         return {k: _f32(v) for k, v in tensors.items()}, str(files[0] if len(files) == 1 else index)
     if pickle.is_file():
         try:
-            import torch
+            import torch  # lazy: optional (only a pytorch_model.bin needs it)
         except ImportError as e:
             raise ImportError(f"{pickle}: reading pytorch_model.bin needs torch (pip install torch); or convert the "
                               "checkpoint to model.safetensors") from e
@@ -101,7 +99,7 @@ def read_hf_tensors(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.nda
 
 
 def _torch_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: needs torch (optional)
 
     return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
 

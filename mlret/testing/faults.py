@@ -22,6 +22,7 @@ serves one from the command line (scripts/storage_faults.py).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import http.client
 import http.server
@@ -33,6 +34,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -187,8 +189,6 @@ class FaultProxy(http.server.ThreadingHTTPServer):
             return [e for e in self.events if e[3] != "forward"]
 
     def handle_error(self, request: object, client_address: object) -> None:
-        import sys
-
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client that gave up
             super().handle_error(request, client_address)
 
@@ -294,8 +294,6 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m mlret.testing.faults --upstream URL [--port P] [--seed S] --rules JSON`: serve a FaultProxy,
     print its URL, and run until killed."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--port", type=int, default=0)

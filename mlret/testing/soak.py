@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import psutil
+
 from mlret.hostmem import heap_in_use
 from mlret.loop import Hook, Loop
 
@@ -249,8 +252,6 @@ def _live_arrays() -> tuple[int, int]:
     """(count, bytes) of the live jax arrays. The list jax returns is dropped here, before the caller goes on:
     a list kept until the next sample would be alive during it and be counted into the next list, and so on,
     keeping every array ever sampled alive (a leak the monitor itself would make and then measure)."""
-    import jax
-
     live = jax.live_arrays()
     count, nbytes = len(live), sum(a.nbytes for a in live)
     del live
@@ -287,8 +288,6 @@ class ResourceMonitor(Hook):
             self.compiles.append((time.time() - self._t0, self._step()))
 
     def _sample(self) -> None:
-        import psutil
-
         proc = psutil.Process()
         next_count = 0.0
         while not self._stop.is_set():
@@ -302,8 +301,6 @@ class ResourceMonitor(Hook):
             self._stop.wait(self.interval_s)
 
     def begin(self, loop: Loop) -> None:
-        import jax
-
         self._loop = loop
         self._t0 = time.time()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
@@ -311,8 +308,6 @@ class ResourceMonitor(Hook):
         self._thread.start()
 
     def close(self, loop: Loop) -> None:
-        import jax
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
