@@ -30,14 +30,18 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import google_crc32c
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from mlret import storage
+from mlret.config import default_config
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
     A field the schema no longer knows is reported (an old run) rather than silently dropped.
     """
-    from mlret.config import default_config
-
     config = default_config()
 
     def fill(node: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
@@ -90,8 +92,6 @@ class CheckpointDamagedError(RuntimeError):
 
 
 def _crc32c_local(f: epath.Path) -> str:
-    import google_crc32c
-
     c = google_crc32c.Checksum()
     with open(os.fspath(f), "rb") as fh:
         while chunk := fh.read(1 << 24):
@@ -333,8 +333,6 @@ class Checkpointer:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -359,9 +357,7 @@ def restore_for_export(run_dir: str | os.PathLike[str], step: int | None = None)
     The model's architecture and tokenizer come from `config.model.name` (the folder or hub id it was trained
     from), its weights from the checkpoint; only the parameters are read.
     """
-    from flax import nnx
-
-    from mlret.models import load_dual_encoder
+    from mlret.models import load_dual_encoder  # lazy: transformers after mlret.train's setup_logging
 
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():

@@ -23,6 +23,7 @@ from mlret.data.sources import validate_data
 from mlret.errors import ConfigError, GradCacheError
 from mlret.eval import registry as eval_registry
 from mlret.eval import validate_eval_config
+from mlret.preflight import check_data, check_storage
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -299,11 +300,8 @@ def _validate_checkpoint(ck: ml_collections.ConfigDict) -> None:
 
 def _validate_run(config: ml_collections.ConfigDict, devices: int, processes: int) -> None:
     """What a training run on `devices` devices in `processes` processes needs beyond valid fields."""
-    # Imported here, not at the top: the field checks above stay free of flax (mlret.models) and of the storage
-    # and pre-flight modules.
-    from mlret import parallel
-    from mlret.models.encoder_config import local_max_length
-    from mlret.preflight import check_data, check_storage
+    from mlret import parallel  # lazy: the field checks stay free of flax (mlret.parallel imports it)
+    from mlret.models.encoder_config import local_max_length  # lazy: transformers after mlret.train's setup_logging
 
     check_storage(config)  # a gs:// path that cannot work stops the run now, within seconds
     # Missing data is reported now, with where it comes from, not after the model has loaded.

@@ -21,9 +21,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from absl import logging as absl_logging
 from etils import epath
 
 from mlret import storage
+from mlret.eval.base import heatmap
+from mlret.eval.lareqa import pair_matrix
 from mlret.eval.report import by_dimension, comparison, summaries_from_flat
 
 LOG_FILE = "train.log"
@@ -78,8 +81,6 @@ def route_logging(log_file: str | os.PathLike[str] | None, level: str = "warning
     `setup_logging` does for a run directory, and what `mlret.evaluate`, `mlret.export` and `mlret.mine` do
     for the log file beside their output. Call it before transformers is first imported: its import-time
     advice ("PyTorch was not found ...") is printed by its own handler."""
-    from absl import logging as absl_logging
-
     terminal = logging.StreamHandler(sys.stderr)
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if level == "warning":
@@ -104,7 +105,7 @@ def route_logging(log_file: str | os.PathLike[str] | None, level: str = "warning
     # found ...") is only advice on a machine that needs no torch.
     if level == "warning":
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: imported only after the advisory setting above
 
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
@@ -220,9 +221,6 @@ def zero_shot_from_log(records: list[dict[str, Any]], names: list[str]) -> dict[
 def write_heatmap(results: Mapping[str, Mapping[str, Any]], workdir: str | os.PathLike[str]) -> str | None:
     """`<workdir>/<benchmark>_pairs_map.png` of the first LAReQA benchmark in `results` (query x candidate
     language mAP; the diagonal is monolingual); returns its path, or None when no evaluator has language pairs."""
-    from mlret.eval.base import heatmap
-    from mlret.eval.lareqa import pair_matrix
-
     for name, block in results.items():
         if "languages" in block and "mono" in block and "cross" in block:
             order = block["languages"]

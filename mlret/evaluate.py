@@ -22,6 +22,7 @@ plus "_files").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -32,6 +33,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlret import cli, storage
+from mlret.console import route_logging
+from mlret.eval import EvalResult, build_evaluators, format_table, run_evaluators
+from mlret.eval.base import write_json
+from mlret.preflight import check_data
+
+# jax (mlret.config, .parallel, .checkpoint, .eval.encode, .export) and transformers (mlret.models) are imported
+# inside the functions that use them ("# lazy: jax-free start-up"): --help and a user's mistake are one line before
+# jax starts, and `main` routes logging before transformers is imported (mlret.console.route_logging).
 
 _FLAGS: dict[str, Any] = {}
 
@@ -54,7 +63,7 @@ def _define_flags() -> None:
 def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | None):
     """(config, model, model_dir_or_tokenizer_path, source) for --hf or --checkpoint."""
     if checkpoint:
-        from mlret.checkpoint import restore_for_export
+        from mlret.checkpoint import restore_for_export  # lazy: jax-free start-up
 
         run_config, model, tokenizer = restore_for_export(checkpoint, step)
         if config is None:
@@ -67,8 +76,8 @@ def load_model(config: Any, hf: str | None, checkpoint: str | None, step: int | 
                 config.eval = eval_section
         source = {"checkpoint": str(storage.path(checkpoint, "--checkpoint")), "step": step}
         return config, model, tokenizer.name_or_path, source
-    from mlret.config import default_config
-    from mlret.models import load_dual_encoder, resolve_model_dir
+    from mlret.config import default_config  # lazy: jax-free start-up
+    from mlret.models import load_dual_encoder, resolve_model_dir  # lazy: jax-free start-up
 
     config = default_config() if config is None else config
     config.model.name = hf
@@ -89,10 +98,8 @@ def apply_st_settings(config: Any, model_dir: str, given: set[str] = frozenset()
     folder (`export.st_settings`, `max_seq_length` of sentence_bert_config.json, `matryoshka_dims` of
     config_sentence_transformers.json), except the fields in `given` (set on the command line). Returns what was
     applied (also logged)."""
-    import json
-
-    from mlret.export import st_settings
-    from mlret.models.encoder_config import local_max_length
+    from mlret.export import st_settings  # lazy: jax-free start-up
+    from mlret.models.encoder_config import local_max_length  # lazy: jax-free start-up
 
     folder = storage.path(model_dir)
     applied = {f"model.{k}": v for k, v in st_settings(folder).items()}
@@ -120,18 +127,14 @@ def apply_st_settings(config: Any, model_dir: str, given: set[str] = frozenset()
 def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = None, step: int | None = None,
              out: str | None = None) -> dict[str, Any]:
     """Load, encode on the mesh, run the configured evaluators; write `out` when given. Returns the JSON dict."""
-    from mlret import config as config_lib
-    from mlret import parallel
-    from mlret.eval import build_evaluators, run_evaluators
-    from mlret.eval.base import write_json
-    from mlret.eval.encode import eval_tokenizer, make_embedder, place_model
+    from mlret import config as config_lib  # lazy: jax-free start-up
+    from mlret import parallel  # lazy: jax-free start-up
+    from mlret.eval.encode import eval_tokenizer, make_embedder, place_model  # lazy: jax-free start-up
 
     if config is not None:
         config_lib.validate(config)
     config, model, model_dir, source = load_model(config, hf, checkpoint, step)
     config_lib.validate(config)
-    from mlret.preflight import check_data
-
     check_data(config, sources=False)  # every evaluation file there, before anything compiles
     evaluators = build_evaluators(config)  # reads nothing yet; fails on a bad field before device work
     mesh = parallel.make_mesh(config.mesh)
@@ -152,7 +155,7 @@ def evaluate(config: Any, *, hf: str | None = None, checkpoint: str | None = Non
         "seconds": time.perf_counter() - t0,
     }
     if out:
-        import jax
+        import jax  # lazy: jax-free start-up
 
         if jax.process_index() == 0:
             write_json(out, report)
@@ -173,17 +176,13 @@ def main(argv: list[str]) -> None:
     if not f["out"]:
         cli.fail(prog, "--out F.json is required")
     cli.check_model_folder(prog, "--hf", f["hf"])
-    from mlret.console import route_logging
-
     log_file = cli.log_path(f["out"])
     route_logging(log_file, "info" if f["verbose"] else "warning")  # before transformers is imported
-    from mlret import parallel
-    from mlret.config import default_config
+    from mlret import parallel  # lazy: jax-free start-up
+    from mlret.config import default_config  # lazy: jax-free start-up
 
     if f["distributed"]:
         parallel.initialize_distributed()
-    from mlret.eval import EvalResult, format_table
-
     # The evaluation config's field (a --checkpoint run without --config: the default cache).
     parallel.enable_compilation_cache((f["config"] or default_config()).train.compilation_cache_dir)
     which = f["config"].eval.evaluators if f["config"] is not None else "the run's evaluators"

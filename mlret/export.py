@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from etils import epath
 from safetensors.numpy import save_file
@@ -42,10 +42,11 @@ from safetensors.numpy import save_file
 import mlret
 from mlret import cli, storage
 from mlret.card import PASSAGE_TOWER_DIR, model_card
+from mlret.checkpoint import restore_for_export
+from mlret.config import default_config
+from mlret.console import route_logging
 from mlret.losses import parse_matryoshka
-
-if TYPE_CHECKING:
-    from mlret.models import DualEncoder, Encoder, TextTokenizer
+from mlret.models import DualEncoder, Encoder, TextTokenizer, encoder_to_tensors, load_dual_encoder, resolve_model_dir
 
 # sentence-transformers' Tanh, by the import path its Dense module accepts without trust_remote_code.
 _TANH = "torch.nn.modules.activation.Tanh"
@@ -110,8 +111,6 @@ def st_transformer_config(tokenizer: TextTokenizer, cfg: Any, lengths: tuple[int
 def _write_folder(encoder: Encoder, tokenizer: TextTokenizer, model: DualEncoder, model_config: Any, out: epath.Path,
                   *, role: str, lengths: tuple[int, int] | None, card: Callable[..., str],
                   run_config: Any = None) -> None:
-    from mlret.models import encoder_to_tensors
-
     out.mkdir(parents=True, exist_ok=True)
     cfg = encoder.cfg
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
@@ -231,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
                         "always go to the log file beside --out (DIR.log)")
     args = parser.parse_args(argv)
     prog = "mlret.export"
-    from mlret.console import route_logging
-
     log_file = None
     if argv is None:  # the command line (an in-process caller, e.g. a test, keeps its own logging)
         log_file = cli.log_path(args.out)
@@ -258,13 +255,8 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.checkpoint:
         if args.step is not None and args.step < 0:
             parser.error("--step must be >= 0")
-        from mlret.checkpoint import restore_for_export
-
         config, model, tokenizer = restore_for_export(args.checkpoint, args.step)
         return export_model(model, tokenizer, config.model, args.out, results=results, run_config=config)
-    from mlret.config import default_config
-    from mlret.models import load_dual_encoder, resolve_model_dir
-
     config = default_config()
     model_dir = resolve_model_dir(args.hf)
     config.model.name = str(model_dir)

@@ -163,3 +163,45 @@ def test_no_module_imports_a_higher_layer():
 def test_the_design_boundaries_hold():
     bad = boundary_crossings(import_graph())
     assert not bad, "imports across a boundary of docs/architecture.md:\n" + "\n".join(bad)
+
+
+# A function-level import says why it is not at the top of its module, on its own line: "# lazy: <reason>" (a
+# command's jax-free start-up, jax only after JAX_PLATFORMS is set, an optional or heavy dependency such as scann,
+# torch or gcsfs): docs/architecture.md, the rule for imports.
+LAZY_MARK = "# lazy:"
+
+
+def unexplained_local_imports(source: str, where: str = "<source>") -> list[str]:
+    """Every import inside a function of `source` whose lines carry no "# lazy: <reason>" comment, as
+    'where:line: statement'."""
+    lines = source.splitlines()
+    out: list[str] = []
+    seen: set[int] = set()
+    for fn in ast.walk(ast.parse(source, where)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in seen:
+                continue
+            seen.add(id(node))
+            text = lines[node.lineno - 1: node.end_lineno]
+            marks = [t.split(LAZY_MARK, 1)[1].strip() for t in text if LAZY_MARK in t]
+            if not any(marks):
+                out.append(f"{where}:{node.lineno}: {text[0].strip()}")
+    return out
+
+
+def test_the_lazy_import_check_sees_an_unexplained_local_import():
+    source = ("import os\n\n\ndef f():\n    import json\n    from mlret import storage  # lazy: jax-free start-up\n"
+              "    import numpy as np  # lazy:\n\n    def g():\n        from mlret import (\n"
+              "            parallel,  # lazy: jax after JAX_PLATFORMS\n        )\n\n    class C:\n"
+              "        def m(self):\n            import torch\n")
+    assert unexplained_local_imports(source, "x.py") == [
+        "x.py:5: import json", "x.py:7: import numpy as np  # lazy:", "x.py:16: import torch"]
+
+
+def test_every_local_import_of_mlret_says_why_it_is_not_at_the_top():
+    bad = [line for name, path in modules().items()
+           for line in unexplained_local_imports(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))]
+    assert not bad, ("imports inside functions without a '# lazy: <reason>' comment (move them to the top of the "
+                     "module, or say why they cannot be there):\n" + "\n".join(bad))

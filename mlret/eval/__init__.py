@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -148,7 +149,5 @@ def _number(v: Any) -> str:
 
 
 def _process_index() -> int:
-    import sys
-
     jax = sys.modules.get("jax")  # no jax import just for this: single-process runs without jax are process 0
     return int(jax.process_index()) if jax is not None else 0

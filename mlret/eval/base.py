@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -186,10 +187,10 @@ def heatmap(path: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[s
             xlabel: str = "", ylabel: str = "", fmt: str = "{:.2f}", vmin: float | None = 0.0,
             vmax: float | None = 1.0) -> None:
     """Draw a labelled, annotated heatmap PNG (matplotlib, Agg backend: no display needed)."""
-    import matplotlib
+    import matplotlib  # lazy: heavy (only heatmaps draw); the jax-free CLIs import this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     m = np.asarray(matrix, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.4 + 0.62 * len(cols)), max(2.4, 1.4 + 0.5 * len(rows))))
@@ -226,8 +227,6 @@ class NgramEmbedder:
         self.dim, self.n = dim, n
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        import zlib
-
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, t in enumerate(texts):
             t = f" {t.lower()} "
