@@ -2,7 +2,8 @@
 sizes of what the train state holds.
 
     python benchmarks/memory.py --config configs/demo.py [--steps 3] [--write]
-    python benchmarks/memory.py --config configs/smoke.py
+    python benchmarks/memory.py --config configs/demo.py --as_configured --write
+    python benchmarks/memory.py --config configs/smoke.py [--set mesh.simulated_cpu_devices=8]
 
 The run is `mlret.train.train` on the config with `--steps` steps (default 3), one evaluation after the last step
 (the config's evaluators, no zero-shot one) and no export; a probe hook reads this process's VmRSS / VmHWM
@@ -16,9 +17,15 @@ phase's row is the peak reached inside it:
 * the last step's hooks: the evaluation where the config evaluates periodically (encoding the evaluation texts,
   compiling the encoder per length bucket, ranking), and the checkpoint.
 
-Beside them, the bytes of the weights and of the optimizer state (the leaves of the train state). The last line
-is the process's peak RSS (what `mlret.train` prints at its end). `--write` puts the table in docs/benchmarks.md
-(section "Memory", one block per config) with the command, machine, load and date.
+Each row also says what is resident at the phase's end: the bytes of live jax arrays (`jax.live_arrays()`: the
+train state, a checkpoint's copy of it while an asynchronous save writes), malloc's bytes in use and the free
+bytes its arenas keep (glibc `mallinfo2`: compiled executables, tokenizers and library state are in use; what a
+phase freed and the arenas kept is free), and how many shapes of the train step were compiled so far. Beside
+them, the bytes of the weights and of the optimizer state (the leaves of the train state). The last line is the
+process's peak RSS (what `mlret.train` prints at its end) against issue 30's bound for the config (the demo 4 GiB,
+the smoke config 3 GiB), so that a regression shows. `--set FIELD=VALUE` overrides a config field (e.g. the
+previous settings, for a before/after in one session). `--write` puts the table in docs/benchmarks.md (section
+"Memory", one block per config) with the command, machine, load and date.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks._docs import cpu_model, markdown_table, write_section  # noqa: E402
 
 GIB = 2**30
+# Issue 30's bounds on the peak RSS of a config's run (benchmarks print the peak against them).
+BOUNDS_GIB = {"demo": 4.0, "smoke": 3.0}
 
 
 def status() -> tuple[int, int]:
@@ -51,6 +60,19 @@ def status() -> tuple[int, int]:
 def reset_peak() -> None:
     """Reset VmHWM to the current RSS (Linux >= 4.0)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def resident() -> tuple[float, float, float]:
+    """(live jax arrays, malloc in use, malloc arenas' free bytes) in GiB."""
+    import jax  # lazy: this module sets XLA_FLAGS before jax starts
+
+    from mlret.hostmem import _MallInfo2, libc
+
+    fn = libc().mallinfo2
+    fn.restype = _MallInfo2
+    info = fn()
+    live = sum(int(x.nbytes) for x in jax.live_arrays())
+    return live / GIB, (info.uordblks + info.hblkhd) / GIB, info.fordblks / GIB
 
 
 def tree_bytes(tree) -> int:
@@ -67,7 +89,8 @@ class Probe:
     def __init__(self, steps: int, every: int = 0) -> None:
         self.steps = steps
         self.every = every  # evaluation period (0: none)
-        self.rows: list[tuple[str, int, int, float]] = []
+        self.rows: list[tuple[str, int, int, float, tuple[float, float, float], int]] = []
+        self.trainer = None
         self.t = time.perf_counter()
         self.sizes: dict[str, int] = {}
         self.last = "the last step's hooks"
@@ -80,13 +103,15 @@ class Probe:
     def mark(self, phase: str) -> None:
         rss, hwm = status()
         now = time.perf_counter()
-        self.rows.append((phase, rss, hwm, now - self.t))
+        shapes = self.trainer.expected_traces if self.trainer is not None else 0
+        self.rows.append((phase, rss, hwm, now - self.t, resident(), shapes))
         self.t = now
         reset_peak()
 
     # The mlret.loop.Hook methods (duck-typed: this module must not import mlret before jax's flags are set).
     def begin(self, loop) -> None:
         state = loop.state
+        self.trainer = loop.trainer
         self.sizes["weights"] = tree_bytes(state["params"])
         self.sizes["optimizer state"] = tree_bytes(state) - self.sizes["weights"]
         self.mark(self.setup)
@@ -122,6 +147,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--as_configured", action="store_true", help="the config's own run (its steps, evaluations, "
                    "zero-shot evaluation and export), a row per phase, instead of --steps steps")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field (repeatable), e.g. mesh.simulated_cpu_devices=8")
     p.add_argument("--write", action="store_true")
     a = p.parse_args()
     if a.steps < 3:
@@ -133,6 +160,14 @@ def main() -> None:
 
     path, _, arg = a.config.partition(":")
     config = config_lib.load_config_file(path, arg or None)
+    for item in a.set:
+        field, _, value = item.partition("=")
+        *parents, leaf = field.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        old = node[leaf]
+        node[leaf] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
     if int(config.mesh.simulated_cpu_devices) > 0:  # before jax starts its backends, as mlret.train does
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                                    f"{int(config.mesh.simulated_cpu_devices)}").strip()
@@ -176,16 +211,23 @@ def report(a: argparse.Namespace, probe: Probe, load: float, date: str) -> None:
     import jax
 
     peak = max(r[2] for r in probe.rows)
-    rows = [[name, f"{hwm / GIB:.2f}", f"{rss / GIB:.2f}", f"{sec:.0f}"] for name, rss, hwm, sec in probe.rows]
+    rows = [[name, f"{hwm / GIB:.2f}", f"{rss / GIB:.2f}", f"{live:.2f}", f"{used:.2f}", f"{free:.2f}",
+             str(shapes) if shapes else "", f"{sec:.0f}"]
+            for name, rss, hwm, sec, (live, used, free), shapes in probe.rows]
+    stem = Path(a.config.partition(":")[0]).stem
+    bound = BOUNDS_GIB.get(stem)
+    verdict = (f" (issue 30's bound for {stem}: {bound:.0f} GiB; {'within' if peak / GIB <= bound else 'OVER'})"
+               if bound else "")
     sizes = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in probe.sizes.items())
     text = "\n".join([
         f"`python benchmarks/memory.py {shlex.join(sys.argv[1:])}`; {date}; {cpu_model()}, {os.cpu_count()} cores "
         f"visible, load average {load:.1f} at start; jax {jax.__version__}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}.",
         "",
-        markdown_table(["phase", "peak RSS inside (GiB)", "RSS at its end (GiB)", "seconds"], rows),
+        markdown_table(["phase", "peak RSS inside (GiB)", "RSS at its end (GiB)", "jax arrays at its end (GiB)",
+                        "malloc in use (GiB)", "malloc arenas' free (GiB)", "step shapes compiled", "seconds"], rows),
         "",
-        f"Train state: {sizes}. **Peak RSS of the process: {peak / GIB:.2f} GiB.**",
+        f"Train state: {sizes}. **Peak RSS of the process: {peak / GIB:.2f} GiB**{verdict}.",
     ])
     print(text)
     if a.write:

@@ -56,6 +56,10 @@ def get_config():
     c.eval.progress = True
     c.checkpoint.every = EVAL_EVERY
     c.checkpoint.keep = 1
+    # Written before the next step starts: an asynchronous save holds a copy of the train state (weights and AdamW
+    # moments, 1.3 GiB) until it is on disk, and the demo's two saves come right before training resumes, so that
+    # copy sat under the next steps' buffers at the run's peak (docs/benchmarks.md, "The first hour").
+    c.checkpoint.async_save = False
     c.checkpoint.best_metric = "xquad_r/multi_map"
     c.export.dir = "export"  # relative to the workdir
     return c

@@ -353,19 +353,25 @@ class Export(Hook):
 
 
 class TrimHostMemory(Hook):
-    """Every `every` steps, glibc's `malloc_trim(0)`: hand the heap pages that freed memory left in malloc's
-    arenas back to the kernel.
+    """glibc's `malloc_trim(0)`: hand the heap pages that freed memory left in malloc's arenas back to the kernel,
+    every `every` steps and at the ends of the run's phases: after the setup (with the zero-shot evaluation), after
+    a step whose hooks evaluated (and saved its checkpoint), and after a step that compiled a new shape of the
+    train step (a packed batch's first row count).
 
     Why: the loop's host-side churn (batches, tokenisation, host copies, evaluations; one malloc arena per thread
     of Grain, orbax and XLA) frees everything it allocates, but glibc keeps freed chunks in the arenas, and over
     thousands of steps the arenas' free part grows: in a 8,000-step soak, bytes in use by malloc stayed at
     262 MiB from step 2,000 on while the arenas' free bytes grew from 362 to 451 MiB and resident memory with
-    them (docs/robustness.md). Trimming costs milliseconds. Where malloc is not glibc's (`mlret.hostmem.allocator`:
-    tcmalloc or jemalloc preloaded, another C library) the hook says so once, at the start, and does nothing."""
+    them (docs/robustness.md). A phase leaves more at once: compiling the demo's train step left 0.54 GiB free in
+    the arenas and an evaluation up to 1.2 GiB, resident under the next steps' buffers (docs/benchmarks.md, "The
+    first hour"). Trimming costs milliseconds, so it runs at those few boundaries, not every step (a trimmed page
+    is faulted in again when malloc reuses it). Where malloc is not glibc's (`mlret.hostmem.allocator`: tcmalloc
+    or jemalloc preloaded, another C library) the hook says so once, at the start, and does nothing."""
 
     def __init__(self, every: int) -> None:
         self.every = int(every)
         self._trim: Any = None
+        self._traces = 0  # the train step's trace count at the last look (a new shape compiled since)
 
     def begin(self, loop: Loop) -> None:
         name = allocator()
@@ -375,7 +381,13 @@ class TrimHostMemory(Hook):
             return
         self._trim = libc().malloc_trim
         self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
+        self._traces = loop.trainer.trace_count
+        self._trim(0)  # the setup's and the zero-shot evaluation's garbage
 
     def after_step(self, loop: Loop) -> None:
-        if self._trim is not None and self.every and loop.step % self.every == 0:
+        if self._trim is None:
+            return
+        compiled = loop.trainer.trace_count != self._traces
+        self._traces = loop.trainer.trace_count
+        if compiled or loop.eval_metrics is not None or (self.every and loop.step % self.every == 0):
             self._trim(0)
