@@ -1,7 +1,7 @@
 """Hard negatives mined with a model, written as a training source.
 
     python -m mlret.mine --config C (--checkpoint RUN | --hf MODEL) --out DIR [--k 30] [--perc_pos 0.95]
-        [--max_negatives 16]
+        [--max_negatives 16] [--teacher MODEL]
 
 Every training unit of `config.data.sources` is read (the sources' own readers, no TFDS preparation); per passage
 language, the passages of every unit (positives and their negatives, deduplicated by text) are the pool, each
@@ -16,11 +16,17 @@ pools), and the top `k` become its negatives after two filters against false neg
 The result is `DIR/units.jsonl` (one `ParallelUnit` JSON per line, the paragraph negatives replaced by the mined
 ones) and `DIR/provenance.json` (model, sources, date, options, counts); train on it with the `jsonl` source kind:
 `--config.data.sources='({"name": "jsonl", "path": "DIR"},)'`.
+
+`--teacher MODEL` (a Hugging Face folder or id, loaded as `--hf` is) scores each unit's query against its positive
+and its kept negatives, language by language, with the teacher's own embeddings (q . p, the teacher's similarity
+for a normalising model): the units' `scores` (positive first), which the distillation losses read
+(`config.loss.terms=margin_mse` / `kl_distill`, `mlret.losses.distill`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -63,8 +69,10 @@ def source_units(config: Any) -> list[ParallelUnit]:
 
 
 def mine_units(units: Sequence[ParallelUnit], embedder: Embedder, opts: MiningOptions = MiningOptions(),
-               retrieval: RetrievalOptions | None = None) -> tuple[list[ParallelUnit], dict[str, int]]:
-    """The units with mined negatives (see the module docstring), and counts of what the filters dropped."""
+               retrieval: RetrievalOptions | None = None,
+               teacher: Embedder | None = None) -> tuple[list[ParallelUnit], dict[str, int]]:
+    """The units with mined negatives (see the module docstring), and counts of what the filters dropped; with a
+    `teacher`, each language's texts carry its scores of the positive and the negatives (`LangText.scores`)."""
     if not 0 < opts.perc_pos <= 1:
         raise ValueError(f"--perc_pos: {opts.perc_pos} is not in (0, 1]")
     own = {u.id: {t.positive for t in u.texts.values()} for u in units}  # every language's positive
@@ -80,6 +88,7 @@ def mine_units(units: Sequence[ParallelUnit], embedder: Embedder, opts: MiningOp
         top = search_topk(q, p, opts.k, retrieval or RetrievalOptions(), name=f"mine/{lang}",
                           languages=[lang] * len(pool))
         positive = np.einsum("qd,qd->q", q, p[[where[u.texts[lang].positive] for u in members]])
+        kept: list[tuple[str, ...]] = []
         for i, u in enumerate(members):
             negatives = []
             for j, s in zip(top.indices[i], top.scores[i]):
@@ -93,8 +102,23 @@ def mine_units(units: Sequence[ParallelUnit], embedder: Embedder, opts: MiningOp
                 elif len(negatives) < opts.max_negatives:
                     negatives.append(text)
             stats["kept"] += len(negatives)
-            mined[u.id][lang] = LangText(u.texts[lang].query, u.texts[lang].positive, tuple(negatives))
+            kept.append(tuple(negatives))
+        scores = teacher_scores(teacher, members, kept, lang) if teacher is not None else [()] * len(members)
+        for u, negatives, s in zip(members, kept, scores, strict=True):
+            mined[u.id][lang] = LangText(u.texts[lang].query, u.texts[lang].positive, negatives, s)
     return [ParallelUnit(u.id, u.source, mined[u.id]) for u in units], stats
+
+
+def teacher_scores(teacher: Embedder, members: Sequence[ParallelUnit], negatives: Sequence[tuple[str, ...]],
+                   lang: str) -> list[tuple[float, ...]]:
+    """The teacher's score q . p of each member's query against its positive and `negatives` in `lang` (each
+    distinct passage encoded once)."""
+    texts = list(dict.fromkeys(t for u, negs in zip(members, negatives) for t in (u.texts[lang].positive, *negs)))
+    where = {t: i for i, t in enumerate(texts)}
+    p = embed(teacher.passages, texts, f"mine/{lang} teacher passages")
+    q = embed(teacher.queries, [u.texts[lang].query for u in members], f"mine/{lang} teacher queries")
+    return [tuple(float(x) for x in p[[where[t] for t in (u.texts[lang].positive, *negs)]] @ q[i])
+            for i, (u, negs) in enumerate(zip(members, negatives))]
 
 
 def write_mined(out_dir: str, units: Sequence[ParallelUnit], provenance: dict[str, Any]) -> str:
@@ -123,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=MiningOptions.k)
     p.add_argument("--perc_pos", type=float, default=MiningOptions.perc_pos)
     p.add_argument("--max_negatives", type=int, default=MiningOptions.max_negatives)
+    p.add_argument("--teacher", help="Hugging Face model folder or id whose scores of each unit's positive and "
+                   "negatives are written with them (for the distillation losses)")
     p.add_argument("--verbose", action="store_true", help="library INFO messages on the terminal too; they always "
                    "go to DIR.log beside --out")
     a, overrides = p.parse_known_args(argv)
@@ -141,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.k < 1 or a.max_negatives < 0:
         cli.fail(prog, f"--k must be >= 1 and --max_negatives >= 0 (got {a.k}, {a.max_negatives})")
     cli.check_model_folder(prog, "--hf", a.hf)
+    cli.check_model_folder(prog, "--teacher", a.teacher)
     path, _, arg = a.config.partition(":")
     with cli.user_errors(prog, f"--config {a.config}", also=(ValueError,)):  # get_config(arg) refusing its arg
         config = config_lib.load_config_file(path, arg or None)
@@ -149,15 +176,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         config_lib.validate(config)
         preflight.check_data(config, evaluators=False)  # the sources' files, before any model is loaded
         units = source_units(config)
+        teacher_config = copy.deepcopy(config)  # loading a model writes its settings into the config it is given
         config, model_obj, model_dir, source = load_model(config, a.hf, a.checkpoint, a.step)
+        if a.teacher:
+            teacher_config, teacher_obj, teacher_dir, teacher_source = load_model(teacher_config, a.teacher, None,
+                                                                                  None)
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.parse_rules(config.mesh.rules)
     spec = embed_spec(config)
     embedder = spec.embedder(place_model(model_obj, mesh, rules), mesh, spec.tokenizer(model_dir))
     opts = MiningOptions(a.k, a.perc_pos, a.max_negatives)
     retrieval = RetrievalOptions.from_config(config.eval.retrieval)
-    mined, stats = mine_units(units, embedder, opts, retrieval)
+    teacher = None
+    if a.teacher:
+        teacher_spec = embed_spec(teacher_config)
+        teacher = teacher_spec.embedder(place_model(teacher_obj, mesh, rules), mesh,
+                                        teacher_spec.tokenizer(teacher_dir))
+    mined, stats = mine_units(units, embedder, opts, retrieval, teacher)
     provenance = {"model": source, "sources": [dict(s) for s in config.data.sources],
+                  **({"teacher": teacher_source} if a.teacher else {}),
                   "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "options": dataclasses.asdict(opts), "retrieval": dataclasses.asdict(retrieval), "counts": stats}
     import jax  # lazy: jax-free start-up (already imported by now)

@@ -55,8 +55,8 @@ def sources(shared_data, tfds_dir):
     return pipeline.load_sources(_config(shared_data, tfds_dir))
 
 
-def _equal(a, b):
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+def _equal(a, b):  # teacher_scores holds NaN where no teacher scored a passage: equal where both are NaN
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
 
 
 def test_batch_contract_and_pair_texts(shared_data, tfds_dir, tok, sources):
@@ -72,7 +72,9 @@ def test_batch_contract_and_pair_texts(shared_data, tfds_dir, tok, sources):
         assert batch["passage_ids"].shape == batch["passage_mask"].shape == (B, G, Lp)
         for k in ("unit_id", "query_lang", "passage_lang", "batch_type"):
             assert batch[k].shape == (B,)
-        assert all(v.dtype == np.int32 for v in batch.values())
+        assert all(v.dtype == np.int32 for k, v in batch.items() if k != "teacher_scores")
+        assert batch["teacher_scores"].shape == (B, G) and batch["teacher_scores"].dtype == np.float32
+        assert np.isnan(batch["teacher_scores"]).all()  # MLQA-R carries no teacher scores
         assert len(set(batch["batch_type"].tolist())) == 1
         seen_types.add(int(batch["batch_type"][0]))
         plan, sl, queries, groups = asm.texts(step)
@@ -244,3 +246,61 @@ def test_two_processes_form_the_one_process_global_batch(shared_data, tfds_dir, 
         expected = next(one)
         for k, v in expected.items():
             assert np.array_equal(got[f"{step}/{k}"], v), (step, k)
+
+
+def _score(text: str) -> float:
+    """A made-up teacher score that names its passage."""
+    return float(sum(map(ord, text)) % 997) / 10.0
+
+
+def test_teacher_scores_travel_with_their_passages_and_fills_have_none(tmp_path, tfds_dir, tok):
+    """Units' teacher scores (jsonl -> TFDS -> batch) land on their own passages in `teacher_scores`; the negatives
+    filled from other units, and every passage of a unit without scores, are NaN."""
+    rng = np.random.default_rng(1)
+    units = []
+    for i in range(48):
+        texts = {}
+        for lang in ("de", "en"):
+            negs = tuple(f"n{i}.{j} {lang}" for j in range(int(rng.integers(0, 3))))
+            scored = i % 4 != 0  # every fourth unit has no teacher scores
+            texts[lang] = LangText(f"q{i} {lang}", f"p{i} {lang}", negs,
+                                   tuple(_score(t) for t in (f"p{i} {lang}", *negs)) if scored else ())
+        units.append(ParallelUnit(f"u{i}", "distill", texts))
+    (tmp_path / "u.jsonl").write_text("\n".join(dumps_unit(u) for u in units), encoding="utf-8")
+    c = default_config()
+    c.data.tfds_dir = str(tfds_dir)
+    c.data.sources = ({"name": "jsonl", "path": str(tmp_path / "u.jsonl")},)
+    c.data.global_batch, c.data.group_size, c.data.alpha = 8, 4, 0.5
+    srcs = pipeline.load_sources(c)
+    schedule, _ = pipeline.make_schedule(c, srcs)
+    asm = pipeline.BatchAssembler(schedule, srcs, tok, process_index=0, process_count=1)
+    by_id = {u.id: u for u in units}
+    seen = {"scored": 0, "fill": 0, "unscored unit": 0}
+    for step in range(6):
+        batch = asm(step)
+        plan, _, _, groups = asm.texts(step)
+        for i, group in enumerate(groups):
+            unit = by_id[f"u{plan.unit[i]}"]
+            t = unit.texts[LANGUAGES[plan.passage_lang[i]]]
+            for k, text in enumerate(group):
+                got = batch["teacher_scores"][i, k]
+                if text in (t.positive, *t.negatives) and t.scores:
+                    assert got == np.float32(_score(text)), (step, i, k)
+                    seen["scored"] += 1
+                else:
+                    assert np.isnan(got), (step, i, k)
+                    seen["unscored unit" if text in (t.positive, *t.negatives) else "fill"] += 1
+    assert min(seen.values()) > 0, seen
+
+
+def test_bad_teacher_scores_are_refused():
+    from mlret.data.units import unit_from_json
+
+    unit = {"id": "u", "texts": {"de": {"query": "q", "positive": "p", "negatives": ["n"], "scores": [1.0]}}}
+    with pytest.raises(ValueError, match="1 scores for the positive and 1 negative"):
+        unit_from_json(unit)
+    unit["texts"]["de"]["scores"] = [1.0, float("nan")]
+    with pytest.raises(ValueError, match="scores must be finite numbers"):
+        unit_from_json(unit)
+    unit["texts"]["de"]["scores"] = [2.5, 1]
+    assert unit_from_json(unit).texts["de"].scores == (2.5, 1)

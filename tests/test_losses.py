@@ -511,3 +511,145 @@ def test_matryoshka_sharded_and_cached_equal_single_device(dist, name, gather):
         got = jax.jit(plain(sharded))(params, placed)
     _close(got, want)
     assert abs(float(want[1]["log_tau"])) > 1e-3 and float(np.abs(want[1]["w"]).max()) > 1e-2
+
+
+# ------------------------------------------------------------------------- score distillation (issue 28, item 2)
+
+DISTILL = {"margin_mse": {}, "kl_distill": {}, "kl_distill_t": {"student_temperature": 0.5, "teacher_temperature": 2.0}}
+
+
+def _distill_fn(name, **kw):
+    from mlret import losses
+
+    family = name.removesuffix("_t")
+    section = losses.get(family).defaults()
+    section.update(kw)
+    return losses.get(family).build(losses.get(family).options(section, None), losses.LossSetup())
+
+
+def _st_distill(name, q, p, teacher, **kw):
+    """sentence-transformers' own loss (torch, float64) on the same embeddings: (value, dL/dq, dL/dp)."""
+    import torch
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+
+    loss = MarginMSELoss(None) if name == "margin_mse" else DistillKLDivLoss(None, **kw)
+    tq = torch.tensor(np.asarray(q, np.float64), requires_grad=True)
+    tp = torch.tensor(np.asarray(p, np.float64), requires_grad=True)
+    value = loss.compute_loss_from_embeddings([tq] + [tp[:, g] for g in range(tp.shape[1])],
+                                              torch.tensor(np.asarray(teacher, np.float64)))
+    value.backward()
+    return float(value.detach()), tq.grad.numpy(), tp.grad.numpy()
+
+
+@pytest.mark.parametrize("name", DISTILL)
+def test_distillation_equals_sentence_transformers(batch, name):
+    """Every candidate scored: value and gradient equal sentence-transformers' MarginMSELoss / DistillKLDivLoss."""
+    q, p, _ = batch
+    teacher = 3.0 * np.random.default_rng(7).normal(size=p.shape[:2]).astype(np.float32)
+    fn = _distill_fn(name, **DISTILL[name])
+    f = lambda q, p: fn({"query": q, "passage": p}, {"teacher_scores": jnp.asarray(teacher)}, 0.05)
+    (loss, metrics), (gq, gp) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(q), jnp.asarray(p))
+    want, wq, wp = _st_distill(name.removesuffix("_t"), q, p, teacher, **DISTILL[name])
+    assert want > 1e-3 and float(metrics["loss"]) == float(loss)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gq), wq, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gp), wp, rtol=1e-4, atol=1e-6)
+
+
+def distill_reference(name, q, p, teacher, student_temperature=1.0, teacher_temperature=1.0) -> float:
+    """The stated rule for unscored (NaN) candidates, in float64 loops: left out of the margins (MarginMSE) and of
+    the softmaxes (KL, over the pairs with >= 2 scored candidates)."""
+    q, p, t = np.asarray(q, np.float64), np.asarray(p, np.float64), np.asarray(teacher, np.float64)
+    terms = []
+    for i in range(len(q)):
+        s = p[i] @ q[i]
+        ok = [k for k in range(len(s)) if np.isfinite(t[i, k])]
+        if name == "margin_mse":
+            if 0 in ok:
+                terms += [((s[0] - s[k]) - (t[i, 0] - t[i, k])) ** 2 for k in ok if k > 0]
+        elif len(ok) >= 2:
+            ls = s[ok] / student_temperature - np.log(np.sum(np.exp(s[ok] / student_temperature)))
+            lt = t[i, ok] / teacher_temperature - np.log(np.sum(np.exp(t[i, ok] / teacher_temperature)))
+            terms.append(student_temperature**2 * np.sum(np.exp(lt) * (lt - ls)))
+    return float(np.mean(terms)) if terms else 0.0
+
+
+@pytest.mark.parametrize("name", DISTILL)
+def test_distillation_leaves_unscored_candidates_out(batch, name):
+    """Candidates filled from other units carry NaN: the value and gradient follow the stated rule (float64
+    reference, central difference), no NaN reaches the gradient, and an unscored candidate gets no gradient."""
+    q, p, _ = batch
+    teacher = 3.0 * np.random.default_rng(8).normal(size=p.shape[:2])
+    teacher[0, 2] = teacher[1, 1] = teacher[2, 0] = np.nan  # a negative, another, and a positive unscored
+    teacher[3, 1:] = np.nan  # one scored candidate: no distribution, no margin
+    teacher = teacher.astype(np.float32)
+    kw = DISTILL[name]
+    fn = _distill_fn(name, **kw)
+    f = lambda q, p: fn({"query": q, "passage": p}, {"teacher_scores": jnp.asarray(teacher)}, 0.05)[0]
+    loss, (gq, gp) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(q), jnp.asarray(p))
+    ref = lambda q, p: distill_reference(name.removesuffix("_t"), q, p, teacher, **kw)
+    np.testing.assert_allclose(float(loss), ref(q, p), rtol=1e-5)
+    assert np.isfinite(np.asarray(gq)).all() and np.isfinite(np.asarray(gp)).all()
+    rng = np.random.default_rng(9)
+    vq, vp = rng.normal(size=q.shape), rng.normal(size=p.shape)
+    h = 1e-5
+    numeric = (ref(q + h * vq, p + h * vp) - ref(q - h * vq, p - h * vp)) / (2 * h)
+    np.testing.assert_allclose(float(np.sum(gq * vq) + np.sum(gp * vp)), numeric, rtol=1e-3, atol=1e-5)
+    assert float(np.abs(gp[0, 2]).max()) == 0.0 and float(np.abs(gp[3]).max()) == 0.0
+    if name == "margin_mse":  # a pair whose positive is unscored has no margin at all
+        assert float(np.abs(gp[2]).max()) == 0.0 and float(np.abs(gq[2]).max()) == 0.0
+    nothing = np.full_like(teacher, np.nan)
+    empty = fn({"query": q, "passage": p}, {"teacher_scores": nothing}, 0.05)[0]
+    assert float(empty) == 0.0
+
+
+@pytest.mark.parametrize("name", ["margin_mse", "kl_distill"])
+@pytest.mark.parametrize("gather", ["constraint", "shard_map", "grad_cache"])
+def test_distillation_with_contrastive_sharded_and_cached_equal_single_device(dist, name, gather):
+    """contrastive + 0.5 x distillation (with unscored candidates) on the 8-device mesh, both gather paths and
+    gradient caching: the single-device loss and gradients."""
+    from mlret import losses
+
+    feats, params, mesh = dist
+    teacher = np.random.default_rng(4).normal(size=feats["p"].shape[:2]).astype(np.float32)
+    teacher[::3, 2] = np.nan
+    feats = {**feats, "teacher_scores": teacher}
+    dist_gather = "shard_map" if gather == "grad_cache" else gather
+    family = losses.get(name)
+
+    def spec(g):
+        return losses.LossSpec(terms=(losses.TermSpec("contrastive", 1.0, VARIANTS["infonce"]),
+                                      losses.TermSpec(name, 0.5, family.options(family.defaults(), None))), gather=g)
+
+    single = losses.build(spec("constraint"), losses.LossSetup())
+    sharded = losses.build(spec(dist_gather), losses.LossSetup(dist_gather, mesh, ("data",)))
+
+    def loss_fn(fn):
+        def f(pr, emb, b):
+            q, p = emb
+            return fn({"query": q, "passage": p}, {"unit_id": b["unit_id"], "teacher_scores": b["teacher_scores"]},
+                      jnp.exp(pr["log_tau"]))
+        return f
+
+    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
+    want = jax.jit(plain(single))(params, feats)
+    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
+    if gather == "grad_cache":
+        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
+            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
+            batch_axes=("data",)))(params, placed)
+    else:
+        got = jax.jit(plain(sharded))(params, placed)
+    _close(got, want)
+    assert float(want[0][1][f"loss_{name}"]) > 1e-3
+
+
+def test_bad_distillation_fields_are_refused_naming_the_field():
+    from mlret.config import validate
+    from mlret.errors import ConfigError
+
+    c = default_config()
+    c.loss.terms = "kl_distill"
+    c.loss.kl_distill.teacher_temperature = 0.0
+    with pytest.raises(ConfigError, match="config.loss.kl_distill.teacher_temperature: 0.0 must be a positive"):
+        validate(c)

@@ -47,10 +47,30 @@ def test_mined_negatives_are_never_the_units_own_passages(units, tmp_path):
     assert changed > 0.5  # mined, not the paragraph negatives passed through
 
 
+def test_a_teacher_scores_each_positive_and_mined_negative(units, tmp_path):
+    """`teacher=`: every unit language carries the teacher's q . p of its positive and of each kept negative, in
+    that order, and the scores read back through the jsonl source kind."""
+    from mlret.data.units import unit_from_json
+
+    emb, teacher = NgramEmbedder(dim=256), NgramEmbedder(dim=128, n=2)  # the teacher: another embedder
+    some = units[:40]
+    mined, _ = mine_units(some, emb, MiningOptions(k=20, perc_pos=0.9, max_negatives=4), teacher=teacher)
+    plain, _ = mine_units(some, emb, MiningOptions(k=20, perc_pos=0.9, max_negatives=4))
+    for m, p in zip(mined, plain):
+        for lang, t in m.texts.items():
+            assert t.negatives == p.texts[lang].negatives and not p.texts[lang].scores  # the same mining
+            want = teacher.passages([t.positive, *t.negatives]) @ teacher.queries([t.query])[0]
+            np.testing.assert_allclose(t.scores, want, rtol=1e-6)
+    write_mined(str(tmp_path), mined, {"model": "ngram", "teacher": "ngram-2"})
+    lines = (tmp_path / "units.jsonl").read_text().splitlines()
+    assert [unit_from_json(json.loads(x)) for x in lines] == mined
+
+
 def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data, tmp_path):
     """`python -m mlret.mine` (in process) with a model folder (the tiny random BERT: this is about the plumbing;
-    a random model ranks most candidates above the positive, hence the wide k) mines MLQA-R de/es units; a
-    training run reads the result through the jsonl source kind and trains on it."""
+    a random model ranks most candidates above the positive, hence the wide k) mines MLQA-R de/es units, scored by
+    a teacher (`--teacher`, the same folder loaded again); a training run reads the result through the jsonl
+    source kind and trains on it with the contrastive loss plus KL distillation from those scores."""
     import jax
 
     from mlret.config import apply_overrides, load_config_file, validate
@@ -69,18 +89,21 @@ def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data,
                  "--config.data.passage_len=32", "--config.eval.progress=false", "--config.eval.batch_size=256"]
     out = tmp_path / "mined"
     main(["--config", str(cfg_file), "--hf", str(random_bert_path), "--out", str(out), "--k", "5000",
-          "--perc_pos", "1.0", "--max_negatives", "4", *overrides])
+          "--perc_pos", "1.0", "--max_negatives", "4", "--teacher", str(random_bert_path), *overrides])
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["model"] == {"hf": str(random_bert_path)} and prov["options"]["max_negatives"] == 4
     assert prov["sources"][0]["name"] == "mlqa_r" and prov["date"] and prov["counts"]["kept"] > 0
     mined = read_units_jsonl([out / "units.jsonl"])
     assert {x for u in mined for x in u.texts} == {"de", "es"}
     assert sum(len(t.negatives) for u in mined for t in u.texts.values()) == prov["counts"]["kept"]
+    assert prov["teacher"] == {"hf": str(random_bert_path)}
+    assert all(len(t.scores) == 1 + len(t.negatives) for u in mined for t in u.texts.values())
 
     c = load_config_file(str(cfg_file))
     apply_overrides(c, [f"--config.model.name={random_bert_path}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
                         "--config.data.global_batch=8", "--config.train.log_every=1", *overrides])
     c.data.sources = ({"name": "jsonl", "path": str(out)},)
+    c.loss.terms, c.loss.kl_distill.weight = "contrastive,kl_distill", 0.5
     c.mesh.data = jax.device_count()
     c.train.steps = 3
     c.optim.warmup_steps = 1
@@ -89,3 +112,6 @@ def test_mine_command_writes_a_source_that_trains(random_bert_path, shared_data,
     validate(c, devices=jax.device_count(), processes=1)
     result = train(c, tmp_path / "run")
     assert result.end_step == 3 and all(np.isfinite(v) for v in result.losses.values())
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    distilled = [r for r in logged if "loss_kl_distill" in r]
+    assert distilled and all(np.isfinite(r["loss_kl_distill"]) and r["scored_pairs"] > 0 for r in distilled)

@@ -5,7 +5,12 @@ batch.
 `set_state()`, and `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax
 `CheckpointManager`) that yields, for step t = 0, 1, ..., the dict of numpy arrays docs/architecture.md
 describes (`query_ids [b, Lq]`, `passage_ids [b, G, Lp]`, `unit_id`, `query_lang`, `passage_lang`,
-`batch_type`, with b = B / process_count).
+`batch_type`, `teacher_scores [b, G]`, with b = B / process_count).
+
+Teacher scores: `teacher_scores[i, k]` is the unit's teacher score (`LangText.scores`) of passage k of pair i
+(the positive, then the drawn hard negatives), NaN where there is none: a unit without scores, and every negative
+filled from another unit (the teacher scored a unit's own negatives against its own query only). The
+distillation losses leave NaN candidates out (`mlret.losses.distill`).
 
 Determinism: the global batch of step t is a function of (seed, t, data) only. Every host computes the same
 plan (`HybridSchedule.plan`) and keeps its slice `[process_index * b, (process_index + 1) * b)`; each pair's
@@ -24,6 +29,7 @@ A mixture too small for that raises DataError naming config.data.group_size.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -194,6 +200,10 @@ class BatchAssembler:
 
     def texts(self, step: int) -> tuple[BatchPlan, slice, list[str], list[list[str]]]:
         """The plan, this host's slice, and its queries and passage groups (positive first) as text."""
+        return self.draw(step)[:4]
+
+    def draw(self, step: int) -> tuple[BatchPlan, slice, list[str], list[list[str]], list[list[float]]]:
+        """`texts(step)` and, per group, the teacher's score of each passage (NaN where there is none)."""
         sched, index = self.schedule, self.schedule.index
         plan = sched.plan(step)
         sl = plan.host_slice(self.process_index, self.process_count)
@@ -202,7 +212,7 @@ class BatchAssembler:
         answers = index.answer_texts(plan.unit)
         groups_in_batch = set(index.answer[plan.unit].tolist())
         units = self._units(plan.unit[sl])
-        queries, groups, fills = [], [], []
+        queries, groups, fills, scores = [], [], [], []
         for i, unit in enumerate(units):
             g = sl.start + i  # position in the global batch: keys the pair's PRNG, whatever the host count
             x, y = LANGUAGES[plan.query_lang[g]], LANGUAGES[plan.passage_lang[g]]
@@ -223,12 +233,15 @@ class BatchAssembler:
                                     "config.data.group_size or add data")
             groups.append([positive] + chosen)
             fills.append(fill)
+            t = unit.texts[y]
+            scored = dict(zip(reversed((t.positive, *t.negatives)), reversed(t.scores))) if t.scores else {}
+            scores.append([scored.get(x, math.nan) for x in groups[-1]] + [math.nan] * len(fill))
         # Filled negatives: the positives of the chosen other units (one batched read per source).
         flat = [u for f in fills for u, _ in f]
         fetched = iter(self._units(flat)) if flat else iter(())
         for group, f in zip(groups, fills):
             group += [next(fetched).texts[lang].positive for _, lang in f]
-        return plan, sl, queries, groups
+        return plan, sl, queries, groups, scores
 
     def _fill(self, rng: np.random.Generator, lang: int, k: int, groups_in_batch: set[int], answers: set[int],
               taken: set[int]) -> list[tuple[int, str]]:
@@ -264,7 +277,7 @@ class BatchAssembler:
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        plan, sl, queries, groups = self.texts(int(step))
+        plan, sl, queries, groups, scores = self.draw(int(step))
         b, G = len(queries), self.group_size
         tok = self.tokenizer  # thread-safe: TextTokenizer keeps a copy per thread
         q = tok.queries(queries)
@@ -276,6 +289,7 @@ class BatchAssembler:
             "query_lang": plan.query_lang[sl].astype(np.int32),
             "passage_lang": plan.passage_lang[sl].astype(np.int32),
             "batch_type": np.full(b, plan.batch_type, np.int32),
+            "teacher_scores": np.asarray(scores, np.float32).reshape(b, G),
         }
 
 

@@ -36,7 +36,7 @@ from mlret.errors import DataError
 log = logging.getLogger(__name__)
 
 # Bump the version when a reader changes what it writes (prepared directories are per version).
-_UNITS_VERSION = "1.0.0"
+_UNITS_VERSION = "1.1.0"
 
 
 # TFDS derives a builder's code path through `importlib_resources`, a package this stack does not install
@@ -94,15 +94,18 @@ def _encode_unit(unit: ParallelUnit) -> dict[str, Any]:
     langs = sorted(unit.texts)
     return {"id": unit.id, "source": unit.source, "lang": langs,
             "query": [unit.texts[x].query for x in langs], "positive": [unit.texts[x].positive for x in langs],
-            "negatives": [json.dumps(list(unit.texts[x].negatives), ensure_ascii=False) for x in langs]}
+            "negatives": [json.dumps(list(unit.texts[x].negatives), ensure_ascii=False) for x in langs],
+            "scores": [json.dumps(list(unit.texts[x].scores)) for x in langs]}
 
 
 def decode_unit(record: Mapping[str, Any]) -> ParallelUnit:
     """A stored `mlret_units` record (Text comes back as bytes) -> ParallelUnit."""
     def s(x: Any) -> str:
         return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-    texts = {s(lang): LangText(query=s(q), positive=s(p), negatives=tuple(json.loads(s(n))))
-             for lang, q, p, n in zip(record["lang"], record["query"], record["positive"], record["negatives"])}
+    texts = {s(lang): LangText(query=s(q), positive=s(p), negatives=tuple(json.loads(s(n))),
+                               scores=tuple(json.loads(s(t))))
+             for lang, q, p, n, t in zip(record["lang"], record["query"], record["positive"], record["negatives"],
+                                         record["scores"])}
     return ParallelUnit(id=s(record["id"]), source=s(record["source"]), texts=texts)
 
 
@@ -111,7 +114,8 @@ class MlretUnits(tfds.core.GeneratorBasedBuilder):
 
     code_path = _CODE_PATH
     VERSION = tfds.core.Version(_UNITS_VERSION)
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "A teacher's scores of the positive and negatives (`scores`, a JSON list per language)."}
     BUILDER_CONFIGS = [units_config(name) for name, kind in KINDS.items() if not kind.needs_path]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -119,11 +123,12 @@ class MlretUnits(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Parallel units (docs/architecture.md, Data): a query, its positive passage and hard "
-                        "negatives per language; negatives are a JSON list per language.",
+                        "negatives per language; negatives (and a teacher's scores of the positive and negatives, "
+                        "[] when none) are a JSON list per language.",
             features=tfds.features.FeaturesDict({
                 "id": text, "source": text, "lang": tfds.features.Sequence(text),
                 "query": tfds.features.Sequence(text), "positive": tfds.features.Sequence(text),
-                "negatives": tfds.features.Sequence(text)}),
+                "negatives": tfds.features.Sequence(text), "scores": tfds.features.Sequence(text)}),
             # Record i is unit i of the reader (deterministic order, identical on every host).
             disable_shuffling=True,
             homepage="https://github.com/google-research-datasets/lareqa")

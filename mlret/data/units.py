@@ -4,7 +4,11 @@ A parallel unit is one semantic QA item available in one or more languages (docs
 
     {"id": "q123", "source": "mlqa", "texts": {
         "de": {"query": "...", "positive": "...", "negatives": ["...", ...]},
-        "en": {"query": "...", "positive": "...", "negatives": [...]}}}
+        "en": {"query": "...", "positive": "...", "negatives": [...], "scores": [9.1, 7.3, ...]}}}
+
+`scores` (optional, per language) are a teacher's scores of the positive and of each negative, in that order
+(1 + len(negatives) finite numbers; `python -m mlret.mine --teacher MODEL` writes them): the batch's
+`teacher_scores` field, which the distillation losses read (`mlret.losses.distill`).
 
 Every reader in `mlret.data.readers` produces `ParallelUnit`s; the TFDS builders store them; the hybrid
 schedule draws pairs from them. Languages are ISO 639-1 codes from the fixed tuple `LANGUAGES`, whose index is
@@ -20,6 +24,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -59,6 +64,7 @@ class LangText:
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
+    scores: tuple[float, ...] = ()  # a teacher's scores of (positive, *negatives); () when none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +82,8 @@ class ParallelUnit:
     def to_json(self) -> dict[str, Any]:
         """The JSON form of the unit (what a user JSONL line holds; the module docstring)."""
         return {"id": self.id, "source": self.source, "texts": {
-            lang: {"query": t.query, "positive": t.positive, "negatives": list(t.negatives)}
+            lang: {"query": t.query, "positive": t.positive, "negatives": list(t.negatives),
+                   **({"scores": list(t.scores)} if t.scores else {})}
             for lang, t in sorted(self.texts.items())}}
 
 
@@ -98,6 +105,11 @@ def check_unit(unit: ParallelUnit) -> str | None:
         for j, neg in enumerate(t.negatives):
             if not isinstance(neg, str) or not neg.strip():
                 return f"unit {unit.id!r}, language {lang}: negative {j} is empty or not a string"
+        if t.scores and len(t.scores) != 1 + len(t.negatives):
+            return (f"unit {unit.id!r}, language {lang}: {len(t.scores)} scores for the positive and "
+                    f"{len(t.negatives)} negative(s); give 1 + {len(t.negatives)} (positive first), or none")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in t.scores):
+            return f"unit {unit.id!r}, language {lang}: scores must be finite numbers"
     return None
 
 
@@ -117,13 +129,17 @@ def unit_from_json(obj: Any, *, default_source: str = "jsonl") -> ParallelUnit:
     for lang, t in texts.items():
         if not isinstance(t, dict):
             raise ValueError(f"texts[{lang!r}] must be an object with query, positive, negatives")
-        extra = set(t) - {"query", "positive", "negatives"}
+        extra = set(t) - {"query", "positive", "negatives", "scores"}
         if extra:
             raise ValueError(f"texts[{lang!r}] has unknown field(s) {sorted(extra)}")
         negatives = t.get("negatives", [])
         if not isinstance(negatives, list):
             raise ValueError(f"texts[{lang!r}].negatives must be a list of strings")
-        out[lang] = LangText(query=t.get("query", ""), positive=t.get("positive", ""), negatives=tuple(negatives))
+        scores = t.get("scores", [])
+        if not isinstance(scores, list):
+            raise ValueError(f"texts[{lang!r}].scores must be a list of numbers (positive first, then each negative)")
+        out[lang] = LangText(query=t.get("query", ""), positive=t.get("positive", ""), negatives=tuple(negatives),
+                             scores=tuple(scores))
     unit = ParallelUnit(id=str(obj["id"]), source=str(obj.get("source", default_source)), texts=out)
     why = check_unit(unit)
     if why:

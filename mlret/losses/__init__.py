@@ -9,7 +9,8 @@ on the set of families: the `config.loss.<name>` sections of the schema (`add_se
 `fields`), the loss function itself (`build`) and the model card's sentence (`describe`). Matryoshka dimensions
 (`config.loss.matryoshka_dims`) wrap whatever the terms are: `build` sums them again on each embedding prefix.
 
-A new family is one module that exports `LOSS = LossFamily(...)` plus its line in `_BUILTIN` below; code outside
+A new family is one module that exports `LOSS = LossFamily(...)` (or several: `LOSSES = (...)`, as
+`distill.py`'s margin_mse and kl_distill) plus its line in `_BUILTIN` below; code outside
 mlret (a test, a config file) calls `register(family)` before `default_config()`. docs/architecture.md, "Adding a
 loss", walks through one.
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mlret.errors import ConfigError
-from mlret.losses import contrastive
+from mlret.losses import contrastive, distill
 from mlret.losses.base import LossContext, LossFamily, LossSetup, LossSpec, Term, TermSpec
 from mlret.losses.contrastive import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
 from mlret.registry import Registry
@@ -57,9 +58,10 @@ def get(name: str) -> LossFamily:
     return _REGISTRY[name]
 
 
-_BUILTIN = (contrastive,)  # one line per loss family module
+_BUILTIN = (contrastive, distill)  # one line per loss family module
 for _module in _BUILTIN:
-    register(_module.LOSS)
+    for _family in getattr(_module, "LOSSES", None) or (_module.LOSS,):  # LOSSES: a module of several families
+        register(_family)
 
 
 def parse_terms(value: str) -> list[str]:
