@@ -107,6 +107,47 @@ mlret_tpu_env() {
     return 0
 }
 
+# Exit statuses of `python -m mlret.train` that a restart cures (docs/robustness.md): 75 storage failed or stalled,
+# 76 a peer process of a multi-process run died (mlret/supervise.py), and death by a signal other than SIGTERM /
+# SIGINT (128+n: SIGKILL from the OOM killer, SIGABRT). Not: 0 done, 143 / 130 stopped on purpose (a preemption
+# takes the machine), 2 a config mistake, 3 a damaged checkpoint with on_damaged="stop", 1 an error of the program.
+mlret_restartable() {
+    local rc=$1
+    ((rc == 75 || rc == 76 || (rc > 128 && rc != 130 && rc != 143)))
+}
+
+# mlret_run_restarting MAX CMD...: run CMD; while it ends with a restartable status (mlret_restartable), run it
+# again, at most MAX more times (MLRET_RESTART_DELAY seconds apart, default 10). Every restart resumes from the
+# last complete checkpoint. Returns the last status. With MLRET_PID_FILE set, CMD's pid is written there at each
+# start (tpu_pod.sh --stop signals it); SIGTERM / SIGINT to this shell are passed on to CMD and end the loop.
+mlret_run_restarting() {
+    local max=$1 n=0 rc pid stopping=0
+    shift
+    while :; do
+        "$@" &
+        pid=$!
+        [[ -n ${MLRET_PID_FILE:-} ]] && echo "$pid" >"$MLRET_PID_FILE"
+        trap 'stopping=1; kill -TERM "$pid" 2>/dev/null' TERM INT
+        rc=0
+        wait "$pid" || rc=$?
+        while kill -0 "$pid" 2>/dev/null; do # wait returns early when a trapped signal arrives
+            rc=0
+            wait "$pid" || rc=$?
+        done
+        trap - TERM INT
+        if ((stopping)) || ! mlret_restartable "$rc"; then
+            return "$rc"
+        fi
+        if ((n >= max)); then
+            mlret_note "exit status $rc after $n restart(s): the limit (MLRET_MAX_RESTARTS=$max) is reached; giving up"
+            return "$rc"
+        fi
+        n=$((n + 1))
+        mlret_note "exit status $rc: restart $n of at most $max in ${MLRET_RESTART_DELAY:-10} s (resumes from the last complete checkpoint)"
+        sleep "${MLRET_RESTART_DELAY:-10}"
+    done
+}
+
 # mlret_train_argv PYTHON ARG...: MLRET_ARGV = the training command with the given arguments.
 mlret_train_argv() {
     local python=$1

@@ -32,6 +32,10 @@
 #   --setup-only        only ship the code and install
 #   --detach            train under nohup, logs in DIR/train.log on each worker; the ssh session may end
 #   --stop              send SIGTERM to the training process on every worker (it checkpoints and exits)
+#   --max-restarts N    restart training on a worker whose run ended with a status a restart cures (75 storage,
+#                       76 a dead peer, killed by a signal: launch/env.sh mlret_restartable), at most N times
+#                       (default: MLRET_MAX_RESTARTS, else 3; 0: never); every worker restarts, so the pod resumes
+#                       together from the last complete checkpoint
 # Environment: MLRET_TPU_COLLECTIVE_FLAGS=1 and LIBTPU_INIT_ARGS (see launch/env.sh); MLRET_MODEL and
 # MLRET_DATA_DIR are forwarded to the workers.
 set -euo pipefail
@@ -55,6 +59,7 @@ do_setup=1
 do_train=1
 detach=0
 stop=0
+max_restarts=${MLRET_MAX_RESTARTS:-3}
 while (($#)); do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
@@ -72,6 +77,8 @@ while (($#)); do
         --skip-setup) do_setup=0 ;;
         --setup-only) do_train=0 ;;
         --detach) detach=1 ;;
+        --max-restarts) max_restarts=${2:?--max-restarts needs a number}; shift ;;
+        --max-restarts=*) max_restarts=${1#--max-restarts=} ;;
         --stop) stop=1 do_setup=0 do_train=0 ;;
         --) shift; break ;;
         *) break ;;
@@ -164,11 +171,14 @@ if ((do_train)); then
     env_argv=(env "${MLRET_ENV[@]}" "${MLRET_ARGV[@]}")
     train=$(printf '%q ' "${env_argv[@]}")
     train=${train% }
-    # The pid file lets --stop signal exactly the training process (exec keeps the shell's pid).
+    # The restart loop of launch/env.sh (shipped with the code) writes the training process's pid to the pid file
+    # at every start, so that --stop signals exactly it.
+    [[ $max_restarts =~ ^[0-9]+$ ]] || mlret_die "--max-restarts $max_restarts: a whole number (0: never restart)"
+    looped="source launch/env.sh && MLRET_LAUNCHER=$(q "$MLRET_LAUNCHER") MLRET_PID_FILE=.mlret-train.pid \
+mlret_run_restarting $max_restarts $train"
     if ((detach)); then
-        inner="echo \$\$ > .mlret-train.pid && exec $train"
-        on_workers "cd $dir && nohup bash -c $(q "$inner") > train.log 2>&1 < /dev/null &"
+        on_workers "cd $dir && nohup bash -c $(q "$looped") > train.log 2>&1 < /dev/null &"
     else
-        on_workers "cd $dir && echo \$\$ > .mlret-train.pid && exec $train"
+        on_workers "cd $dir && $looped"
     fi
 fi

@@ -166,6 +166,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.storage.request_timeout_s = 30.0
     c.storage.op_timeout_s = 600.0
 
+    # A multi-process run (mlret/supervise.py; docs/robustness.md "A dead worker"): a process whose heartbeats to
+    # jax's coordination service stop for peer_timeout_s counts as dead, and every other process then exits with
+    # status 76 and one line (when process 0 dies, within about a second). Also bounds the wait for the others at
+    # the end of a run (jax's shutdown barrier).
+    c.runtime = ml_collections.ConfigDict()
+    c.runtime.peer_timeout_s = 60
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # 0: no evaluation during training
     # Also evaluate the start model before step 1 (zero-shot): the final tables and the model card show the
@@ -183,6 +190,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.plots = True  # heatmap PNGs next to the JSON matrices
     c.eval.progress = True  # tqdm bar with ETA while encoding (process 0 only)
     c.eval.length_buckets = True  # sort texts by length and cut batches to power-of-two lengths (less padding)
+    # Pack evaluation texts into rows of a few fixed widths (mlret/eval/encode.py; the same embeddings, far less
+    # padding); False: padded batches (length_buckets). Models without a packed path pad, and say so.
+    c.eval.packing = True
     # Embedding dimensions (Matryoshka models; mlret/eval/dims.py). dim: search (exact or ScaNN) on the first `dim`
     # components of every embedding, re-normalised when model.normalize (0: the whole embedding); the summary,
     # best_metric and the card are at this dimension. dims: also report the metrics at these dimensions from the
@@ -250,6 +260,8 @@ def validate(config: ml_collections.ConfigDict, *, devices: int | None = None, p
            f"{config.storage.request_timeout_s} must be > 0")
     _check(config.storage.op_timeout_s > config.storage.request_timeout_s, "storage.op_timeout_s",
            f"{config.storage.op_timeout_s} must exceed storage.request_timeout_s ({config.storage.request_timeout_s})")
+    _check(int(config.runtime.peer_timeout_s) == config.runtime.peer_timeout_s and config.runtime.peer_timeout_s >= 2,
+           "runtime.peer_timeout_s", f"{config.runtime.peer_timeout_s} must be a whole number of seconds >= 2")
     validate_eval_config(config)
     if devices is not None:
         _validate_run(config, devices, 1 if processes is None else processes)

@@ -36,21 +36,25 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, peer_timeout_s: int = 60) -> None:
     """Start `jax.distributed` before anything touches a device.
 
     With all three arguments, they are used as given. With none, `jax.distributed.initialize()` detects TPU VMs,
     Slurm and Open MPI itself; where it finds no cluster (a laptop, one GPU box) the run stays single-process.
+    `peer_timeout_s` (config.runtime.peer_timeout_s) is jax's heartbeat timeout, after which a silent process
+    counts as dead and the others are ended (mlret/supervise.py turns that into one line and status 76), and its
+    shutdown timeout, the longest wait for the others at the end of the run.
     """
+    timeouts = {"heartbeat_timeout_seconds": int(peer_timeout_s), "shutdown_timeout_seconds": int(peer_timeout_s)}
     given = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in given) and not all(v is not None for v in given):
         raise ShardingError("--coordinator_address, --num_processes and --process_id go together: give all three, "
                             "or none to auto-detect a TPU VM / Slurm / Open MPI cluster")
     if coordinator_address is not None:
-        jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
+        jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id), **timeouts)
         return
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     except ValueError as e:
         # No cluster environment found: jax asks for a coordinator address. One process is the right answer.
         log.info("jax.distributed: no cluster detected (%s); running as a single process", e)

