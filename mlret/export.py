@@ -27,6 +27,7 @@ LaBSE. The pooler also stays in model.safetensors, so AutoModel's `pooler_output
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -81,12 +82,26 @@ def export_model(model: DualEncoder, tokenizer: TextTokenizer, model_config: Any
     towers = [("query", model.towers.query, out)]
     if not model.tied:
         towers.append(("passage", model.towers.passage, out / PASSAGE_TOWER_DIR))
-    for role, encoder, folder in towers:
-        _write_folder(encoder, tokenizer, model, model_config, folder, role=role, lengths=lengths,
-                      run_config=run_config,
-                      card=functools.partial(model_card, model, tokenizer, model_config, role=role, results=results,
-                                             baseline=baseline, run_config=run_config))
+    try:
+        for role, encoder, folder in towers:
+            _write_folder(encoder, tokenizer, model, model_config, folder, role=role, lengths=lengths,
+                          run_config=run_config,
+                          card=functools.partial(model_card, model, tokenizer, model_config, role=role,
+                                                 results=results, baseline=baseline, run_config=run_config))
+    except Exception as e:  # noqa: BLE001 (safetensors and tokenizers raise their own types for an OS error)
+        if not _disk_full(e):
+            raise
+        raise storage.StorageError(f"storage: export {out} failed: no space left on the device (or over quota) "
+                                   f"while writing the model folder ({cli.message(e)}); the folder is incomplete: "
+                                   "free space and export again") from e
     return out
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or as the message of a library's own error type."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(e) for text in ("No space left on device", "Disk quota exceeded"))
 
 
 def eval_lengths(config: Any) -> tuple[int, int]:
@@ -244,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
             cli.fail(prog, f"--results {args.results}: expected the JSON object mlret.evaluate --out writes")
     cli.check_model_folder(prog, "--hf", args.hf)
     with cli.user_errors(prog):  # a missing model folder or checkpoint, a value that cannot work
-        out = _export(parser, args, results)
+        try:
+            out = _export(parser, args, results)
+        except storage.StorageError as e:  # a full disk, a bucket that failed: one line, exit 75 (try again)
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+            return storage.EXIT_STORAGE
     print(f"exported to {out}" + (f"; log {log_file}" if log_file else ""))
     return 0
 

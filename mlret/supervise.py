@@ -85,8 +85,9 @@ def _jax_status(withheld: list[bytes]) -> str:
         line = line.strip()
         if not line or line.startswith(("The tasks have crashed", "RPC:", "***", "@", "Additional GRPC")):
             break
-        parts.append(line.replace(" [type.googleapis.com/tensorflow.CoordinationServiceError='']", ""))
-    return " ".join(parts)
+        parts.append(line)
+    status = re.sub(r" ?\[type\.googleapis\.com/[^\]]*\]", "", " ".join(parts))
+    return status if len(status) <= 300 else status[:297] + "..."
 
 
 def _process_label(argv: list[str]) -> str:

@@ -9,6 +9,7 @@ import math
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -139,3 +140,24 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(reference_run, 
     assert steps[:2] == [5, 10] and len(steps) <= 3, steps
     assert max_abs_diff(checkpoint_params(kept, 10), checkpoint_params(reference_run["workdir"], 10)) == 0.0
     assert checkpoint_params(kept)  # the newest complete step loads; a partial folder is never taken for one
+
+
+def test_a_full_disk_during_an_export_is_one_line(reference_run, tmp_path):
+    # `python -m mlret.export` into a tmpfs that holds half of the model's weights: one line naming the folder and
+    # the full disk, exit 75, no traceback (safetensors raises its own error type for the OS error).
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here (unshare -rm)")
+    params = checkpoint_params(reference_run["workdir"])
+    weight_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    cmd = [sys.executable, "-m", "mlret.export", "--checkpoint", str(reference_run["workdir"]), "--out",
+           str(mount / "export")]
+    script = (f"mount -t tmpfs -o size={weight_bytes // 2048}k tmpfs {mount} && "
+              f"{{ {shlex.join(cmd)}; echo $? > {tmp_path}/code; }}")
+    p = run_together([["unshare", "-rm", "sh", "-c", script]], [scale_env(1)], 300, tmp_path / "logs")[0]
+    code = int((tmp_path / "code").read_text())
+    assert code == 75, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mlret.export: storage: export {mount}/export failed: no space left on the device"), line

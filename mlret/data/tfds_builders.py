@@ -174,12 +174,17 @@ def prepare_units(cfg: UnitsConfig, tfds_dir: str | os.PathLike[str] | None) -> 
     local_root = storage.local_mirror(remote_root)
     builder = MlretUnits(config=cfg, data_dir=str(local_root))
     remote = remote_root / epath.Path(builder.data_dir).relative_to(local_root)
-    if not builder.is_prepared() and (remote / "dataset_info.json").exists():
+    info = remote / "dataset_info.json"
+    with storage.bounded("read", info):  # a stalled or failing bucket: one line naming it (exit 75)
+        on_bucket = info.exists()
+    if not builder.is_prepared() and on_bucket:
         log.info("fetching the prepared %s from %s", cfg.name, remote)
         storage.download_dir(remote)
         return _prepare_local(cfg, str(local_root))
     builder = _prepare_local(cfg, str(local_root))
-    if not (remote / "dataset_info.json").exists():
+    with storage.bounded("read", info):  # another host may have uploaded it meanwhile
+        on_bucket = info.exists()
+    if not on_bucket:
         log.info("uploading the prepared %s to %s", cfg.name, remote)
         storage.sync_dir(epath.Path(builder.data_dir), remote)
     return builder
