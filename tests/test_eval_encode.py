@@ -1,4 +1,5 @@
-"""Sharded encoding on 8 simulated devices (padding, length buckets) and the evaluation CLI end to end."""
+"""Sharded encoding on 8 simulated devices (padding, length buckets, packed rows) and the evaluation CLI end to
+end."""
 
 from __future__ import annotations
 
@@ -41,20 +42,80 @@ def test_sharded_embedder_equals_unsharded_encoding(tiny, xquad_sentences):
     b = tok.passages(texts)
     want = np.asarray(jax.jit(lambda m, i, k: m.encode_passage(i, k))(model, b["passage_ids"], b["passage_mask"]))
     placed = place_model(model, mesh, rules)
-    for buckets in (True, False):
-        emb = ShardedEmbedder(placed, tok, mesh, rules, batch_size=10, progress=False, length_buckets=buckets)
+    for packing, buckets in ((False, True), (False, False), (True, True)):
+        # pack_tokens=192: 4 rows of 48 tokens a call (one per data-parallel device), so texts span many calls
+        emb = ShardedEmbedder(placed, tok, mesh, rules, batch_size=10, progress=False, length_buckets=buckets,
+                              packing=packing, pack_tokens=192)
         assert emb.batch_size == 12  # rounded up to the 4 data-parallel devices
         got = emb.passages(texts)
         np.testing.assert_allclose(got, want, atol=2e-5)
-        assert emb.steps_run == 4
         lengths = {n for tower, n in emb.lengths_used if tower == "passage"}
-        if buckets:
-            assert min(lengths) < 48  # short sentences ran at a shorter length, with the same embeddings
+        if packing:
+            # rows split over the 4 devices, a row of width w holds texts of up to w / 2 tokens (w < 48) or one
+            # longer text, several texts to a row: fewer rows than texts
+            assert all(rows % 4 == 0 and rows * w <= 192 for _, (rows, w) in emb.shapes_used)
+            assert min(lengths) < 48 and sum(rows for _, (rows, _) in emb.shapes_used) < len(texts)
         else:
-            assert lengths == {48}
+            assert emb.steps_run == 4
+            if buckets:
+                assert min(lengths) < 48  # short sentences ran at a shorter length, with the same embeddings
+            else:
+                assert lengths == {48}
     q = tok.queries(texts[:5])
     want_q = np.asarray(jax.jit(lambda m, i, k: m.encode_query(i, k))(model, q["query_ids"], q["query_mask"]))
     np.testing.assert_allclose(emb.queries(texts[:5]), want_q, atol=2e-5)
+
+
+def test_packed_minilm_embeddings_and_xquad_metrics_equal_the_padded_ones(minilm_path, shared_data):
+    """Real all-MiniLM-L6-v2 on an XQuAD-R slice (3 languages, 3 paragraphs each): packed rows give the padded
+    batches' embeddings to float32 rounding (max abs diff <= 1e-5) and the LAReQA metrics to 1e-6."""
+    from mlret.eval import lareqa
+
+    c = default_config()
+    c.model.name = str(minilm_path)
+    model, tok = load_dual_encoder(c.model, query_len=128, passage_len=128)
+    mesh = parallel.make_mesh(c.mesh)
+    rules = parallel.parse_rules(c.mesh.rules)
+    placed = place_model(model, mesh, rules)
+    langs = lareqa.load(str(shared_data / "xquad-r"), ["en", "de", "zh"], max_paragraphs=3)
+    questions = {x: v.questions for x, v in langs.items()}
+    sentences = {x: v.sentences for x, v in langs.items()}
+    summaries, embeddings = [], []
+    for packing in (True, False):
+        emb = ShardedEmbedder(placed, tok, mesh, rules, batch_size=64, progress=False, packing=packing)
+        q = {x: emb.queries(t) for x, t in questions.items()}
+        s = {x: emb.passages(t) for x, t in sentences.items()}
+        embeddings.append(np.concatenate([*q.values(), *s.values()]))
+        summaries.append(lareqa.evaluate_embeddings(langs, q, s).summary)
+        assert {n for _, n in emb.lengths_used} <= {16, 32, 64, 128}
+    assert np.abs(embeddings[0] - embeddings[1]).max() <= 1e-5
+    assert summaries[0].keys() == summaries[1].keys()
+    for key, value in summaries[0].items():
+        assert abs(value - summaries[1][key]) <= 1e-6, key
+
+
+@pytest.mark.parametrize("family, pooling", [("modernbert", "mean"), ("qwen3", "last")])
+def test_packed_encoding_of_every_family_equals_padded(request, family, pooling, xquad_sentences):
+    """ModernBERT (local attention windows) and Qwen3 (causal, left padding, last-token pooling) encode packed
+    rows through their own packed path with the padded path's embeddings (BERT: the test above)."""
+    from model_fixtures import model_config
+
+    from mlret.eval.encode import packed_path
+
+    path = request.getfixturevalue(f"random_{family}_path")
+    model, tok = load_dual_encoder(model_config(path, pooling=pooling), query_len=16, passage_len=48)
+    assert packed_path(model) is None
+    c = default_config()
+    mesh = parallel.make_mesh(c.mesh)
+    rules = parallel.parse_rules(c.mesh.rules)
+    placed = place_model(model, mesh, rules)
+    texts = list(xquad_sentences[:40])
+    got = {}
+    for packing in (True, False):
+        emb = ShardedEmbedder(placed, tok, mesh, rules, batch_size=16, progress=False, packing=packing)
+        got[packing] = emb.passages(texts)
+        assert emb.packing == packing
+    np.testing.assert_allclose(got[True], got[False], atol=2e-5)
 
 
 def test_bucket_length():
@@ -116,7 +177,8 @@ _WORKER = textwrap.dedent("""
     model, tok = load_dual_encoder(c.model, query_len=16, passage_len=48)
     mesh = parallel.make_mesh(c.mesh)  # (2, 2, 2) over the 8 devices of both processes
     rules = parallel.parse_rules(c.mesh.rules)
-    # One length per tower (no buckets): two compilations per process keep the test short.
+    # Packed rows (the default): each process builds the same calls; two row widths (32, 48) shared by both towers
+    # keep the compilations few.
     emb = ShardedEmbedder(place_model(model, mesh, rules), tok, mesh, rules, batch_size=12, progress=pid == "0",
                           length_buckets=False)
     texts = json.loads(texts_json)
