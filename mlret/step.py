@@ -208,11 +208,16 @@ class Trainer:
         # Packed: the segments index the pairs of the chunk (the whole batch without gradient caching), and each
         # data-parallel shard's rows hold its own pairs (mlret.data.packing), so each shard pools on its own.
         n, g = self.spec.grad_cache_chunk or self.spec.global_batch, self.spec.group_size
+        # The pooled [texts, D] rows are pinned to the batch sharding, as padded rows are: the loss then gathers
+        # that one array (else XLA gathered the per-shard [1, texts, D] blocks, then again in the backward).
         shards = parallel.data_parallel_size(self.rules, self.mesh)
+        rows = NamedSharding(self.mesh, parallel.batch_spec(self.rules, self.mesh))
         if "query" in wanted:
-            out["query"] = model.encode_query_packed(batch["query_ids"], batch["query_segments"], n, shards)
+            out["query"] = jax.lax.with_sharding_constraint(
+                model.encode_query_packed(batch["query_ids"], batch["query_segments"], n, shards), rows)
         if "passage" in wanted:
-            p = model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g, shards)
+            p = jax.lax.with_sharding_constraint(
+                model.encode_passage_packed(batch["passage_ids"], batch["passage_segments"], n * g, shards), rows)
             out["passage"] = p.reshape(n, g, -1)
         return out
 

@@ -88,6 +88,19 @@ def test_loss_gathers_passage_embeddings_not_weights(smoke_report):
     assert "all-gather(" in hlo or "all-gather-start(" in hlo
 
 
+def test_packed_batches_gather_the_passage_embeddings_once(devices):
+    """Packed rows are pooled on each shard (mlret.data.packing puts a shard's texts in its own rows): the
+    embeddings meet the loss's one gather of [B x G, D] and its backward, not an all-reduce of pooled sums."""
+    config = C.load_config(SMOKE, ["data.packing=True"])
+    r = C.check(config, TOPOLOGY, devices=devices, eval_step=False)
+    b, g, d = config.data.global_batch, config.data.group_size, 384
+    lg = r["loss_gather"]
+    assert lg["embedding_gathers_per_step"] == 1 and lg["other_gathers_per_step"] == 0, lg
+    assert [s.split("[")[1] for s in lg["embedding_gather_shapes"]] == [f"{b * g},{d}]"], lg
+    # The gather's backward (TPU: an all-reduce of the gathered gradient) is the only embedding all-reduce.
+    assert all(s.split("[")[1] == f"{b * g},{d}]" for s in lg["embedding_all_reduce_shapes"]), lg
+
+
 def test_flops_match_the_formula(smoke_report):
     _, r, _ = smoke_report
     fl = r["flops"]
@@ -163,3 +176,35 @@ def test_collectives_reader_counts_tuples_async_pairs_and_loop_trips():
     assert by["ag"]["runs_per_step"] == 6 and by["ag"]["computation"] == "body"
     summary = C.summarise_collectives(ops)
     assert summary["all-gather"] == {"count": 7, "bytes_per_step": 6 * 2 * 64 + 64}
+
+
+# ------------------------------------------------------------------------------------------- the batch finder
+
+# A BERT small enough that one XLA:TPU compilation of its step takes seconds: the finder compiles several.
+TINY_BERT = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 1000, "hidden_size": 32,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 512, "type_vocab_size": 2, "hidden_act": "gelu",
+             "layer_norm_eps": 1e-12, "pad_token_id": 0}
+
+
+def test_the_largest_batch_that_fits_fits_and_the_next_does_not(devices, tmp_path):
+    """find_max_batch against an HBM budget set between the tiny model's compiled totals at batch 16 and 64: the
+    batch it returns compiles within the budget, one more data-parallel unit does not."""
+    arch = tmp_path / "config.json"
+    arch.write_text(json.dumps(TINY_BERT))
+
+    def total(batch: int, headroom: float = 0.1) -> dict:
+        config = C.load_config(SMOKE, [f"data.global_batch={batch}"])
+        return C.check(config, TOPOLOGY, model_config=str(arch), headroom=headroom, eval_step=False,
+                       devices=devices)["memory"]
+
+    low, high = total(16)["total_bytes"], total(64)["total_bytes"]
+    assert low < high  # the step's memory grows with the batch
+    hbm = 16 * 2**30
+    headroom = 1 - (low + high) / 2 / hbm  # the budget lies between the two
+    found = C.find_max_batch(C.load_config(SMOKE, []), TOPOLOGY, model_config=str(arch), headroom=headroom,
+                             limit=1024, log=lambda _: None)
+    best, unit = found["max_global_batch"], found["unit"]
+    assert unit == 4 and best % unit == 0 and 16 <= best < 64 and not found["hit_search_limit"], found
+    assert found["memory"]["fits"] and found["memory"]["total_bytes"] <= hbm * (1 - headroom)
+    assert not total(best + unit, headroom)["fits"]
