@@ -103,7 +103,7 @@ class Probe:
     def mark(self, phase: str) -> None:
         rss, hwm = status()
         now = time.perf_counter()
-        shapes = self.trainer.expected_traces if self.trainer is not None else 0
+        shapes = self.trainer.trace_count if self.trainer is not None else 0
         self.rows.append((phase, rss, hwm, now - self.t, resident(), shapes))
         self.t = now
         reset_peak()
