@@ -95,7 +95,8 @@ mlret_gpu_env() {
 # mlret_tpu_env: reset MLRET_ENV to what every TPU worker gets; the MLRET_* variables that configs read are
 # forwarded, since a worker's login shell does not have the launching machine's environment.
 mlret_tpu_env() {
-    MLRET_ENV=()
+    # jax finds the workers itself (no --num_processes): ask mlret.train for its dead-peer supervisor explicitly.
+    MLRET_ENV=(MLRET_SUPERVISE=1)
     local libtpu=""
     if [[ ${MLRET_TPU_COLLECTIVE_FLAGS:-0} != 0 ]]; then libtpu=$MLRET_TPU_LIBTPU_ARGS; fi
     [[ -n ${LIBTPU_INIT_ARGS:-} ]] && libtpu+="${libtpu:+ }$LIBTPU_INIT_ARGS"
