@@ -14,7 +14,7 @@ from typing import Any
 
 import huggingface_hub
 
-from mlret.models.family import read_hf_config, read_raw
+from mlret.models.family import ConfigFields, read_hf_config, read_raw
 
 # model_type -> (architecture written on export, RoBERTa-style padding-offset positions)
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, bool]] = {
@@ -27,25 +27,11 @@ _EXACT_GELU = ("gelu",)
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(ConfigFields):
     """Architecture of a post-LN BERT / RoBERTa encoder (the fields of HF's BertConfig we use)."""
 
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
     type_vocab_size: int
     layer_norm_eps: float
-    pad_token_id: int
-    # The raw config.json, written back on export; excluded from equality and hashing.
-    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def roberta_positions(self) -> bool:

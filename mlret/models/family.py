@@ -49,6 +49,34 @@ class FamilyConfig(Protocol):
     def to_hf(self) -> dict[str, Any]: ...
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigFields:
+    """The fields the built-in families' configs share (`EncoderConfig`, `ModernBertConfig`, `Qwen3Config` extend
+    it; keyword-only, so that a family's own fields follow without defaults). `head_dim` 0 is
+    hidden_size / num_heads (a config.json that gives its own, as Qwen3's may, sets it); `max_length` is the
+    position table's length unless a family says otherwise (RoBERTa's offset)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    pad_token_id: int
+    head_dim: int = 0
+    # The raw config.json, written back on export; excluded from equality and hashing.
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+
 class EncoderModule(Protocol):
     """The one encoder interface (`mlret.models.dual_encoder` calls nothing else).
 

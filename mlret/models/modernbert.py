@@ -19,21 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlret.models.common import Projection, attention_mask, axes, init, padded_segments, rope, text_positions
-from mlret.models.family import Family, ParamRow, export_config, require
+from mlret.models.family import ConfigFields, Family, ParamRow, export_config, require
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _THETA = {"full_attention": 160_000.0, "sliding_attention": 10_000.0}  # HF's defaults (global, local)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModernBertConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
+class ModernBertConfig(ConfigFields):
     norm_eps: float
     norm_bias: bool
     attention_bias: bool
@@ -42,16 +35,6 @@ class ModernBertConfig:
     local_attention: int  # the whole local window; a token sees local_attention // 2 on either side
     global_rope_theta: float
     local_rope_theta: float
-    pad_token_id: int
-    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def max_length(self) -> int:
-        return self.max_position_embeddings
 
     @property
     def architecture(self) -> str:

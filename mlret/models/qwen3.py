@@ -33,31 +33,17 @@ from mlret.models.common import (
     rope,
     text_positions,
 )
-from mlret.models.family import Family, ParamRow, export_config, require
+from mlret.models.family import ConfigFields, Family, ParamRow, export_config, require
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3Config:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
+class Qwen3Config(ConfigFields):
     num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
     attention_bias: bool
-    pad_token_id: int
-    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    @property
-    def max_length(self) -> int:
-        return self.max_position_embeddings
 
     @property
     def architecture(self) -> str:
