@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import queue
 import re
@@ -68,8 +69,6 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the parent dies (Linux; elsewhere the child outlives a killed
     parent and ends when its peers do)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "mlret"
 # stands for that module and, with ".*", for a package and everything in it; the most specific entry wins. A new
 # module goes where its imports put it (the test names any module that has no layer).
 LAYERS = (
-    ("base", ("mlret", "mlret.errors", "mlret.registry", "mlret.hostmem", "mlret.cli")),
+    ("base", ("mlret", "mlret.errors", "mlret.registry", "mlret.hostmem", "mlret.cli", "mlret.supervise")),
     ("infrastructure", ("mlret.storage", "mlret.metrics_log", "mlret.parallel")),
     ("parts", ("mlret.data.*", "mlret.models.*", "mlret.losses.*", "mlret.gradcache", "mlret.loop", "mlret.flops")),
     ("evaluation", ("mlret.eval.*", "mlret.splits")),
