@@ -41,9 +41,16 @@ _CHILD = "MLRET_SUPERVISED_CHILD"
 HOLD_S = 1.0  # how late the child's stderr lines are passed on (see `run`)
 # A dead peer shows as jax's coordination-service report (absl/glog lines, "E1206 20:46:22.184820 9474
 # coordination_service.cc:1549] ...") and, where the main thread waited in a CPU collective, gloo's own error.
+# A peer killed between two messages of a CPU collective can also leave gloo's TCP pair reading the next
+# message in place of the one it expected; gloo then aborts ("terminate called after throwing an instance of
+# 'gloo::EnforceNotMet' ... [enforce fail at .../gloo/transport/tcp/pair.cc:459] ... Received data size doesn't match
+# expected size"), before jax's report comes (seen in CI: the survivor aborted 0.15 s after the kill). Any abort
+# from gloo's TCP transport is read as a lost peer; a true collective mismatch would then be reported as one too,
+# with gloo's own words in the line, and the launchers' restarts end after MLRET_MAX_RESTARTS.
 _PEER_LOST = re.compile(rb"^[EFW]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (coordination_service\S*|client\.h|client\.cc|"
                         rb"preemption_sync_manager\.cc):\d+\]|Gloo \S+ failed: .*(Connection reset by peer|"
-                        rb"Connection closed by peer|Broken pipe)")
+                        rb"Connection closed by peer|Broken pipe)|^terminate called after throwing an instance of "
+                        rb"'gloo::|\[enforce fail at \S*gloo/transport/tcp/")
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
 
 
@@ -77,8 +84,13 @@ def _jax_status(withheld: list[bytes]) -> str:
     sending heartbeats): 1'), or the first withheld line."""
     text = b"".join(withheld).decode(errors="replace")
     i = text.find("absl::Status: ")
-    if i < 0:
-        return withheld[-1].decode(errors="replace").split("] ", 1)[-1].strip() if withheld else "no details"
+    if i < 0:  # no jax report (yet): gloo's own words, else the first line that showed the dead peer
+        what = [x for x in withheld if b"what():" in x and b"gloo" in x]
+        first = what or [x for x in withheld if _PEER_LOST.search(x)] or withheld[-1:]
+        if not first:
+            return "no details"
+        status = first[0].decode(errors="replace").split("what():", 1)[-1].split("] ", 1)[-1].strip()
+        return status if len(status) <= 300 else status[:297] + "..."
     parts = []
     for line in text[i + len("absl::Status: "):].splitlines():
         line = line.strip()
@@ -157,7 +169,9 @@ def run(cmd: list[str]) -> int:
     if log is not None and withheld:
         with contextlib.suppress(OSError), open(log, "ab") as f:
             f.write(b"mlret.supervise: the training process's last stderr lines:\n" + b"".join(withheld))
-    print(f"mlret.train: {_process_label(argv)} lost a peer: jax.distributed reported "
+    reporter = "jax.distributed" if any(b"absl::Status: " in x or _FATAL in x for x in withheld) else (
+        "the CPU collectives (gloo)" if any(b"gloo" in x.lower() for x in withheld) else "jax.distributed")
+    print(f"mlret.train: {_process_label(argv)} lost a peer: {reporter} reported "
           f"'{_jax_status(withheld)}'; exiting with status {EXIT_PEER} (a peer is given config.runtime.peer_timeout_s "
           f"to answer; restart every process: the run resumes from the last complete checkpoint"
           f"{f'; details in {log}' if log and not verbose else ''})", file=sys.stderr, flush=True)

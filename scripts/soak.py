@@ -182,7 +182,8 @@ def memory_config(model: Path, data_dir: Path, tfds_dir: Path, steps: int, eval_
     return c
 
 
-def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float = 2.0) -> dict:
+def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float = 2.0,
+                interval_s: float = 0.5) -> dict:
     """Train in this process (`mlret.train.train`) with a ResourceMonitor hook; RSS growth and compilations
     after `warmup_step`, the trends of live jax arrays and Python's allocated blocks, and the losses."""
     import jax
@@ -193,7 +194,7 @@ def memory_soak(config, workdir: Path, warmup_step: int, counters_every_s: float
 
     validate(config, devices=jax.device_count(), processes=jax.process_count())
     t0 = time.time()
-    mon = ResourceMonitor(interval_s=0.5, counters_every_s=counters_every_s)
+    mon = ResourceMonitor(interval_s=interval_s, counters_every_s=counters_every_s)
     result = train(config, workdir, hooks=[mon])
     growth = mon.rss_growth(warmup_step)
     # The raw samples, for a plot or a second look: (seconds, step, RSS bytes) and the compilations (seconds, step).

@@ -23,7 +23,9 @@ def test_short_soak_compiles_nothing_after_warmup_and_keeps_memory_flat(random_b
     steps, eval_every = 60, 20
     config = soak.memory_config(random_bert_path, shared_data, tmp_path_factory.mktemp("soak_tfds"), steps,
                                 eval_every, checkpoint_every=30)
-    out = soak.memory_soak(config, tmp_path / "run", warmup_step=eval_every, counters_every_s=0.5)
+    # RSS every 0.1 s: the 20 steps after step 40 take about 2 s of the tiny model here, and the slope of the
+    # second half needs at least 4 samples.
+    out = soak.memory_soak(config, tmp_path / "run", warmup_step=eval_every, counters_every_s=0.5, interval_s=0.1)
     assert out["end_step"] == steps and out["evals"] == [20, 40, 60]
     # The first evaluation compiled its encoders (and the step before it compiled); later ones reuse them.
     assert out["compiles_total"] > 0
