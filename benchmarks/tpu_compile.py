@@ -138,8 +138,10 @@ def table(results: dict[tuple, dict]) -> str:
         lg = rep["loss_gather"]
         if lg["embedding_gathers_per_step"]:
             gather = f"{lg['embedding_gathers_per_step']}x {', '.join(lg['embedding_gather_shapes'])}"
-        else:  # XLA:TPU lowered the gather as an all-reduce of the zero-filled [B x G, D] (see below)
+        elif lg["embedding_all_reduce_shapes"]:  # XLA:TPU lowered the gather as an all-reduce (see below)
             gather = f"as all-reduce: {', '.join(lg['embedding_all_reduce_shapes'])}"
+        else:  # no collective of an embedding's shape: the classifier did not recognise the lowered form
+            gather = "not identified in the HLO"
         if lg["other_gathers_per_step"]:
             gather += f"; other: {lg['other_gathers_per_step']}"
         flops = (f"{fl['compiler_total']:.2e}" + ("*" if fl.get("loops_counted_once") else "")
