@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._docs import write_section  # noqa: E402
 from mlret.testing.faults import FaultProxy, FaultRule  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -218,13 +218,7 @@ def main() -> None:
     text = table(rows, a.trials, command)
     print(text)
     if a.write:
-        doc = Path(a.write).read_text()
-        if BEGIN in doc:
-            doc = re.sub(f"{re.escape(BEGIN)}.*{re.escape(END)}", lambda _: f"{BEGIN}\n{text}\n{END}", doc,
-                         flags=re.S)
-        else:
-            doc += f"\n{BEGIN}\n{text}\n{END}\n"
-        Path(a.write).write_text(doc)
+        write_section(BEGIN, END, text, Path(a.write))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from storage_faults import SHARED, tiny_bert  # noqa: E402
 
+from benchmarks._docs import write_section  # noqa: E402
 from mlret.supervise import EXIT_PEER  # noqa: E402
 from mlret.testing.workers import kill_a_worker  # noqa: E402
 
@@ -170,13 +171,7 @@ def main() -> None:
     text = table(rows, a.peer_timeout_s, command)
     print(text)
     if a.write:
-        doc = Path(a.write).read_text()
-        if BEGIN in doc:
-            doc = re.sub(f"{re.escape(BEGIN)}.*{re.escape(END)}", lambda _: f"{BEGIN}\n{text}\n{END}", doc,
-                         flags=re.S)
-        else:
-            doc += f"\n{BEGIN}\n{text}\n{END}\n"
-        Path(a.write).write_text(doc)
+        write_section(BEGIN, END, text, Path(a.write))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
