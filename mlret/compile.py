@@ -693,8 +693,8 @@ def _loss_gather(colls: list[dict[str, Any]]) -> dict[str, Any]:
     gathers = [c for c in colls if c["kind"] == "all-gather"]
     emb = [c for c in gathers if "embeddings" in c.get("what", "")]
     other = [c for c in gathers if c not in emb]
-    # Packed batches pool by segment sums over the whole batch: XLA all-reduces those instead of gathering, and
-    # the gradient of a gather comes back as an all-reduce too.
+    # All-reduces of an embedding's shape: the gather's gradient (on TPU), a gather XLA lowered as an all-reduce
+    # (one or two rows per chip), or pooling over the whole batch (packed rows pooled over global text indices).
     reduces = [c for c in colls if c["kind"] == "all-reduce" and "embeddings" in c.get("what", "")]
     return {"embedding_all_reduces_per_step": sum(c["runs_per_step"] for c in reduces),
             "embedding_all_reduce_shapes": sorted({c["shape"] for c in reduces}),
@@ -811,7 +811,7 @@ def format_report(r: dict[str, Any]) -> str:
                                                for k, v in r["collectives"]["by_kind"].items()) or "none"),
         f"loss gather: {r['loss_gather']['embedding_gathers_per_step']} all-gather(s) of embeddings "
         f"{r['loss_gather']['embedding_gather_shapes']}; other all-gathers: "
-        f"{r['loss_gather']['other_gather_shapes'] or 'none'}; all-reduces of embeddings (gradients, packed pooling): "
+        f"{r['loss_gather']['other_gather_shapes'] or 'none'}; all-reduces of embeddings (gradients, lowered gathers): "
         f"{r['loss_gather']['embedding_all_reduce_shapes'] or 'none'}",
         f"roofline: step >= {roof['step_seconds_lower_bound'] * 1e3:.1f} ms ({roof['bound_by']}), "
         f"<= {roof['examples_per_second_upper_bound']:.0f} pairs/s, MFU at the bound {roof['mfu_at_bound']:.1%} "
