@@ -33,7 +33,7 @@ from mlret import cli, hostmem, parallel, storage, supervise
 from mlret import config as config_lib
 from mlret.checkpoint import CheckpointDamagedError, Checkpointer
 from mlret.console import Console, sample_sizes, setup_logging, upload_log, write_heatmap
-from mlret.data import make_train_iterator
+from mlret.data import load_sources, make_train_iterator
 from mlret.errors import ConfigError, DataError
 from mlret.eval import build_evaluators
 from mlret.loop import run_loop
@@ -70,6 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
 
     `console` prints progress and evaluation lines (default: a Console on process 0)."""
     from mlret import hooks as H  # lazy: transformers after setup_logging (note under the imports)
+    from mlret import teacher  # lazy: transformers after setup_logging
     from mlret.models import load_dual_encoder  # lazy: transformers after setup_logging
 
     workdir = storage.path(workdir, "config.workdir")
@@ -81,9 +82,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     model, tokenizer = load_dual_encoder(config)
     trainer, params = build_train_step(model, config, mesh)
+    student_dim = model.embed_dim
     del model
+    sources, targets = None, None
+    if teacher.active(config):  # multilingual embedding distillation: the frozen teacher's targets, once
+        sources = load_sources(config)
+        targets = teacher.teacher_targets(config, sources, mesh, student_dim)
     data_iter = make_train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(), sources=sources, teacher=targets)
     ckpt = Checkpointer(workdir, config)
     restored = ckpt.restore(trainer.abstract_state(), data_iter)
     if restored is not None:
@@ -181,7 +187,8 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     try:
         result = train(config, config.workdir, console=Console(enabled=jax.process_index() == 0),
                        hooks=hooks)
-    except DataError as e:  # bad training data: the file, line and field, not a traceback
+    except (DataError, ConfigError) as e:  # bad training data (the file, line and field) or a field found bad only
+        # once its files were read (the distillation teacher): one line, not a traceback
         print(f"mlret.train: {e}", file=sys.stderr)
         sys.exit(2)
     except (storage.StorageError, CheckpointDamagedError) as e:

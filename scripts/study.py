@@ -189,6 +189,9 @@ def per_query_values(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for name, result in results.items():
         pq = result.per_query
+        for d, other in getattr(result, "by_dim_per_query", {}).items():  # config.eval.dims: "<metric>@<d>"
+            out.update({f"{k}@{d}": v for k, v in per_query_values({name: dataclasses.replace(
+                result, per_query=other, by_dim_per_query={})}).items()})
         if name in LAREQA:
             for setting in ("mono", "multi"):
                 if setting in pq:
@@ -374,6 +377,21 @@ class ModelRunner:
         self._build(config)
         self.cell = (loss, lr, tau)
 
+    def teacher_targets(self, config: Any) -> Any:
+        """The embedding distillation's targets (mlret.teacher) when the loss has it, computed once per teacher and
+        source language; None otherwise."""
+        from flax import nnx
+
+        from mlret import teacher
+
+        if not teacher.active(config):
+            return None
+        key = (config.loss.embed_distill.teacher, config.loss.embed_distill.source_lang)
+        if getattr(self, "_targets", (None, None))[0] != key:
+            dim = nnx.merge(self.graphdef, self.weights).embed_dim
+            self._targets = (key, teacher.teacher_targets(config, self.sources, self.mesh, dim))
+        return self._targets[1]
+
     def evaluate(self, params: Any, step: int, evaluators: Sequence[Any] | None = None) -> dict[str, Any]:
         """The evaluators' results (mlret.eval.EvalResult by name) for the model with `params` (on the mesh)."""
         from mlret.hooks import eval_spec, evaluate_params
@@ -402,7 +420,8 @@ class ModelRunner:
         config = copy.deepcopy(self.config)
         config.data.alpha = float(alpha)
         config.seed = int(seed)
-        data = make_train_iterator(config, self.tokenizer, process_index=0, process_count=1, sources=self.sources)
+        data = make_train_iterator(config, self.tokenizer, process_index=0, process_count=1, sources=self.sources,
+                                   teacher=self.teacher_targets(config))
         types = BatchTypes()
         dev = DevCurve(self, self.stage.dev_steps) if self.dev else None
         hooks = [NonFiniteStop(config.optim.max_nonfinite_in_row),

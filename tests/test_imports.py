@@ -21,8 +21,8 @@ LAYERS = (
     ("evaluation", ("mlret.eval.*", "mlret.splits")),
     ("config", ("mlret.config", "mlret.preflight")),
     ("run parts", ("mlret.step", "mlret.checkpoint", "mlret.card", "mlret.console")),
-    ("commands", ("mlret.export", "mlret.hooks", "mlret.train", "mlret.evaluate", "mlret.mine", "mlret.compile",
-                  "mlret.data.__main__", "mlret.testing.*")),
+    ("commands", ("mlret.export", "mlret.hooks", "mlret.train", "mlret.evaluate", "mlret.mine", "mlret.teacher",
+                  "mlret.compile", "mlret.data.__main__", "mlret.testing.*")),
 )
 # Packages that must not import each other's modules, whatever their layers (docs/architecture.md).
 BOUNDARIES = {

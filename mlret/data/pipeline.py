@@ -12,6 +12,11 @@ Teacher scores: `teacher_scores[i, k]` is the unit's teacher score (`LangText.sc
 filled from another unit (the teacher scored a unit's own negatives against its own query only). The
 distillation losses leave NaN candidates out (`mlret.losses.distill`).
 
+Teacher embeddings (multilingual embedding distillation, `mlret.losses.embed_distill`): given `TeacherTargets`
+(`mlret.teacher` computes them before training), each pair also carries its unit's rows, `teacher_query [b, D]`,
+`teacher_passage [b, D]` (the teacher's embeddings of the unit's query and positive in the source language,
+whatever languages the schedule drew) and `teacher_mask [b]` (0 for a unit without a source-language text).
+
 Determinism: the global batch of step t is a function of (seed, t, data) only. Every host computes the same
 plan (`HybridSchedule.plan`) and keeps its slice `[process_index * b, (process_index + 1) * b)`; each pair's
 hard negatives come from a PRNG keyed by (seed, t, its position in the global batch), so slices computed on
@@ -28,6 +33,7 @@ A mixture too small for that raises DataError naming config.data.group_size.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -98,6 +104,22 @@ class TfdsStore:
 
 
 Sources = list[tuple[str, UnitStore]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTargets:
+    """A teacher's embeddings of each unit's source-language query and positive, by global unit index (the order
+    of the sources, then of each store): `query` / `passage` float32 [units, D], `mask` float32 [units] (0: no
+    source-language text, no target)."""
+
+    query: np.ndarray
+    passage: np.ndarray
+    mask: np.ndarray
+
+    def rows(self, units: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch fields of the pairs of `units`."""
+        return {"teacher_query": self.query[units], "teacher_passage": self.passage[units],
+                "teacher_mask": self.mask[units]}
 
 
 def _tfds_dir(config: Any) -> str | None:
@@ -176,7 +198,7 @@ class BatchAssembler:
     """step -> this host's slice of the global batch (texts drawn, then tokenised to static shapes)."""
 
     def __init__(self, schedule: HybridSchedule, sources: Sources, tokenizer: Any, *, process_index: int,
-                 process_count: int) -> None:
+                 process_count: int, teacher: TeacherTargets | None = None) -> None:
         B = schedule.spec.global_batch
         if B % process_count:
             raise DataError(f"config.data.global_batch={B} is not divisible by the {process_count} processes")
@@ -186,6 +208,10 @@ class BatchAssembler:
         self.process_index, self.process_count = process_index, process_count
         self.offsets = schedule.index.offsets()
         self.group_size = schedule.spec.group_size
+        self.teacher = teacher
+        if teacher is not None and len(teacher.mask) != schedule.index.num_units:
+            raise ValueError(f"TeacherTargets for {len(teacher.mask)} units, the sources hold "
+                             f"{schedule.index.num_units}")
 
     def _units(self, global_ids: Sequence[int]) -> list[ParallelUnit]:
         """Fetch units by global index, one batched read per source."""
@@ -282,7 +308,7 @@ class BatchAssembler:
         tok = self.tokenizer  # thread-safe: TextTokenizer keeps a copy per thread
         q = tok.queries(queries)
         p = tok.passages([t for group in groups for t in group])
-        return {
+        out = {
             "query_ids": q["query_ids"], "query_mask": q["query_mask"],
             "passage_ids": p["passage_ids"].reshape(b, G, -1), "passage_mask": p["passage_mask"].reshape(b, G, -1),
             "unit_id": plan.unit[sl].astype(np.int32),
@@ -291,16 +317,20 @@ class BatchAssembler:
             "batch_type": np.full(b, plan.batch_type, np.int32),
             "teacher_scores": np.asarray(scores, np.float32).reshape(b, G),
         }
+        if self.teacher is not None:
+            out.update(self.teacher.rows(plan.unit[sl]))
+        return out
 
 
 def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = None,
-                 process_count: int | None = None, sources: Sources | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, sources: Sources | None = None,
+                 teacher: TeacherTargets | None = None) -> grain.IterDataset:
     """The Grain IterDataset behind `make_train_iterator` (element t = this host's slice of step t)."""
     if process_index is None or process_count is None:
         process_index, process_count = jax.process_index(), jax.process_count()
     schedule, sources = make_schedule(config, sources)
     assembler = BatchAssembler(schedule, sources, tokenizer, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, teacher=teacher)
     d = config.data
     ds = grain.MapDataset.range(0, _MAX_STEPS).map(assembler).to_iter_dataset(
         grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
@@ -315,13 +345,14 @@ def make_dataset(config: Any, tokenizer: Any, *, process_index: int | None = Non
 
 
 def make_train_iterator(config: Any, tokenizer: Any, *, process_index: int | None = None,
-                        process_count: int | None = None, sources: Sources | None = None) -> grain.DatasetIterator:
+                        process_count: int | None = None, sources: Sources | None = None,
+                        teacher: TeacherTargets | None = None) -> grain.DatasetIterator:
     """A checkpointable iterator over this host's slices of the global batches of steps 0, 1, 2, ...
 
     `tokenizer` is a `mlret.models.TextTokenizer` (anything with `.queries(texts)` / `.passages(texts)`).
     process_index / process_count default to jax's. Resume with `it.set_state(state)` (or orbax's
     `grain.checkpoint.CheckpointRestore(it)`): the restored iterator yields exactly the batches an
-    uninterrupted one would.
+    uninterrupted one would. `teacher`: the embedding distillation's targets (`mlret.teacher.teacher_targets`).
     """
     return iter(make_dataset(config, tokenizer, process_index=process_index, process_count=process_count,
-                             sources=sources))
+                             sources=sources, teacher=teacher))

@@ -78,6 +78,7 @@ class EvalResult:
     by_dim: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     dim_metrics: tuple[str, ...] = ()
     dim: int | None = None  # the dimension searched (the summary's) when by_dim is filled
+    by_dim_per_query: dict[int, dict[str, PerQuery]] = dataclasses.field(default_factory=dict)  # the others' per_query
 
     def block(self) -> dict[str, Any]:
         """The JSON block of `python -m mlret.evaluate --out` (summary, details, step, seconds; no per-query;

@@ -149,7 +149,8 @@ class ByDimension:
         searched = self.dim or cache.width
         by_dim = {searched: dict(result.summary)}
         for d in (d for d in self.dims if d != searched):
-            by_dim[d] = self.inner.run(Truncated(cache, d, self.normalize, "config.eval.dims"), None).summary
+            other = self.inner.run(Truncated(cache, d, self.normalize, "config.eval.dims"), None)
+            by_dim[d], result.by_dim_per_query[d] = other.summary, other.per_query
         cache.clear()
         result.by_dim = dict(sorted(by_dim.items(), reverse=True))
         result.dim, result.dim_metrics = searched, self.dim_metrics

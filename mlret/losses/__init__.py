@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mlret.errors import ConfigError
-from mlret.losses import contrastive, distill
+from mlret.losses import contrastive, distill, embed_distill
 from mlret.losses.base import LossContext, LossFamily, LossSetup, LossSpec, Term, TermSpec
 from mlret.losses.contrastive import LossOptions, contrastive_loss, sharded_contrastive_loss, vrn_delta
 from mlret.registry import Registry
@@ -58,7 +58,7 @@ def get(name: str) -> LossFamily:
     return _REGISTRY[name]
 
 
-_BUILTIN = (contrastive, distill)  # one line per loss family module
+_BUILTIN = (contrastive, distill, embed_distill)  # one line per loss family module
 for _module in _BUILTIN:
     for _family in getattr(_module, "LOSSES", None) or (_module.LOSS,):  # LOSSES: a module of several families
         register(_family)

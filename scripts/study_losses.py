@@ -1,0 +1,227 @@
+"""Issue 28's experiments: Matryoshka and multilingual embedding distillation on multilingual-e5-small, against the
+same contrastive training without them, in the study's setting (scripts/study.py, configs/study.py:me5: 30 steps
+of 16 MLQA-R pairs, hybrid batches alpha 0.5, InfoNCE at its study settings, XQuAD-R's first 50 paragraphs of
+each language, zero-shot).
+
+    python scripts/study_losses.py --run          # the three arms x 3 seeds through scripts/study.py (resumable)
+    python scripts/study_losses.py                # the tables: docs/results.md's section between the markers
+
+Arms (ARMS; each is scripts/study.py with `--set` overrides, run files in docs/study/losses/<arm>/me5/):
+- `base`: InfoNCE (the study's loss row `infonce`), evaluated at 384 / 256 / 128 / 64 dimensions (config.eval.dims:
+  one encoding, the search repeated on each prefix, re-normalised), with the untrained model's zero-shot row;
+- `matryoshka`: the same with config.loss.matryoshka_dims = 384,256,128,64 (weights 1);
+- `distill`: the same + embed_distill (mlret.losses.embed_distill) with the frozen start model as the teacher of
+  each unit's English query and positive, weight DISTILL_WEIGHT.
+The seeds fix the data schedule; arms share it seed by seed, so each contrast is paired by seed and by XQuAD-R
+question. The test is the study's: a hierarchical bootstrap over the seeds and the questions (clustered by
+article) of the per-question difference between two arms, with the exact sign-flip over the 3 seeds beside it
+(its smallest p is 0.25: 3 seeds alone cannot reach 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+OUT = REPO / "docs" / "study" / "losses"
+DIMS = (384, 256, 128, 64)
+SEEDS = (0, 1, 2)
+# The distillation term's weight: the MSE is a mean over the D = 384 components, so weight D makes the term the
+# mean squared distance per text (2 (1 - cos) for unit vectors), of the contrastive loss's order at the start.
+DISTILL_WEIGHT = 384.0
+COMMON = ("eval.evaluators=xquad_r", f"eval.dims={','.join(map(str, DIMS))}")
+ARMS = {
+    "base": (),
+    "matryoshka": (f"loss.matryoshka_dims={','.join(map(str, DIMS))}",),
+    "distill": ("loss.terms=contrastive,embed_distill", f"loss.embed_distill.weight={DISTILL_WEIGHT}",
+                "loss.embed_distill.teacher=ME5", "loss.embed_distill.source_lang=en"),
+}
+MARK_BEGIN = "<!-- losses-study:begin (written by scripts/study_losses.py; edit the script, not this section) -->"
+MARK_END = "<!-- losses-study:end -->"
+METRICS = (("multi_map", "mAP (multi)"), ("multi_r10", "R@10 (multi)"), ("rank_distance", "rank distance"),
+           ("mono_mrr", "MRR (mono)"), ("cross_mrr", "MRR (cross)"), ("cross_map", "mAP (cross)"))
+
+
+def command(arm: str, seeds=SEEDS) -> list[str]:
+    from configs.study import me5_path
+
+    sets = [s.replace("=ME5", f"={me5_path()}") for s in (*COMMON, *ARMS[arm])]
+    return [sys.executable, str(REPO / "scripts" / "study.py"), "--out", str(OUT / arm), "--models", "me5",
+            "--losses", "infonce", "--alphas", "0.5", "--seeds", ",".join(map(str, seeds)), "--no_report",
+            f"--zero_shot={'true' if arm == 'base' else 'false'}", *[x for s in sets for x in ("--set", s)]]
+
+
+def load(arm: str) -> dict[str, dict]:
+    runs = {}
+    for f in sorted((OUT / arm / "me5").glob("*.json.gz")):
+        runs[f.name.split(".json")[0]] = json.loads(gzip.open(f).read())
+    return runs
+
+
+def seed_of(name: str) -> int | None:
+    return int(name.rsplit("seed", 1)[1]) if "seed" in name else None
+
+
+def per_query(run: dict, metric: str, dim: int) -> dict[str, float]:
+    key = metric if dim == DIMS[0] else f"{metric}@{dim}"
+    return run["per_query"].get(key, {})
+
+
+def summary(run: dict, metric: str, dim: int) -> float:
+    block = run["results"]["xquad_r"]
+    return float(block["by_dim"][str(dim)][metric] if "by_dim" in block else block["summary"][metric])
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], metric: str, dim: int, articles: dict[str, int],
+           resamples: int, rng: np.random.Generator) -> dict[str, float]:
+    """b - a per question, paired by seed: the mean, a 95% interval and a two-sided p from the hierarchical
+    bootstrap (seeds, then articles, then questions, as scripts/study.py resamples), and the exact sign-flip p
+    over the seeds' means."""
+    seeds = sorted(set(a) & set(b))
+    diffs = []
+    for s in seeds:
+        qa, qb = per_query(a[s], metric, dim), per_query(b[s], metric, dim)
+        keys = sorted(set(qa) & set(qb))
+        diffs.append({k: qb[k] - qa[k] for k in keys})
+    seed_means = np.array([np.mean(list(d.values())) for d in diffs])
+    # article clusters per seed: (sum, count) per article
+    clusters = []
+    for d in diffs:
+        by: dict[int, list[float]] = {}
+        for k, v in d.items():
+            by.setdefault(articles.get(k.split(":", 1)[1].split(">")[0], hash(k) % 10**6), []).append(v)
+        clusters.append([(sum(v), len(v)) for v in by.values()])
+    est = float(np.mean(seed_means))
+    boot = np.empty(resamples)
+    for r in range(resamples):
+        tot, cnt = 0.0, 0
+        for s in rng.integers(0, len(seeds), len(seeds)):
+            cl = clusters[s]
+            pick = rng.integers(0, len(cl), len(cl))
+            tot += sum(cl[i][0] for i in pick)
+            cnt += sum(cl[i][1] for i in pick)
+        boot[r] = tot / cnt
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    p_boot = float(min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0))))
+    signs = np.array(np.meshgrid(*[[-1, 1]] * len(seeds))).reshape(len(seeds), -1).T
+    flips = np.abs((signs * seed_means).mean(axis=1))
+    p_flip = float(np.mean(flips >= abs(seed_means.mean()) - 1e-12))
+    return {"diff": est, "lo": float(lo), "hi": float(hi), "p_boot": p_boot, "p_flip": p_flip,
+            "questions": int(np.mean([len(d) for d in diffs])), "seeds": len(seeds)}
+
+
+def article_map() -> dict[str, int]:
+    from study import article_of_question
+
+    from configs.study import get_config
+
+    c = get_config("me5")
+    return article_of_question(str(Path(c.data.data_dir) / "xquad-r"),
+                               ["ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"])
+
+
+def fmt(v: float, metric: str) -> str:
+    return f"{v:.2f}" if metric == "rank_distance" else f"{v:.4f}"
+
+
+def markdown(resamples: int = 5000) -> str:
+    arms = {arm: load(arm) for arm in ARMS}
+    by_seed = {arm: {seed_of(n): r for n, r in runs.items() if seed_of(n) is not None} for arm, runs in arms.items()}
+    zero = arms["base"].get("zero_shot")
+    articles = article_map()
+    rng = np.random.default_rng(28)
+    lines = [MARK_BEGIN, "", "## Matryoshka and multilingual embedding distillation (issue 28)", ""]
+    any_run = next(iter(by_seed["base"].values()), None)
+    if any_run is None:
+        return "\n".join([*lines, "No runs yet: `python scripts/study_losses.py --run`.", "", MARK_END])
+    cfg = any_run["config"]
+    n_seeds = {arm: len(v) for arm, v in by_seed.items()}
+    lines += [
+        "Setting: multilingual-e5-small (configs/study.py:me5), InfoNCE with in-batch negatives at tau "
+        f"{cfg['loss']['temperature']:g}, learning rate {cfg['optim']['learning_rate']:g}, "
+        f"{cfg['train']['steps']} steps of {cfg['data']['global_batch']} MLQA-R pairs (group size "
+        f"{cfg['data']['group_size']}), hybrid batches (alpha {cfg['data']['alpha']:g}), seeds "
+        f"{', '.join(str(s) for s in sorted(by_seed['base']))} (the data schedule; each arm trains on the same "
+        "batches seed by seed). Zero-shot evaluation on XQuAD-R's first "
+        f"{cfg['eval']['xquad_r']['max_paragraphs']} paragraphs of each of its 11 languages (mono, cross, "
+        "multilingual pool; language bias as rank distance), at 384 / 256 / 128 / 64 dimensions from one encoding "
+        "(config.eval.dims: each prefix re-normalised). Runs per arm: "
+        + ", ".join(f"{a} {n}" for a, n in n_seeds.items()) + ".",
+        "",
+        "Commands: `python scripts/study_losses.py --run` (the three arms through scripts/study.py, run files in "
+        "docs/study/losses/<arm>/me5/), then `python scripts/study_losses.py` (this section). Each arm is",
+        "",
+        *[f"    {' '.join(Path(x).name if x.endswith('.py') and '/' in x else x for x in command(a)[1:])}"
+          .replace(str(REPO) + "/", "") for a in ARMS],
+        "",
+        "Test: per XQuAD-R question (mono, multi: per question; cross: the mean over its target languages) the "
+        "difference between two arms at the same seed; mean over seeds and questions, a 95% interval and p from a "
+        f"hierarchical bootstrap ({resamples} resamples: seeds, then articles, then questions), and the exact "
+        "sign-flip p over the 3 seeds' mean differences (0.25 is its smallest value with 3 seeds). Metrics where "
+        "lower is better: rank distance.",
+        "",
+    ]
+    home = str(Path.home())
+    lines = [x.replace(home, "~") for x in lines]
+
+    def table(arm_b: str, metrics, dims) -> list[str]:
+        out = ["| dim | metric | zero-shot | base (mean ± sd) | " + arm_b + " (mean ± sd) | difference [95% CI] | "
+               "p (bootstrap) | p (sign-flip) |", "|---|---|---|---|---|---|---|---|"]
+        for d in dims:
+            for m, label in metrics:
+                vals = {a: [summary(by_seed[a][s], m, d) for s in sorted(by_seed[a])] for a in ("base", arm_b)}
+                z = summary(zero, m, d) if zero else float("nan")
+                t = paired(by_seed["base"], by_seed[arm_b], m, d, articles, resamples, rng)
+                out.append(f"| {d} | {label} | {fmt(z, m)} | {fmt(np.mean(vals['base']), m)} ± "
+                           f"{fmt(np.std(vals['base'], ddof=1), m)} | {fmt(np.mean(vals[arm_b]), m)} ± "
+                           f"{fmt(np.std(vals[arm_b], ddof=1), m)} | {fmt(t['diff'], m)} [{fmt(t['lo'], m)}, "
+                           f"{fmt(t['hi'], m)}] | {t['p_boot']:.3f} | {t['p_flip']:.3f} |")
+        return out
+
+    if by_seed["matryoshka"]:
+        lines += ["### Matryoshka (384, 256, 128, 64) against the same training without it", "",
+                  *table("matryoshka", METRICS[:5], DIMS), ""]
+    if by_seed["distill"]:
+        lines += ["### Multilingual embedding distillation against the contrastive baseline (full dimension)", "",
+                  *table("distill", METRICS, DIMS[:1]), ""]
+    lines += [MARK_END]
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, section: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", action="store_true", help="train and evaluate the missing runs first")
+    p.add_argument("--arms", default=",".join(ARMS), help="arms to run (comma-separated)")
+    p.add_argument("--results_md", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--resamples", type=int, default=5000)
+    a = p.parse_args()
+    if a.run:
+        for arm in a.arms.split(","):
+            subprocess.run(command(arm), check=True, cwd=REPO)
+    section = markdown(a.resamples)
+    replace_between(Path(a.results_md), section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
