@@ -462,7 +462,7 @@ def read_json(path: Path) -> Any:
 def strip_results(results: dict[str, Any]) -> dict[str, Any]:
     """The evaluator blocks without bulky or non-JSON parts (keep summaries and per-language tables)."""
     keep = ("summary", "mono", "cross", "multi", "languages", "queries", "candidates", "candidates_total",
-            "options", "seconds")
+            "options", "seconds", "by_dim", "dim_metrics", "dim")
     return {name: {k: v for k, v in block.items() if k in keep} for name, block in results.items()}
 
 
