@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--results", help="JSON file of evaluation results to put in the model card (the --out "
-                        "file of `python -m mlret.evaluate`: its per-evaluator `summary` block is used)")
+                        "file of `python -m mlret.evaluate`: its per-evaluator `summary` block is used, and the "
+                        "by-dimension rows of an evaluation with config.eval.dims)")
     g = parser.add_argument_group("--hf only (defaults: the source folder's sentence-transformers settings, "
                                   "else mlret's config defaults)")
     g.add_argument("--pooling", choices=("cls", "mean", "pooler", "last"))
@@ -253,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         with cli.user_errors(prog, "--results"):
             results = json.loads(storage.path(args.results, "--results").read_text())
-        # mlret.evaluate nests {"summary": {evaluator: {metric: value}}, "results": {...full detail...}}.
-        results = results.get("summary", results) if isinstance(results, dict) else results
+        # mlret.evaluate nests {"summary": {evaluator: {metric: value}}, "results": {...full detail...}}; an
+        # evaluator evaluated by embedding dimension (config.eval.dims) keeps its by-dimension rows, which the card
+        # shows as the end-of-training export's card does.
+        if isinstance(results, dict) and isinstance(results.get("summary"), dict):
+            blocks = results.get("results") if isinstance(results.get("results"), dict) else {}
+            results = {name: ({"summary": summary, **{k: blocks[name][k] for k in ("by_dim", "dim_metrics", "dim")
+                                                      if k in blocks[name]}}
+                              if isinstance(blocks.get(name), dict) and blocks[name].get("by_dim") else summary)
+                       for name, summary in results["summary"].items()}
         if not isinstance(results, dict):
             cli.fail(prog, f"--results {args.results}: expected the JSON object mlret.evaluate --out writes")
     cli.check_model_folder(prog, "--hf", args.hf)

@@ -127,3 +127,33 @@ def test_export_records_the_dimensions_and_loads_with_truncate_dim(random_bert_p
     # The prefix is not the whole embedding re-scaled: truncation really happened on both sides.
     full = SentenceTransformer(str(out), device="cpu").encode_query(texts, convert_to_numpy=True)
     assert full.shape[1] == 48 and np.abs(full[:, :16] - st_q).max() > 1e-3
+
+
+def test_export_results_card_has_the_by_dimension_table(random_bert_path, tmp_path):
+    """`python -m mlret.export --results F` with F as `python -m mlret.evaluate --out` writes it after an evaluation
+    by dimension: the card's xquad_r section has the by-dimension table, the same lines as the end-of-training
+    export's card (which is given the evaluators' blocks)."""
+    from mlret.eval.base import EvalResult
+    from mlret.eval.report import by_dimension
+    from mlret.export import export_model, main
+
+    rng = np.random.default_rng(0)
+    by_dim = {d: {"multi_map": float(rng.uniform()), "mono_map": float(rng.uniform()),
+                  "multi_rank_distance": float(rng.uniform(0, 50))} for d in (48, 24, 8)}
+    result = EvalResult(dict(by_dim[24]), step=30, by_dim=by_dim, dim=24,
+                        dim_metrics=("mono_map", "multi_map", "multi_rank_distance"))
+    report = tmp_path / "r.json"  # the shape of mlret.evaluate's --out file
+    report.write_text(json.dumps({"summary": {"xquad_r": result.summary}, "results": {"xquad_r": result.block()}}))
+    assert main(["--hf", str(random_bert_path), "--out", str(tmp_path / "cli"), "--query_len", "48", "--passage_len",
+                 "48", "--results", str(report)]) == 0
+    card = (tmp_path / "cli" / "README.md").read_text()
+    table = by_dimension("xquad_r", json.loads(report.read_text())["results"]["xquad_r"]["by_dim"],
+                         result.dim_metrics).markdown()
+    assert "By embedding dimension" in card and "\n".join(table) in card
+    assert all(f"| {d} | {by_dim[d]['mono_map']:.3f} | {by_dim[d]['multi_map']:.3f} |" in card for d in by_dim)
+
+    model, tok = load_dual_encoder(model_config(random_bert_path), query_len=48, passage_len=48)
+    end = export_model(model, tok, model_config(random_bert_path), tmp_path / "end",
+                       results={"xquad_r": result.block()})
+    section = lambda text: text.split("### xquad_r", 1)[1].split("All metrics:", 1)[0]
+    assert section((end / "README.md").read_text()) == section(card)
