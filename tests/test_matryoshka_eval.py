@@ -157,3 +157,52 @@ def test_export_results_card_has_the_by_dimension_table(random_bert_path, tmp_pa
                        results={"xquad_r": result.block()})
     section = lambda text: text.split("### xquad_r", 1)[1].split("All metrics:", 1)[0]
     assert section((end / "README.md").read_text()) == section(card)
+
+
+class ByHandLocal(ByHand):
+    """`ByHand` for the sharded corpus path too (`local_passages`, each process's own passages)."""
+
+    def local_passages(self, texts, dtype=np.float32):
+        return self._cut(self.inner.local_passages(texts, dtype=np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("method", ["exact", "scann"])
+def test_sharded_corpus_search_at_a_dimension_equals_truncating_by_hand(random_bert_path, shared_data, tmp_path,
+                                                                        method):
+    """A MIRACL / Mr. TyDi style evaluation (one corpus, read, encoded and searched through the sharded corpus path:
+    `ShardedEmbedder.local_passages`) with `config.eval.dim` = 16 of the 48 gives the run and the summary of the
+    same evaluation on embeddings cut to 16 and re-normalised by hand; at 48 they differ (the cut is real)."""
+    import importlib.util
+
+    from mlret.eval import dims
+    from mlret.eval.retrieval import RetrievalOptions
+    from mlret.eval.trec import TrecEvaluator
+
+    spec = importlib.util.spec_from_file_location("xquad_trec", __import__("pathlib").Path(__file__).resolve()
+                                                  .parents[1] / "scripts" / "xquad_trec.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.build(shared_data / "xquad-r", tmp_path / "set", ["en", "de"], paragraphs=20)
+    opts = dict(method=method) if method == "exact" else dict(method="scann", num_leaves=4, leaves_to_search=2,
+                                                              recall_floor=0.0)
+    ev = lambda: TrecEvaluator("mrtydi", "mrtydi", str(tmp_path / "set"), str(tmp_path / "set" / "corpus"),
+                               ["en", "de"], retrieval=RetrievalOptions(**opts))
+    c = default_config()
+    c.model.update(dict(model_config(random_bert_path)))
+    c.data.query_len = c.data.passage_len = 48
+    c.eval.dim, c.eval.dims = 16, ""
+    model, tok = load_dual_encoder(c.model, query_len=48, passage_len=48)
+    mesh = parallel.make_mesh(c.mesh)
+    embedder = ShardedEmbedder(place_model(model, mesh, parallel.parse_rules(c.mesh.rules)), tok, mesh,
+                               progress=False)
+    assert hasattr(embedder, "local_passages")
+    (wrapped,) = dims.wrap([ev()], c)
+    got = wrapped.run(embedder)
+    want = ev().run(ByHandLocal(embedder, 16))
+    full = ev().run(embedder)
+    assert got.summary == pytest.approx(want.summary, abs=1e-6) and got.summary["ndcg10"] > 0
+    for lang in ("en", "de"):
+        run_got, _ = ev().retrieve(dims.Truncated(embedder, 16, True), lang)
+        run_want, _ = ev().retrieve(ByHandLocal(embedder, 16), lang)
+        assert {q: list(d) for q, d in run_got.items()} == {q: list(d) for q, d in run_want.items()}
+    assert full.summary["ndcg10"] != got.summary["ndcg10"]
