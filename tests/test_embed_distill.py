@@ -157,7 +157,7 @@ def test_embed_distill_with_contrastive_sharded_and_cached_equal_single_device(d
     dv = abs(float(lg) - float(lw))
     dg = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(gg),
                                                                                 jax.tree.leaves(gw), strict=True))
-    print(f"embed_distill {gather}: max |value diff| {dv:.2e}, max |grad diff| {dg:.2e}")
+    print(f"embed_distill {gather}: loss {float(lw):.4f}, max |value diff| {dv:.2e}, max |grad diff| {dg:.2e}")
     assert dv <= 2e-5 * max(1.0, abs(float(lw)))
     for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gw), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
