@@ -48,8 +48,9 @@ ARMS = {
 }
 MARK_BEGIN = "<!-- losses-study:begin (written by scripts/study_losses.py; edit the script, not this section) -->"
 MARK_END = "<!-- losses-study:end -->"
+# cross: one relevant sentence per (question, target language), so its mAP is its MRR (one row for both).
 METRICS = (("multi_map", "mAP (multi)"), ("multi_r10", "R@10 (multi)"), ("rank_distance", "rank distance"),
-           ("mono_mrr", "MRR (mono)"), ("cross_mrr", "MRR (cross)"), ("cross_map", "mAP (cross)"))
+           ("multi_mrr", "MRR (multi)"), ("mono_mrr", "MRR (mono)"), ("cross_mrr", "MRR = mAP (cross)"))
 
 
 def command(arm: str, seeds=SEEDS) -> list[str]:
@@ -130,6 +131,13 @@ def article_map() -> dict[str, int]:
                                ["ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"])
 
 
+def shown(args: list[str]) -> str:
+    """A command line as the docs show it: paths relative to the repository, the me5 folder as ME5."""
+    from configs.study import me5_path
+
+    return " ".join(args).replace(str(REPO) + "/", "").replace(me5_path(), "ME5")
+
+
 def fmt(v: float, metric: str) -> str:
     return f"{v:.2f}" if metric == "rank_distance" else f"{v:.4f}"
 
@@ -161,31 +169,38 @@ def markdown(resamples: int = 5000) -> str:
         "Commands: `python scripts/study_losses.py --run` (the three arms through scripts/study.py, run files in "
         "docs/study/losses/<arm>/me5/), then `python scripts/study_losses.py` (this section). Each arm is",
         "",
-        *[f"    {' '.join(Path(x).name if x.endswith('.py') and '/' in x else x for x in command(a)[1:])}"
-          .replace(str(REPO) + "/", "") for a in ARMS],
+        *[f"    python {shown(command(a)[1:])}" for a in ARMS],
+        "",
+        "(`ME5` is configs/study.py's `me5_path()`, the offline multilingual-e5-small folder: the teacher is the "
+        "student's own start, frozen.)",
         "",
         "Test: per XQuAD-R question (mono, multi: per question; cross: the mean over its target languages) the "
         "difference between two arms at the same seed; mean over seeds and questions, a 95% interval and p from a "
         f"hierarchical bootstrap ({resamples} resamples: seeds, then articles, then questions), and the exact "
-        "sign-flip p over the 3 seeds' mean differences (0.25 is its smallest value with 3 seeds). Metrics where "
-        "lower is better: rank distance.",
+        "sign-flip p over the 3 seeds' mean differences (0.25 is its smallest value with 3 seeds); Holm's "
+        "adjustment of the bootstrap p within each table (its family). Lower is better for rank distance only "
+        "(the mean rank gap between a question's same-language and other-language answers in the multilingual "
+        "pool: language bias).",
         "",
     ]
-    home = str(Path.home())
-    lines = [x.replace(home, "~") for x in lines]
 
     def table(arm_b: str, metrics, dims) -> list[str]:
+        from study import holm
+
         out = ["| dim | metric | zero-shot | base (mean ± sd) | " + arm_b + " (mean ± sd) | difference [95% CI] | "
-               "p (bootstrap) | p (sign-flip) |", "|---|---|---|---|---|---|---|---|"]
+               "p (bootstrap) | p (Holm) | p (sign-flip) |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for d in dims:
             for m, label in metrics:
                 vals = {a: [summary(by_seed[a][s], m, d) for s in sorted(by_seed[a])] for a in ("base", arm_b)}
                 z = summary(zero, m, d) if zero else float("nan")
-                t = paired(by_seed["base"], by_seed[arm_b], m, d, articles, resamples, rng)
-                out.append(f"| {d} | {label} | {fmt(z, m)} | {fmt(np.mean(vals['base']), m)} ± "
-                           f"{fmt(np.std(vals['base'], ddof=1), m)} | {fmt(np.mean(vals[arm_b]), m)} ± "
-                           f"{fmt(np.std(vals[arm_b], ddof=1), m)} | {fmt(t['diff'], m)} [{fmt(t['lo'], m)}, "
-                           f"{fmt(t['hi'], m)}] | {t['p_boot']:.3f} | {t['p_flip']:.3f} |")
+                rows.append((d, m, label, z, vals, paired(by_seed["base"], by_seed[arm_b], m, d, articles, resamples,
+                                                          rng)))
+        for (d, m, label, z, vals, t), p_holm in zip(rows, holm([r[-1]["p_boot"] for r in rows]), strict=True):
+            out.append(f"| {d} | {label} | {fmt(z, m)} | {fmt(np.mean(vals['base']), m)} ± "
+                       f"{fmt(np.std(vals['base'], ddof=1), m)} | {fmt(np.mean(vals[arm_b]), m)} ± "
+                       f"{fmt(np.std(vals[arm_b], ddof=1), m)} | {fmt(t['diff'], m)} [{fmt(t['lo'], m)}, "
+                       f"{fmt(t['hi'], m)}] | {t['p_boot']:.3f} | {p_holm:.3f} | {t['p_flip']:.3f} |")
         return out
 
     if by_seed["matryoshka"]:
