@@ -4,8 +4,10 @@ once before training and handed to the data pipeline (`mlret.data.pipeline.Teach
 pair's rows into its batch (`teacher_query`, `teacher_passage`, `teacher_mask`).
 
 The teacher is loaded as `python -m mlret.evaluate --hf` loads a model (any registered encoder family; its pooling,
-normalisation and prefixes from its sentence-transformers files), placed on the run's mesh and encoded with
-evaluation's `ShardedEmbedder` (packed, sharded like the student), at most at the student's training lengths.
+normalisation and prefixes from its sentence-transformers files: no prompts there, no prefixes; a plain
+transformers folder keeps config.model's, as for a frozen copy of the student's start), placed on the run's mesh
+and encoded with evaluation's `ShardedEmbedder` (packed, sharded like the student), at most at the student's
+training lengths.
 Then it is dropped: training holds the targets only (2 x units x D float32 on the host).
 
 Units without a text in `source_lang` get no target (mask 0; the loss leaves them out). A source none of whose
@@ -20,6 +22,7 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +74,13 @@ def load_teacher(config: Any) -> tuple[Any, Any]:
     try:
         model_dir = str(resolve_model_dir(name))
         tconfig.model.name = model_dir
-        apply_st_settings(tconfig, model_dir)
+        applied = apply_st_settings(tconfig, model_dir)
+        if any((Path(model_dir) / f).is_file() for f in ("config_sentence_transformers.json", "modules.json")):
+            # A sentence-transformers folder: its prompts are the prefixes, none when it has none (the student's
+            # must not leak into an English teacher). A plain transformers folder keeps config.model's (the
+            # student's: self-distillation from a frozen copy of the start model).
+            for field in ("query_prefix", "passage_prefix"):
+                tconfig.model[field] = applied.get(f"model.{field}", "")
         for field in ("query_len", "passage_len"):
             tconfig.data[field] = min(int(tconfig.data[field]), int(config.data[field]))
         tconfig.eval.query_len = tconfig.eval.passage_len = 0  # the teacher's own lengths (capped above)
