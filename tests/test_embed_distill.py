@@ -269,3 +269,22 @@ def test_training_with_a_tiny_teacher(random_bert_path, random_xlmr_path, shared
         bad = _tiny_config(random_bert_path, shared_data, tmp_path, teacher)
         with pytest.raises(ConfigError, match=f"config.loss.embed_distill.teacher: .*{why}"):
             train(bad, tmp_path / "bad")
+
+
+def test_the_teachers_prefixes_are_its_own(minilm_path, random_bert_path):
+    """A sentence-transformers teacher without prompts (all-MiniLM-L6-v2) embeds without the student's prefixes,
+    with its own pooling and normalisation, at most at the student's lengths; a plain transformers folder (a
+    frozen copy of the start) keeps config.model's."""
+    from mlret.teacher import load_teacher
+
+    c = default_config()
+    c.model.query_prefix, c.model.passage_prefix, c.model.pooling = "query: ", "passage: ", "cls"
+    c.data.query_len, c.data.passage_len = 32, 300
+    c.loss.embed_distill.teacher = str(minilm_path)
+    t, model = load_teacher(c)
+    assert (t.model.query_prefix, t.model.passage_prefix, t.model.pooling, t.model.normalize) == ("", "", "mean", True)
+    assert (t.data.query_len, t.data.passage_len, model.embed_dim) == (32, 256, 384)
+    c.loss.embed_distill.teacher = str(random_bert_path)
+    c.data.passage_len = 64
+    t, _ = load_teacher(c)
+    assert (t.model.query_prefix, t.model.passage_prefix) == ("query: ", "passage: ")
