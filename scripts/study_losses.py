@@ -70,29 +70,28 @@ def command(arm: str, seeds=SEEDS) -> list[str]:
 # bootstrap's generator is seeded).
 MATRYOSHKA_READING = (
     "What the data shows. At 30 steps the Matryoshka loss raised no retrieval metric at any dimension: at 256, 128 "
-    "and 64 its differences in mAP, R@10 and MRR lie between -0.0080 and +0.0009, most of them negative (at 128 "
-    "the multilingual R@10 and MRR and the monolingual MRR drop by 0.0038, 0.0080 and 0.0067, the three below "
-    "0.05 after Holm), and at the full 384 dimensions it costs 0.003 to 0.005 (Holm p 0.06 to 0.22). Its one gain is language bias at 64 "
-    "dimensions: rank distance 156.3 -> 147.9 (-8.3 [-11.7, -4.8], Holm p < 0.001). Training without it already "
-    "lifts every prefix far above the untrained model (multilingual mAP at 64 dimensions: 0.225 zero-shot, 0.489 "
-    "after 30 InfoNCE steps at 384), so the prefixes of me5-small carry the contrastive gain whether or not the "
-    "loss is taken on them.",
+    "and 64 its differences in mAP, R@10 and MRR lie between -0.0080 and +0.0009, most of them negative (at 128 the"
+    " multilingual R@10 and MRR and the monolingual MRR drop by 0.0038, 0.0080 and 0.0067, the three below 0.05 "
+    "after Holm), and at the full 384 dimensions it costs 0.003 to 0.005 (Holm p 0.06 to 0.22). Its one gain is "
+    "language bias at 64 dimensions: rank distance 156.3 -> 147.9 (-8.3 [-11.7, -4.8], Holm p < 0.001). Training "
+    "without it already lifts every prefix far above the untrained model (multilingual mAP at 64 dimensions: 0.225 "
+    "zero-shot, 0.489 after 30 InfoNCE steps at 384), so the prefixes of me5-small carry the contrastive gain "
+    "whether or not the loss is taken on them.",
     "",
-    "What it does not show: whether Matryoshka pays at scale (the published gains come from thousands of steps; "
-    "30 steps of 16 pairs at learning rate 5e-5 barely move the model); nDCG@10 (XQuAD-R's LAReQA protocol reports "
+    "What it does not show: whether Matryoshka pays at scale (the published gains come from thousands of steps; 30 "
+    "steps of 16 pairs at learning rate 5e-5 barely move the model); nDCG@10 (XQuAD-R's LAReQA protocol reports "
     "mAP, R@10, MRR and rank distance; nDCG@10 belongs to the TREC-style evaluators, which this offline slice does "
-    "not have); weights other than 1 at each dimension. With 3 seeds the exact sign-flip test cannot go below "
-    "0.25, and the bootstrap's seed level resamples 3 values: its intervals describe these schedules and "
-    "questions, not the spread of a fourth seed.",
+    "not have); weights other than 1 at each dimension. With 3 seeds the exact sign-flip test cannot go below 0.25,"
+    " and the bootstrap's seed level resamples 3 values: its intervals describe these schedules and questions, not "
+    "the spread of a fourth seed.",
 )
 DISTILL_READING = (
-    "Teacher. The frozen start model (multilingual-e5-small) is the teacher of `distill`: its embedding of a "
-    "unit's English query and positive is the target of every translation, so the English texts stay where the "
-    "start puts them and the other languages are pulled onto them, the objective of Reimers & Gurevych (2020) "
-    "against language bias, in the space the contrastive term already works in. all-MiniLM-L6-v2 (English, "
-    "384-d) is the other offline candidate (`distill_minilm`), but its space is another model's: the MSE asks "
-    "the student to move its whole space onto MiniLM's, which 30 steps cannot do and which the contrastive term "
-    "pulls against.",
+    "Teacher. The frozen start model (multilingual-e5-small) is the teacher of `distill`: its embedding of a unit's"
+    " English query and positive is the target of every translation, so the English texts stay where the start puts"
+    " them and the other languages are pulled onto them, the objective of Reimers & Gurevych (2020) against "
+    "language bias, in the space the contrastive term already works in. all-MiniLM-L6-v2 (English, 384-d) is the "
+    "other offline candidate (`distill_minilm`), but its space is another model's: the MSE asks the student to move"
+    " its whole space onto MiniLM's, which 30 steps cannot do and which the contrastive term pulls against.",
     "",
     "What the data shows. With the start as teacher, embedding distillation (weight 384, so the term is the mean "
     "squared distance per text) beside InfoNCE raised multilingual mAP by 0.0126 [0.0085, 0.0165], cross-lingual "
