@@ -377,13 +377,17 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
     """Every collective of a compiled (per-device) HLO module: kind, result shape and bytes per device, the
     computation it sits in and how often it runs per step (the trip count of the while loops around it, e.g.
     the gradient-cache scans; 1 outside loops). Asynchronous pairs count once (the `-start`), and so does a
-    collective that XLA:TPU copies into several fusions (the copies share its `channel_id`)."""
+    collective that XLA:TPU copies into several fusions (the copies share its `channel_id`). XLA:TPU's
+    reduce-scatters (mesh.fsdp's gradients) are fusions calling an `all-reduce-scatter.N` computation: they count
+    as reduce-scatters of the computation's result (each device's shard)."""
     comp_of_line: list[str] = []
     current = ""
+    results: dict[str, str] = {}  # computation -> its result type (after "->" in its header)
     lines = hlo.splitlines()
     for line in lines:
         if line and not line[0].isspace() and line.rstrip().endswith("{") and not line.startswith("HloModule"):
             current = line.removeprefix("ENTRY").split()[0].lstrip("%")
+            results[current] = line.rpartition("->")[2]
         comp_of_line.append(current)
     # How often each computation runs: while bodies x their known trip count, nested through their callers.
     edges: list[tuple[str, str, int]] = []
@@ -414,6 +418,11 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
         if not m:
             continue
         name, result, kind = m.group(1), m.group(2), m.group(3)
+        if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+            # XLA:TPU writes a reduce-scatter (FSDP's gradient reduction) as a fusion calling a computation
+            # `all-reduce-scatter.N`: an all-reduce of the whole arrays inside, each device keeping its shard,
+            # which is the computation's result.
+            kind, result = "reduce-scatter", results[comp]
         shapes = _shapes(result)
         if not shapes:
             continue
@@ -423,7 +432,10 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
             shapes = shapes[len(shapes) // 2:]
         dt, dims = max(shapes, key=lambda s: _nbytes(*s))
         channel = re.search(r"\bchannel_id=(\d+)", line)
-        key = (kind, channel.group(1)) if channel else i
+        # Each all-reduce-scatter computation is its own collective (one fusion calls it), though XLA:TPU numbers
+        # the all-reduces inside all of them channel 1.
+        key = i if not channel else (kind, channel.group(1), comp) if kind == "reduce-scatter" else (
+            kind, channel.group(1))
         op = {"kind": kind, "name": name, "shape": f"{dt}[{','.join(map(str, dims))}]", "dims": dims,
               "arrays": len(shapes), "bytes": sum(_nbytes(*s) for s in shapes), "computation": comp,
               "runs_per_step": runs.get(comp, 1)}
@@ -435,7 +447,7 @@ def collectives(hlo: str) -> list[dict[str, Any]]:
 
 
 def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_shapes: set[tuple[int, ...]],
-                     dp: int = 1) -> None:
+                     dp: int = 1, split_layouts: set[tuple[int, ...]] = frozenset()) -> None:
     """Label each collective by what it moves: a weight (or its gradient), activations (an axis of a text
     length), or embeddings (last axis the hidden size, no length axis: the loss's gather). The design says a
     step gathers embeddings only, unless mesh.fsdp shards the weights."""
@@ -449,7 +461,9 @@ def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_
         transposed = len(dims) == 2 and dims[0] == d and dims[1] != d and dims[1] not in lengths
         embedding = dims and dims[-1] == d and (len(dims) == 2 or dims[:2] == (b, g)
                                                 or (len(dims) == 3 and dims[0] == dp and dims[1] not in lengths))
-        if dims in param_shapes:
+        # A split weight may be gathered with its shards as an extra axis: XLA:TPU gathers the fsdp-split [2, D]
+        # token-type table as [fsdp, D / fsdp, 2].
+        if dims in param_shapes or tuple(sorted(dims)) in split_layouts:
             c["what"] = "weights" if c["kind"] == "all-gather" else "weights or gradients"
         elif embedding or transposed:
             n = dims[1] if transposed else math.prod(dims[:-1])
@@ -551,15 +565,19 @@ def compile_step(built: Built) -> tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
-def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, float, int]:
-    """The evaluation passage encoder (`mlret.eval.encode`'s jitted function) over the trained weights, at
-    config.eval.batch_size (rounded up to the data-parallel size as the embedder does) and the eval length."""
+def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, float, dict[str, Any]]:
+    """The evaluation passage encoder the run would use (`mlret.eval.encode`'s jitted functions) over the trained
+    weights, and its call's shape: packed rows (config.eval.packing and a model with a packed path, as
+    `ShardedEmbedder` decides) at the widest call, the eval length (the most attention memory for the call's
+    `PACK_TOKENS` tokens; its rows a multiple of the data-parallel size, as `pack_calls` makes them); else padded
+    batches of config.eval.batch_size (rounded up to the data-parallel size as the embedder does) at the eval
+    length."""
     import jax  # lazy: jax after JAX_PLATFORMS
     import jax.numpy as jnp  # lazy: jax after JAX_PLATFORMS
     from flax import nnx  # lazy: jax after JAX_PLATFORMS
 
     from mlret import parallel  # lazy: jax after JAX_PLATFORMS
-    from mlret.eval.encode import _encode_fn  # lazy: jax after JAX_PLATFORMS
+    from mlret.eval.encode import PACK_TOKENS, _encode_fn, _packed_fn, packed_path  # lazy: jax after JAX_PLATFORMS
 
     rules = parallel.parse_rules(config.mesh.rules)
     mesh = devices_mesh
@@ -570,15 +588,21 @@ def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, f
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                                  nnx.to_pure_dict(state), shardings))
     dp = parallel.data_parallel_size(rules, mesh)
-    b = max(dp, math.ceil(int(config.eval.batch_size) / dp) * dp)
     length = int(config.eval.passage_len or config.data.passage_len)
+    packed = bool(config.eval.packing) and packed_path(model) is None
+    if packed:
+        b = max(dp, PACK_TOKENS // length // dp * dp)
+        fn = _packed_fn(graphdef, "passage", mesh, rules, dp)
+    else:
+        b = max(dp, math.ceil(int(config.eval.batch_size) / dp) * dp)
+        fn = _encode_fn(graphdef, "passage", mesh, rules)
     spec = parallel.batch_spec(rules, mesh)
     ids = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, spec))
-    fn = _encode_fn(graphdef, "passage", mesh, spec)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = fn.lower(state, ids, ids).compile()
-    return compiled, time.perf_counter() - t0, b
+    return compiled, time.perf_counter() - t0, {"layout": "packed" if packed else "padded", "rows": b,
+                                                "length": length}
 
 
 def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str | None = None,
@@ -630,7 +654,11 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
     param_shapes = {tuple(x.shape) for x in _leaves(built.state["params"])}
     param_shapes |= {tuple(s.shard_shape(tuple(x.shape))) for x in _leaves(built.state["params"])
                      for s in [x.sharding]}
-    classify_gathers(colls, config, built.arch, param_shapes, dp)
+    # A split weight's shard with the number of shards as one more axis, dimensions sorted.
+    split_layouts = {tuple(sorted((*s.shard_shape(tuple(x.shape)), math.prod(x.shape) // math.prod(
+        s.shard_shape(tuple(x.shape)))))) for x in _leaves(built.state["params"]) for s in [x.sharding]
+        if tuple(s.shard_shape(tuple(x.shape))) != tuple(x.shape)}
+    classify_gathers(colls, config, built.arch, param_shapes, dp, split_layouts)
     n = len(devices)
     model_flops = formula_flops(config, built.arch, built.rows)
     compiler_total = None if c["flops"] is None else c["flops"] * n  # cost_analysis: one device's program
@@ -668,18 +696,20 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
         report["verdict"] = f"fits: {mem['fraction_of_hbm']:.0%} of {chip.name} HBM"
     if eval_step:
         try:
-            enc, enc_s, eval_b = compile_encode(config, built, built.trainer.mesh)
+            enc, enc_s, call = compile_encode(config, built, built.trainer.mesh)
             emem = memory_report(enc, chip, headroom)
             # During training the train state stays on the chips while evaluation encodes.
             resident = mem["argument_bytes"] + emem["temp_bytes"] + emem["output_bytes"] + emem["generated_code_bytes"]
-            report["eval_encode"] = {"batch": eval_b, "compile_seconds": round(enc_s, 2), "memory": emem,
+            report["eval_encode"] = {**call, "compile_seconds": round(enc_s, 2), "memory": emem,
                                      "flops_per_chip": cost(enc)["flops"],
                                      "with_train_state_bytes": resident,
                                      "fits_beside_train_state": resident <= chip.hbm_bytes * (1 - headroom)}
         except Exception as e:
             if not _is_oom(e):
                 raise
-            report["eval_encode"] = {"error": f"does not fit: lower eval.batch_size (now {config.eval.batch_size})"}
+            fields = ("eval.passage_len (the packed calls' width)" if config.eval.packing
+                      else f"eval.batch_size (now {config.eval.batch_size})")
+            report["eval_encode"] = {"error": f"does not fit: lower {fields}"}
     return report
 
 
@@ -741,10 +771,15 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
     log(f"{topology}: largest global batch, multiples of {unit}" + (f" (gradient cache chunk {chunk})" if chunk
                                                                        else " (no gradient caching)"))
     reports: dict[int, dict | None] = {}
+    probes: list[dict[str, Any]] = []  # every compilation, in order
 
     def fits(n: int) -> bool:
         config.data.global_batch = n * unit
         ok, reports[n] = _fits(config, topology, devices, num_slices, model_config, headroom, pack_fill, log)
+        r = reports[n]
+        probes.append({"global_batch": n * unit, "fits": ok,
+                       "fraction_of_hbm": r["memory"]["fraction_of_hbm"] if r else None,
+                       "compile_seconds": r["compile_seconds"] if r else None})
         return ok
 
     # From the configured batch: double while it fits (to `limit`), or halve until it does; then bisect.
@@ -773,7 +808,7 @@ def find_max_batch(config: Any, topology: str, *, num_slices: int = 1, model_con
     best, best_report = lo, reports.get(lo)
     return {"topology": topology, "grad_cache_chunk": chunk, "unit": unit, "headroom": headroom,
             "max_global_batch": best * unit, "hit_search_limit": hi is None and best > 0, "limit": limit,
-            "memory": best_report["memory"] if best_report else None}
+            "memory": best_report["memory"] if best_report else None, "probes": probes}
 
 
 def _unlocked_copy(config: Any) -> Any:
@@ -819,7 +854,8 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     ev = r.get("eval_encode")
     if ev and "memory" in ev:
-        lines.append(f"eval passage encoder: batch {ev['batch']}, {_gib(ev['memory']['total_bytes'])} alone, "
+        lines.append(f"eval passage encoder: {ev['layout']} calls of {ev['rows']} x {ev['length']} tokens, "
+                     f"{_gib(ev['memory']['total_bytes'])} alone, "
                      f"{_gib(ev['with_train_state_bytes'])} beside the train state "
                      f"({'fits' if ev['fits_beside_train_state'] else 'does NOT fit'}); compiled in "
                      f"{ev['compile_seconds']:.1f} s")

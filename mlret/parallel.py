@@ -9,10 +9,11 @@ parameters (`vocab`, `embed`, `heads`, `kv`, `mlp`, `pos`, `type`, `norm`) and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -227,6 +228,15 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules, mesh: Me
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While a step is traced (inside `jax.jit`): the logical-axis rules and the mesh by which the models pin their
+    activations (`mlret.models.common.constrain`: the hidden states' batch axis over the `batch` rule's axes, the
+    hidden axis whole), so that with mesh.fsdp > 1 XLA gathers weights, not activations."""
+    with nnx.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
 
 
 def batch_axes(rules: Rules, mesh: Mesh) -> tuple[str, ...]:

@@ -195,7 +195,12 @@ class Trainer:
 
     def embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The embeddings the loss reads, of (a chunk of) the batch, padded or packed: `query` [B, D] and
-        `passage` [B, G, D]. Reads only `spec.encode_fields`."""
+        `passage` [B, G, D]. Reads only `spec.encode_fields`. The encoders pin their hidden states to the batch
+        sharding (`parallel.activation_sharding`), so that with mesh.fsdp > 1 XLA gathers weights, not activations."""
+        with parallel.activation_sharding(self.mesh, self.rules):
+            return self._embed(params, batch)
+
+    def _embed(self, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         model = nnx.merge(self.graphdef, params["model"], self.rest)
         wanted = self.spec.embeddings
         out = {}

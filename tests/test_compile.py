@@ -101,6 +101,30 @@ def test_packed_batches_gather_the_passage_embeddings_once(devices):
     assert all(s.split("[")[1] == f"{b * g},{d}]" for s in lg["embedding_all_reduce_shapes"]), lg
 
 
+def test_fsdp_gathers_weights_not_activations(devices, tmp_path):
+    """mesh.fsdp=2 on v5e:2x2 (data 2 x fsdp 2): the encoders pin their hidden states to the batch sharding
+    (mlret.models.common.constrain), so XLA gathers the fsdp-split weights and reduce-scatters their gradients,
+    and moves no activation; the loss's gather of [B x G, D] is still the one gather of embeddings. (Unpinned, it
+    split the activations along the hidden axis as the weights are and gathered them around every matmul.) A
+    small BERT (2 layers, hidden 128: no text length) keeps the compilation to seconds."""
+    arch = tmp_path / "config.json"
+    arch.write_text(json.dumps(dict(TINY_BERT, hidden_size=128, intermediate_size=256)))
+    config = C.load_config(SMOKE, ["mesh.fsdp=2"])
+    r = C.check(config, TOPOLOGY, devices=devices, model_config=str(arch), eval_step=False)
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    ops = r["collectives"]["ops"]
+    moved = [f"{c['kind']} {c['shape']}" for c in ops if c["what"] == "activations"]
+    assert not moved, moved
+    gathers = {c["what"] for c in ops if c["kind"] == "all-gather"}
+    assert gathers == {"weights", "passage embeddings"}, gathers
+    lg = r["loss_gather"]
+    b, g = config.data.global_batch, config.data.group_size
+    assert lg["embedding_gathers_per_step"] == 1 and [s.split("[")[1] for s in lg["embedding_gather_shapes"]] == [
+        f"{b * g},128]"], lg
+    scattered = [c for c in ops if c["kind"] == "reduce-scatter"]
+    assert scattered and all(c["what"].startswith("weights") for c in scattered), scattered
+
+
 def test_flops_match_the_formula(smoke_report):
     _, r, _ = smoke_report
     fl = r["flops"]
@@ -113,9 +137,15 @@ def test_flops_match_the_formula(smoke_report):
 
 
 def test_eval_encoder_compiles_and_fits_beside_the_state(smoke_report):
-    _, r, _ = smoke_report
+    config, r, _ = smoke_report
     ev = r["eval_encode"]
-    assert ev["batch"] == 256 and ev["memory"]["total_bytes"] > 0 and ev["flops_per_chip"] > 0
+    # The encoder the run's evaluation calls: packed (config.eval.packing), its widest calls, PACK_TOKENS tokens
+    # in rows of the eval length, a multiple of the 4 chips.
+    from mlret.eval.encode import PACK_TOKENS
+
+    length = config.eval.passage_len or config.data.passage_len
+    assert config.eval.packing and (ev["layout"], ev["rows"], ev["length"]) == ("packed", PACK_TOKENS // length, length)
+    assert ev["rows"] % 4 == 0 and ev["memory"]["total_bytes"] > 0 and ev["flops_per_chip"] > 0
     assert ev["with_train_state_bytes"] > r["memory"]["argument_bytes"] and ev["fits_beside_train_state"]
 
 
@@ -176,6 +206,33 @@ def test_collectives_reader_counts_tuples_async_pairs_and_loop_trips():
     assert by["ag"]["runs_per_step"] == 6 and by["ag"]["computation"] == "body"
     summary = C.summarise_collectives(ops)
     assert summary["all-gather"] == {"count": 7, "bytes_per_step": 6 * 2 * 64 + 64}
+
+
+# XLA:TPU's reduce-scatters: fusions calling `all-reduce-scatter.N` computations, whose all-reduces all say channel 1.
+_HLO_RS = """HloModule m
+
+%all-reduce-scatter.1 (input_0: f32[8,4], input_1: f32[4]) -> (f32[4,4], f32[2]) {
+  %ar = (f32[8,4]{1,0}, f32[4]{0}) all-reduce(f32[8,4]{1,0} %input_0, f32[4]{0} %input_1), channel_id=1, to_apply=%add
+}
+
+%all-reduce-scatter.2 (input_0: f32[8,4]) -> (f32[4,4]) {
+  %ar = (f32[8,4]{1,0}) all-reduce(f32[8,4]{1,0} %input_0), channel_id=1, to_apply=%add
+}
+
+ENTRY %main (a: f32[8,4], b: f32[4]) -> f32[4,4] {
+  %f1 = (f32[4,4]{1,0}, f32[2]{0}) fusion(%a, %b), kind=kCustom, calls=%all-reduce-scatter.1
+  %f2 = (f32[4,4]{1,0}) fusion(%a), kind=kCustom, calls=%all-reduce-scatter.2
+  %g = f32[8,4]{1,0} all-reduce(f32[8,4]{1,0} %a), channel_id=1, to_apply=%add
+}
+"""
+
+
+def test_collectives_reader_names_tpu_reduce_scatters():
+    ops = C.collectives(_HLO_RS)
+    scatters = sorted((o["computation"], o["shape"], o["bytes"]) for o in ops if o["kind"] == "reduce-scatter")
+    # Two reduce-scatters (not one: they share channel 1), each of its computation's result, the devices' shards.
+    assert scatters == [("all-reduce-scatter.1", "f32[4,4]", 4 * (16 + 2)), ("all-reduce-scatter.2", "f32[4,4]", 64)]
+    assert [o["shape"] for o in ops if o["kind"] == "all-reduce"] == ["f32[8,4]"]
 
 
 # ------------------------------------------------------------------------------------------- the batch finder

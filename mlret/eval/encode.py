@@ -49,16 +49,19 @@ from mlret.models import TextTokenizer
 _ENCODE_FNS: dict[tuple[Any, str, Any, Any], Any] = {}
 
 
-def _encode_fn(graphdef: Any, tower: str, mesh: Mesh, batch_spec: P, out_spec: P | None = None):
-    """The jitted encoder of one tower: batch split over `batch_spec`, embeddings out as `out_spec` (default
-    replicated: every host reads every row)."""
+def _encode_fn(graphdef: Any, tower: str, mesh: Mesh, rules: parallel.Rules, out_spec: P | None = None):
+    """The jitted encoder of one tower: batch split over the `batch` rule's axes, embeddings out as `out_spec`
+    (default replicated: every host reads every row); the encoder's activations pinned by `rules`
+    (`parallel.activation_sharding`)."""
     out_spec = P() if out_spec is None else out_spec
-    key = (graphdef, tower, mesh, batch_spec, out_spec)
+    batch_spec = parallel.batch_spec(rules, mesh)
+    key = (graphdef, tower, mesh, rules, out_spec)
     if key not in _ENCODE_FNS:
         def encode(state, ids, mask):
             model = nnx.merge(graphdef, state)
             fn = model.encode_query if tower == "query" else model.encode_passage
-            return fn(ids, mask)
+            with parallel.activation_sharding(mesh, rules):
+                return fn(ids, mask)
 
         in_batch = NamedSharding(mesh, batch_spec)
         _ENCODE_FNS[key] = jax.jit(encode, in_shardings=(None, in_batch, in_batch),
@@ -76,17 +79,19 @@ MIN_PACK_WIDTH = 32
 PACK_TOKENS = 2048
 
 
-def _packed_fn(graphdef: Any, tower: str, mesh: Mesh, batch_spec: P, shards: int):
+def _packed_fn(graphdef: Any, tower: str, mesh: Mesh, rules: parallel.Rules, shards: int):
     """The jitted packed encoder of one tower: rows split over `batch_spec`, ids and segments [R, W] ->
     embeddings [R * W, D] (one slot per token: a call can hold at most that many texts), replicated out. The rows
     are `shards` blocks (`pack_calls`), one per data-parallel device, each pooling its own texts. Compiled once
     per (R, W)."""
-    key = (graphdef, tower, mesh, batch_spec, "packed", shards)
+    batch_spec = parallel.batch_spec(rules, mesh)
+    key = (graphdef, tower, mesh, rules, "packed", shards)
     if key not in _ENCODE_FNS:
         def encode(state, ids, segments):
             model = nnx.merge(graphdef, state)
             fn = model.encode_query_packed if tower == "query" else model.encode_passage_packed
-            return fn(ids, segments, ids.shape[0] * ids.shape[1], shards)
+            with parallel.activation_sharding(mesh, rules):
+                return fn(ids, segments, ids.shape[0] * ids.shape[1], shards)
 
         in_batch = NamedSharding(mesh, batch_spec)
         _ENCODE_FNS[key] = jax.jit(encode, in_shardings=(None, in_batch, in_batch),
@@ -189,6 +194,7 @@ class ShardedEmbedder:
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.rules = rules
         self.batch_spec = P(parallel.batch_axes(rules, mesh))
         dp = parallel.data_parallel_size(rules, mesh)
         # Round up so that every data-parallel device gets the same number of rows.
@@ -228,7 +234,7 @@ class ShardedEmbedder:
         local_b = self.batch_size // procs
         if local_b * procs != self.batch_size:
             raise ValueError(f"config.eval.batch_size: {self.batch_size} does not split over {procs} processes")
-        fn = _encode_fn(self.graphdef, "passage", self.mesh, self.batch_spec, self.batch_spec)
+        fn = _encode_fn(self.graphdef, "passage", self.mesh, self.rules, self.batch_spec)
         full = self.tokenizer.passage_len
         pad_ids, pad_mask = self._tokenize([""], "passage")
         out = None
@@ -296,7 +302,7 @@ class ShardedEmbedder:
     def _encode_packed(self, texts: list[str], tower: str) -> np.ndarray:
         """Packed calls over windows of `batch_size * sort_window` texts (module docstring); a text without a
         token (no special tokens, empty text) has no segment and is encoded padded."""
-        fn = _packed_fn(self.graphdef, self._fn_tower(tower), self.mesh, self.batch_spec, self.dp)
+        fn = _packed_fn(self.graphdef, self._fn_tower(tower), self.mesh, self.rules, self.dp)
         n = len(texts)
         full = self.tokenizer.query_len if tower == "query" else self.tokenizer.passage_len
         out: np.ndarray | None = None
@@ -340,7 +346,7 @@ class ShardedEmbedder:
     def _encode_padded(self, texts: list[str], tower: str) -> np.ndarray:
         """Padded batches of `batch_size` rows: length-sorted and cut to power-of-two lengths with
         `length_buckets`, else at the tokenizer's full length."""
-        fn = _encode_fn(self.graphdef, self._fn_tower(tower), self.mesh, self.batch_spec)
+        fn = _encode_fn(self.graphdef, self._fn_tower(tower), self.mesh, self.rules)
         n, b = len(texts), self.batch_size
         full = self.tokenizer.query_len if tower == "query" else self.tokenizer.passage_len
         pad_ids, pad_mask = self._tokenize([""], tower)  # the filler row of the last, partial batch

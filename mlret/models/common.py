@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
+
+from mlret import parallel
 
 # HF initialises with N(0, initializer_range=0.02); only used when a model is built without weights.
 init = nnx.initializers.normal(0.02)
@@ -22,6 +25,40 @@ init = nnx.initializers.normal(0.02)
 def axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
     """Logical axis names of a parameter (the `out_sharding` metadata `mlret.parallel` maps to mesh axes)."""
     return {"out_sharding": names}
+
+
+# The logical axes of the hidden states [B, T, H] between blocks: the batch split as the data (`batch` rule: data x
+# fsdp by default), the length and the hidden axis whole on every device.
+HIDDEN_AXES = ("batch", None, None)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None] = HIDDEN_AXES) -> jax.Array:
+    """`x` pinned to the sharding that its axes' logical `names` get under the rules of `nnx.logical_axis_rules`
+    (mapped as the parameters' are: `mlret.parallel.logical_to_spec`) on the mesh in context
+    (`jax.sharding.use_abstract_mesh`); `mlret.parallel.activation_sharding` sets both while a step is traced.
+    Without that context (one device, a model called on its own) `x` is returned as it is; a name the rules do not
+    map leaves its axis whole (flax's `with_logical_constraint` does the same).
+
+    The hidden states are pinned after the embeddings and after every block: with `mesh.fsdp` > 1 the weights are
+    split over fsdp along `embed`, and without the pin XLA split the activations the same way and gathered them
+    around every matmul; pinned, each device keeps its own rows whole and XLA gathers the weights instead (FSDP)."""
+    rules = get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    known = {name for name, _ in rules}
+    spec = parallel.logical_to_spec(tuple(n if n in known else None for n in names), rules, mesh, x.shape,
+                                    what="activation")
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
+    """`embed(ids)` (nnx.Embed's rows of its table in its compute dtype) with the table's `embed` axis whole
+    (`constrain`): with mesh.fsdp > 1 the table is gathered, as every other weight, and each device looks up its
+    own rows; looked up from the split table, the rows came out split along the hidden axis and XLA re-sharded
+    them (an all-to-all forward, an all-gather of the whole batch's gradients backward)."""
+    (table,) = embed.promote_dtype((embed.embedding[...],), dtype=embed.dtype, inexact=False)
+    return jnp.take(constrain(table, ("vocab", None)), ids, axis=0)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlret.models.common import constrain, lookup
 from mlret.models.encoder_config import EncoderConfig
 
 # Every logical axis name a parameter can carry; sharding rules must map each of them (None = replicated).
@@ -57,11 +58,11 @@ class Embeddings(nnx.Module):
 
     def __call__(self, ids: jax.Array, token_type_ids: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        h = self.word(ids) + self.position(self.positions(ids, segment_ids))
+        h = lookup(self.word, ids) + lookup(self.position, self.positions(ids, segment_ids))
         if self.token_type is not None:
             # HF adds token_type_embeddings[0] when no token types are given.
             types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
-            h = h + self.token_type(types)
+            h = h + lookup(self.token_type, types)
         return self.norm(h)
 
 
@@ -163,12 +164,13 @@ class Encoder(nnx.Module):
             key_mask = (mask > 0)[:, None, None, :]
         else:  # padding (-1) attends to padding, so no row of the mask is empty
             key_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        x = self.embeddings(ids, token_type_ids, segment_ids)
+        # The hidden states are pinned to the batch sharding between blocks (common.constrain; a no-op off a mesh).
+        x = constrain(self.embeddings(ids, token_type_ids, segment_ids))
         # nnx.remat recomputes each block's activations in the backward pass: memory O(1 layer) for one extra
         # forward; applied per layer so XLA still sees (and overlaps) the whole stack.
         run = nnx.remat(_run_layer) if self.remat else _run_layer
         for layer in self.layers:
-            x = run(layer, x, key_mask)
+            x = constrain(run(layer, x, key_mask))
         return x.astype(jnp.float32)
 
     def pool_cls(self, hidden: jax.Array) -> jax.Array:

@@ -18,7 +18,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlret.models.common import Projection, attention_mask, axes, init, padded_segments, rope, text_positions
+from mlret.models.common import (
+    Projection,
+    attention_mask,
+    axes,
+    constrain,
+    init,
+    lookup,
+    padded_segments,
+    rope,
+    text_positions,
+)
 from mlret.models.family import ConfigFields, Family, ParamRow, export_config, require
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -182,10 +192,10 @@ class ModernBert(nnx.Module):
         masks = {"full_attention": attention_mask(segments),
                  "sliding_attention": attention_mask(segments, window=self.cfg.window)}
         positions = text_positions(mask, segment_ids)
-        x = self.embed_norm(self.embed(ids))
+        x = constrain(self.embed_norm(lookup(self.embed, ids)))  # pinned between blocks (common.constrain)
         run = nnx.remat(_run_layer) if self.remat else _run_layer
         for layer in self.layers:
-            x = run(layer, x, masks, positions)
+            x = constrain(run(layer, x, masks, positions))
         return self.final_norm(x).astype(jnp.float32)
 
     def pool_first_tokens(self, first: jax.Array) -> jax.Array:

@@ -28,7 +28,9 @@ from mlret.models.common import (
     RMSNorm,
     attention_mask,
     axes,
+    constrain,
     init,
+    lookup,
     padded_segments,
     rope,
     text_positions,
@@ -172,10 +174,10 @@ class Qwen3(nnx.Module):
         segments = padded_segments(mask) if segment_ids is None else segment_ids
         mask4 = attention_mask(segments, causal=True)
         positions = text_positions(mask, segment_ids)
-        x = self.embed(ids)
+        x = constrain(lookup(self.embed, ids))  # pinned between blocks (common.constrain)
         run = nnx.remat(_run_layer) if self.remat else _run_layer
         for layer in self.layers:
-            x = run(layer, x, mask4, positions)
+            x = constrain(run(layer, x, mask4, positions))
         return self.norm(x).astype(jnp.float32)
 
     def pool_first_tokens(self, first: jax.Array) -> jax.Array:
