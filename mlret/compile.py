@@ -463,7 +463,11 @@ def classify_gathers(colls: list[dict[str, Any]], config: Any, arch: Any, param_
                                                 or (len(dims) == 3 and dims[0] == dp and dims[1] not in lengths))
         # A split weight may be gathered with its shards as an extra axis: XLA:TPU gathers the fsdp-split [2, D]
         # token-type table as [fsdp, D / fsdp, 2].
-        if dims in param_shapes or tuple(sorted(dims)) in split_layouts:
+        # The loss's [B x G, D] (or [B, D]) may have a weight's shape too: LaBSE's 512 x 768 position table at
+        # batch 256, G = 2 (v5e-256). A lone array of that shape is the loss's (its gather lowered as an
+        # all-reduce, and its gradient); weight gradients travel in the combined all-reduce of every gradient.
+        loss_shape = len(dims) == 2 and dims[1] == d and dims[0] in (b, b * g) and c.get("arrays", 1) == 1
+        if (dims in param_shapes or tuple(sorted(dims)) in split_layouts) and not loss_shape:
             c["what"] = "weights" if c["kind"] == "all-gather" else "weights or gradients"
         elif embedding or transposed:
             n = dims[1] if transposed else math.prod(dims[:-1])

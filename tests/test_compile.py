@@ -235,6 +235,18 @@ def test_collectives_reader_names_tpu_reduce_scatters():
     assert [o["shape"] for o in ops if o["kind"] == "all-reduce"] == ["f32[8,4]"]
 
 
+def test_an_embedding_with_a_weights_shape_is_the_loss_gather():
+    """LaBSE at batch 256 x G = 2: the loss's [512, 768] is also the position table's shape. Alone it is the
+    loss's gather (here lowered as an all-reduce); inside the combined gradient all-reduce it is the weight's."""
+    config = C.load_config(SMOKE, ["data.global_batch=256"])
+    arch = type("Arch", (), {"hidden_size": 768})
+    ops = C.collectives(_HLO.replace("f32[10,4]", "f32[512,768]"))  # %ars: a tuple of [512, 768] and [3]
+    ops.append(dict(ops[0], kind="all-reduce", dims=(512, 768), arrays=1, name="lone"))
+    C.classify_gathers(ops, config, arch, {(512, 768)})
+    what = {o["name"]: o["what"] for o in ops}
+    assert what["lone"] == "passage embeddings" and what["ars"] == "weights or gradients", what
+
+
 # ------------------------------------------------------------------------------------------- the batch finder
 
 # A BERT small enough that one XLA:TPU compilation of its step takes seconds: the finder compiles several.
