@@ -294,8 +294,10 @@ def packed_rows(config: Any, dp: int, fill: float) -> tuple[int, int]:
     return dp * chunks * q, dp * chunks * p
 
 
-def batch_shapes(config: Any, fields: Sequence[str], dp: int, fill: float) -> tuple[dict[str, tuple], dict]:
-    """Shapes (int32) of the step's batch fields, padded or packed, and the encoder rows per step."""
+def batch_shapes(config: Any, fields: Sequence[str], dp: int, fill: float,
+                 dim: int) -> tuple[dict[str, tuple[tuple, str]], dict]:
+    """(shape, dtype) of the step's batch fields, padded or packed, and the encoder rows per step; `dim` is the
+    model's embedding size (the embedding-distillation targets)."""
     b, g = int(config.data.global_batch), int(config.data.group_size)
     lq, lp = int(config.data.query_len), int(config.data.passage_len)
     if config.data.packing:
@@ -306,8 +308,13 @@ def batch_shapes(config: Any, fields: Sequence[str], dp: int, fill: float) -> tu
     else:
         known = {"query_ids": (b, lq), "query_mask": (b, lq), "passage_ids": (b, g, lp), "passage_mask": (b, g, lp)}
         rows = {"query": b, "passage": b * g}
+    out = {f: (shape, "int32") for f, shape in known.items()}
+    # The losses' float fields (mlret.data.pipeline's contract): teacher scores per candidate, the embedding
+    # distillation's targets and mask.
+    out |= {"teacher_scores": ((b, g), "float32"), "teacher_query": ((b, dim), "float32"),
+            "teacher_passage": ((b, dim), "float32"), "teacher_mask": ((b,), "float32")}
     # Every other field of the data contract (unit_id, languages, ...) is one int32 per pair.
-    return {f: known.get(f, (b,)) for f in fields}, rows
+    return {f: out.get(f, ((b,), "int32")) for f in fields}, rows
 
 
 def build(config: Any, devices: Sequence[Any], dp: int, raw_model: dict[str, Any], where: str,
@@ -344,8 +351,9 @@ def build(config: Any, devices: Sequence[Any], dp: int, raw_model: dict[str, Any
     trainer = box["trainer"]
     if jax.tree.leaves(trainer.rest):
         raise AssertionError("the model has non-parameter state; mlret.compile cannot build it abstractly")
-    shapes, rows = batch_shapes(config, list(trainer.batch_shardings), dp, fill)
-    batch = {f: jax.ShapeDtypeStruct(shapes[f], jnp.int32, sharding=trainer.batch_shardings[f]) for f in shapes}
+    shapes, rows = batch_shapes(config, list(trainer.batch_shardings), dp, fill, int(arch.hidden_size))
+    batch = {f: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=trainer.batch_shardings[f])
+             for f, (shape, dtype) in shapes.items()}
     return Built(trainer=trainer, arch=arch, model_fn=model_fn, state=trainer.abstract_state(), batch=batch,
                  rows=rows)
 

@@ -125,6 +125,22 @@ def test_fsdp_gathers_weights_not_activations(devices, tmp_path):
     assert scattered and all(c["what"].startswith("weights") for c in scattered), scattered
 
 
+def test_the_distillation_losses_compile_with_their_float_fields(devices, tmp_path):
+    """A config whose loss reads the data's float fields (kl_distill's teacher scores per candidate,
+    embed_distill's targets and mask) compiles for the TPU with the shapes and dtypes mlret.data.pipeline gives
+    them (every field used to be one int32 per pair, which the losses cannot trace)."""
+    arch = tmp_path / "config.json"
+    arch.write_text(json.dumps(TINY_BERT))
+    config = C.load_config(SMOKE, ["loss.terms=contrastive,kl_distill,embed_distill",
+                                   "loss.embed_distill.teacher=an-english-teacher"])
+    r = C.check(config, TOPOLOGY, devices=devices, model_config=str(arch), eval_step=False)
+    b, g, d = config.data.global_batch, config.data.group_size, TINY_BERT["hidden_size"]
+    shapes = r["batch_shapes"]
+    assert shapes["teacher_scores"] == [b, g] and shapes["teacher_mask"] == [b], shapes
+    assert shapes["teacher_query"] == shapes["teacher_passage"] == [b, d], shapes
+    assert r["memory"]["fits"]
+
+
 def test_flops_match_the_formula(smoke_report):
     _, r, _ = smoke_report
     fl = r["flops"]
