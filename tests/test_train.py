@@ -117,25 +117,6 @@ def test_exact_resume_after_sigkill(tiny_args, run_a, tmp_path, random_bert_path
     assert "ETA" in a.stdout and "steps/s" in a.stdout and "mean loss of steps 1-10" in a.stdout
 
 
-def test_two_processes_equal_one_process(tiny_args, run_a, tmp_path):
-    """Two processes x 2 devices (jax.distributed over localhost) = one process x 4 devices: each host feeds its
-    half of every global batch. Steps 1-6 of run A used the same learning rates (warm-up is 5 steps)."""
-    port = free_port()
-    procs = run_together(
-        [train_cmd(tmp_path, tiny_args, "--config.train.steps=6", "--config.checkpoint.every=0",
-                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
-         for i in range(2)],
-        [env(XLA_FLAGS="--xla_force_host_platform_device_count=2")] * 2, 400, tmp_path / "logs")
-    for p in procs:
-        assert p.returncode == 0, p.stderr[-3000:]
-    assert "finished at step 6" in procs[0].stdout and "finished at step" not in procs[1].stdout  # process 0 reports
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
-        os.listdir(tmp_path / "checkpoints" / "6" / "data"))  # each host's iterator state
-    ours, theirs = losses(tmp_path), losses(run_a[0])
-    assert sorted(ours) == list(range(1, 7))
-    np.testing.assert_allclose([ours[s] for s in range(1, 7)], [theirs[s] for s in range(1, 7)], rtol=1e-5)
-
-
 def test_sigterm_saves_a_checkpoint_before_exit(tiny_args, tmp_path):
     proc = subprocess.Popen(train_cmd(tmp_path, tiny_args, "--config.train.steps=100000",
                                       "--config.checkpoint.every=0"),
