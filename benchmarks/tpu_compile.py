@@ -274,7 +274,7 @@ def main() -> None:
     done = measured()
     t0, devices, n = time.perf_counter(), {}, 0
     for row in rows():
-        if n and time.perf_counter() - t0 >= args.budget_s:  # every call measures at least one row
+        if (n or not args.budget_s) and time.perf_counter() - t0 >= args.budget_s:  # a budget: one row at least
             break
         if key(row) in done or (args.only and args.only not in row["pod"]):
             continue
