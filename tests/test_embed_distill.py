@@ -9,11 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from test_losses import VARIANTS, _batch, _embed, dist  # noqa: F401  (dist: the 8-device fixture)
+from test_losses import VARIANTS, _batch, _built_against_single_device, dist  # noqa: F401  (dist: the 8-device fixture)
 
-from mlret import gradcache, losses
+from mlret import losses
 from mlret.config import default_config
 from mlret.errors import ConfigError
 
@@ -119,7 +117,7 @@ def test_matryoshka_prefix_is_compared_with_the_teachers_prefix():
 def test_embed_distill_with_contrastive_sharded_and_cached_equal_single_device(dist, gather):  # noqa: F811
     """contrastive + 0.5 x embed_distill (two units without a target) on the 8-device mesh, both gather paths and
     gradient caching: the single-device loss and gradients; max abs differences printed for the closing note."""
-    feats, params, mesh = dist
+    feats, _, mesh = dist
     B = feats["q"].shape[0]
     tq, tp = _targets(B, 8, 11)
     mask = np.ones(B, np.float32)
@@ -137,21 +135,7 @@ def test_embed_distill_with_contrastive_sharded_and_cached_equal_single_device(d
     sharded = losses.build(spec(dist_gather), losses.LossSetup(dist_gather, mesh, ("data",)))
     names = ("unit_id", *fam.fields)
 
-    def loss_fn(fn):
-        def f(pr, emb, b):
-            q, p = emb
-            return fn({"query": q, "passage": p}, {k: b[k] for k in names}, jnp.exp(pr["log_tau"]))
-        return f
-
-    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
-    want = jax.jit(plain(single))(params, feats)
-    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
-    if gather == "grad_cache":
-        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
-            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
-            batch_axes=("data",)))(params, placed)
-    else:
-        got = jax.jit(plain(sharded))(params, placed)
+    got, want = _built_against_single_device(single, sharded, names, gather, dist, feats)
     (lw, mw), gw = want
     (lg, mg), gg = got
     dv = abs(float(lg) - float(lw))

@@ -238,6 +238,31 @@ def _single_device(params, feats, opts):
     return jax.jit(jax.value_and_grad(lambda pr, b: loss_fn(pr, _embed(pr, b), b), has_aux=True))(params, feats)
 
 
+def _built_against_single_device(single, sharded, names, gather, dist, feats=None):
+    """(got, want): value and gradients of the built loss `sharded` on the 8-device mesh (its gather path, or
+    gradient caching in chunks of 8 pairs when `gather` is "grad_cache") and of `single` on one device; the loss
+    reads the batch fields `names`."""
+    _, params, mesh = dist
+    feats = dist[0] if feats is None else feats
+
+    def loss_fn(fn):
+        def f(pr, emb, b):
+            q, p = emb
+            return fn({"query": q, "passage": p}, {k: b[k] for k in names}, jnp.exp(pr["log_tau"]))
+        return f
+
+    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
+    want = jax.jit(plain(single))(params, feats)
+    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
+    if gather == "grad_cache":
+        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
+            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
+            batch_axes=("data",)))(params, placed)
+    else:
+        got = jax.jit(plain(sharded))(params, placed)
+    return got, want
+
+
 def _close(a, b, tol=2e-5):
     (la, ma), ga = a
     (lb, mb), gb = b
@@ -487,28 +512,14 @@ def test_matryoshka_sharded_and_cached_equal_single_device(dist, name, gather):
     single-device Matryoshka loss and gradients (the embeddings are 8-dimensional here: prefixes 8, 4, 2)."""
     from mlret import losses
 
-    feats, params, mesh = dist
+    mesh = dist[2]
     dims = ((8, 1.0), (4, 0.5), (2, 0.25))
     single = losses.build(_matryoshka_spec(VARIANTS[name], dims), losses.LossSetup())
     dist_gather = "shard_map" if gather == "grad_cache" else gather
     sharded = losses.build(_matryoshka_spec(VARIANTS[name], dims, dist_gather),
                            losses.LossSetup(dist_gather, mesh, ("data",)))
 
-    def loss_fn(fn):
-        def f(pr, emb, b):
-            q, p = emb
-            return fn({"query": q, "passage": p}, {"unit_id": b["unit_id"]}, jnp.exp(pr["log_tau"]))
-        return f
-
-    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
-    want = jax.jit(plain(single))(params, feats)
-    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
-    if gather == "grad_cache":
-        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
-            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
-            batch_axes=("data",)))(params, placed)
-    else:
-        got = jax.jit(plain(sharded))(params, placed)
+    got, want = _built_against_single_device(single, sharded, ("unit_id",), gather, dist)
     _close(got, want)
     assert abs(float(want[1]["log_tau"])) > 1e-3 and float(np.abs(want[1]["w"]).max()) > 1e-2
 
@@ -610,7 +621,7 @@ def test_distillation_with_contrastive_sharded_and_cached_equal_single_device(di
     gradient caching: the single-device loss and gradients."""
     from mlret import losses
 
-    feats, params, mesh = dist
+    feats, _, mesh = dist
     teacher = np.random.default_rng(4).normal(size=feats["p"].shape[:2]).astype(np.float32)
     teacher[::3, 2] = np.nan
     feats = {**feats, "teacher_scores": teacher}
@@ -624,22 +635,7 @@ def test_distillation_with_contrastive_sharded_and_cached_equal_single_device(di
     single = losses.build(spec("constraint"), losses.LossSetup())
     sharded = losses.build(spec(dist_gather), losses.LossSetup(dist_gather, mesh, ("data",)))
 
-    def loss_fn(fn):
-        def f(pr, emb, b):
-            q, p = emb
-            return fn({"query": q, "passage": p}, {"unit_id": b["unit_id"], "teacher_scores": b["teacher_scores"]},
-                      jnp.exp(pr["log_tau"]))
-        return f
-
-    plain = lambda fn: jax.value_and_grad(lambda pr, b: loss_fn(fn)(pr, _embed(pr, b), b), has_aux=True)
-    want = jax.jit(plain(single))(params, feats)
-    placed = jax.device_put(feats, NamedSharding(mesh, P("data")))
-    if gather == "grad_cache":
-        got = jax.jit(lambda pr, b: gradcache.value_and_grad(
-            _embed, loss_fn(sharded), pr, b, chunk=8, embed_fields=("q", "p"), mesh=mesh,
-            batch_axes=("data",)))(params, placed)
-    else:
-        got = jax.jit(plain(sharded))(params, placed)
+    got, want = _built_against_single_device(single, sharded, ("unit_id", "teacher_scores"), gather, dist, feats)
     _close(got, want)
     assert float(want[0][1][f"loss_{name}"]) > 1e-3
 
