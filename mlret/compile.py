@@ -583,7 +583,7 @@ def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, f
     `ShardedEmbedder` decides) at the widest call, the eval length (the most attention memory for the call's
     `PACK_TOKENS` tokens; its rows a multiple of the data-parallel size, as `pack_calls` makes them); else padded
     batches of config.eval.batch_size (rounded up to the data-parallel size as the embedder does) at the eval
-    length."""
+    length. Out of HBM: DoesNotFit naming the field of the layout it compiled."""
     import jax  # lazy: jax after JAX_PLATFORMS
     import jax.numpy as jnp  # lazy: jax after JAX_PLATFORMS
     from flax import nnx  # lazy: jax after JAX_PLATFORMS
@@ -611,8 +611,15 @@ def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, f
     spec = parallel.batch_spec(rules, mesh)
     ids = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, spec))
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = fn.lower(state, ids, ids).compile()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(state, ids, ids).compile()
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        field = ("eval.passage_len (the packed calls' width)" if packed
+                 else f"eval.batch_size (now {config.eval.batch_size})")
+        raise DoesNotFit(f"does not fit: lower {field}") from None
     return compiled, time.perf_counter() - t0, {"layout": "packed" if packed else "padded", "rows": b,
                                                 "length": length}
 
@@ -663,13 +670,15 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
     if hlo_out:
         Path(hlo_out).write_text(hlo)
     colls = collectives(hlo)
-    param_shapes = {tuple(x.shape) for x in _leaves(built.state["params"])}
-    param_shapes |= {tuple(s.shard_shape(tuple(x.shape))) for x in _leaves(built.state["params"])
-                     for s in [x.sharding]}
-    # A split weight's shard with the number of shards as one more axis, dimensions sorted.
-    split_layouts = {tuple(sorted((*s.shard_shape(tuple(x.shape)), math.prod(x.shape) // math.prod(
-        s.shard_shape(tuple(x.shape)))))) for x in _leaves(built.state["params"]) for s in [x.sharding]
-        if tuple(s.shard_shape(tuple(x.shape))) != tuple(x.shape)}
+    # Each weight's shape and its shard's; for a split weight also its shard with the number of shards as one more
+    # axis, dimensions sorted (how XLA:TPU may gather it).
+    param_shapes: set[tuple[int, ...]] = set()
+    split_layouts: set[tuple[int, ...]] = set()
+    for x in _leaves(built.state["params"]):
+        whole, shard = tuple(x.shape), tuple(x.sharding.shard_shape(tuple(x.shape)))
+        param_shapes |= {whole, shard}
+        if shard != whole:
+            split_layouts.add(tuple(sorted((*shard, math.prod(whole) // math.prod(shard)))))
     classify_gathers(colls, config, built.arch, param_shapes, dp, split_layouts)
     n = len(devices)
     model_flops = formula_flops(config, built.arch, built.rows)
@@ -716,12 +725,8 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
                                      "flops_per_chip": cost(enc)["flops"],
                                      "with_train_state_bytes": resident,
                                      "fits_beside_train_state": resident <= chip.hbm_bytes * (1 - headroom)}
-        except Exception as e:
-            if not _is_oom(e):
-                raise
-            fields = ("eval.passage_len (the packed calls' width)" if config.eval.packing
-                      else f"eval.batch_size (now {config.eval.batch_size})")
-            report["eval_encode"] = {"error": f"does not fit: lower {fields}"}
+        except DoesNotFit as e:  # the encoder's own out-of-memory, naming the field to lower
+            report["eval_encode"] = {"error": str(e)}
     return report
 
 
