@@ -69,11 +69,12 @@ def command(arm: str, seeds=SEEDS) -> list[str]:
 # What the tables say, written from the committed run files (the tables regenerate from them exactly: the
 # bootstrap's generator is seeded).
 MATRYOSHKA_READING = (
-    "What the data shows. At 30 steps the Matryoshka loss raised no retrieval metric at any dimension: at 256, 128 "
-    "and 64 its differences in mAP, R@10 and MRR lie between -0.0080 and +0.0009, most of them negative (at 128 the"
-    " multilingual R@10 and MRR and the monolingual MRR drop by 0.0038, 0.0080 and 0.0067, the three below 0.05 "
-    "after Holm), and at the full 384 dimensions it costs 0.003 to 0.005 (Holm p 0.06 to 0.22). Its one gain is "
-    "language bias at 64 dimensions: rank distance 156.3 -> 147.9 (-8.3 [-11.7, -4.8], Holm p < 0.001). Training "
+    "What the data shows. At 30 steps the Matryoshka loss raised no retrieval metric at any dimension: its "
+    "differences in mAP, R@10 and MRR lie between -0.0080 and +0.0009, most of them negative, but none survives "
+    "Holm with seeds and articles resampled together (the largest, multilingual MRR at 128 dimensions, -0.0080 "
+    "[-0.0147, -0.0023], Holm p 0.22; at the full 384 dimensions -0.003 to -0.005, Holm p 0.54 to 1). The one "
+    "difference that survives is language bias at 64 dimensions: rank distance 156.3 -> 147.9 (-8.3 [-14.2, -2.7], "
+    "Holm p 0.04). Training "
     "without it already lifts every prefix far above the untrained model (multilingual mAP at 64 dimensions: 0.225 "
     "zero-shot, 0.489 after 30 InfoNCE steps at 384), so the prefixes of me5-small carry the contrastive gain "
     "whether or not the loss is taken on them.",
@@ -82,8 +83,8 @@ MATRYOSHKA_READING = (
     "steps of 16 pairs at learning rate 5e-5 barely move the model); nDCG@10 (XQuAD-R's LAReQA protocol reports "
     "mAP, R@10, MRR and rank distance; nDCG@10 belongs to the TREC-style evaluators, which this offline slice does "
     "not have); weights other than 1 at each dimension. With 3 seeds the exact sign-flip test cannot go below 0.25,"
-    " and the bootstrap's seed level resamples 3 values: its intervals describe these schedules and questions, not "
-    "the spread of a fourth seed.",
+    " and the bootstrap's seed level resamples 3 values (their spread scaled to the unbiased variance): with so few "
+    "seeds its intervals are rough.",
 )
 DISTILL_READING = (
     "Teacher. The frozen start model (multilingual-e5-small) is the teacher of `distill`: its embedding of a unit's"
@@ -94,13 +95,14 @@ DISTILL_READING = (
     " its whole space onto MiniLM's, which 30 steps cannot do and which the contrastive term pulls against.",
     "",
     "What the data shows. With the start as teacher, embedding distillation (weight 384, so the term is the mean "
-    "squared distance per text) beside InfoNCE raised multilingual mAP by 0.0126 [0.0085, 0.0165], cross-lingual "
-    "MRR (= mAP: one relevant sentence per question and target language) by 0.0116 [0.0081, 0.0147] and lowered "
-    "language bias (rank distance) by 3.3 [1.1, 5.9] ranks, all with Holm p <= 0.007 and the same sign at every "
-    "seed; monolingual MRR did not suffer (+0.0040, Holm p 0.04).",
+    "squared distance per text) beside InfoNCE raised multilingual mAP by 0.0126 [0.0066, 0.0183], R@10 by 0.0122 "
+    "[0.0076, 0.0170] and cross-lingual MRR (= mAP: one relevant sentence per question and target language) by "
+    "0.0116 [0.0060, 0.0159], each with Holm p <= 0.0024 and the same sign at every seed. Language bias (rank "
+    "distance) fell by 3.3 ranks [-0.1, 7.9] (Holm p <= 0.17) and monolingual MRR rose by 0.0040 [-0.0012, 0.0081] "
+    "(Holm p <= 0.22): neither is shown at 3 seeds, though monolingual MRR at least did not fall.",
     "",
-    "With all-MiniLM-L6-v2 as the teacher nothing but language bias moved: mAP, R@10 and MRR within 0.0013 of the "
-    "baseline, rank distance 1.6 [0.6, 2.8] ranks lower (Holm p 0.01). Its term shows why: it starts at 2.0 (the "
+    "With all-MiniLM-L6-v2 as the teacher nothing moved: mAP, R@10 and MRR within 0.0013 of the baseline, rank "
+    "distance 1.6 ranks lower [-0.1, 3.6] (Holm p 0.38). Its term shows why: it starts at 2.0 (the "
     "mean squared distance of unit vectors, 2 (1 - cos), at cos = 0: the two spaces are unrelated) and ends the 30 "
     "steps at 1.91 to 1.98, while with the start as teacher it starts at 0.18 (0 for a batch of English pairs only)"
     " and grows to 0.31 to 0.39 as the contrastive steps move the student away from its start (`loss_embed_distill`"
@@ -138,40 +140,27 @@ def summary(run: dict, metric: str, dim: int) -> float:
 
 def paired(a: dict[int, dict], b: dict[int, dict], metric: str, dim: int, articles: dict[str, int],
            resamples: int, rng: np.random.Generator) -> dict[str, float]:
-    """b - a per question, paired by seed: the mean, a 95% interval and a two-sided p from the hierarchical
-    bootstrap (seeds, then articles, then questions, as scripts/study.py resamples), and the exact sign-flip p
-    over the seeds' means."""
+    """b - a, paired by seed, over the questions both arms' runs have: the mean, the 95% interval and the two-sided
+    p of scripts/study.py's hierarchical bootstrap (articles and seeds resampled together, the two arms drawn with
+    the same seeds: they share each seed's schedule), with `p_bound` where no resample crossed 0, and its exact
+    sign-flip p over the seeds' mean differences."""
+    from study import exact_sign_flip, hierarchical_bootstrap
+
     seeds = sorted(set(a) & set(b))
-    diffs = []
-    for s in seeds:
-        qa, qb = per_query(a[s], metric, dim), per_query(b[s], metric, dim)
-        keys = sorted(set(qa) & set(qb))
-        diffs.append({k: qb[k] - qa[k] for k in keys})
-    seed_means = np.array([np.mean(list(d.values())) for d in diffs])
-    # article clusters per seed: (sum, count) per article
-    clusters = []
-    for d in diffs:
-        by: dict[int, list[float]] = {}
-        for k, v in d.items():
-            by.setdefault(articles.get(k.split(":", 1)[1].split(">")[0], hash(k) % 10**6), []).append(v)
-        clusters.append([(sum(v), len(v)) for v in by.values()])
-    est = float(np.mean(seed_means))
-    boot = np.empty(resamples)
-    for r in range(resamples):
-        tot, cnt = 0.0, 0
-        for s in rng.integers(0, len(seeds), len(seeds)):
-            cl = clusters[s]
-            pick = rng.integers(0, len(cl), len(cl))
-            tot += sum(cl[i][0] for i in pick)
-            cnt += sum(cl[i][1] for i in pick)
-        boot[r] = tot / cnt
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    p_boot = float(min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0))))
-    signs = np.array(np.meshgrid(*[[-1, 1]] * len(seeds))).reshape(len(seeds), -1).T
-    flips = np.abs((signs * seed_means).mean(axis=1))
-    p_flip = float(np.mean(flips >= abs(seed_means.mean()) - 1e-12))
-    return {"diff": est, "lo": float(lo), "hi": float(hi), "p_boot": p_boot, "p_flip": p_flip,
-            "questions": int(np.mean([len(d) for d in diffs])), "seeds": len(seeds)}
+    per = [[per_query(arm[s], metric, dim) for s in seeds] for arm in (a, b)]
+    common = sorted(set.intersection(*(set(v) for runs in per for v in runs)))
+    # A per-query key is '<lang>:<question id>' (cross: '...>' its target language); unmapped questions: one cluster.
+    art = [articles.get(k.split(":", 1)[1].split(">")[0], -1) for k in common]
+    col = {x: i for i, x in enumerate(sorted(set(art)))}
+    where = np.array([col[x] for x in art])
+    counts = np.bincount(where, minlength=len(col)).astype(np.float64)
+    sums = np.array([[np.bincount(where, weights=[v[k] for k in common], minlength=len(col)) for v in runs]
+                     for runs in per])  # [2 arms, seeds, articles]
+    boot = hierarchical_bootstrap(sums, counts, np.array([-1.0, 1.0]), [0, 0], resamples, rng)
+    seed_diffs = (sums[1] - sums[0]).sum(axis=1) / counts.sum()
+    return {"diff": boot["estimate"], "lo": boot["ci_low"], "hi": boot["ci_high"], "p_boot": boot["p"],
+            "p_bound": boot["p_bound"], "p_flip": exact_sign_flip(seed_diffs)["p"], "questions": len(common),
+            "seeds": len(seeds)}
 
 
 def article_map() -> dict[str, int]:
@@ -245,17 +234,19 @@ def markdown(resamples: int = 5000) -> str:
         "package.)",
         "",
         "Test: per XQuAD-R question (mono, multi: per question; cross: the mean over its target languages) the "
-        "difference between two arms at the same seed; mean over seeds and questions, a 95% interval and p from a "
-        f"hierarchical bootstrap ({resamples} resamples: seeds, then articles, then questions), and the exact "
-        "sign-flip p over the 3 seeds' mean differences (0.25 is its smallest value with 3 seeds); Holm's "
-        "adjustment of the bootstrap p within each table (its family). Lower is better for rank distance only "
+        "difference between two arms at the same seed; mean over seeds and questions, a 95% interval and p from "
+        f"scripts/study.py's hierarchical bootstrap ({resamples} resamples: the XQuAD-R articles and the seeds drawn "
+        "together, both arms with the same seeds; the between-seed spread scaled to the unbiased variance; p counts "
+        "the observed value, and is written ≤ where no resample crossed 0), and the exact sign-flip p over the 3 "
+        "seeds' mean differences (0.25 is its smallest value with 3 seeds); Holm's adjustment of the bootstrap p "
+        "within each table (its family). Lower is better for rank distance only "
         "(the mean rank gap between a question's same-language and other-language answers in the multilingual "
         "pool: language bias).",
         "",
     ]
 
     def table(arm_b: str, metrics, dims) -> list[str]:
-        from study import holm
+        from study import fmt_p, holm
 
         out = ["| dim | metric | zero-shot | base (mean ± sd) | " + arm_b + " (mean ± sd) | difference [95% CI] | "
                "p (bootstrap) | p (Holm) | p (sign-flip) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -266,11 +257,15 @@ def markdown(resamples: int = 5000) -> str:
                 z = summary(zero, m, d) if zero else float("nan")
                 rows.append((d, m, label, z, vals, paired(by_seed["base"], by_seed[arm_b], m, d, articles, resamples,
                                                           rng)))
-        for (d, m, label, z, vals, t), p_holm in zip(rows, holm([r[-1]["p_boot"] for r in rows]), strict=True):
+        tests = [r[-1] for r in rows]
+        for (d, m, label, z, vals, t), p_holm in zip(rows, holm([t["p_boot"] for t in tests]), strict=True):
+            # Holm's p is a bound where a bound p at or below this test's entered it (study._holm_bound).
+            holm_bound = any(u["p_bound"] and u["p_boot"] <= t["p_boot"] for u in tests)
             out.append(f"| {d} | {label} | {fmt(z, m)} | {fmt(np.mean(vals['base']), m)} ± "
                        f"{fmt(np.std(vals['base'], ddof=1), m)} | {fmt(np.mean(vals[arm_b]), m)} ± "
                        f"{fmt(np.std(vals[arm_b], ddof=1), m)} | {fmt(t['diff'], m)} [{fmt(t['lo'], m)}, "
-                       f"{fmt(t['hi'], m)}] | {t['p_boot']:.3f} | {p_holm:.3f} | {t['p_flip']:.3f} |")
+                       f"{fmt(t['hi'], m)}] | {fmt_p(t['p_boot'], t['p_bound'])} | {fmt_p(p_holm, holm_bound)} | "
+                       f"{fmt_p(t['p_flip'])} |")
         return out
 
     if by_seed["matryoshka"]:
@@ -287,16 +282,6 @@ def markdown(resamples: int = 5000) -> str:
         lines += [*DISTILL_READING, ""]
     lines += [MARK_END]
     return "\n".join(lines)
-
-
-def replace_between(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def trim(arm: str) -> None:
@@ -331,7 +316,9 @@ def main() -> None:
                 subprocess.run(command(arm, (seed,)), check=True, cwd=REPO)
                 trim(arm)
     section = markdown(a.resamples)
-    replace_between(Path(a.results_md), section)
+    from study import replace_between
+
+    replace_between(Path(a.results_md), MARK_BEGIN, MARK_END, section)
     print(section)
 
 
