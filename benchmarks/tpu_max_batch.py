@@ -27,10 +27,11 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only TPU devices come from libtpu, not a backend
 
 from benchmarks._docs import cpu_summary, markdown_table, write_section  # noqa: E402
+from benchmarks.tpu_compile import MODELS as TABLE_MODELS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "tpu_max_batch.jsonl"
 START, END = "<!-- tpu_max_batch:start -->", "<!-- tpu_max_batch:end -->"
-MODELS = {"xlmr_base": "XLM-R base", "labse": "LaBSE"}
+MODELS = dict(TABLE_MODELS)  # the TPU table's paper models: configs/paper.py argument -> name
 
 
 def search(args: argparse.Namespace) -> dict:
