@@ -273,8 +273,9 @@ TINY_BERT = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size":
 
 
 def test_the_largest_batch_that_fits_fits_and_the_next_does_not(devices, tmp_path):
-    """find_max_batch against an HBM budget set between the tiny model's compiled totals at batch 16 and 64: the
-    batch it returns compiles within the budget, one more data-parallel unit does not."""
+    """find_max_batch against an HBM budget set between the tiny model's compiled totals at batch 12 and 16 (one
+    data-parallel unit apart, so that the search is short): from the smoke config's batch 16 it halves to 8, then
+    bisects to 12; the batch it returns compiles within the budget, one more data-parallel unit does not."""
     arch = tmp_path / "config.json"
     arch.write_text(json.dumps(TINY_BERT))
 
@@ -283,13 +284,16 @@ def test_the_largest_batch_that_fits_fits_and_the_next_does_not(devices, tmp_pat
         return C.check(config, TOPOLOGY, model_config=str(arch), headroom=headroom, eval_step=False,
                        devices=devices)["memory"]
 
-    low, high = total(16)["total_bytes"], total(64)["total_bytes"]
+    low, high = total(12)["total_bytes"], total(16)["total_bytes"]
     assert low < high  # the step's memory grows with the batch
     hbm = 16 * 2**30
     headroom = 1 - (low + high) / 2 / hbm  # the budget lies between the two
-    found = C.find_max_batch(C.load_config(SMOKE, []), TOPOLOGY, model_config=str(arch), headroom=headroom,
-                             limit=1024, log=lambda _: None)
+    config = C.load_config(SMOKE, [])
+    assert config.data.global_batch == 16  # the search starts above the answer: halving, then bisecting
+    found = C.find_max_batch(config, TOPOLOGY, model_config=str(arch), headroom=headroom, limit=1024,
+                             log=lambda _: None)
     best, unit = found["max_global_batch"], found["unit"]
-    assert unit == 4 and best % unit == 0 and 16 <= best < 64 and not found["hit_search_limit"], found
+    assert unit == 4 and best % unit == 0 and best == 12 and not found["hit_search_limit"], found
+    assert [p["global_batch"] for p in found["probes"]] == [16, 8, 12], found["probes"]
     assert found["memory"]["fits"] and found["memory"]["total_bytes"] <= hbm * (1 - headroom)
     assert not total(best + unit, headroom)["fits"]
