@@ -82,10 +82,19 @@ def _run(model, corpus, queries, out, processes, tmp_path, cache=None, dtype="fl
         return {k: z[k] for k in z.files}, reports
 
 
-def test_two_processes_search_like_one(random_bert_path, corpus, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(random_bert_path, corpus, tmp_path_factory) -> dict:
+    """The 1-process search of the jsonl corpus with the random BERT, the yardstick of both 2-process tests."""
+    plain, _, _ = corpus
+    tmp = tmp_path_factory.mktemp("one_process")
+    one, _ = _run(random_bert_path, plain, plain.parent / "queries.json", tmp / "one.npz", 1, tmp)
+    return one
+
+
+def test_two_processes_search_like_one(random_bert_path, corpus, one_process, tmp_path):
     plain, folder, _ = corpus
     queries = plain.parent / "queries.json"
-    one, _ = _run(random_bert_path, plain, queries, tmp_path / "one.npz", 1, tmp_path)
+    one = one_process
     two, reports = _run(random_bert_path, plain, queries, tmp_path / "two.npz", 2, tmp_path, cache=tmp_path / "c")
     assert int(two["processes"]) == 2 and [r["offset"] for r in reports] == [0, reports[0]["rows"]]
     assert sum(r["rows"] for r in reports) == 1200 and min(r["rows"] for r in reports) > 500
@@ -107,13 +116,13 @@ def test_two_processes_search_like_one(random_bert_path, corpus, tmp_path):
 
 
 def test_two_processes_split_an_array_record_corpus_by_records(random_bert_path, corpus, xquad_array_record,
-                                                                tmp_path):
+                                                                one_process, tmp_path):
     """The ArrayRecord form (three files of 400): 2 processes read 600 records each, the cut inside the second
     file, and search like 1 process on the jsonl corpus (scores to float32 noise; other padding can swap neighbours
     whose scores tie to 1e-5, as in the test above)."""
     plain, _, _ = corpus
     queries = plain.parent / "queries.json"
-    one, _ = _run(random_bert_path, plain, queries, tmp_path / "one.npz", 1, tmp_path)
+    one = one_process
     two, reports = _run(random_bert_path, xquad_array_record, queries, tmp_path / "two.npz", 2, tmp_path)
     assert [(r["offset"], r["rows"], r["first"]) for r in reports] == [(0, 600, ["en-0"]), (600, 600, ["de-200"])]
     assert_same_topk_up_to_ties(one["exact"], one["exact_scores"], two["exact"], two["exact_scores"])
