@@ -88,12 +88,16 @@ def test_loss_gathers_passage_embeddings_not_weights(smoke_report):
     assert "all-gather(" in hlo or "all-gather-start(" in hlo
 
 
-def test_packed_batches_gather_the_passage_embeddings_once(devices):
+def test_packed_batches_gather_the_passage_embeddings_once(devices, tmp_path):
     """Packed rows are pooled on each shard (mlret.data.packing puts a shard's texts in its own rows): the
-    embeddings meet the loss's one gather of [B x G, D] and its backward, not an all-reduce of pooled sums."""
+    embeddings meet the loss's one gather of [B x G, D] and its backward, not an all-reduce of pooled sums. The
+    small BERT of the fsdp test (hidden 128: no weight has the embeddings' shape) keeps the compilation short."""
+    arch = tmp_path / "config.json"
+    arch.write_text(json.dumps(dict(TINY_BERT, hidden_size=128, intermediate_size=256)))
     config = C.load_config(SMOKE, ["data.packing=True"])
-    r = C.check(config, TOPOLOGY, devices=devices, eval_step=False)
-    b, g, d = config.data.global_batch, config.data.group_size, 384
+    r = C.check(config, TOPOLOGY, devices=devices, model_config=str(arch), eval_step=False)
+    assert "passage_segments" in r["batch_shapes"], r["batch_shapes"]  # the packed step
+    b, g, d = config.data.global_batch, config.data.group_size, 128
     lg = r["loss_gather"]
     assert lg["embedding_gathers_per_step"] == 1 and lg["other_gathers_per_step"] == 0, lg
     assert [s.split("[")[1] for s in lg["embedding_gather_shapes"]] == [f"{b * g},{d}]"], lg
