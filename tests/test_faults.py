@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from scale_helpers import max_abs_diff
-from scale_runs import STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
+from scale_runs import DEVICES, STEPS, checkpoint_params, logged_losses, run_together, scale_env, train_cmd
 
 from mlret.metrics_log import read_metrics
 from mlret.testing.soak import complete_steps, kill_soak
@@ -25,7 +25,7 @@ from mlret.testing.soak import complete_steps, kill_soak
 def test_kill9_restarts_end_like_an_uninterrupted_run(reference_run, scale_run_args, compile_cache, tmp_path):
     workdir = tmp_path / "run"
     attempts = kill_soak(train_cmd(workdir, scale_run_args), workdir, kills=2, seed=0,
-                         env=scale_env(8, compile_cache), cwd=str(tmp_path), save_delay_s=(0.0, 0.005),
+                         env=scale_env(DEVICES, compile_cache), cwd=str(tmp_path), save_delay_s=(0.0, 0.005),
                          random_window_s=(0.0, 1.0), log_dir=tmp_path / "logs", random_after_new_checkpoint=True)
     report = [(a.mode, a.killed, a.during_save, a.expected_resume, a.resumed_from, a.last_step) for a in attempts]
     assert [a.killed for a in attempts] == [True, True, False], report
@@ -46,7 +46,7 @@ def test_poisoned_batches_are_skipped_then_stop_the_run(scale_run_args, compile_
     # mlret.testing.train: mlret.train's command line with the fault hooks (mlret/testing/faults.py) armed.
     p = run_together([train_cmd(tmp_path, scale_run_args, "--inject_nan_steps=3,12,13,14",
                                 "--config.optim.max_nonfinite_in_row=3", module="mlret.testing.train")],
-                     [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+                     [scale_env(DEVICES, compile_cache)], 600, tmp_path / "logs")[0]
     assert p.returncode not in (0, None), p.stderr[-3000:]
     assert ("NonFiniteError: step 14: the loss or gradients were non-finite for 3 steps in a row "
             "(config.optim.max_nonfinite_in_row=3)") in p.stderr
@@ -84,7 +84,8 @@ def test_a_corrupted_latest_checkpoint_resumes_from_the_previous_step(reference_
     data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
     victim.write_bytes(bytes(data))
     rel = victim.relative_to(workdir / "checkpoints" / "20")
-    p = run_together([train_cmd(workdir, scale_run_args)], [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+    p = run_together([train_cmd(workdir, scale_run_args)], [scale_env(DEVICES, compile_cache)], 600,
+                     tmp_path / "logs")[0]
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"checkpoint step 20 in {workdir}/checkpoints is damaged: {rel}: CRC32C" in p.stderr, p.stderr[-3000:]
     assert "(corrupted)" in p.stderr
@@ -106,7 +107,7 @@ def test_a_truncated_latest_checkpoint_stops_the_run_when_configured(reference_r
         f.truncate(size // 3)
     rel = victim.relative_to(workdir / "checkpoints" / "20")
     p = run_together([train_cmd(workdir, scale_run_args, "--config.checkpoint.on_damaged=stop")],
-                     [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+                     [scale_env(DEVICES, compile_cache)], 600, tmp_path / "logs")[0]
     assert p.returncode == 3, p.stderr[-3000:]
     line = next(x for x in p.stderr.splitlines() if x.startswith("mlret.train: "))
     assert line.startswith(f"mlret.train: checkpoint step 20 in {workdir}/checkpoints is damaged: {rel}: "
@@ -130,7 +131,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(reference_run, 
     cmd = " ".join(shlex.quote(c) for c in train_cmd(mount / "run", scale_run_args))
     script = (f"mount -t tmpfs -o size={size_kib}k tmpfs {mount} && {{ {cmd}; echo $? > {tmp_path}/code; }}; "
               f"cp -a {mount}/run {kept}")
-    p = run_together([["unshare", "-rm", "sh", "-c", script]], [scale_env(8, compile_cache)], 600,
+    p = run_together([["unshare", "-rm", "sh", "-c", script]], [scale_env(DEVICES, compile_cache)], 600,
                      tmp_path / "logs")[0]
     code = int((tmp_path / "code").read_text())
     assert code == 75, p.stderr[-3000:]

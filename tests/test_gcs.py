@@ -30,6 +30,7 @@ import pytest
 from gcs_fixtures import DATA, RUNS
 from scale_helpers import max_abs_diff
 from scale_runs import (
+    DEVICES,
     LOSS_RTOL,
     PARAM_TOL,
     REPO,
@@ -61,7 +62,7 @@ def bucket_data(gcs_url, shared_data) -> str:
     return str(root)
 
 
-def gcs_env(url: str, cache: Path, devices: int = 8, **extra: str) -> dict[str, str]:
+def gcs_env(url: str, cache: Path, devices: int = DEVICES, **extra: str) -> dict[str, str]:
     """The scale tests' environment, with the compilation cache on the bucket too, and `cache` as the local
     folder for copies of gs:// folders (the prepared ArrayRecord data)."""
     env = scale_env(devices, None, **extra)
@@ -91,7 +92,7 @@ def assert_no_local_gs_folder(*where: Path) -> None:
 
 @pytest.fixture(scope="session")
 def gcs_reference(gcs_url, bucket_data, scale_run_args, tmp_path_factory) -> dict:
-    """One uninterrupted 1-process x 8-device run of 20 steps with everything on the bucket."""
+    """One uninterrupted 1-process x DEVICES run of 20 steps with everything on the bucket."""
     base = tmp_path_factory.mktemp("gcs_reference")
     workdir = f"gs://{RUNS}/reference"
     (p,) = run_together([worker_cmd(workdir, base / "report.json", bucket_args(scale_run_args, bucket_data))],
@@ -261,7 +262,7 @@ def _wait_for(path: Path, text: str, procs: list[subprocess.Popen], timeout: flo
 
 @pytest.fixture(scope="module")
 def preempted_two_process(gcs_url, bucket_data, scale_run_args, tmp_path_factory):
-    """2 processes x 4 devices on the bucket, both sent SIGTERM once process 0 has logged its first step."""
+    """2 processes x DEVICES / 2 devices on the bucket, both sent SIGTERM once process 0 has logged its first step."""
     base = tmp_path_factory.mktemp("gcs_preempted")
     workdir = f"gs://{RUNS}/preempted"
     port = free_port()
@@ -273,7 +274,7 @@ def preempted_two_process(gcs_url, bucket_data, scale_run_args, tmp_path_factory
         procs.append(subprocess.Popen(
             worker_cmd(workdir, base / f"report{i}.json", args, f"--coordinator_address=127.0.0.1:{port}",
                        "--num_processes=2", f"--process_id={i}"),
-            stdout=out, stderr=err, env=gcs_env(gcs_url, base / f"cache{i}", 4), cwd=REPO, text=True))
+            stdout=out, stderr=err, env=gcs_env(gcs_url, base / f"cache{i}", DEVICES // 2), cwd=REPO, text=True))
     try:
         _wait_for(base / "p0.out", f"step 1/{STEPS}", procs, 600)
         for p in procs:
@@ -403,7 +404,7 @@ def read_only_endpoint(gcs_url):
 
 @pytest.mark.parametrize("case", ["unreachable", "missing_bucket", "no_credentials", "no_write_permission"])
 def test_bad_storage_stops_the_run_in_its_preflight(case, gcs_url, scale_run_args, tmp_path, request):
-    workdir, env = f"gs://{RUNS}/bad-{case}", scale_env(8, None, MLRET_GCS_CACHE=str(tmp_path / "cache"))
+    workdir, env = f"gs://{RUNS}/bad-{case}", scale_env(DEVICES, None, MLRET_GCS_CACHE=str(tmp_path / "cache"))
     if case == "unreachable":
         env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         want = ["the storage endpoint does not answer", "is the emulator running?"]

@@ -1,9 +1,9 @@
-"""Two processes = one process: 2 jax.distributed processes x 4 simulated devices (127.0.0.1, gloo) train 20 steps
-of the real loop to the same parameters as 1 process x 8 devices on the same data; every replica of every
-replicated array is bitwise identical on all 8 devices; the 2-process checkpoint restores in one process (for
-export, and to resume training exactly), and a checkpoint whose hosts' data positions differ fails to resume
-with a message saying why. A process killed -9 mid-run (a step or a checkpoint save, chosen by a seed) ends the
-other with one line and status 76 within its peer timeout, and a restart of both ends bit-identical to the
+"""Two processes = one process: 2 jax.distributed processes x 2 simulated devices (127.0.0.1, gloo) train 20 steps
+of the real loop to the same parameters as 1 process x 4 devices (scale_runs.DEVICES) on the same data; every
+replica of every replicated array is bitwise identical on all 4 devices; the 2-process checkpoint restores in one
+process (for export, and to resume training exactly), and a checkpoint whose hosts' data positions differ fails to
+resume with a message saying why. A process killed -9 mid-run (a step or a checkpoint save, chosen by a seed) ends
+the other with one line and status 76 within its peer timeout, and a restart of both ends bit-identical to the
 uninterrupted 2-process run."""
 
 import json
@@ -16,6 +16,7 @@ import pytest
 from etils import epath
 from scale_helpers import max_abs_diff
 from scale_runs import (
+    DEVICES,
     LOSS_RTOL,
     PARAM_TOL,
     STEPS,
@@ -41,7 +42,7 @@ def two_process_run(scale_run_args, compile_cache, tmp_path_factory):
     port = free_port()
     cmds = [worker_cmd(workdir, base / f"report{i}.json", scale_run_args, f"--coordinator_address=127.0.0.1:{port}",
                        "--num_processes=2", f"--process_id={i}") for i in range(2)]
-    procs = run_together(cmds, [scale_env(4, compile_cache)] * 2, 600, base / "logs")
+    procs = run_together(cmds, [scale_env(DEVICES // 2, compile_cache)] * 2, 600, base / "logs")
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{p.stderr[-4000:]}"
     return workdir, [read_report(base / f"report{i}.json") for i in range(2)]
@@ -59,7 +60,7 @@ def _replicas_identical(reports: list[dict], tree: str) -> int:
                 by_index.setdefault(index, set()).add(digest)
                 devices.setdefault(index, set()).add(device)
         assert all(len(d) == 1 for d in by_index.values()), f"{tree}{leaf}: replicas differ"
-        assert sum(len(d) for d in devices.values()) == 8, f"{tree}{leaf}: not on 8 devices"
+        assert sum(len(d) for d in devices.values()) == DEVICES, f"{tree}{leaf}: not on {DEVICES} devices"
         with_replicas += any(len(d) > 1 for d in devices.values())
     return with_replicas
 
@@ -70,7 +71,7 @@ def _assert_losses_match(losses: dict[int, float], ref: dict[int, float], steps)
 
 def test_two_processes_train_like_one(reference_run, two_process_run):
     workdir, reports = two_process_run
-    assert [(r["process_count"], r["device_count"], r["end_step"]) for r in reports] == [(2, 8, STEPS)] * 2
+    assert [(r["process_count"], r["device_count"], r["end_step"]) for r in reports] == [(2, DEVICES, STEPS)] * 2
     ref = reference_run["report"]
     losses = {int(k): v for k, v in reports[0]["losses"].items()}
     ref_losses = {int(k): v for k, v in ref["losses"].items()}
@@ -83,7 +84,7 @@ def test_two_processes_train_like_one(reference_run, two_process_run):
     assert max_abs_diff(params, reference_run["params"]) <= PARAM_TOL
     assert max_abs_diff(params, checkpoint_params(workdir, 5)) > 1e-4  # training moved the weights meanwhile
 
-    # Every replicated array (all of them on this (8, 1, 1) mesh) is identical on all 8 devices of both processes.
+    # Every replicated array (all of them on this (DEVICES, 1, 1) mesh) is identical on every device of both processes.
     assert _replicas_identical(reports, "params") == len(reports[0]["params"])
     assert _replicas_identical(reports, "opt_state") > 0
     assert _replicas_identical([ref], "params") == len(ref["params"])
@@ -94,7 +95,8 @@ def test_two_process_checkpoint_resumes_exactly_in_one_process(reference_run, tw
     workdir, _ = two_process_run
     for step in (5, 10):  # the 2-process run as it stood at step 10
         shutil.copytree(workdir / "checkpoints" / str(step), tmp_path / "checkpoints" / str(step))
-    p = run_together([train_cmd(tmp_path, scale_run_args)], [scale_env(8, compile_cache)], 600, tmp_path / "logs")[0]
+    p = run_together([train_cmd(tmp_path, scale_run_args)], [scale_env(DEVICES, compile_cache)], 600,
+                     tmp_path / "logs")[0]
     assert p.returncode == 0, p.stderr[-4000:]
     assert "step 10 was written by 2 processes, restored by 1" in p.stderr and "at step 10" in p.stderr
     losses = logged_losses(tmp_path)
@@ -130,7 +132,7 @@ def test_a_dead_worker_ends_the_other_within_its_bound_and_a_restart_resumes_exa
     rng = random.Random(KILL_SEED)
     point, victim = rng.choice(("step", "save")), rng.choice((0, 1))
     workdir = tmp_path / "run"
-    env = scale_env(4, compile_cache)
+    env = scale_env(DEVICES // 2, compile_cache)
 
     def cmds(*extra):
         port = free_port()
