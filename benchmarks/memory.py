@@ -71,8 +71,21 @@ def resident() -> tuple[float, float, float]:
     fn = libc().mallinfo2
     fn.restype = _MallInfo2
     info = fn()
-    live = sum(int(x.nbytes) for x in jax.live_arrays())
-    return live / GIB, (info.uordblks + info.hblkhd) / GIB, info.fordblks / GIB
+    return live_bytes(jax.live_arrays()) / GIB, (info.uordblks + info.hblkhd) / GIB, info.fordblks / GIB
+
+
+def live_bytes(arrays) -> int:
+    """Bytes of the distinct device buffers behind `arrays` (`jax.live_arrays()`): a buffer two arrays share
+    counts once. Orbax's save takes a per-shard view of every array it writes (`addressable_shards[i].data`, the
+    same buffer under a second jax.Array that the saved array keeps until it is freed), and summing `nbytes` over
+    the live arrays counted the train state twice after every checkpoint."""
+    seen: dict[tuple[int, int], int] = {}
+    for x in arrays:
+        if x.is_deleted():
+            continue
+        for shard in x.addressable_shards:
+            seen[(shard.device.id, shard.data.unsafe_buffer_pointer())] = int(shard.data.nbytes)
+    return sum(seen.values())
 
 
 def tree_bytes(tree) -> int:
