@@ -74,7 +74,9 @@ def _run(model, corpus, queries, out, processes, tmp_path, cache=None, dtype="fl
         if pad_check:
             cmd += ["--pad-check"]
         cmds.append(cmd)
-    procs = run_together(cmds, [scale_env(8 // processes)] * processes, 600, tmp_path / f"logs{processes}")
+    # 4 simulated devices in all (1 x 4 or 2 x 2): the shard encoder splits its rows over devices, and 8 of them
+    # cost more on 2 cores without covering more.
+    procs = run_together(cmds, [scale_env(4 // processes)] * processes, 600, tmp_path / f"logs{processes}")
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{p.stderr[-4000:]}"
     reports = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
