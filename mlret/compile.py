@@ -571,9 +571,23 @@ def _is_oom(e: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
 
 
+class _CompilerError(Exception):
+    """An exception XLA raised while compiling a lowered step (not while tracing it)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def compile_step(built: Built) -> tuple[Any, float]:
+    """The train step lowered (traced: an error here is mlret's or the config's, raised as it is) and compiled
+    by XLA (the only part whose errors `check` reports as the compiler's)."""
     t0 = time.perf_counter()
-    compiled = built.trainer.step.lower(built.state, built.batch).compile()
+    lowered = built.trainer.step.lower(built.state, built.batch)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        raise _CompilerError(e) from e
     return compiled, time.perf_counter() - t0
 
 
@@ -656,7 +670,8 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
     }
     try:
         compiled, seconds = compile_step(built)
-    except Exception as e:
+    except _CompilerError as wrapped:
+        e = wrapped.error
         if _is_oom(e):
             need = re.search(r"required for [^(]*\(([^)]+)\) exceeds available HBM \(([^)]+)\)", str(e))
             amount = f" (XLA: {need.group(1)} needed, {need.group(2)} available)" if need else ""
