@@ -571,26 +571,6 @@ def _is_oom(e: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
 
 
-class _CompilerError(Exception):
-    """An exception XLA raised while compiling a lowered step (not while tracing it)."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def compile_step(built: Built) -> tuple[Any, float]:
-    """The train step lowered (traced: an error here is mlret's or the config's, raised as it is) and compiled
-    by XLA (the only part whose errors `check` reports as the compiler's)."""
-    t0 = time.perf_counter()
-    lowered = built.trainer.step.lower(built.state, built.batch)
-    try:
-        compiled = lowered.compile()
-    except Exception as e:
-        raise _CompilerError(e) from e
-    return compiled, time.perf_counter() - t0
-
-
 def compile_encode(config: Any, built: Built, devices_mesh: Any) -> tuple[Any, float, dict[str, Any]]:
     """The evaluation passage encoder the run would use (`mlret.eval.encode`'s jitted functions) over the trained
     weights, and its call's shape: packed rows (config.eval.packing and a model with a packed path, as
@@ -668,10 +648,13 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
         "batch_shapes": {k: list(v.shape) for k, v in built.batch.items()},
         "build_seconds": round(build_s, 2),
     }
+    t0 = time.perf_counter()
+    # Lowered outside the try: an error while tracing the step is mlret's or the config's and is raised as it is;
+    # only XLA's compilation errors are reported as the compiler's.
+    lowered = built.trainer.step.lower(built.state, built.batch)
     try:
-        compiled, seconds = compile_step(built)
-    except _CompilerError as wrapped:
-        e = wrapped.error
+        compiled = lowered.compile()
+    except Exception as e:
         if _is_oom(e):
             need = re.search(r"required for [^(]*\(([^)]+)\) exceeds available HBM \(([^)]+)\)", str(e))
             amount = f" (XLA: {need.group(1)} needed, {need.group(2)} available)" if need else ""
@@ -679,6 +662,7 @@ def check(config: Any, topology: str, *, num_slices: int = 1, model_config: str 
                              f"data.global_batch={config.data.global_batch}: {oom_hint(config, None, dp)}") from None
         raise ConfigError(f"XLA:TPU rejected the train step for {topology}: {' '.join(str(e).split())[:400]}; "
                           "check model.attention, data.query_len / data.passage_len and mesh.tensor") from None
+    seconds = time.perf_counter() - t0
     mem = memory_report(compiled, chip, headroom)
     c = cost(compiled)
     hlo = compiled.as_text()
