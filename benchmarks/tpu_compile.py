@@ -170,9 +170,10 @@ benchmarks/tpu_compile.jsonl), then `python benchmarks/tpu_compile.py --write`. 
 `python -m mlret.compile --config configs/paper.py:MODEL,hybrid --model_config builtin --topology T [--num_slices 2]
 --no_eval --config.data.global_batch=B --config.train.grad_cache_chunk=C --config.data.packing=P`, compiled by
 libtpu 0.0.42.1 (jax 0.10.2) on {cpu_summary()}, load average {min(loads):.1f}-{max(loads):.1f} (other sessions
-share the two cores), {dates[0]} to {dates[-1]} UTC. {done} of {total} planned rows measured: {core_done} of the {len(core)} rows of the paper's batch and the
-gradient-cached pod batches (both layouts), {done - core_done} of the {total - len(core)} pod batches without gradient
-caching (the rest were not reached in the sessions' time: see the list below the table).
+share the two cores), {dates[0]} to {dates[-1]} UTC. {done} of {total} planned rows measured:
+{core_done} of the {len(core)} rows of the paper's batch and the gradient-cached pod batches (both layouts),
+{done - core_done} of the {total - len(core)} pod batches without gradient caching (the rest were not reached in
+the sessions' time: see the list below the table).
 
 Settings: configs/paper.py (bf16 compute, float32 weights and AdamW state, lengths 64/256, G = 2, no remat,
 `loss.gather=constraint`, pure data parallelism), architectures from the hub config.json files
