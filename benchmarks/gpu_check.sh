@@ -54,6 +54,27 @@ python3 -c "import jax, flax, grain, tensorflow_datasets, ml_collections, scann;
 jax.devices(), 'flax', flax.__version__, 'grain', grain.__version__)" 2>&1 | tee "$OUT/env.log" || exit 1
 nvidia-smi >> "$OUT/env.log" 2>&1 || true
 
+stage "1b. the GPU's target config (for mlret.compile's deviceless GPU compile on a CPU machine)"
+# Issue 25 item 6: the GpuTargetConfigProto read from this GPU; commit it as benchmarks/gpu_specs/<name>.txtpb and
+# `python -m mlret.compile --topology gpu:1x1xN --gpu_target_config` covers this GPU from then on, without one.
+if [ $DRY = 0 ]; then
+  python3 - "$OUT/gpu_target_config.txtpb" <<'PY' 2>&1 | tee -a "$OUT/env.log"
+import datetime, sys
+import jax
+from jax._src.lib import _jax as xc
+devices = jax.devices()
+text = xc.get_topology_for_devices(devices).target_config
+head = (f"# GpuTargetConfigProto read from {devices[0].device_kind} ({len(devices)} visible) on "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, by benchmarks/gpu_check.sh:\n"
+        "# python -c \"import jax; from jax._src.lib import _jax as xc; "
+        "print(xc.get_topology_for_devices(jax.devices()).target_config)\"\n")
+open(sys.argv[1], "w").write(head + text)
+print("target config of", devices[0].device_kind, "->", sys.argv[1], f"({len(text)} characters)")
+PY
+else
+  echo "dry run: no GPU, no target config to read"
+fi
+
 stage "2. parity tests"
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -q -p no:cacheprovider \
     tests/test_model_parity.py tests/test_packing.py -k "random or xlmr" 2>&1 | tee "$OUT/parity.log"

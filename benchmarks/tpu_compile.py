@@ -229,7 +229,8 @@ GPU_TEXT = """
 (`pip install --no-deps jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2`, no CUDA libraries, no GPU) and a
 `GpuTargetConfigProto` text give compile-only CUDA devices, and XLA:GPU compiles the real step for them. No GPU was
 lent to read the target config from one, so benchmarks/gpu_specs/h100_sxm.txtpb is XLA's own H100 SXM spec file
-(`xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb`; it has no cuDNN version). Command:
+(`xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb`; it has no cuDNN version); benchmarks/gpu_check.sh reads the real
+one (`gpu_target_config.txtpb` in its output) the first time a GPU is lent. Command:
 `python -m mlret.compile --config configs/paper.py:xlmr_base,hybrid --model_config builtin --topology gpu:1x1xN
 --gpu_target_config benchmarks/gpu_specs/h100_sxm.txtpb --no_eval --config.data.global_batch=B` (B = 100; 104 on 8,
 the next multiple of 8). XLA:GPU reports no generated-code bytes, and its temporaries are its buffer assignment
