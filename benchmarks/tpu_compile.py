@@ -207,6 +207,18 @@ What the compiler did that the design did not say (read from the compiled HLO of
   the optimizer update runs sharded: the updated weights come back as all-gathers of their bf16 copies
   (the 224 "other" gathers, among them the 250,002 x 768 word embeddings), and the loss's gather stays float32.
   This is XLA's own weight-update sharding, not mesh.fsdp; it moves about as many bytes as one all-reduce.
+- Packing pays from a few pairs per chip on: with gradient caching the packed step's bound is 0.5-0.7 of the
+  padded one (texts fill half their length here) and its HBM 12-28% lower (LaBSE on v5e excepted, below). At one
+  or two pairs per chip (the paper's batch on v5e-256 and v5p-128) it costs instead: each shard's packed rows are
+  rounded up to `data.packing_rows_multiple` (4), so one pair per chip encodes 4 query and 4 passage rows where
+  padding encodes 1 and 2 (XLM-R base on v5e-256: 37.0 against 27.1 ms, 6.58 against 5.24 GiB). At that scale set
+  the multiple to 1 or leave packing off.
+- LaBSE with gradient caching on v5e-16 takes 16.33-16.37 GiB per chip in all six rows (1,024, 4,096 and 16,384
+  pairs, padded and packed), about 102% of v5e's 15.75 GiB, though XLA:TPU compiled each (elsewhere it refuses
+  outright): the total follows neither the batch nor the layout, where XLM-R base's drops 12-28% with packing. On
+  v5e-256 it is 16.33 GiB padded and 17.34 GiB packed. So on v5e LaBSE does not fit at any of these batches; what
+  to change is `train.grad_cache_chunk`, `model.remat` or `mesh.fsdp` (its 5.3 GiB of replicated float32 weights
+  and AdamW state), not the batch.
 """
     missing = [r for r in planned if key(r) not in results]
     if missing:
