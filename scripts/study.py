@@ -634,6 +634,12 @@ def select_settings(sweep_out: Path, study_config: Any, models: Sequence[str]) -
     return out
 
 
+def swept_models(sweep_out: Path, study_config: Any, models: Sequence[str]) -> list[str]:
+    """The models the sweep's report covers: this call's `models` and every other swept model with run files in
+    `sweep_out` (a call for one model must not drop another's section and chosen settings), in SWEEP's order."""
+    return [m for m in study_config.SWEEP if m in models or (sweep_out / m).is_dir()]
+
+
 def sweep_markdown(selection: dict[str, Any], sweep_out: Path) -> str:
     """docs/study/sweep/sweep.md: the dev learning curves of every sweep run and each loss's chosen setting."""
     lines = ["# Learning-rate x temperature sweep on the held-out MLQA-R dev split", "",
@@ -1592,7 +1598,7 @@ def main(argv: list[str]) -> None:
         if not f["report_only"]:
             stage = make_stage("sweep", study_config, load_config(models[0], overrides).data.data_dir)
             run_study(out, plan_sweep(models, study_config.SWEEP), overrides, stage)
-        selection = select_settings(out, study_config, models)
+        selection = select_settings(out, study_config, swept_models(out, study_config, models))
         docs = Path(f["docs"] or out)
         docs.mkdir(parents=True, exist_ok=True)
         write_json(docs / "selection.json", selection)

@@ -352,6 +352,9 @@ def test_select_settings_from_dev_curves(study, tmp_path):
     assert sel["missing"] == ["infonce_alpha1_lr5e-05_tau0.05_seed0.json.gz"]
     assert sel["rows"][0]["curve"]["10"] < sel["rows"][0]["curve"]["30"]
     assert "| Eq. 1 as written | hybrid (α=0.5) | 1e-05 | 0.01 | 0 |" in study.sweep_markdown({"me5": sel}, tmp_path)
+    # A later call for MiniLM alone reports both models: the me5 section and settings are not dropped.
+    assert study.swept_models(tmp_path, cfg, ["minilm"]) == ["me5", "minilm"]
+    assert study.swept_models(tmp_path, cfg, ["me5"]) == ["me5"]
 
 
 def test_gpu_preset_trains_and_evaluates_on_disjoint_data(study, shared_data):
