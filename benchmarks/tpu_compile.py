@@ -211,8 +211,8 @@ What the compiler did that the design did not say (read from the compiled HLO of
   padded one (texts fill half their length here) and its HBM lower: 12-28% for XLM-R base, 5-21% for LaBSE
   (except on v5e, below). At one or two pairs per chip (the paper's batch on v5e-256 and v5p-128) it costs
   instead: each shard's packed rows are rounded up to `data.packing_rows_multiple` (4), so one pair per chip
-  encodes 4 query and 4 passage rows where padding encodes 1 and 2 (XLM-R base on v5e-256: 37.0 against 27.1 ms, 6.58 against 5.24 GiB). At that scale set
-  the multiple to 1 or leave packing off.
+  encodes 4 query and 4 passage rows where padding encodes 1 and 2 (XLM-R base on v5e-256: 37.0 against 27.1 ms,
+  6.58 against 5.24 GiB). At that scale set the multiple to 1 or leave packing off.
 - LaBSE with gradient caching on v5e-16 takes 16.33-16.37 GiB per chip in all six rows (1,024, 4,096 and 16,384
   pairs, padded and packed), about 102% of v5e's 15.75 GiB, though XLA:TPU compiled each (elsewhere it refuses
   outright): the total follows neither the batch nor the layout, where XLM-R base's drops 12-28% with packing. On
