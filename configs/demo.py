@@ -2,10 +2,12 @@
 
     python -m mlret.train --config configs/demo.py
 
-It fine-tunes multilingual-e5-small with hybrid batches (alpha = 0.5) on MLQA-R units, evaluates zero-shot on
-an XQuAD-R subset (all 11 languages, mono / cross / multilingual, language bias) and a Tatoeba subset every
-EVAL_EVERY steps, prints the results table at the end and exports a Hugging Face + sentence-transformers folder
-to <workdir>/export. Run it again and it resumes (or, finished, just evaluates, prints and exports again).
+It fine-tunes multilingual-e5-small with hybrid batches (alpha = 0.5) on MLQA-R units at the settings the study
+chose on its held-out dev split (LOSS's learning rate and temperature in docs/study/sweep/selection.json, the
+study's 30 steps of 16 pairs), evaluates on an XQuAD-R subset (all 11 languages, mono / cross / multilingual,
+language bias) and a Tatoeba subset before training and every EVAL_EVERY steps, prints the results table at the end
+and exports a Hugging Face + sentence-transformers folder to <workdir>/export. Run it again and it resumes (or,
+finished, just evaluates, prints and exports again).
 
 Two documented fields say where things come from:
 
@@ -25,13 +27,28 @@ override any field on the command line, e.g. `--config.train.steps=200 --config.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from mlret.config import load_config_module
 
-STEPS = 40
-EVAL_EVERY = 20
+LOSS = "infonce"  # a row of configs/study.py's LOSSES
+EVAL_EVERY = 15
+# Written by `python scripts/study.py --stage sweep --report_only`: each loss's (learning rate, temperature) chosen
+# on the held-out MLQA-R dev split (issue 31).
+SELECTION = Path(__file__).resolve().parent.parent / "docs" / "study" / "sweep" / "selection.json"
+
+
+def chosen_setting(model: str = "me5", loss: str = LOSS) -> tuple[float, float]:
+    """(learning rate, temperature) the study chose for `loss` on `model`, from SELECTION."""
+    try:
+        chosen = json.loads(SELECTION.read_text())[model]["chosen"][loss]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"configs/demo.py: no chosen setting for {model} / {loss} in {SELECTION} ({e!r}); "
+                         "run `python scripts/study.py --stage sweep --report_only`") from None
+    lr, tau = chosen
+    return float(lr), float(tau)
 
 
 def _study_module():
@@ -48,9 +65,10 @@ def get_config():
     c.workdir = "runs/demo"  # relative to where the command runs; --workdir or --config.workdir move it
 
     c.data.alpha = 0.5  # hybrid batches: half monolingual, half cross-lingual
-    c.train.steps = STEPS
+    # The study's chosen setting for LOSS (its steps and warm-up are configs/study.py's already).
+    c.loss.update(study.LOSSES[LOSS])
+    c.optim.learning_rate, c.loss.temperature = chosen_setting("me5", LOSS)
     c.train.log_every = 5
-    c.optim.warmup_steps = max(1, STEPS // 10)
     c.eval.every = EVAL_EVERY
     c.eval.at_start = True  # the start model's zero-shot numbers, beside the trained ones in the final tables
     c.eval.progress = True
