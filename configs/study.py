@@ -120,6 +120,24 @@ GPU_OVERRIDES = (
     "eval.evaluators=xquad_r,tatoeba,tydiqa", "eval.batch_size=1024", "eval.xquad_r.max_paragraphs=0",
     "eval.tatoeba.max_sentences=0",
 )
+# The scale of the final grid (--stage final), as SCALE_NOTES is the 30-step grid's.
+FINAL_SCALE_NOTES = (
+    "Models: multilingual-e5-small (12 layers, hidden 384, 118M parameters; the paper's XLM-R / LaBSE do not train "
+    "on this CPU) and all-MiniLM-L6-v2 (6 layers, English-only start: where training must help cross-lingually).",
+    f"Batch {BATCH} pairs (paper: 100), 1 hard negative each; training lengths query {QUERY_LEN}, passage "
+    f"{PASSAGE_LEN}; {STEPS} steps per run (the paper trains for epochs).",
+    "Learning rate and temperature: each loss's setting chosen on the held-out MLQA-R dev split by the sweep "
+    "(SWEEP: me5 at lr 1e-5 / 2e-5 / 5e-5, MiniLM at 2e-5 / 5e-5 / 1e-4, τ 0.01 / 0.05, one seed per setting; "
+    "DEV_CRITERION at step 30, averaged over the loss's swept batchings; the symmetric and VRN rows take InfoNCE's). "
+    "The dev articles are dropped from training in the sweep and in the final grid.",
+    f"XQuAD-R: {SLICE_PARAGRAPHS} paragraphs drawn at random within all 48 articles (SLICE_SEED, the same draw for "
+    "every run), their questions in all 11 languages and those paragraphs' sentences as candidates.",
+    f"Tatoeba: the first {MAX_SENTENCES} pairs of each of 10 languages. TyDi QA: the 11-example offline sample "
+    "(6 with a gold passage; listed, not tested).",
+    f"VRN: lambda = {VRN_WEIGHT:g} (the VRN paper's 30 is for SimCLR from scratch at a higher temperature; "
+    "not swept), p = 2.",
+    "MiniLM runs the core 2 x 2 (Eq. 1 / InfoNCE x hybrid / X-X-mono) only: its answer has no X-Y column.",
+)
 GPU_HELD_OUT_DEV = True  # the preset evaluates the MLQA-R dev articles (and trains without them)
 GPU_SCALE_NOTES = (
     "GPU preset: batch 100 pairs (as the paper), 1 hard negative each, training lengths query 64, passage 128, "

@@ -660,7 +660,27 @@ def sweep_markdown(selection: dict[str, Any], sweep_out: Path) -> str:
                          f"{r['seed']} | " + " | ".join(f"{r['curve'].get(k, float('nan')):.4f}" for k in steps) + " |")
         lines += ["", "Chosen (mean over the loss's cells and seeds at the last step): " + "; ".join(
             f"{loss_label(x)}: lr {lr:g}, τ {tau:g}" for x, (lr, tau) in sel["chosen"].items()) + ".", ""]
+        lines += _setting_ranks(sel)
     return "\n".join(lines)
+
+
+def _setting_ranks(sel: dict[str, Any]) -> list[str]:
+    """Each swept loss's settings ranked by the selection's score, with the margin to the chosen one (how close the
+    choice was: one seed per setting cannot separate settings a few thousandths apart)."""
+    by_loss: dict[str, list[tuple[float, float, float]]] = {}
+    for key, score in sel.get("scores", {}).items():
+        loss, lr, tau = key.split("|")
+        by_loss.setdefault(loss, []).append((score, float(lr), float(tau)))
+    if not by_loss:
+        return []
+    lines = ["Every swept setting by its score (the criterion at the last step, mean over the loss's swept "
+             "batchings), best first:", "", "| loss | rank | lr | τ | score | minus the chosen |",
+             "|---|---|---|---|---|---|"]
+    for loss, cands in by_loss.items():
+        cands.sort(key=lambda c: (-c[0], c[1]))
+        for i, (score, lr, tau) in enumerate(cands, 1):
+            lines.append(f"| {loss_label(loss)} | {i} | {lr:g} | {tau:g} | {score:.4f} | {score - cands[0][0]:+.4f} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -1272,12 +1292,19 @@ def run_context(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     on, whether their settings were chosen on the dev split, each loss's learning rate and temperature)."""
     runs = [r for m in load_runs(out).values() for r in [*(r for rs in m["runs"].values() for r in rs),
                                                           m["zero_shot"]] if r]
-    trained = [r for r in runs if r.get("loss")]
     ctx = {"slice": next((r["xquad_slice"] for r in runs if r.get("xquad_slice")), None),
            "tuned": any(r.get("stage") == "final" for r in runs),
-           "settings": {r["loss"]: (r["config"].get("optim", {}).get("learning_rate"),
-                                    r["config"].get("loss", {}).get("temperature")) for r in trained}}
+           "settings": {}}
+    for model, m in load_runs(out).items():  # per model: each loss's (learning rate, temperature)
+        ctx["settings"][model] = {r["loss"]: (r["config"].get("optim", {}).get("learning_rate"),
+                                              r["config"].get("loss", {}).get("temperature"))
+                                  for rs in m["runs"].values() for r in rs if r and r.get("loss")}
     return (runs[0]["config"] if runs else None), ctx
+
+
+def model_context(ctx: dict[str, Any], model: str) -> dict[str, Any]:
+    """`run_context`'s answer context for one model (its own losses' settings)."""
+    return {**ctx, "settings": ctx["settings"].get(model, {})}
 
 
 def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | None = None) -> list[str]:
@@ -1291,7 +1318,8 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
 
     def verdict(*tests: dict[str, Any] | None) -> str:
         tests = tuple(t for t in tests if t is not None)
-        held = [t["label"] for t in tests if t["p_holm"] < sig]
+        held = [f"{t['label']} against {t['contrast'].split(' − ')[-1].split(' (')[0]}" for t in tests
+                if t["p_holm"] < sig]
         if not held:
             return "none of these holds after Holm (p < 0.05)" if len(tests) > 1 else "it does not hold after Holm"
         return f"{' and '.join(held)} hold{'s' if len(held) == 1 else ''} after Holm"
@@ -1307,35 +1335,38 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
                + ", ".join(f"{SHORT_LOSS.get(x, x)}: {lr:g} / {tau:g}" for x, (lr, tau) in ctx["settings"].items())
                + ")." if ctx and ctx["tuned"] else "learning rate and temperature untuned (the sweep of issue 31 "
                "is pending), so every effect below is at these settings only.")]
-    mm, mx = (_find(A, k, contrast=f"hybrid − {alpha_label(MONO)}") for k in ("mono_mrr", "mono_acc1"))
-    xm, xx = (_find(A, k, contrast=f"hybrid − {alpha_label(XY)}") for k in ("mono_mrr", "mono_acc1"))
+    bases = [b for b in (MONO, XY) if any(a == b for _, a in rows)]  # MiniLM's 2 x 2 has no X-Y
+
+    def contrasts(*pairs: tuple[str, str]) -> tuple[str, list[dict[str, Any] | None]]:
+        """'Hybrid minus X-X-mono: mono MRR ..., hit@1 ...; hybrid minus X-Y: ...' over the baselines run, and
+        the tests it cites."""
+        parts, tests = [], []
+        for b in bases:
+            found = [(label, _find(A, key, contrast=f"hybrid − {alpha_label(b)}")) for key, label in pairs]
+            tests += [t for _, t in found]
+            parts.append(f"hybrid minus {alpha_label(b).split(' (')[0]}: " + ", ".join(
+                f"{label} {_says(t, 'A', A)}" for label, t in found))
+        text = "; ".join(parts)
+        return text[:1].upper() + text[1:], tests
+
+    text, tests = contrasts(("mono_mrr", "mono MRR"), ("mono_acc1", "hit@1"))
     cols = {a: np.mean([r["metrics"]["mono_mrr"][0] for (x, b), r in rows.items() if b == a])
             for a in (MONO, XY, HYBRID) if any(b == a for _, b in rows)}
     order = " > ".join(alpha_label(a).split(" (")[0] for a in sorted(cols, key=lambda a: -cols[a]))
-    out.append(f"**Monolingual (MRR, hit@1 = retrieval exact match).** Hybrid minus X-X-mono: mono MRR "
-               f"{_says(mm, 'A', A)}, hit@1 {_says(mx, 'A', A)}; hybrid minus X-Y: mono MRR {_says(xm, 'A', A)}, "
-               f"hit@1 {_says(xx, 'A', A)}; {verdict(mm, mx, xm, xx)}. The column means order {order} on mono MRR "
-               "(two-way table), but with 3 schedules per batching that order is not separated from "
-               "schedule-to-schedule variation." if not any(t and t["p_holm"] < sig for t in (mm, mx, xm, xx)) else
-               f"**Monolingual (MRR, hit@1 = retrieval exact match).** Hybrid minus X-X-mono: mono MRR "
-               f"{_says(mm, 'A', A)}, hit@1 {_says(mx, 'A', A)}; hybrid minus X-Y: mono MRR {_says(xm, 'A', A)}, "
-               f"hit@1 {_says(xx, 'A', A)}; {verdict(mm, mx, xm, xx)}.")
-    cm, cx = (_find(A, "cross_mrr", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
-    ch, chx = (_find(A, "cross_acc1", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
-    out.append(f"**Cross-lingual (MRR, hit@1).** Hybrid minus X-X-mono: MRR {_says(cm, 'A', A)}, hit@1 "
-               f"{_says(ch, 'A', A)}; hybrid minus X-Y: MRR {_says(cx, 'A', A)}, hit@1 {_says(chx, 'A', A)}; "
-               f"{verdict(cm, ch, cx, chx)}.")
-    pm, px = (_find(A, "multi_map", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
-    rm, rx = (_find(A, "rank_distance", contrast=f"hybrid − {alpha_label(b)}") for b in (MONO, XY))
-    out.append(f"**Multilingual pool (mAP and language bias as rank distance, lower is better; MRR and hit@1 barely "
-               f"see the bias).** Hybrid minus X-X-mono: mAP {_says(pm, 'A', A)}, rank distance {_says(rm, 'A', A)}; "
-               f"hybrid minus X-Y: mAP {_says(px, 'A', A)}, rank distance {_says(rx, 'A', A)}; "
-               f"{verdict(pm, rm, px, rx)}.")
+    out.append(f"**Monolingual (MRR, hit@1 = retrieval exact match).** {text}; {verdict(*tests)}." + (
+        f" The column means order {order} on mono MRR (two-way table), but with {len(inf['seeds'])} schedules per "
+        "batching that order is not separated from schedule-to-schedule variation."
+        if not any(t and t["p_holm"] < sig for t in tests) else ""))
+    text, tests = contrasts(("cross_mrr", "MRR"), ("cross_acc1", "hit@1"))
+    out.append(f"**Cross-lingual (MRR, hit@1).** {text}; {verdict(*tests)}.")
+    text, tests = contrasts(("multi_map", "mAP"), ("rank_distance", "rank distance"))
+    out.append("**Multilingual pool (mAP and language bias as rank distance, lower is better; MRR and hit@1 barely "
+               f"see the bias).** {text}; {verdict(*tests)}.")
     held = {name: [t for t in fam.get(name, []) if t["p_holm"] < sig] for name in ("loss", "batching", "interaction")}
     lead = next((t for t in B if t["metric"] == "mono_mrr"), None)
     out.insert(1, f"**In short:** at the run level, {len(held['loss'])} of {len(B)} loss effects (Eq. 1 as written "
                f"minus InfoNCE, table B) hold after Holm" + (
-                   f", Eq. 1 ahead on mono MRR by {_num(lead['estimate'], 'mono_mrr')}" if lead else "")
+                   f" (Eq. 1 minus InfoNCE on mono MRR: {_num(lead['estimate'], 'mono_mrr')})" if lead else "")
                + f"; {len(held['batching'])} of {len(A)} batching contrasts (table A) and {len(held['interaction'])} "
                f"of {len(C)} loss x batching interactions (table C) do." + (
                    f" With {len(inf['seeds'])} schedules per batching, the batching differences the paper is about "
@@ -1348,8 +1379,8 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
             by_metric.setdefault(f"{p['label']} ({p['position']})", []).append(SHORT_LOSS.get(p["loss"], p["loss"]))
         out.append(f"**Hybrid is not always between the baselines** (table H: {len(pos) - len(off)} of {len(pos)} "
                    "loss x metric cells): it is outside them for " + "; ".join(
-                       f"{k} under {', '.join(v)}" for k, v in by_metric.items()) + ".")
-    else:
+                       f"{k} under {', '.join(v)}" for k, v in by_metric.items()).rstrip(".") + ".")
+    elif pos:
         out.append(f"Hybrid's mean lies between the two baselines' in all {len(pos)} loss x metric cells (table H).")
     loss_parts = []
     for metric, label, _ in PRIMARY:
@@ -1359,12 +1390,21 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
                               f"blocks, exact p {fmt_p(t['exact']['p'])}, Holm {fmt_p(t['p_holm'])})")
     held = [t for t in B if t["p_holm"] < sig]
     first = {x: rows[(x, MONO)]["first_loss"] for x in ("eq1", "infonce") if (x, MONO) in rows}
+    tuned = bool(ctx and ctx["tuned"])
+    settings = (ctx or {}).get("settings", {})
+    caveat = (
+        "Each loss runs at its own setting chosen on the dev split (" + ", ".join(
+            f"{SHORT_LOSS.get(x, x)} lr {settings[x][0]:g}, τ {settings[x][1]:g}" for x in ("eq1", "infonce")
+            if x in settings) + "), so this compares the two objectives each at its best swept step size and "
+        "temperature, not at equal settings; the sweep's tables (docs/study/sweep/sweep.md) show each at the "
+        "other's.") if tuned else (
+        "Eq. 1 scores each query against its own positive and the batch's hard negatives only, so its loss and "
+        "gradients are smaller (first-10-step loss at X-X-mono " + ", ".join(
+            f"{SHORT_LOSS[x]} {v:.2f}" for x, v in first.items())
+        + "): without a learning-rate sweep, 'Eq. 1 is better' cannot be told apart from 'Eq. 1 takes smaller "
+        "steps'.")
     out.append("**Loss (Eq. 1 as written minus InfoNCE, blocked by schedule; table B):** " + "; ".join(loss_parts)
-               + f". {len(held)} of {len(B)} effects hold after Holm. Eq. 1 scores each query against its own "
-               "positive and the batch's hard negatives only, so its loss and gradients are smaller (first-10-step "
-               "loss at X-X-mono " + ", ".join(f"{SHORT_LOSS[x]} {v:.2f}" for x, v in first.items())
-               + "): without a learning-rate sweep, 'Eq. 1 is better' cannot be told apart from 'Eq. 1 takes "
-               "smaller steps'.")
+               + f". {len(held)} of {len(B)} effects hold after Holm. " + caveat)
     if C:
         held_c = [t for t in C if t["p_holm"] < sig]
         out.append(f"**Interaction (table C):** {len(held_c)} of {len(C)} tests of 'the loss changes the batching "
@@ -1374,13 +1414,13 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
         best = {k: max(r["metrics"][k][0] for r in rows.values()) for k in ("mono_mrr", "cross_mrr", "multi_map")}
         bias = min(r["metrics"]["rank_distance"][0] for r in rows.values())
         zs = zero["metrics"]
-        out.append(f"**Against the untrained model:** {'no' if best['mono_mrr'] < zs['mono_mrr'][0] else 'a'} trained "
-                   f"cell reaches the zero-shot mono MRR: the best trained cell has {best['mono_mrr']:.4f} "
-                   f"(zero-shot {zs['mono_mrr'][0]:.4f}) and cross MRR {best['cross_mrr']:.4f} (zero-shot "
-                   f"{zs['cross_mrr'][0]:.4f}); what training buys here is the multilingual pool: mAP up to "
-                   f"{best['multi_map']:.4f} (zero-shot {zs['multi_map'][0]:.4f}) and rank distance down to "
-                   f"{bias:.1f} (zero-shot {zs['rank_distance'][0]:.1f}) (two-way tables).")
-    tuned = bool(ctx and ctx["tuned"])
+        above = {k: sum(r["metrics"][k][0] > zs[k][0] for r in rows.values()) for k in ("mono_mrr", "cross_mrr")}
+        out.append(f"**Against the untrained model** (cell means, two-way tables): {above['mono_mrr']} of {len(rows)} "
+                   f"trained cells are above the zero-shot mono MRR (best {best['mono_mrr']:.4f}, zero-shot "
+                   f"{zs['mono_mrr'][0]:.4f}) and {above['cross_mrr']} of {len(rows)} above its cross MRR (best "
+                   f"{best['cross_mrr']:.4f}, zero-shot {zs['cross_mrr'][0]:.4f}); the largest change is in the "
+                   f"multilingual pool: mAP up to {best['multi_map']:.4f} (zero-shot {zs['multi_map'][0]:.4f}) and "
+                   f"rank distance down to {bias:.1f} (zero-shot {zs['rank_distance'][0]:.1f}).")
     out.append("**What this does not show.** " + (
         "Whether the loss effect survives a tuned learning rate and temperature (the sweep, issue 31 items 1-2, is "
         "pending); " if not tuned else "Settings outside the swept learning rates and temperatures; ")
@@ -1400,7 +1440,8 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
     cfg, ctx = run_context(out)
     lines = [MARK_BEGIN, "", "## Offline study: the loss objective x hybrid batches (this CPU)", ""]
     for model, m in report["models"].items():
-        lines += [f"### The answer ({model})", "", *[f"- {s}" for s in answer(m, cfg, ctx)], ""]
+        lines += [f"### The answer ({model})", "", *[f"- {s}" for s in answer(m, cfg, model_context(ctx, model))],
+                  ""]
     lines += ["### How it was run", ""]
     if cfg and all(k in cfg for k in ("train", "data", "optim", "eval", "loss")):
         d, o, ev = cfg["data"], cfg["optim"], cfg["eval"]
@@ -1413,11 +1454,13 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             "training), Tatoeba and TyDi QA.",
             f"- Batch {d['global_batch']} pairs (paper: 100), {d['group_size'] - 1} hard negative(s) each; query "
             f"length {d['query_len']}, passage length {d['passage_len']} in training.",
-            f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW lr {o['learning_rate']:g}, weight decay "
-            f"{o['weight_decay']:g}, {o['warmup_steps']} warm-up steps then linear decay to 0, τ = "
-            f"{cfg['loss']['temperature']:g}, cosine similarity. " + (
-                "Learning rate and τ per loss as chosen on the held-out dev split (the answer lists them)."
-                if ctx["tuned"] else "Learning rate and τ are untuned."),
+            f"- {cfg['train']['steps']} steps per run (paper: epochs), AdamW, weight decay {o['weight_decay']:g}, "
+            f"{o['warmup_steps']} warm-up steps then linear decay to 0, cosine similarity; " + (
+                "learning rate and τ per model and loss as chosen on the held-out MLQA-R dev split (" + "; ".join(
+                    f"{model}: " + ", ".join(f"{SHORT_LOSS.get(x, x)} {lr:g} / {tau:g}" for x, (lr, tau) in v.items())
+                    for model, v in ctx["settings"].items()) + "; docs/study/sweep/sweep.md); the dev articles are "
+                "never trained on."
+                if ctx["tuned"] else f"lr {o['learning_rate']:g}, τ = {cfg['loss']['temperature']:g}, untuned."),
             "- Loss rows (configs/study.py `LOSSES`): " + "; ".join(
                 f"{loss_label(x)} = `{x}`" for x in LOSS_NAMES) + ". Eq. 1: own positive + the hard negatives of "
             "every pair; InfoNCE: every passage of the batch; + symmetric: InfoNCE averaged with the positive → "
@@ -1441,15 +1484,18 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
             "- hit@1 is the retrieval sense of \"exact match\" (the top candidate is a relevant one); the run files "
             "and the evaluators call it `acc1`.",
         ]
-    lines += ["", "Scale choices of these runs (configs/study.py `SCALE_NOTES`):", "",
+    notes_name = "FINAL_SCALE_NOTES" if ctx["tuned"] else "SCALE_NOTES"
+    lines += ["", f"Scale choices of these runs (configs/study.py `{notes_name}`):", "",
               *[f"- {note}" for note in scale_notes], ""] if scale_notes else [""]
     lines += [
         "Commands: the first runs what is missing and writes this section; the second only rewrites this section, "
         "the README's answer and the figures from the finished runs (it is what made the text shown here):",
         "",
         "```bash",
-        f"python scripts/study.py --out {out}",
-        f"python scripts/study.py --out {out} --report_only",
+        *((f"python scripts/study.py --stage final --models {','.join(report['models'])}",
+           f"python scripts/study.py --stage final --models {','.join(report['models'])} --report_only")
+          if ctx["tuned"] else (f"python scripts/study.py --out {out}",
+                                f"python scripts/study.py --out {out} --report_only")),
         "```",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores, one jax CPU device, jax "
@@ -1529,8 +1575,10 @@ def readme_answer(report: dict[str, Any], out: Path) -> str:
     for model, m in report["models"].items():
         lines += [f"Loss x batching on {model} (tables A-H and the two-way tables in "
                   "[docs/results.md](docs/results.md#offline-study-the-loss-objective-x-hybrid-batches-this-cpu)):",
-                  "", *[f"- {s}" for s in answer(m, cfg, ctx)], ""]
-    lines += [f"Regenerate: `python scripts/study.py --out {out} --report_only`.", "", README_END]
+                  "", *[f"- {s}" for s in answer(m, cfg, model_context(ctx, model))], ""]
+    command = (f"python scripts/study.py --stage final --models {','.join(report['models'])} --report_only"
+               if ctx["tuned"] else f"python scripts/study.py --out {out} --report_only")
+    lines += [f"Regenerate: `{command}`.", "", README_END]
     return "\n".join(lines)
 
 
@@ -1627,7 +1675,8 @@ def main(argv: list[str]) -> None:
     docs = Path(f["docs"] or (REPO / "docs" / "study" / ("final" if f["stage"] == "final" else "")))
     report = build_report(out, docs, f["resamples"])
     results_md = Path(f["results_md"]) if f["results_md"] else None
-    notes = study_config.GPU_SCALE_NOTES if gpu else study_config.SCALE_NOTES
+    notes = (study_config.GPU_SCALE_NOTES if gpu else study_config.FINAL_SCALE_NOTES if f["stage"] == "final"
+             else study_config.SCALE_NOTES)
     section = markdown(report, out, docs, results_md, notes)
     (docs / "section.md").write_text(section + "\n")
     if results_md is not None:

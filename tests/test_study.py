@@ -351,7 +351,15 @@ def test_select_settings_from_dev_curves(study, tmp_path):
     assert sel["chosen"]["symmetric"] == sel["chosen"]["vrn"] == best["infonce"]
     assert sel["missing"] == ["infonce_alpha1_lr5e-05_tau0.05_seed0.json.gz"]
     assert sel["rows"][0]["curve"]["10"] < sel["rows"][0]["curve"]["30"]
-    assert "| Eq. 1 as written | hybrid (α=0.5) | 1e-05 | 0.01 | 0 |" in study.sweep_markdown({"me5": sel}, tmp_path)
+    text = study.sweep_markdown({"me5": sel}, tmp_path)
+    assert "| Eq. 1 as written | hybrid (α=0.5) | 1e-05 | 0.01 | 0 |" in text
+    # The settings ranked by score: the chosen one first (margin 0), every other at or below it.
+    lr, tau = best["eq1"]
+    ranks = [line.split(" | ") for line in text.splitlines() if line.startswith("| Eq. 1 as written | ")
+             and line.count("|") == 7]
+    assert ranks[0][1:4] == ["1", f"{lr:g}", f"{tau:g}"] and ranks[0][5] == "+0.0000 |"
+    assert len(ranks) == len({(r["lr"], r["tau"]) for r in sel["rows"] if r["loss"] == "eq1"})
+    assert all(float(r[5].rstrip(" |")) <= 0 for r in ranks)
     # A later call for MiniLM alone reports both models: the me5 section and settings are not dropped.
     assert study.swept_models(tmp_path, cfg, ["minilm"]) == ["me5", "minilm"]
     assert study.swept_models(tmp_path, cfg, ["me5"]) == ["me5"]
