@@ -382,3 +382,36 @@ def test_gpu_preset_trains_and_evaluates_on_disjoint_data(study, shared_data):
     assert sweep.dev_only and sweep.dev_steps == tuple(cfg.DEV_EVAL_STEPS) and sweep.drop_ids == stage.drop_ids
     final = study.make_stage("final", cfg, str(shared_data))
     assert len(final.xquad_keep) == cfg.SLICE_PARAGRAPHS and final.dev_keep is not None and not final.dev_steps
+
+
+def test_final_report_of_a_two_by_two_at_chosen_settings(study, ngram_results, tmp_path):
+    """The final stage's report (runs that say stage "final", each loss at its own learning rate and temperature)
+    of a 2 x 2 start (no X-Y runs, as MiniLM's): the answer names each loss's setting, cites only the baseline that
+    ran, names the contrast of every test that holds, and its commands rerun the final stage."""
+    results, per_query = ngram_results
+    out = tmp_path / "final"
+    settings = {"eq1": (2e-5, 0.05), "infonce": (5e-5, 0.01)}
+    for loss, alpha in [(None, None)] + [(x, a) for x in settings for a in (1.0, 0.5)]:
+        for seed in ((None,) if alpha is None else (0, 1, 2)):
+            shift = 0.0 if alpha is None else (0.05 if alpha == 0.5 else 0.0) + 0.001 * seed
+            pq = {m: {k: (v + shift if m != "rank_distance" else v * (1 - shift)) for k, v in vals.items()}
+                  for m, vals in per_query.items()}
+            lr, tau = settings.get(loss, (5e-5, 0.05))
+            run = {"model": "ngram", "model_name": "/some/local/ngram", "loss": loss, "alpha": alpha, "seed": seed,
+                   "stage": "final", "losses": [2.0, 1.0], "train_seconds": 1.0, "eval_seconds": 1.0,
+                   "batch_types": None if alpha is None else ["cross" if alpha < 1 and i % 2 else "mono"
+                                                              for i in range(4)],
+                   "results": study.strip_results(copy.deepcopy(results)), "per_query": pq,
+                   "config": {"data": {"alpha": alpha if alpha is not None else 0.5}, "seed": seed or 0,
+                              "optim": {"learning_rate": lr}, "loss": {"temperature": tau}}}
+            study.write_json(study.run_file(out, ("ngram", loss, alpha, seed)), run)
+    report = study.build_report(out, tmp_path / "docs", 500)
+    text = study.markdown(report, out, tmp_path / "docs", tmp_path / "results.md", ["a note"])
+    answer = text.split("### How it was run")[0]
+    assert "chosen on the held-out MLQA-R dev split (Eq. 1: 2e-05 / 0.05, InfoNCE: 5e-05 / 0.01)" in answer
+    assert "Hybrid minus X-X-mono: mono MRR" in answer and "minus X-Y" not in answer
+    assert "mono MRR against X-X-mono" in answer  # the 0.05 put into hybrid holds, named with its baseline
+    assert "each at its best swept step size" in answer and "without a learning-rate sweep" not in answer
+    assert "between the two baselines" not in answer  # no table H claim without both baselines
+    assert "python scripts/study.py --stage final --models ngram --report_only" in text
+    assert "/some/local" not in text  # a start model is named, not the folder of the machine that ran it
