@@ -181,12 +181,11 @@ def main() -> None:
             node = node[name]
         old = node[leaf]
         node[leaf] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
-    if int(config.mesh.simulated_cpu_devices) > 0:  # before jax starts its backends, as mlret.train does
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                                   f"{int(config.mesh.simulated_cpu_devices)}").strip()
-    import jax
+    from mlret.train import set_xla_cpu_flags, train
 
-    from mlret.train import train
+    # XLA's options and the simulated devices, before jax starts its backends, as mlret.train sets them
+    set_xla_cpu_flags(int(config.mesh.simulated_cpu_devices))
+    import jax
 
     jax.devices()
     probe.mark("imports (python, jax, mlret)")
@@ -235,7 +234,8 @@ def report(a: argparse.Namespace, probe: Probe, load: float, date: str) -> None:
     text = "\n".join([
         f"`python benchmarks/memory.py {shlex.join(sys.argv[1:])}`; {date}; {cpu_model()}, {os.cpu_count()} cores "
         f"visible, load average {load:.1f} at start; jax {jax.__version__}, {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s); allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}.",
+        f"{jax.devices()[0].platform} device(s); allocator: {os.environ.get('LD_PRELOAD') or 'glibc malloc'}; "
+        f"XLA_FLAGS (as mlret.train sets them): `{os.environ.get('XLA_FLAGS', '')}`.",
         "",
         markdown_table(["phase", "peak RSS inside (GiB)", "RSS at its end (GiB)", "jax arrays at its end (GiB)",
                         "malloc in use (GiB)", "malloc arenas' free (GiB)", "step shapes compiled", "seconds"], rows),

@@ -127,6 +127,25 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Library INFO messages on the ter
                              "=info); they always go to <workdir>/train.log.")
 
 
+# XLA:CPU's options mlret.train sets (in XLA_FLAGS, before jax starts its backends; a flag the user already set there
+# wins). XLA:CPU's default, concurrency-optimized scheduler orders a program for parallelism, not memory: in the
+# demo's train step (multilingual-e5-small, 16 pairs packed into (16, 32) rows) it kept more of the forward pass's
+# values and allocated the word-embedding gradient at the start of the backward pass, 1.85 GiB of temporaries
+# against 1.35 GiB with the memory-minimizing scheduler, at the same step time and the same losses
+# (docs/benchmarks.md, "The first hour"). `jax.jit(compiler_options=...)` does not reach this option; XLA_FLAGS does.
+XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+
+
+def set_xla_cpu_flags(simulated_cpu_devices: int = 0) -> None:
+    """Put mlret's XLA:CPU options (`XLA_CPU_FLAGS`, and the simulated device count where the config asks for
+    one) in XLA_FLAGS; only effective before jax starts its backends. Harmless on other backends."""
+    _simulate_cpu_devices(simulated_cpu_devices)
+    current = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in current]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
 def _simulate_cpu_devices(n: int) -> None:
     """Ask XLA for n host (CPU) devices; only effective before jax starts its backends."""
     if n <= 0:
@@ -161,7 +180,7 @@ def main(argv: list[str], hooks: Sequence[Any] = ()) -> None:
     config.export.command = shlex.join(["python", "-m", "mlret.train", *sys.argv[1:]])
     log_file = setup_logging(config.workdir, config.train.log_level)
     log.info("mlret.train: %s", config.export.command)
-    _simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
+    set_xla_cpu_flags(int(config.mesh.simulated_cpu_devices))
     # STORAGE_EMULATOR_HOST -> tensorstore / gcsfs settings and the storage bounds, before either is used
     storage.set_policy(request_timeout_s=config.storage.request_timeout_s, op_timeout_s=config.storage.op_timeout_s)
 

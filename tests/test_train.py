@@ -259,3 +259,21 @@ def test_packed_runs_resume_exactly_and_two_processes_equal_one(tiny_args, tmp_p
         assert p.returncode == 0, p.stderr[-3000:]
     two = losses(tmp_path / "two")
     np.testing.assert_allclose([two[s] for s in range(1, 7)], [lw[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_xla_cpu_flags_are_added_and_a_users_own_setting_wins(monkeypatch):
+    """mlret.train's XLA:CPU options go into XLA_FLAGS beside what is there (the simulated devices too); a flag the
+    user set there already is left as the user set it."""
+    from mlret.train import XLA_CPU_FLAGS, set_xla_cpu_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    set_xla_cpu_flags(3)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_dump_to=/tmp/x" and "--xla_force_host_platform_device_count=3" in flags
+    assert all(f in flags for f in XLA_CPU_FLAGS)
+    set_xla_cpu_flags(3)  # idempotent: nothing added twice
+    assert os.environ["XLA_FLAGS"].split() == flags
+    name = XLA_CPU_FLAGS[0].split("=")[0]
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=true")
+    set_xla_cpu_flags()
+    assert os.environ["XLA_FLAGS"] == f"{name}=true"
