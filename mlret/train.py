@@ -138,22 +138,14 @@ XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 def set_xla_cpu_flags(simulated_cpu_devices: int = 0) -> None:
     """Put mlret's XLA:CPU options (`XLA_CPU_FLAGS`, and the simulated device count where the config asks for
-    one) in XLA_FLAGS; only effective before jax starts its backends. Harmless on other backends."""
-    _simulate_cpu_devices(simulated_cpu_devices)
+    n > 0 host devices) in XLA_FLAGS; only effective before jax starts its backends. Harmless on other backends."""
+    wanted = [*XLA_CPU_FLAGS]
+    if simulated_cpu_devices > 0:
+        wanted.append(f"--xla_force_host_platform_device_count={simulated_cpu_devices}")
     current = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in current]
+    extra = [f for f in wanted if f.split("=")[0] not in current]
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-
-
-def _simulate_cpu_devices(n: int) -> None:
-    """Ask XLA for n host (CPU) devices; only effective before jax starts its backends."""
-    if n <= 0:
-        return
-    flag = f"--xla_force_host_platform_device_count={n}"
-    current = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1300,15 +1300,16 @@ def _says(t: dict[str, Any] | None, table: str, fam: Sequence[dict[str, Any]]) -
 def run_context(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(a finished run's config, what the answer must say about the runs: the XQuAD-R slice they were evaluated
     on, whether their settings were chosen on the dev split, each loss's learning rate and temperature)."""
-    runs = [r for m in load_runs(out).values() for r in [*(r for rs in m["runs"].values() for r in rs),
-                                                          m["zero_shot"]] if r]
+    by_model = load_runs(out)
+    runs = [r for m in by_model.values() for r in [*(r for rs in m["runs"].values() for r in rs),
+                                                    m["zero_shot"]] if r]
     ctx = {"slice": next((r["xquad_slice"] for r in runs if r.get("xquad_slice")), None),
            "tuned": any(r.get("stage") == "final" for r in runs),
-           "settings": {}}
-    for model, m in load_runs(out).items():  # per model: each loss's (learning rate, temperature)
-        ctx["settings"][model] = {r["loss"]: (r["config"].get("optim", {}).get("learning_rate"),
-                                              r["config"].get("loss", {}).get("temperature"))
-                                  for rs in m["runs"].values() for r in rs if r and r.get("loss")}
+           # per model: each loss's (learning rate, temperature)
+           "settings": {model: {r["loss"]: (r["config"].get("optim", {}).get("learning_rate"),
+                                            r["config"].get("loss", {}).get("temperature"))
+                                for rs in m["runs"].values() for r in rs if r and r.get("loss")}
+                        for model, m in by_model.items()}}
     return (runs[0]["config"] if runs else None), ctx
 
 

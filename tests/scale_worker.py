@@ -41,7 +41,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     config = T._CONFIG.value
     config.workdir = T._WORKDIR.value or config.workdir
-    T._simulate_cpu_devices(int(config.mesh.simulated_cpu_devices))
+    T.set_xla_cpu_flags(int(config.mesh.simulated_cpu_devices))  # as mlret.train does
 
     import jax
 
