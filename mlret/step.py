@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from mlret import gradcache, losses, parallel
 from mlret.data import packing
 from mlret.errors import ConfigError
+from mlret.models import common
 
 TrainState = dict[str, Any]
 # The embeddings the step makes for a loss (a loss family's `embeddings`) and the batch fields each is encoded
@@ -122,13 +123,18 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                                 optax.Schedule]:
     """Global-norm clipping, then AdamW with the warm-up/decay schedule and the decay mask."""
+    clip, adamw, schedule = optimizer_parts(optim, total_steps)
+    return optax.chain(*[t for t in (clip, adamw) if t is not None]), schedule
+
+
+def optimizer_parts(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
+        optax.GradientTransformation | None, optax.GradientTransformation, optax.Schedule]:
+    """(global-norm clipping or None without `optim.clip_norm`, AdamW, its schedule): `make_optimizer`'s chain."""
     schedule = learning_rate_schedule(optim, total_steps)
-    parts = []
-    if optim.clip_norm and optim.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
-    parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-                             weight_decay=float(optim.weight_decay), mask=decay_mask))
-    return optax.chain(*parts), schedule
+    clip = optax.clip_by_global_norm(float(optim.clip_norm)) if optim.clip_norm and optim.clip_norm > 0 else None
+    adamw = optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+                        weight_decay=float(optim.weight_decay), mask=decay_mask)
+    return clip, adamw, schedule
 
 
 def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
@@ -158,6 +164,8 @@ class Trainer:
     rest: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    clip: optax.GradientTransformation | None  # tx's first part, applied before the non-finite guard
+    after_clip: optax.GradientTransformation  # the rest of tx, with tx's state: applied under the guard
     state_shardings: TrainState
     batch_shardings: dict[str, NamedSharding]
     param_logical: Any
@@ -250,17 +258,22 @@ class Trainer:
                 mesh=self.mesh, batch_axes=parallel.batch_axes(self.rules, self.mesh),
                 grad_shardings=self.state_shardings["params"],
                 pairs=self.spec.global_batch if self.spec.packing else None)  # padded: the rows of the batch
-        return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
+        return common.value_and_grad_deferring_lookups(self.loss_fn, params, batch)
 
     def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         self.trace_count += 1  # runs at trace time only: counts compilations
         (loss, metrics), grads = self.value_and_grad(state["params"], batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.clip is not None:
+            # Clipped here, not inside the guard's cond: there, the clipped gradients (optax divides them by the
+            # norm, and XLA keeps a division's result in its own buffer) were a temporary as large as the
+            # gradients, which the cond keeps alive as its operand (a vocabulary table: 0.36 GiB for e5-small).
+            grads, _ = self.clip.update(grads, optax.EmptyState())
 
         def update(args: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             grads, opt_state, params = args
-            updates, opt_state = self.tx.update(grads, opt_state, params)
+            updates, opt_state = self.after_clip.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
         # Non-finite guard: keep the old params and optimizer state (optax's count too, so the schedule only
@@ -360,6 +373,9 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
     parallel.check_param_sharding(abstract_params["model"], param_logical, mesh, rules,
                                   int(config.mesh.replicated_param_threshold))
     tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    clip, adamw, _ = optimizer_parts(config.optim, int(config.train.steps))
+    # tx's state is (clip's empty state, AdamW's) with clipping: identity keeps that structure for the update.
+    after_clip = optax.chain(adamw) if clip is None else optax.chain(optax.identity(), adamw)
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
                                           param_shardings, transform_non_params=lambda _: replicated)
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
@@ -367,7 +383,8 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
     batch_sharding = NamedSharding(mesh, parallel.batch_spec(rules, mesh))
     setup = losses.LossSetup(gather=spec.loss.gather, mesh=mesh, batch_axes=parallel.batch_axes(rules, mesh))
     trainer = Trainer(spec=spec, loss=losses.build(spec.loss, setup), mesh=mesh, rules=rules, graphdef=graphdef,
-                      rest=jax.device_put(rest, replicated), tx=tx, schedule=schedule,
+                      rest=jax.device_put(rest, replicated), tx=tx, schedule=schedule, clip=clip,
+                      after_clip=after_clip,
                       state_shardings=state_shardings, batch_shardings={k: batch_sharding for k in spec.batch_fields},
                       param_logical=param_logical, abstract_params=abstract_params)
     return trainer, jax.device_put(params, param_shardings)

@@ -4,11 +4,13 @@ and the non-finite guard. A tiny real DualEncoder (2 layers, hidden 32) on 8 sim
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from scale_helpers import tiny_batch, tiny_config, tiny_model
 
 from mlret import parallel
+from mlret.models import common
 from mlret.step import build_train_step, decay_mask, learning_rate_schedule
 
 # tiny_batch's defaults: B*G = 72 columns; no other array in the step has a 72-wide or 24-row score shape.
@@ -122,3 +124,47 @@ def test_trainer_refuses_a_large_weight_the_rules_cannot_shard():
         build_train_step(model, c, parallel.make_mesh(c.mesh))
     c.mesh.replicated_param_threshold = 95 * 32  # at the threshold it may stay replicated
     build_train_step(model, c, parallel.make_mesh(c.mesh))
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_deferred_vocabulary_gradient_equals_the_plain_gradient(mesh_shape):
+    """The train step scatters the word table's gradient after every other gradient
+    (`common.value_and_grad_deferring_lookups`): loss and every gradient equal `jax.value_and_grad`'s, on one device
+    and with the table split over fsdp and tensor. A vocabulary larger than the batch's tokens, so the table is
+    deferred, and repeated ids (padding, collisions), so rows are summed."""
+    vocab = 4096
+    c = tiny_config(mesh_shape, **LOSS)
+    t, params = build_train_step(tiny_model(vocab=vocab), c, parallel.make_mesh(c.mesh, jax.devices()[:8]))
+    batch = t.global_batch(tiny_batch(vocab=vocab))
+    deferred = common.deferred_lookups(t.loss_fn, params, batch)
+    assert [s.shape for s in deferred] == [(B, 8, 32), (B * G, 8, 32)]  # the word table, once per tower
+    plain = jax.jit(lambda p, b: jax.value_and_grad(t.loss_fn, has_aux=True)(p, b))
+    (loss, _), grads = jax.jit(lambda p, b: common.value_and_grad_deferring_lookups(t.loss_fn, p, b))(params, batch)
+    (ref_loss, _), ref_grads = plain(params, batch)
+    assert float(loss) == float(ref_loss)
+    assert _max_abs_diff(grads, ref_grads) <= 1e-6
+    table = np.asarray(grads["model"]["towers"]["encoder"]["embeddings"]["word"]["embedding"])
+    ids = np.unique(np.concatenate([np.asarray(batch["query_ids"]).ravel(), np.asarray(batch["passage_ids"]).ravel()]))
+    assert np.abs(table[ids]).min(axis=1).max() > 0  # looked-up rows have gradients ...
+    assert not np.delete(table, ids, axis=0).any()  # ... and the others none
+
+
+def test_step_applies_the_optimizers_chain():
+    """Two steps of the train step (clipping before its non-finite guard, AdamW under it) equal optax's own
+    chain, clip_by_global_norm then AdamW (`trainer.tx`), applied to the same gradients; with a clip norm the
+    gradients exceed, so clipping acts."""
+    c = tiny_config((1, 1, 1))
+    c.optim.clip_norm = 0.05
+    t, params = build_train_step(tiny_model(), c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+    batch = t.global_batch(tiny_batch())
+    ref_params = jax.device_get(params)
+    ref_opt = t.tx.init(ref_params)
+    state = t.init_state(jax.tree.map(jnp.copy, params))
+    for _ in range(2):
+        (_, _), grads = t.grad_fn()(ref_params, batch)
+        assert float(optax.tree.norm(grads)) > 2 * c.optim.clip_norm
+        updates, ref_opt = jax.jit(t.tx.update)(grads, ref_opt, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        state, _ = t.step(state, batch)
+    assert _max_abs_diff(state["params"], ref_params) <= 1e-6
+    assert _max_abs_diff(state["opt_state"], ref_opt) <= 1e-6

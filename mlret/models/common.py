@@ -8,8 +8,10 @@ was batched.
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,104 @@ def lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
     """`embed(ids)` (nnx.Embed's rows of its table in its compute dtype) with the table's `embed` axis whole
     (`constrain`): with mesh.fsdp > 1 the table is gathered, as every other weight, and each device looks up its
     own rows; looked up from the split table, the rows came out split along the hidden axis and XLA re-sharded
-    them (an all-to-all forward, an all-gather of the whole batch's gradients backward)."""
-    (table,) = embed.promote_dtype((embed.embedding[...],), dtype=embed.dtype, inexact=False)
-    return jnp.take(constrain(table, ("vocab", None)), ids, axis=0)
+    them (an all-to-all forward, an all-gather of the whole batch's gradients backward).
+
+    Under `value_and_grad_deferring_lookups`, a table with more rows than `ids` has ids (a vocabulary) is looked
+    up outside the gradient and the rows' gradient is scattered into the table's after every other gradient."""
+    value = embed.embedding[...]
+    (table,) = embed.promote_dtype((value,), dtype=embed.dtype, inexact=False)
+    table = constrain(table, ("vocab", None))
+    deferred = _DEFERRED.get()
+    if deferred is None or table.shape[0] <= ids.size:
+        return jnp.take(table, ids, axis=0)
+    return deferred.take(value, table, ids)
+
+
+class _DeferredLookups:
+    """The large-table lookups of one trace, in order: their tables (the parameter leaves, by identity) and ids.
+    Given `taps` (zeros, one per lookup), each lookup returns its rows from the table without a gradient plus its
+    tap, so the tap's gradient is the rows' gradient."""
+
+    def __init__(self, taps: Sequence[jax.Array] | None) -> None:
+        self.taps = taps
+        self.tables: list[jax.Array] = []  # the parameter leaves
+        self.looked_up: list[jax.Array] = []  # the tables as looked up (in the compute dtype)
+        self.ids: list[jax.Array] = []
+
+    def take(self, value: jax.Array, table: jax.Array, ids: jax.Array) -> jax.Array:
+        rows = jnp.take(jax.lax.stop_gradient(table), ids, axis=0)
+        i = len(self.tables)
+        self.tables.append(value)
+        self.looked_up.append(table)
+        self.ids.append(ids)
+        return rows if self.taps is None else rows + self.taps[i]
+
+
+_DEFERRED: contextvars.ContextVar[_DeferredLookups | None] = contextvars.ContextVar("mlret_deferred_lookups",
+                                                                                     default=None)
+
+
+def deferred_lookups(fn: Callable[..., Any], params: Any, *args: Any) -> list[jax.ShapeDtypeStruct]:
+    """The rows [*ids.shape, D] of each lookup in `fn(params, *args)` whose gradient
+    `value_and_grad_deferring_lookups` defers (tables with more rows than the lookup has ids), in call order."""
+    probe = _DeferredLookups(None)
+    token = _DEFERRED.set(probe)
+    try:
+        jax.eval_shape(fn, params, *args)
+    finally:
+        _DEFERRED.reset(token)
+    return [jax.ShapeDtypeStruct(ids.shape + table.shape[-1:], table.dtype)
+            for table, ids in zip(probe.looked_up, probe.ids)]
+
+
+def value_and_grad_deferring_lookups(fn: Callable[..., tuple[jax.Array, Any]], params: Any,
+                                     *args: Any) -> tuple[tuple[jax.Array, Any], Any]:
+    """`jax.value_and_grad(fn, has_aux=True)(params, *args)`, with the gradient of every vocabulary-sized
+    embedding table (`lookup`) scattered from its looked-up rows after all the other gradients are computed.
+
+    Why: differentiated as it is, a lookup's gradient is a scatter into a zero table as large as the vocabulary
+    (multilingual-e5-small: 250,037 x 384, 0.36 GiB), and XLA schedules it inside the backward pass, while the
+    forward pass's residuals are still held for the layers' weight gradients: the step's peak holds both
+    (docs/benchmarks.md, "Fourth session (issue 30)"). Here each lookup adds a zero tap to rows taken without a
+    gradient; the taps' gradients (the rows' gradients, [tokens, D]) are scattered into the table's once all the
+    other gradients are computed. The gradients are the same sums: an exact
+    zero is added to each row, and the scatter adds the same rows in the same order as the lookup's transpose.
+    `fn` is traced twice: once for the lookups' shapes (`deferred_lookups`), once differentiated."""
+    shapes = deferred_lookups(fn, params, *args)
+    if not shapes:
+        return jax.value_and_grad(fn, has_aux=True)(params, *args)
+    taps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    where: list[int] = []  # the params leaf of each lookup's table (static, found while tracing)
+
+    def tapped(params: Any, taps: list[jax.Array]) -> tuple[jax.Array, Any]:
+        where.clear()
+        deferred = _DeferredLookups(taps)
+        token = _DEFERRED.set(deferred)
+        try:
+            loss, aux = fn(params, *args)
+        finally:
+            _DEFERRED.reset(token)
+        leaves = jax.tree.leaves(params)
+        for table in deferred.tables:
+            found = [i for i, leaf in enumerate(leaves) if leaf is table]
+            if len(found) != 1:
+                raise ValueError("value_and_grad_deferring_lookups: an embedding table looked up in `fn` is not one "
+                                 "of the differentiated parameters' leaves")
+            where.append(found[0])
+        return loss, (aux, deferred.ids)
+
+    (loss, (aux, ids)), (grads, tap_grads) = jax.value_and_grad(tapped, argnums=(0, 1), has_aux=True)(params, taps)
+    leaves, treedef = jax.tree.flatten(grads)
+    # The scatters wait for every other gradient through a data dependency: the sum of their squares, which
+    # turns the rows' gradients to NaN only when another gradient is already NaN (a step the train step skips).
+    # XLA:CPU drops `lax.optimization_barrier` before it schedules, so a barrier does not order them. The tables'
+    # own gradients (zero, unless a table is also used otherwise) are scattered into, after the wait.
+    others = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for i, leaf in enumerate(leaves) if i not in where)
+    for i, rows_ids, rows_grad in zip(where, ids, tap_grads):
+        d = rows_grad.shape[-1]
+        rows_grad = jnp.where(jnp.isnan(others), jnp.nan, rows_grad.reshape(-1, d)).astype(leaves[i].dtype)
+        leaves[i] = leaves[i].at[rows_ids.reshape(-1)].add(rows_grad)
+    return (loss, aux), jax.tree.unflatten(treedef, leaves)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
