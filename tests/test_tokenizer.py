@@ -1,5 +1,7 @@
 """TextTokenizer: static shapes, int32, prefixes, truncation, and agreement with the Hugging Face tokenizer."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import transformers
@@ -54,17 +56,78 @@ def test_rejects_single_string(tok):
 
 
 def test_threads_do_not_share_padding_state(minilm_path):
-    """Queries (Lq) and passages (Lp) tokenised at once from several threads keep their own static lengths:
-    a fast tokenizer's padding settings live on its shared Rust object, so TextTokenizer copies it per thread."""
+    """Queries (Lq) and passages (Lp) tokenised at once from several threads keep their own static lengths and
+    get the ids one thread alone gets: a fast tokenizer's padding settings live on its Rust object, which every
+    call sets, so TextTokenizer lets one call at a time use it."""
     from concurrent.futures import ThreadPoolExecutor
 
     tok = TextTokenizer(minilm_path, query_len=16, passage_len=24)
     texts = [f"sentence number {i} with a few words" for i in range(64)]
+    alone = {16: tok.queries(texts)["query_ids"], 24: tok.passages(texts)["passage_ids"]}
 
     def work(i):
         out = tok.queries(texts) if i % 2 else tok.passages(texts)
-        return i, next(iter(out.values())).shape
+        return i, next(iter(out.values()))
 
     with ThreadPoolExecutor(8) as pool:
-        shapes = list(pool.map(work, range(64)))
-    assert all(shape == (64, 16 if i % 2 else 24) for i, shape in shapes)
+        results = list(pool.map(work, range(64)))
+    for i, ids in results:
+        np.testing.assert_array_equal(ids, alone[16 if i % 2 else 24])
+
+
+def test_threads_add_no_copy_of_the_tokenizer(tmp_path, shared_data):
+    """Tokenising from the training data's threads holds no per-thread copy of the Hugging Face tokenizer: the
+    real XLM-R tokenizer (250,002 pieces, the demo's) costs a few hundred MiB of malloc'd memory per copy, and the
+    bytes in use while two live threads have tokenised stay well under one copy's."""
+    import gc
+    import threading
+
+    from model_fixtures import _save_xlmr_tokenizer
+
+    from mlret.hostmem import heap_in_use
+
+    if heap_in_use() is None:
+        pytest.skip("this C library's malloc reports no bytes in use (mlret.hostmem.heap_in_use)")
+    _save_xlmr_tokenizer(shared_data, tmp_path)  # tokenizer.json and tokenizer_config.json of multilingual-e5-small
+    gc.collect()
+    before = heap_in_use()
+    tok = TextTokenizer(tmp_path, query_len=32, passage_len=64, query_prefix="query: ", passage_prefix="passage: ")
+    gc.collect()
+    one = heap_in_use() - before  # one tokenizer's bytes
+    texts = ["Wie spät ist es?", "日本語のテキスト", "a longer sentence about the station " * 4]
+    tok.queries(texts), tok.passages(texts)
+    gc.collect()
+    loaded = heap_in_use()
+
+    done, release = threading.Barrier(3), threading.Event()
+
+    def work(tower):  # like Grain's reader threads, which live as long as the iterator
+        for _ in range(3):
+            getattr(tok, tower)(texts)
+        done.wait()
+        release.wait()
+
+    threads = [threading.Thread(target=work, args=(tower,)) for tower in ("queries", "passages")]
+    for t in threads:
+        t.start()
+    done.wait()  # both threads have tokenised and are still alive (a thread's locals die with it)
+    gc.collect()
+    grown = heap_in_use() - loaded
+    release.set()
+    for t in threads:
+        t.join()
+    assert grown < one / 4, (one, grown)
+
+
+def test_save_writes_the_settings_it_was_loaded_with(tok, minilm_path, tmp_path):
+    """tokenizer.json keeps the backend's truncation and padding (all-MiniLM-L6-v2's: 128 tokens); after calls at
+    the static lengths (which set them on the shared tokenizer) `save` still writes those of the loaded folder."""
+    import tokenizers
+
+    tok.queries(["where is the station?"])
+    tok.passages(["the station is north"])
+    assert tok.hf.backend_tokenizer.truncation["max_length"] == 24  # the last call's length, on the shared object
+    tok.save(tmp_path)
+    loaded = tokenizers.Tokenizer.from_file(str(Path(minilm_path) / "tokenizer.json"))
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert (saved.truncation, saved.padding) == (loaded.truncation, loaded.padding)

@@ -8,7 +8,6 @@ training, evaluation and the exported sentence-transformers prompts all agree.
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 from collections.abc import Sequence
@@ -43,27 +42,26 @@ class TextTokenizer:
         self.passage_len = int(passage_len)
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
-        self._local = threading.local()
+        backend = self.hf.backend_tokenizer
+        self._loaded = (backend.truncation, backend.padding)  # what `save` writes back
+        self._lock = threading.Lock()
+
+    # One Hugging Face tokenizer for every thread, one call at a time. A fast tokenizer keeps its padding and
+    # truncation settings on its Rust object and sets them at each call, so two threads tokenising queries (Lq)
+    # and passages (Lp) at once would pad each other's batches to the wrong length; each call holds `_lock`. A
+    # copy per thread (`copy.deepcopy`) would rebuild the model's vocabulary structures: for XLM-R's 250,002-piece
+    # unigram model, 0.23 GiB of malloc'd memory per copy, two copies for the training data's two Grain threads
+    # (docs/benchmarks.md, "Fifth session (issue 30): the floor"). Tokenising a step's batch takes milliseconds,
+    # so the threads hardly wait; the Rust call releases the GIL and parallelises over the batch itself.
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into Grain worker processes
         state = dict(self.__dict__)
-        del state["_local"]
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _thread_hf(self) -> Any:
-        """This thread's copy of the Hugging Face tokenizer. A fast tokenizer keeps its padding and truncation
-        settings on the shared Rust object, so two threads tokenising queries (Lq) and passages (Lp) at once
-        would pad each other's batches to the wrong length."""
-        if threading.current_thread() is threading.main_thread():
-            return self.hf
-        hf = getattr(self._local, "hf", None)
-        if hf is None:
-            hf = self._local.hf = copy.deepcopy(self.hf)
-        return hf
+        self._lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -77,18 +75,20 @@ class TextTokenizer:
     def _encode(self, texts: Sequence[str], prefix: str, length: int) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
             raise TypeError("TextTokenizer: pass a list of strings, not one string")
-        enc = self._thread_hf()(
-            [prefix + t for t in texts],
-            # Right padding whatever the tokenizer's own side (Qwen3-Embedding's is left): packing copies each
-            # text's first mask-sum tokens, and the encoders count positions from a text's first real token
-            # either way (their states do not depend on the side; the export keeps the tokenizer's own).
-            padding="max_length",
-            padding_side="right",
-            truncation=True,
-            max_length=length,
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
+        texts = [prefix + t for t in texts]
+        with self._lock:
+            enc = self.hf(
+                texts,
+                # Right padding whatever the tokenizer's own side (Qwen3-Embedding's is left): packing copies each
+                # text's first mask-sum tokens, and the encoders count positions from a text's first real token
+                # either way (their states do not depend on the side; the export keeps the tokenizer's own).
+                padding="max_length",
+                padding_side="right",
+                truncation=True,
+                max_length=length,
+                return_tensors="np",
+                return_token_type_ids=False,
+            )
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
     def queries(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -104,13 +104,25 @@ class TextTokenizer:
         `include_prompt=False`: the prefix tokenised alone, less a trailing special token (EOS / SEP)."""
         if not prefix:
             return 0
-        ids = self.hf([prefix])["input_ids"][0]
+        with self._lock:
+            ids = self.hf([prefix])["input_ids"][0]
         return len(ids) - (1 if ids and ids[-1] in set(self.hf.all_special_ids) else 0)
 
     def save(self, out_dir: str | os.PathLike[str]) -> None:
         """Write the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) into out_dir."""
         os.makedirs(out_dir, exist_ok=True)  # a local folder: mlret.export stages a gs:// export locally
-        self.hf.save_pretrained(os.fspath(out_dir))
+        truncation, padding = self._loaded
+        with self._lock:  # the settings it was loaded with, not those of the last call (tokenizer.json keeps them)
+            backend = self.hf.backend_tokenizer
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
+            self.hf.save_pretrained(os.fspath(out_dir))
 
     def __repr__(self) -> str:
         return (f"TextTokenizer({self.name_or_path!r}, query_len={self.query_len}, passage_len={self.passage_len}, "
