@@ -245,3 +245,18 @@ def test_error_hub_id_unavailable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"config\.model\.name='mlret-test/no-such-model'.*hub"):
         _embed("mlret-test/no-such-model", TEXTS)
+
+
+def test_gelu_recomputing_its_derivative_equals_jax_gelu():
+    """mlret.models.common.gelu (the backward pass recomputes the derivative from the input) gives the value and
+    the gradient of `jax.nn.gelu(approximate=False)`, on both tails and around 0, and NaN gradients stay NaN."""
+    from mlret.models.common import gelu
+
+    x = jnp.linspace(-8.0, 8.0, 4097, dtype=jnp.float32).reshape(17, 241)
+    g = jax.random.normal(jax.random.key(0), x.shape, jnp.float32)
+    exact = lambda v: jax.nn.gelu(v, approximate=False)
+    y, vjp = jax.jit(lambda v: jax.vjp(gelu, v))(x)
+    y_ref, vjp_ref = jax.vjp(exact, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-7)
+    assert np.isnan(np.asarray(vjp(g.at[3, 5].set(jnp.nan))[0])[3, 5])

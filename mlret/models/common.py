@@ -158,6 +158,37 @@ def value_and_grad_deferring_lookups(fn: Callable[..., tuple[jax.Array, Any]], p
     return (loss, aux), jax.tree.unflatten(treedef, leaves)
 
 
+def _exact_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """HF's "gelu", the exact (erf) form (`jax.nn.gelu(x, approximate=False)`; the tanh form differs by ~1e-3),
+    whose backward pass recomputes its derivative from `x` instead of keeping the forward pass's factors.
+
+    Differentiated as it is, the forward pass keeps erfc(-x/sqrt 2) and its derivative's factors for the backward
+    pass: with the layer's input to the GELU and its output (which the next matmul's weight gradient needs), four
+    [tokens, intermediate] tensors per layer, the largest part of the step's residuals (docs/benchmarks.md, "Fifth
+    session (issue 30)"). Here the forward pass keeps `x` only; the backward pass takes the same vjp from it, so
+    the gradient is computed by the same operations. The recomputation reads the incoming gradient (`x + 0 * g`:
+    `x` itself, as g is finite; NaN where it is not), so XLA can neither merge it with the forward pass's
+    identical operations nor move it ahead of the backward pass, where both would keep the factors alive again."""
+    return _exact_gelu(x)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _exact_gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    _, vjp = jax.vjp(_exact_gelu, x + 0 * g)
+    return vjp(g)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """[B, T] index of each token within its segment (a segment starts where the id differs from the previous
     token's); padding (-1) is counted like a segment, and never used."""

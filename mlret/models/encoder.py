@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlret.models.common import constrain, lookup
+from mlret.models.common import constrain, gelu, lookup
 from mlret.models.encoder_config import EncoderConfig
 
 # Every logical axis name a parameter can carry; sharding rules must map each of them (None = replicated).
@@ -121,8 +121,7 @@ class Layer(nnx.Module):
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         x = self.attention_norm(x + self.attention(x, key_mask))
-        # approximate=False: HF's "gelu" is the exact erf form; the tanh form differs by ~1e-3.
-        return self.output_norm(x + self.output(jax.nn.gelu(self.intermediate(x), approximate=False)))
+        return self.output_norm(x + self.output(gelu(self.intermediate(x))))
 
 
 def _run_layer(layer: Layer, x: jax.Array, key_mask: jax.Array) -> jax.Array:
