@@ -21,7 +21,8 @@ Each row also says what is resident at the phase's end: the bytes of live jax ar
 train state, a checkpoint's copy of it while an asynchronous save writes), malloc's bytes in use and the free
 bytes its arenas keep (glibc `mallinfo2`: compiled executables, tokenizers and library state are in use; what a
 phase freed and the arenas kept is free), and how many shapes of the train step were compiled so far. Beside
-them, the bytes of the weights and of the optimizer state (the leaves of the train state). The last line is the
+them, the bytes of the weights and of the optimizer state (the leaves of the train state) and the train step's
+XLA temporaries (`compiled.memory_analysis()` at the first batch's shapes). The last line is the
 process's peak RSS (what `mlret.train` prints at its end) against issue 30's bound for the config (the demo 4 GiB,
 the smoke config 3 GiB), so that a regression shows. `--set FIELD=VALUE` overrides a config field (e.g. the
 previous settings, for a before/after in one session). `--write` puts the table in docs/benchmarks.md (section
@@ -88,6 +89,13 @@ def live_bytes(arrays) -> int:
     return sum(seen.values())
 
 
+def jax_structs(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of jax arrays."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def tree_bytes(tree) -> int:
     import jax
 
@@ -109,6 +117,8 @@ class Probe:
         self.last = "the last step's hooks"
         self.setup = "setup: model, step, data, state"
         self._from = 2
+        self.first_batch = None
+        self.step_temp: int | None = None
 
     def _boundary(self, step: int) -> bool:
         return step == self.steps or (self.every > 0 and step % self.every == 0)
@@ -130,6 +140,8 @@ class Probe:
         self.mark(self.setup)
 
     def batch(self, loop, local):
+        if self.first_batch is None:  # its shapes, for the step's compiled temporaries at the end
+            self.first_batch = jax_structs(loop.trainer.global_batch(local))
         return local
 
     def metrics(self, loop, step: int, m) -> None:
@@ -151,7 +163,10 @@ class Probe:
             self.mark("export (hooks' end)")
 
     def close(self, loop) -> None:
-        pass
+        # After the last row: the train step's XLA temporaries at the first batch's shapes (the persistent
+        # compilation cache returns the executable the run compiled).
+        compiled = loop.trainer.step.lower(loop.trainer.abstract_state(), self.first_batch).compile()
+        self.step_temp = compiled.memory_analysis().temp_size_in_bytes
 
 
 def main() -> None:
@@ -231,6 +246,9 @@ def report(a: argparse.Namespace, probe: Probe, load: float, date: str) -> None:
     verdict = (f" (issue 30's bound for {stem}: {bound:.0f} GiB; {'within' if peak / GIB <= bound else 'OVER'})"
                if bound else "")
     sizes = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in probe.sizes.items())
+    if probe.step_temp is not None:
+        sizes += (f"; the train step's XLA temporaries at the first batch's shapes {probe.step_temp / GIB:.3f} GiB "
+                  "(`compiled.memory_analysis()`)")
     text = "\n".join([
         f"`python benchmarks/memory.py {shlex.join(sys.argv[1:])}`; {date}; {cpu_model()}, {os.cpu_count()} cores "
         f"visible, load average {load:.1f} at start; jax {jax.__version__}, {jax.device_count()} "
