@@ -167,12 +167,13 @@ class MetricLog(Hook):
 
 
 def evaluate_params(evaluators: Sequence[Any], trainer: Any, params: Any, spec: EvalSpec, step: int,
-                    output_dir: str | None = None) -> dict[str, Any]:
+                    output_dir: str | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run `evaluators` on the model with `params` (the state's `params["model"]`) on the trainer's mesh, as
     `spec` says (`hook_specs(config, ...).evaluation`); every host must call it (same evaluators, same order).
-    Returns {evaluator name: result}."""
+    `tokenizer`: the run's TextTokenizer, whose Hugging Face tokenizer the evaluation shares when it is of the
+    same folder (None: load the folder's). Returns {evaluator name: result}."""
     model = nnx.merge(trainer.graphdef, params, trainer.rest)
-    tokenizer = spec.embed.tokenizer(str(resolve_model_dir(spec.model_name)))
+    tokenizer = spec.embed.tokenizer(str(resolve_model_dir(spec.model_name)), shared=tokenizer)
     embedder = spec.embed.embedder(model, trainer.mesh, tokenizer)
     return run_evaluators(evaluators, embedder, step, output_dir)
 
@@ -182,12 +183,14 @@ class Evaluation(Hook):
     weights, write their flat metrics to `writer`, print them on `console` and leave them on the loop
     (`eval_metrics` for the checkpoint's best metric, `eval_results`). Matrices go to `spec.output_dir`, else
     `<workdir>/eval/step_<n>`. With `spec.at_start`, a run that starts from step 0 is evaluated first
-    (`zero_shot`: the summaries of the start model; a resumed run reads them back from metrics.jsonl)."""
+    (`zero_shot`: the summaries of the start model; a resumed run reads them back from metrics.jsonl).
+    `tokenizer`: the run's TextTokenizer (the training data's), shared by every evaluation (`evaluate_params`)."""
 
     def __init__(self, evaluators: Sequence[Any], spec: EvalSpec, workdir: str | Path | None,
-                 writer: Any = None, console: Any = None) -> None:
+                 writer: Any = None, console: Any = None, tokenizer: Any = None) -> None:
         self.evaluators = list(evaluators)
         self.spec = spec
+        self.tokenizer = tokenizer
         self.workdir = storage.path(workdir, "config.workdir") if workdir is not None else None
         self.writer = writer
         self.console = console
@@ -215,7 +218,7 @@ class Evaluation(Hook):
                                f"{', '.join(e.name for e in self.evaluators)}{took} ...")
         t0 = time.perf_counter()
         results = evaluate_params(self.evaluators, loop.trainer, loop.state["params"]["model"], self.spec, step,
-                                  out_dir)
+                                  out_dir, tokenizer=self.tokenizer)
         metrics = flat_metrics(results)
         seconds = time.perf_counter() - t0
         self.seconds += seconds

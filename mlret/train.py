@@ -99,7 +99,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
         start, state = 0, trainer.init_state(params)
     del params  # the state owns the weights now (or the checkpoint's replaced them)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
-    evaluation = (H.Evaluation(build_evaluators(config), specs.evaluation, workdir, writer, console)
+    evaluation = (H.Evaluation(build_evaluators(config), specs.evaluation, workdir, writer, console, tokenizer)
                   if specs.evaluation is not None else None)
     library = [H.NonFiniteStop(specs.max_nonfinite_in_row, ckpt.directory),
                *([evaluation] if evaluation else []), H.MetricLog(writer, specs.log_every, console, evaluation),

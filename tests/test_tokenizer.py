@@ -119,6 +119,26 @@ def test_threads_add_no_copy_of_the_tokenizer(tmp_path, shared_data):
     assert grown < one / 4, (one, grown)
 
 
+def test_with_lengths_shares_the_tokenizer_and_encodes_as_a_loaded_one(tok, minilm_path):
+    """The evaluation's TextTokenizer derived from the run's (other lengths and prefixes) holds no second Hugging
+    Face tokenizer and gives the ids a TextTokenizer loaded at those settings gives; the run's keeps its own."""
+    from mlret.eval.encode import EmbedSpec
+
+    other = tok.with_lengths(query_len=8, passage_len=40, query_prefix="q: ", passage_prefix="")
+    assert other.hf is tok.hf
+    loaded = TextTokenizer(minilm_path, query_len=8, passage_len=40, query_prefix="q: ", passage_prefix="")
+    texts = ["where is the station?", "a much longer passage about the station and the trains " * 3, "日本語"]
+    for name in ("queries", "passages"):
+        for k, v in getattr(loaded, name)(texts).items():
+            np.testing.assert_array_equal(getattr(other, name)(texts)[k], v)
+    assert tok.queries(texts)["query_ids"].shape == (3, 16) and tok.passages(texts)["passage_ids"].shape == (3, 24)
+    # EmbedSpec.tokenizer shares the run's only where it is the same folder's.
+    spec = EmbedSpec(query_len=8, passage_len=40, query_prefix="q: ", passage_prefix="", batch_size=8,
+                     progress=False, length_buckets=False, packing=False, rules=None)
+    assert spec.tokenizer(str(minilm_path), shared=tok).hf is tok.hf
+    assert spec.tokenizer(str(minilm_path)).hf is not tok.hf
+
+
 def test_save_writes_the_settings_it_was_loaded_with(tok, minilm_path, tmp_path):
     """tokenizer.json keeps the backend's truncation and padding (all-MiniLM-L6-v2's: 128 tokens); after calls at
     the static lengths (which set them on the shared tokenizer) `save` still writes those of the loaded folder."""

@@ -400,8 +400,13 @@ class EmbedSpec:
     packing: bool
     rules: parallel.Rules
 
-    def tokenizer(self, model_dir: str) -> TextTokenizer:
-        """The TextTokenizer of the model folder `model_dir` with these lengths and prefixes."""
+    def tokenizer(self, model_dir: str, shared: TextTokenizer | None = None) -> TextTokenizer:
+        """The TextTokenizer of the model folder `model_dir` with these lengths and prefixes; with `shared` (a
+        TextTokenizer of the same folder: a training run's), one that shares its Hugging Face tokenizer
+        (`TextTokenizer.with_lengths`) instead of loading the folder's again."""
+        if shared is not None and shared.name_or_path == str(model_dir):
+            return shared.with_lengths(query_len=self.query_len, passage_len=self.passage_len,
+                                       query_prefix=self.query_prefix, passage_prefix=self.passage_prefix)
         return TextTokenizer(model_dir, query_len=self.query_len, passage_len=self.passage_len,
                              query_prefix=self.query_prefix, passage_prefix=self.passage_prefix)
 
