@@ -146,3 +146,17 @@ def test_too_small_a_sample_is_labelled_not_tabled(tmp_path, capsys):
     console.evaluation(40, blocks, 12.0, sizes=sizes)
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("eval step 40 (12 s): xquad_r mAP") and line.endswith("; tydiqa: schema check, 6 queries")
+
+
+def test_commands_import_transformers_only_after_routing_logging():
+    """Importing a command's module does not import transformers: its import-time advice ("PyTorch was not
+    found ...", printed by its own handler on a machine without torch, as the demo's venv is) would reach the
+    terminal before the command routes library messages to its log file (mlret.console.route_logging)."""
+    import subprocess
+
+    code = ("import sys\n"
+            "for m in ('mlret.train', 'mlret.evaluate', 'mlret.export', 'mlret.mine', 'mlret.compile'):\n"
+            "    __import__(m)\n"
+            "    assert 'transformers' not in sys.modules, m\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
