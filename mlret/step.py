@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from mlret import gradcache, losses, parallel
 from mlret.data import packing
 from mlret.errors import ConfigError
+from mlret.models import common
 
 TrainState = dict[str, Any]
 # The embeddings the step makes for a loss (a loss family's `embeddings`) and the batch fields each is encoded
@@ -257,11 +258,7 @@ class Trainer:
                 mesh=self.mesh, batch_axes=parallel.batch_axes(self.rules, self.mesh),
                 grad_shardings=self.state_shardings["params"],
                 pairs=self.spec.global_batch if self.spec.packing else None)  # padded: the rows of the batch
-        # lazy: the mlret.models package imports transformers, which mlret.train must import only after its
-        # logging is routed (mlret.console.route_logging); mlret.train imports this module before that.
-        from mlret.models.common import value_and_grad_deferring_lookups
-
-        return value_and_grad_deferring_lookups(self.loss_fn, params, batch)
+        return common.value_and_grad_deferring_lookups(self.loss_fn, params, batch)
 
     def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         self.trace_count += 1  # runs at trace time only: counts compilations
