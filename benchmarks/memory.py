@@ -164,7 +164,9 @@ class Probe:
 
     def close(self, loop) -> None:
         # After the last row: the train step's XLA temporaries at the first batch's shapes (the persistent
-        # compilation cache returns the executable the run compiled).
+        # compilation cache returns the executable the run compiled); nothing when the run stopped before one.
+        if self.first_batch is None:
+            return
         compiled = loop.trainer.step.lower(loop.trainer.abstract_state(), self.first_batch).compile()
         self.step_temp = compiled.memory_analysis().temp_size_in_bytes
 

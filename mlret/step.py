@@ -120,21 +120,20 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                                optax.Schedule]:
-    """Global-norm clipping, then AdamW with the warm-up/decay schedule and the decay mask."""
-    clip, adamw, schedule = optimizer_parts(optim, total_steps)
-    return optax.chain(*[t for t in (clip, adamw) if t is not None]), schedule
-
-
-def optimizer_parts(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
-        optax.GradientTransformation | None, optax.GradientTransformation, optax.Schedule]:
-    """(global-norm clipping or None without `optim.clip_norm`, AdamW, its schedule): `make_optimizer`'s chain."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
+        optax.GradientTransformation, optax.Schedule, optax.GradientTransformation | None,
+        optax.GradientTransformation]:
+    """Global-norm clipping, then AdamW with the warm-up/decay schedule and the decay mask: (the chain, its
+    schedule, its clipping part or None without `optim.clip_norm`, the rest of the chain with the chain's state
+    structure). The train step clips before its non-finite guard and applies the rest under it."""
     schedule = learning_rate_schedule(optim, total_steps)
-    clip = optax.clip_by_global_norm(float(optim.clip_norm)) if optim.clip_norm and optim.clip_norm > 0 else None
     adamw = optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
                         weight_decay=float(optim.weight_decay), mask=decay_mask)
-    return clip, adamw, schedule
+    if not (optim.clip_norm and optim.clip_norm > 0):
+        return optax.chain(adamw), schedule, None, optax.chain(adamw)
+    clip = optax.clip_by_global_norm(float(optim.clip_norm))
+    # The chain's state is (clip's empty state, AdamW's): identity's empty state keeps that structure for the rest.
+    return optax.chain(clip, adamw), schedule, clip, optax.chain(optax.identity(), adamw)
 
 
 def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
@@ -372,10 +371,7 @@ def build_train_step(model: nnx.Module, config: ml_collections.ConfigDict, mesh:
                                    param_shardings)
     parallel.check_param_sharding(abstract_params["model"], param_logical, mesh, rules,
                                   int(config.mesh.replicated_param_threshold))
-    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
-    clip, adamw, _ = optimizer_parts(config.optim, int(config.train.steps))
-    # tx's state is (clip's empty state, AdamW's) with clipping: identity keeps that structure for the update.
-    after_clip = optax.chain(adamw) if clip is None else optax.chain(optax.identity(), adamw)
+    tx, schedule, clip, after_clip = make_optimizer(config.optim, int(config.train.steps))
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
                                           param_shardings, transform_non_params=lambda _: replicated)
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,

@@ -16,6 +16,12 @@ from typing import Any
 import numpy as np
 
 
+def _check_lengths(query_len: int, passage_len: int) -> None:
+    if query_len <= 0 or passage_len <= 0:
+        raise ValueError(f"TextTokenizer: query_len={query_len} and passage_len={passage_len} must be positive "
+                         "(config.data.query_len / config.data.passage_len)")
+
+
 class TextTokenizer:
     """Queries and passages -> `{"query_ids", "query_mask"}` / `{"passage_ids", "passage_mask"}` (int32)."""
 
@@ -28,9 +34,7 @@ class TextTokenizer:
         query_prefix: str = "",
         passage_prefix: str = "",
     ) -> None:
-        if query_len <= 0 or passage_len <= 0:
-            raise ValueError(f"TextTokenizer: query_len={query_len} and passage_len={passage_len} must be positive "
-                             "(config.data.query_len / config.data.passage_len)")
+        _check_lengths(query_len, passage_len)
         self.name_or_path = str(name_or_path)
         # use_fast=True: the slow (Python) tokenizers are orders of magnitude slower and differ in edge cases.
         # Importing transformers prints its advice ("PyTorch was not found ...") through its own handler, so the
@@ -71,8 +75,7 @@ class TextTokenizer:
         """A TextTokenizer of the same folder at other static lengths and prefixes that shares this one's Hugging
         Face tokenizer (and its lock) instead of loading a second (0.25 GiB of host memory for XLM-R's): the
         evaluation's tokenizer beside the training data's."""
-        if query_len <= 0 or passage_len <= 0:
-            raise ValueError(f"TextTokenizer: query_len={query_len} and passage_len={passage_len} must be positive")
+        _check_lengths(query_len, passage_len)
         other = object.__new__(TextTokenizer)
         other.__dict__.update(self.__dict__)  # hf, _loaded and _lock are shared
         other.query_len, other.passage_len = int(query_len), int(passage_len)
